@@ -1,0 +1,195 @@
+"""The OISP v0.1 event envelope, :class:`Event`, and the registry of typed payloads."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from attrs import evolve, field, frozen
+from ulid import ULID
+
+from oisp._version import __version__
+from oisp.errors import EventValidationError
+from oisp.events._record import Record, extra_field
+from oisp.events.agent import AgentToolCall, AgentToolResult
+from oisp.events.ai import AiEmbedding, AiRequest, AiResponse, AiStreamingChunk
+from oisp.events.context import (
+    Actor,
+    App,
+    Confidence,
+    Host,
+    ProcessInfo,
+    RelatedEvent,
+    Source,
+    TraceContext,
+    WebContext,
+)
+from oisp.events.file import FileOpen, FileWrite
+from oisp.events.network import NetworkConnect, NetworkDns
+from oisp.events.process import ProcessExec, ProcessExit
+
+__all__ = ["OISP_VERSION", "PAYLOAD_TYPES", "Event", "UnknownPayload", "format_ts", "new_event_id", "parse_ts"]
+
+OISP_VERSION = "0.1"
+COLLECTOR = "oisp"
+
+_EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9]*(?:\.[a-z][a-z0-9_]*)*$")
+
+
+@frozen(kw_only=True)
+class UnknownPayload(Record):
+    """The ``data`` of an event type oisp has no typed payload for; every key is kept in ``extra``."""
+
+    extra: dict[str, Any] = extra_field()
+
+
+#: event type -> payload class. The one place that says which payload belongs to which event type.
+PAYLOAD_TYPES: Mapping[str, type[Record]] = {
+    "ai.request": AiRequest,
+    "ai.response": AiResponse,
+    "ai.streaming_chunk": AiStreamingChunk,
+    "ai.embedding": AiEmbedding,
+    "agent.tool_call": AgentToolCall,
+    "agent.tool_result": AgentToolResult,
+    "network.connect": NetworkConnect,
+    "network.dns": NetworkDns,
+    "process.exec": ProcessExec,
+    "process.exit": ProcessExit,
+    "file.open": FileOpen,
+    "file.write": FileWrite,
+}
+_EVENT_TYPE_OF = {payload: name for name, payload in PAYLOAD_TYPES.items()}
+
+
+def new_event_id() -> str:
+    """A new ULID (time-ordered, 26 characters of Crockford base32)."""
+    return str(ULID())
+
+
+def format_ts(ts: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and ``Z``, as OISP asks: ``2025-12-22T14:30:16.345678Z``."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp (``Z`` or an offset; any fraction) into an aware UTC datetime."""
+    if not isinstance(text, str):
+        raise EventValidationError(f"ts: expected an RFC 3339 string, got {type(text).__name__}")
+    candidate = text.strip().replace("z", "Z")
+    if candidate.endswith("Z"):
+        candidate = candidate[:-1] + "+00:00"
+    # datetime.fromisoformat takes at most 6 fraction digits: trim nanoseconds.
+    candidate = re.sub(r"(\.\d{6})\d+", r"\1", candidate)
+    try:
+        parsed = datetime.fromisoformat(candidate)
+    except ValueError:
+        raise EventValidationError(f"ts: {text!r} is not an RFC 3339 timestamp") from None
+    if parsed.tzinfo is None:
+        raise EventValidationError(f"ts: {text!r} has no time zone; OISP timestamps are UTC (end with 'Z')")
+    return parsed.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _default_source() -> Source:
+    return Source(collector=COLLECTOR, collector_version=__version__, capture_method="mitm_proxy")
+
+
+@frozen(kw_only=True)
+class Event(Record):
+    """One OISP v0.1 event: the envelope every event shares, with a typed ``data`` payload.
+
+    Build new events with :meth:`create`, which derives ``event_type`` from the payload; read any OISP event
+    (also ones other collectors produced) with :meth:`from_dict` or :meth:`from_json`.
+    """
+
+    oisp_version: str = OISP_VERSION
+    event_id: str = field(factory=new_event_id)
+    event_type: str
+    ts: datetime = field(factory=_now)
+    ts_mono: int | None = field(factory=time.monotonic_ns)
+    host: Host | None = None
+    actor: Actor | None = None
+    process: ProcessInfo | None = None
+    app: App | None = None
+    web_context: WebContext | None = None
+    source: Source = field(factory=_default_source)
+    confidence: Confidence
+    data: Record = field(factory=UnknownPayload)
+    attrs: dict[str, Any] | None = None
+    ext: dict[str, Any] | None = None
+    related_events: list[RelatedEvent] | None = None
+    trace_context: TraceContext | None = None
+    extra: dict[str, Any] = extra_field()
+
+    def __attrs_post_init__(self) -> None:
+        if not _EVENT_TYPE_RE.match(self.event_type):
+            raise EventValidationError(
+                f"event_type {self.event_type!r} is not a dotted lower-case name such as 'ai.request'"
+            )
+        expected = PAYLOAD_TYPES.get(self.event_type)
+        if expected is not None and not isinstance(self.data, expected):
+            raise EventValidationError(
+                f"event_type {self.event_type!r} takes a {expected.__name__} payload, "
+                f"got {type(self.data).__name__}"
+            )
+
+    @classmethod
+    def create(cls, data: Record, *, confidence: Confidence, **fields: Any) -> Self:
+        """A new event for a typed payload; ``event_type`` comes from the payload's class."""
+        event_type = fields.pop("event_type", None) or _EVENT_TYPE_OF.get(type(data))
+        if event_type is None:
+            raise EventValidationError(
+                f"{type(data).__name__} is not a registered payload: pass event_type= explicitly"
+            )
+        return cls(event_type=event_type, data=data, confidence=confidence, **fields)
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any]) -> Self:
+        """Read an OISP event from its JSON object form (``data`` becomes the typed payload of its type)."""
+        if not isinstance(mapping, Mapping):
+            raise EventValidationError(f"an event is a JSON object, got {type(mapping).__name__}")
+        missing = [k for k in ("oisp_version", "event_id", "event_type", "ts", "source", "confidence")
+                   if k not in mapping]
+        if missing:
+            raise EventValidationError(f"event is missing required field(s): {', '.join(missing)}")
+        event_type = mapping["event_type"]
+        if not isinstance(event_type, str):
+            raise EventValidationError(f"event_type must be a string, got {type(event_type).__name__}")
+        payload_type = PAYLOAD_TYPES.get(event_type, UnknownPayload)
+        structured = {
+            "data": payload_type.from_dict(mapping.get("data", {})),
+            "ts": parse_ts(mapping["ts"]),
+            "ts_mono": mapping.get("ts_mono"),
+        }
+        return cls._from_mapping(mapping, structured)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a JSON-shaped dict; unset fields are omitted."""
+        result = super().to_dict()
+        result["ts"] = format_ts(self.ts)
+        return result
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        """The event as JSON text (UTF-8 safe, no ASCII escaping, keys in model order)."""
+        separators = None if indent else (",", ":")
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent, separators=separators)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        """Read an event from JSON text (one line of a JSONL file, for example)."""
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EventValidationError(f"not valid JSON: {exc}") from None
+        return cls.from_dict(value)
+
+    def with_context(self, **fields: Any) -> Self:
+        """A copy with envelope fields replaced (``host=``, ``process=``, ``related_events=``, ...)."""
+        return evolve(self, **fields)

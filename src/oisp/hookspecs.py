@@ -1,0 +1,122 @@
+"""The oisp plugin contract: every hook a provider plugin or a sink plugin may implement.
+
+Plugins are ordinary Python objects or modules with functions marked ``@oisp.hookimpl``; a package ships them
+through the entry point groups ``oisp.providers`` and ``oisp.sinks``::
+
+    [project.entry-points."oisp.sinks"]
+    mysink = "my_package.plugin"
+
+oisp's own providers and sinks are registered through exactly these hooks. Every hook is called per plugin in
+isolation: an exception in one plugin is logged with the plugin's name and the others go on.
+
+Provider plugins
+    ``oisp_endpoints`` says which hosts are AI endpoints (so the proxy intercepts them);
+    ``oisp_exchange_decoder`` claims one HTTP exchange and returns an :class:`ExchangeDecoder` that turns it,
+    incrementally, into OISP events.
+
+Sink plugins
+    ``oisp_sink_types`` names the sink kinds a plugin offers and the factory that builds one from its
+    configuration; the :class:`Sink` it returns receives batches of events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+import pluggy
+
+if TYPE_CHECKING:
+    from oisp.events import Event
+    from oisp.http.exchange import HttpExchange
+
+__all__ = [
+    "PROJECT_NAME",
+    "EndpointSpec",
+    "ExchangeDecoder",
+    "Sink",
+    "SinkFactory",
+    "hookimpl",
+    "hookspec",
+]
+
+PROJECT_NAME = "oisp"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Marks a plugin's hook implementation: ``@oisp.hookimpl def oisp_sink_types(): ...``
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@attrs.frozen
+class EndpointSpec:
+    """One AI endpoint a provider serves.
+
+    ``host`` is a DNS name, an IP address or a pattern where ``*`` stands for one or more characters inside
+    a label (``*.openai.azure.com``, ``bedrock-runtime.*.amazonaws.com``). ``tls`` is False for plain-HTTP
+    local servers such as Ollama.
+    """
+
+    provider: str
+    host: str
+    port: int = 443
+    tls: bool = True
+
+
+@runtime_checkable
+class ExchangeDecoder(Protocol):
+    """Turns one HTTP exchange into events, as it happens (sans-io: no sockets, no waiting).
+
+    The decoder sees the complete request first, then each piece of the response body as it arrives
+    (content-encoding already removed), then the end. Each call returns the events it completes; events
+    without envelope context are fine, the decoder pipeline adds host, process and connection facts.
+    """
+
+    def on_request(self, exchange: HttpExchange) -> Iterable[Event]: ...
+
+    def on_response_data(self, exchange: HttpExchange, data: bytes) -> Iterable[Event]: ...
+
+    def on_end(self, exchange: HttpExchange) -> Iterable[Event]: ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives events. Called from a worker thread, one batch at a time, never concurrently.
+
+    ``write`` may block (files, network); a slow sink only fills its own bounded queue. ``close`` flushes and
+    releases resources; it is called once, after the last ``write``.
+    """
+
+    def write(self, events: Sequence[Event]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Builds a sink from its options (the sink's table in the configuration file, as a mapping).
+SinkFactory = Callable[[Mapping[str, Any]], Sink]
+
+
+class ProviderSpec:
+    """Hooks of provider plugins."""
+
+    @hookspec
+    def oisp_endpoints(self) -> Iterable[EndpointSpec]:
+        """The AI endpoints this plugin's providers serve; the proxy intercepts connections to them."""
+        raise NotImplementedError
+
+    @hookspec
+    def oisp_exchange_decoder(self, exchange: HttpExchange) -> ExchangeDecoder | None:
+        """Claim ``exchange`` by returning a decoder for it, or return None to leave it to others.
+
+        Called once per exchange, when its request is complete. The first plugin (in registration order,
+        ``tryfirst``/``trylast`` respected) that returns a decoder owns the exchange.
+        """
+        raise NotImplementedError
+
+
+class SinkSpec:
+    """Hooks of sink plugins."""
+
+    @hookspec
+    def oisp_sink_types(self) -> Mapping[str, SinkFactory]:
+        """The sink kinds this plugin offers, by name (``"jsonl"``), each with the factory that builds one."""
+        raise NotImplementedError
