@@ -52,7 +52,7 @@ class Record:
     def _structure_plan(cls) -> tuple[tuple[str, str, _Structurer], ...]:
         plan = cls.__dict__.get("_plan")
         if plan is None:
-            fields = attrs.fields(cls)  # type: ignore[misc]
+            fields = attrs.fields(cls)  # type: ignore[arg-type]
             module_globals = vars(sys.modules[cls.__module__])
             plan = tuple(
                 (a.name, a.metadata.get(JSON_KEY, a.name), _structurer_for(_resolve(a.type, module_globals)))
@@ -82,7 +82,7 @@ class Record:
                 values[name] = structure(mapping[key], f"{cls.__name__}.{key}")
         extra = {k: v for k, v in mapping.items() if k not in known}
         try:
-            return cls(**values, extra=extra)
+            return cls(**values, extra=extra)  # type: ignore[call-arg]
         except TypeError as exc:  # a required field is missing
             raise EventValidationError(f"{cls.__name__}: {exc}") from None
 
@@ -164,7 +164,7 @@ def _accepts(record: type[Record], value: Mapping[str, Any]) -> bool:
     """Whether ``value`` is meant as ``record`` in a union: it carries every key the record requires."""
     required = [
         a.metadata.get(JSON_KEY, a.name)
-        for a in attrs.fields(record)
+        for a in attrs.fields(record)  # type: ignore[arg-type]
         if a.default is attrs.NOTHING and a.name != "extra"
     ]
     return all(k in value for k in required)

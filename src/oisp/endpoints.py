@@ -1,0 +1,127 @@
+"""The table of AI endpoints: which (host, port) pairs oisp intercepts, and which provider serves them.
+
+Host patterns: ``*`` stands for one or more characters inside one DNS label (``*.openai.azure.com`` matches
+``myres.openai.azure.com``; ``*-aiplatform.googleapis.com`` matches ``us-central1-aiplatform.googleapis.com``);
+it never spans a dot, so a pattern cannot be stretched over other domains. Matching is case-insensitive and
+ignores a trailing dot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import attrs
+
+from oisp.errors import ConfigurationError
+from oisp.hookspecs import EndpointSpec
+
+__all__ = ["BUILTIN_ENDPOINTS", "EndpointTable"]
+
+_P = EndpointSpec
+
+#: The built-in table (``shared/design/providers.md``).
+BUILTIN_ENDPOINTS: tuple[EndpointSpec, ...] = (
+    _P("openai", "api.openai.com"),
+    _P("anthropic", "api.anthropic.com"),
+    _P("google", "generativelanguage.googleapis.com"),
+    _P("google", "aiplatform.googleapis.com"),
+    _P("google", "*-aiplatform.googleapis.com"),
+    _P("azure_openai", "*.openai.azure.com"),
+    _P("aws_bedrock", "bedrock-runtime.*.amazonaws.com"),
+    _P("cohere", "api.cohere.ai"),
+    _P("cohere", "api.cohere.com"),
+    _P("mistral", "api.mistral.ai"),
+    _P("groq", "api.groq.com"),
+    _P("together", "api.together.xyz"),
+    _P("together", "api.together.ai"),
+    _P("fireworks", "api.fireworks.ai"),
+    _P("perplexity", "api.perplexity.ai"),
+    _P("openrouter", "openrouter.ai"),
+    _P("openrouter", "api.openrouter.ai"),
+    _P("replicate", "api.replicate.com"),
+    _P("huggingface", "api-inference.huggingface.co"),
+    _P("huggingface", "router.huggingface.co"),
+    _P("deepseek", "api.deepseek.com"),
+    _P("xai", "api.x.ai"),
+    _P("ollama", "localhost", 11434, tls=False),
+    _P("ollama", "127.0.0.1", 11434, tls=False),
+    _P("lmstudio", "localhost", 1234, tls=False),
+    _P("lmstudio", "127.0.0.1", 1234, tls=False),
+)
+
+_LABEL = re.compile(r"^[a-z0-9*_-]+$")
+
+
+def _normalize(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    labels = pattern.split(".")
+    if not pattern or any(not label or (":" not in pattern and not _LABEL.match(label)) for label in labels):
+        raise ConfigurationError(
+            f"endpoints: {pattern!r} is not a host name or pattern (labels of a-z, 0-9, '-', '_', '*')"
+        )
+    parts = [re.escape(label).replace(r"\*", "[^.]+") for label in labels]
+    return re.compile("^" + r"\.".join(parts) + "$")
+
+
+@attrs.define
+class _Entry:
+    spec: EndpointSpec
+    regex: re.Pattern[str] | None
+
+
+class EndpointTable:
+    """Answers "is this (host, port) an AI endpoint, and whose?"; built from :class:`EndpointSpec` entries."""
+
+    def __init__(self, specs: Iterable[EndpointSpec] = BUILTIN_ENDPOINTS) -> None:
+        self._exact: dict[tuple[str, int], EndpointSpec] = {}
+        self._patterns: list[_Entry] = []
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: EndpointSpec) -> None:
+        """Add one endpoint (a later entry for the same exact host and port replaces the earlier one)."""
+        host = _normalize(spec.host)
+        if not 0 < spec.port < 65536:
+            raise ConfigurationError(f"endpoints: port {spec.port!r} of {spec.host!r} must be 1-65535")
+        spec = attrs.evolve(spec, host=host)
+        if "*" in host:
+            self._patterns.append(_Entry(spec, _compile(host)))
+        else:
+            if ":" not in host:  # validate names; IPv6 literals are taken as they are
+                _compile(host)
+            self._exact[(host, spec.port)] = spec
+
+    def remove(self, host: str, port: int | None = None) -> int:
+        """Remove entries for ``host`` (a name or the exact pattern text), on ``port`` or on any port."""
+        host = _normalize(host)
+        before = len(self)
+        self._exact = {k: v for k, v in self._exact.items() if not (k[0] == host and port in (None, k[1]))}
+        self._patterns = [e for e in self._patterns if not (e.spec.host == host and port in (None, e.spec.port))]
+        return before - len(self)
+
+    def match(self, host: str | None, port: int) -> EndpointSpec | None:
+        """The endpoint serving ``host:port``, or None when it is not an AI endpoint."""
+        if not host:
+            return None
+        host = _normalize(host)
+        exact = self._exact.get((host, port))
+        if exact is not None:
+            return exact
+        for entry in self._patterns:
+            if entry.spec.port == port and entry.regex is not None and entry.regex.match(host):
+                return entry.spec
+        return None
+
+    def hosts(self) -> list[EndpointSpec]:
+        """Every entry, exact hosts first."""
+        return [*self._exact.values(), *(e.spec for e in self._patterns)]
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._patterns)

@@ -1,0 +1,264 @@
+"""The event pipeline: producers emit events; the pipeline enriches, redacts and conforms them, then fans
+them out to every sink through a bounded queue per sink.
+
+Nothing on the capture side ever waits for a sink: :meth:`Pipeline.emit` never blocks. When a queue is full
+the event is dropped *for that sink only*, counted in :attr:`Pipeline.stats` and logged (rate-limited), never
+silently. Sinks run in worker threads, one batch at a time, so a slow or failing sink only affects itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from oisp.errors import OispError
+from oisp.events import Event, Host
+from oisp.events.spec_gaps import conform
+from oisp.hookspecs import Sink
+from oisp.redaction import Redactor
+
+__all__ = ["Enricher", "Pipeline", "PipelineStats", "SinkStats", "local_host"]
+
+logger = logging.getLogger(__name__)
+
+#: A step that takes an event and returns it, possibly with more context.
+Enricher = Callable[[Event], Event]
+
+_ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64", "i686": "i686",
+         "i386": "i686", "x86": "i686"}
+_OS = {"Linux": "linux", "Darwin": "darwin", "Windows": "windows", "FreeBSD": "freebsd"}
+
+
+def local_host() -> Host:
+    """The :class:`Host` context of this machine."""
+    system = platform.system()
+    machine = platform.machine().lower()
+    arch = _ARCH.get(machine, "arm" if machine.startswith("arm") else "other")
+    os_version = None
+    if system == "Linux":
+        try:
+            os_version = platform.freedesktop_os_release().get("PRETTY_NAME")
+        except OSError:
+            os_version = None
+    elif system == "Darwin":
+        os_version = "macOS " + platform.mac_ver()[0]
+    elif system == "Windows":
+        os_version = f"Windows {platform.release()} {platform.version()}"
+    return Host(
+        hostname=socket.gethostname(),
+        os=_OS.get(system, "other"),
+        os_version=os_version,
+        arch=arch,
+        kernel_version=platform.release(),
+    )
+
+
+@attrs.define
+class SinkStats:
+    """Counters of one sink."""
+
+    delivered: int = 0
+    dropped: int = 0
+    failed: int = 0
+    batches: int = 0
+    last_error: str | None = None
+
+
+@attrs.define
+class PipelineStats:
+    """Counters of the pipeline, per stage and per sink."""
+
+    emitted: int = 0
+    processed: int = 0
+    #: Events dropped before processing because the ingress queue was full.
+    dropped_ingress: int = 0
+    #: Events dropped because a processing step (an enricher, redaction) failed on them.
+    failed_processing: int = 0
+    sinks: dict[str, SinkStats] = attrs.field(factory=dict)
+
+    @property
+    def dropped(self) -> int:
+        """Every drop, at ingress and at each sink."""
+        return self.dropped_ingress + sum(s.dropped for s in self.sinks.values())
+
+
+@attrs.define
+class _SinkLane:
+    name: str
+    sink: Sink
+    send: MemoryObjectSendStream[Event]
+    receive: MemoryObjectReceiveStream[Event]
+    stats: SinkStats
+
+
+class Pipeline:
+    """Enrich → redact → conform → fan out to sinks.
+
+    Use as an async context manager; :meth:`emit` events while it runs. Leaving the context drains every
+    queue, closes the sinks and returns.
+
+    ``sinks`` maps a name (used in stats and logs) to a :class:`~oisp.hookspecs.Sink`. ``enrichers`` run in
+    order before redaction; by default the host context is added. ``redactor`` is on by default
+    (``Redactor()``, the ``default`` profile); secrets never reach a sink.
+    """
+
+    def __init__(
+        self,
+        sinks: Mapping[str, Sink],
+        *,
+        enrichers: Sequence[Enricher] | None = None,
+        redactor: Redactor | None = None,
+        host: Host | None = None,
+        queue_size: int = 10_000,
+        batch_size: int = 256,
+    ) -> None:
+        if queue_size <= 0 or batch_size <= 0:
+            raise OispError(f"queue_size ({queue_size}) and batch_size ({batch_size}) must be positive")
+        self._host = host or local_host()
+        self._enrichers: list[Enricher] = [self._add_host, *(enrichers or [])]
+        self._redactor = redactor or Redactor()
+        self.stats = PipelineStats()
+        self._batch_size = batch_size
+        self._queue_size = queue_size
+        self._ingress_send, self._ingress_receive = anyio.create_memory_object_stream[Event](queue_size)
+        self._lanes: list[_SinkLane] = []
+        for name, sink in sinks.items():
+            send, receive = anyio.create_memory_object_stream[Event](queue_size)
+            stats = SinkStats()
+            self.stats.sinks[name] = stats
+            self._lanes.append(_SinkLane(name, sink, send, receive, stats))
+        self._task_group: TaskGroup | None = None
+        self._closed = False
+        self._last_drop_log = 0.0
+        self._listeners: list[Callable[[Event], None]] = []
+
+    # producer side ------------------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        """Hand an event to the pipeline; never blocks. Must be called from the pipeline's event loop."""
+        if self._closed:
+            raise OispError("the pipeline is closed; events can no longer be emitted")
+        self.stats.emitted += 1
+        try:
+            self._ingress_send.send_nowait(event)
+        except anyio.WouldBlock:
+            self.stats.dropped_ingress += 1
+            self._log_drop("ingress")
+
+    def emit_many(self, events: Iterable[Event]) -> None:
+        """:meth:`emit` each event."""
+        for event in events:
+            self.emit(event)
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` (in the event loop, so it must be quick) with each processed event."""
+        self._listeners.append(listener)
+
+    # lifecycle ----------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._process)
+        for lane in self._lanes:
+            self._task_group.start_soon(self._deliver, lane)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        await self.aclose()
+        assert self._task_group is not None
+        return await self._task_group.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """Stop accepting events; let queued events reach the sinks (the context exit waits for it)."""
+        if not self._closed:
+            self._closed = True
+            self._ingress_send.close()
+
+    # stages -------------------------------------------------------------------------------------
+    def _add_host(self, event: Event) -> Event:
+        return event if event.host is not None else event.with_context(host=self._host)
+
+    def process(self, event: Event) -> Event:
+        """Run the processing steps on one event (enrichers, redaction, schema conformance)."""
+        for enrich in self._enrichers:
+            event = enrich(event)
+        return conform(self._redactor(event))
+
+    async def _process(self) -> None:
+        async with self._ingress_receive:
+            async for event in self._ingress_receive:
+                try:
+                    processed = self.process(event)
+                except Exception as exc:
+                    self.stats.failed_processing += 1
+                    logger.error("event %s (%s) could not be processed and was dropped: %s",
+                                 event.event_id, event.event_type, exc, exc_info=True)
+                    continue
+                self.stats.processed += 1
+                for listener in self._listeners:
+                    try:
+                        listener(processed)
+                    except Exception:
+                        logger.exception("pipeline listener %r failed", listener)
+                for lane in self._lanes:
+                    try:
+                        lane.send.send_nowait(processed)
+                    except anyio.WouldBlock:
+                        lane.stats.dropped += 1
+                        self._log_drop(lane.name)
+        for lane in self._lanes:
+            lane.send.close()
+
+    async def _deliver(self, lane: _SinkLane) -> None:
+        async with lane.receive:
+            while True:
+                try:
+                    first = await lane.receive.receive()
+                except anyio.EndOfStream:
+                    break
+                batch = [first]
+                while len(batch) < self._batch_size:
+                    try:
+                        batch.append(lane.receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._write(lane, batch)
+        try:
+            await anyio.to_thread.run_sync(lane.sink.close)
+        except Exception as exc:
+            lane.stats.last_error = f"close: {exc}"
+            logger.error("sink %s failed to close: %s", lane.name, exc, exc_info=True)
+
+    async def _write(self, lane: _SinkLane, batch: list[Event]) -> None:
+        try:
+            await anyio.to_thread.run_sync(lane.sink.write, batch)
+        except Exception as exc:
+            lane.stats.failed += len(batch)
+            lane.stats.last_error = f"{type(exc).__name__}: {exc}"
+            logger.error("sink %s failed to write %d event(s): %s", lane.name, len(batch), exc)
+            return
+        lane.stats.delivered += len(batch)
+        lane.stats.batches += 1
+
+    def _log_drop(self, where: str) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:
+            self._last_drop_log = now
+            logger.warning("pipeline queue %s is full (%d events); events are being dropped (total %d)",
+                           where, self._queue_size, self.stats.dropped)
+
+    def summary(self) -> dict[str, Any]:
+        """The stats as a plain dict (for logs and the runner's exit summary)."""
+        return attrs.asdict(self.stats) | {"dropped_total": self.stats.dropped}
+
+

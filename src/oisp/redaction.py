@@ -1,0 +1,328 @@
+"""Redaction: secrets never reach an event, a sink or a log.
+
+Three layers, all on by default:
+
+* **Headers and URLs** (:func:`redact_headers`, :func:`redact_url`): credentials in ``Authorization``,
+  ``x-api-key``, ``api-key``, ``x-goog-api-key``, AWS SigV4 headers, cookies and key-like query parameters are
+  replaced before anything is recorded.
+* **API keys** (:func:`key_fingerprint`): an API key is kept only as its public prefix (``sk-proj-``,
+  ``sk-ant-``, ...) and a SHA-256 hash, so accounts can be told apart without the key.
+* **Content** (:class:`Redactor`): every string of an event is scanned for secret-looking values (API keys,
+  private keys, bearer tokens, JWTs). A value that *is* a secret becomes a ``{"$redacted": {...}}`` marker
+  with reason, detector, length and hash; a secret inside longer text (a prompt) is replaced in place by
+  ``[REDACTED:<detector>:<hash prefix>]`` so the rest of the prompt stays readable. The ``metadata-only``
+  profile replaces all message and tool content with markers, for privacy-strict deployments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import attrs
+
+from oisp.errors import ConfigurationError
+from oisp.events import Event
+
+__all__ = [
+    "PROFILES",
+    "REDACTED",
+    "SENSITIVE_HEADERS",
+    "SENSITIVE_QUERY_PARAMS",
+    "KeyFingerprint",
+    "Redactor",
+    "key_fingerprint",
+    "redact_headers",
+    "redact_url",
+    "sha256_text",
+]
+
+Profile = Literal["default", "metadata-only"]
+PROFILES: tuple[str, ...] = ("default", "metadata-only")
+
+#: What a redacted header or query value is replaced with.
+REDACTED = "[REDACTED]"
+
+SENSITIVE_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "set-cookie",
+        "x-amz-security-token",
+        "x-amz-credential",
+        "x-amz-signature",
+        "x-auth-token",
+        "x-access-token",
+        "ocp-apim-subscription-key",
+    }
+)
+
+SENSITIVE_QUERY_PARAMS = frozenset(
+    {
+        "key",
+        "api_key",
+        "apikey",
+        "api-key",
+        "access_token",
+        "token",
+        "auth",
+        "sig",
+        "signature",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "code",
+    }
+)
+
+# Public prefixes of known API key formats, longest first (AuthInfo.key_prefix allows at most 8 characters).
+_KEY_PREFIXES = (
+    "sk-proj-",
+    "sk-ant-",
+    "sk-svcacct-",
+    "sk-admin-",
+    "sk-or-",
+    "pplx-",
+    "AIza",
+    "gsk_",
+    "xai-",
+    "r8_",
+    "hf_",
+    "sk-",
+    "AKIA",
+    "ASIA",
+)
+
+_DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("private_key", re.compile(
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|.*\Z)",
+        re.DOTALL,
+    )),
+    ("anthropic_api_key", re.compile(r"\bsk-ant-[A-Za-z0-9_-]{20,}")),
+    ("openai_api_key", re.compile(r"\bsk-(?:proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}")),
+    ("google_api_key", re.compile(r"\bAIza[0-9A-Za-z_-]{35}")),
+    ("aws_access_key_id", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
+    ("github_token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})")),
+    ("slack_token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
+    ("huggingface_token", re.compile(r"\bhf_[A-Za-z0-9]{30,}")),
+    ("groq_api_key", re.compile(r"\bgsk_[A-Za-z0-9]{40,}")),
+    ("xai_api_key", re.compile(r"\bxai-[A-Za-z0-9]{40,}")),
+    ("replicate_token", re.compile(r"\br8_[A-Za-z0-9]{30,}")),
+    ("perplexity_api_key", re.compile(r"\bpplx-[A-Za-z0-9]{40,}")),
+    ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")),
+    ("bearer_token", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{16,}")),
+)
+
+
+def sha256_text(value: str | bytes) -> str:
+    """``sha256:<hex>`` of a value (text is hashed as UTF-8)."""
+    data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@attrs.frozen
+class KeyFingerprint:
+    """What oisp keeps of an API key: its public prefix (may be empty) and a SHA-256 hash."""
+
+    prefix: str
+    hash: str
+
+
+def key_fingerprint(key: str) -> KeyFingerprint:
+    """The public prefix and hash of an API key or token (``Bearer`` stripped); never the key itself."""
+    key = key.strip()
+    if key.lower().startswith("bearer "):
+        key = key[7:].strip()
+    prefix = next((p for p in _KEY_PREFIXES if key.startswith(p) and len(key) > len(p) + 8), "")
+    return KeyFingerprint(prefix=prefix[:8], hash=sha256_text(key))
+
+
+def redact_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Header fields with every credential value replaced by ``[REDACTED]`` (names and order kept)."""
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in SENSITIVE_HEADERS or "secret" in lname or lname.endswith(("-token", "-api-key", "-apikey")):
+            out.append((name, REDACTED))
+        else:
+            out.append((name, value))
+    return out
+
+
+def redact_url(url: str) -> str:
+    """A URL (or a path with a query) with key-like query parameter values and userinfo replaced."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
+    if not parts.query:
+        return urlunsplit(parts._replace(netloc=netloc))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    cleaned = [(k, REDACTED if k.lower() in SENSITIVE_QUERY_PARAMS else v) for k, v in pairs]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(cleaned, safe="[]:/")))
+
+
+def marker(value: str, *, reason: str, detector: str | None = None, profile: str | None = None,
+           findings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ``{"$redacted": {...}}`` marker standing for ``value``."""
+    body: dict[str, Any] = {"reason": reason, "original_length": len(value), "hash": sha256_text(value)}
+    if detector:
+        body["detector"] = detector
+    if profile:
+        body["redaction_profile"] = profile
+    if findings:
+        body["findings"] = findings
+    return {"$redacted": body}
+
+
+# Positions (in an event's dict form) that hold message or tool content; the metadata-only profile
+# replaces whatever is there. ``*`` is any list index.
+_CONTENT_PATHS: tuple[tuple[str, ...], ...] = (
+    ("data", "messages", "*", "content"),
+    ("data", "choices", "*", "message", "content"),
+    ("data", "tool_calls", "*", "arguments"),
+    ("data", "delta", "content"),
+    ("data", "delta", "tool_calls", "*", "arguments"),
+    ("data", "arguments"),
+    ("data", "result"),
+    ("data", "tools", "*", "description"),
+    ("data", "thinking"),
+    ("data", "system_prompt"),
+    ("data", "content_preview"),
+)
+
+
+@attrs.define
+class Redactor:
+    """Applies a redaction profile to events; used by the pipeline before any sink sees an event."""
+
+    profile: str = "default"
+    extra_patterns: Mapping[str, str] = attrs.field(factory=dict)
+    _detectors: tuple[tuple[str, re.Pattern[str]], ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ConfigurationError(
+                f"redaction.profile: {self.profile!r} is not a profile; allowed: {', '.join(PROFILES)}"
+            )
+        extra = []
+        for name, pattern in self.extra_patterns.items():
+            try:
+                extra.append((name, re.compile(pattern)))
+            except re.error as exc:
+                raise ConfigurationError(f"redaction.patterns.{name}: {pattern!r} is not a regex: {exc}") from None
+        self._detectors = (*_DETECTORS, *extra)
+
+    def redact_text(self, text: str) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
+        """Scan one string: the whole-secret marker, or the text with secrets replaced, plus findings."""
+        findings: dict[str, int] = {}
+        spans: list[tuple[int, int, str]] = []
+        for name, regex in self._detectors:
+            for m in regex.finditer(text):
+                if any(s < m.end() and m.start() < e for s, e, _ in spans):
+                    continue
+                spans.append((m.start(), m.end(), name))
+                findings[name] = findings.get(name, 0) + 1
+        if not spans:
+            return text, []
+        found = [{"type": k, "count": v} for k, v in findings.items()]
+        spans.sort()
+        if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= len(text.rstrip()):
+            return marker(text, reason="secret_detected", detector=spans[0][2], findings=found), found
+        pieces: list[str] = []
+        last = 0
+        for start, end, name in spans:
+            secret = text[start:end]
+            pieces.append(text[last:start])
+            pieces.append(f"[REDACTED:{name}:{sha256_text(secret)[7:19]}]")
+            last = end
+        pieces.append(text[last:])
+        return "".join(pieces), found
+
+    def __call__(self, event: Event) -> Event:
+        """The event with secrets (and, for ``metadata-only``, all content) redacted."""
+        raw = event.to_dict()
+        changed = False
+        if self.profile == "metadata-only":
+            for path in _CONTENT_PATHS:
+                changed |= _replace_at(raw, path, self._content_marker)
+        seen: list[dict[str, Any]] = []
+
+        def scan(value: Any) -> Any:
+            nonlocal changed
+            if isinstance(value, str):
+                result, found = self.redact_text(value)
+                if found:
+                    changed = True
+                    seen.extend(found)
+                return result
+            if isinstance(value, dict):
+                if "$redacted" in value:
+                    return value
+                return {k: _scrub_mapping_value(k, v, scan) for k, v in value.items()}
+            if isinstance(value, list):
+                return [scan(v) for v in value]
+            return value
+
+        for key in ("data", "attrs", "ext", "process", "web_context"):
+            if key in raw:
+                before = raw[key]
+                raw[key] = scan(before)
+                changed |= raw[key] != before
+        if not changed:
+            return event
+        confidence = dict(raw.get("confidence", {}))
+        confidence["redaction_applied"] = True
+        confidence["redaction_profile"] = self.profile
+        raw["confidence"] = confidence
+        return Event.from_dict(raw)
+
+    def _content_marker(self, value: Any) -> Any:
+        if isinstance(value, dict) and "$redacted" in value:
+            return value
+        text = value if isinstance(value, str) else repr(value)
+        return marker(text, reason="metadata_only", profile=self.profile)
+
+
+def _scrub_mapping_value(key: str, value: Any, scan: Callable[[Any], Any]) -> Any:
+    """Values under credential-like keys (``authorization``, ``api_key``, ...) are replaced outright."""
+    lkey = key.lower()
+    if isinstance(value, str) and value and (
+        lkey in SENSITIVE_HEADERS or lkey in SENSITIVE_QUERY_PARAMS - {"code", "key", "token", "auth"}
+        or lkey in {"password", "passwd", "secret", "client_secret", "aws_secret_access_key"}
+    ):
+        return REDACTED
+    return scan(value)
+
+
+def _replace_at(node: Any, path: tuple[str, ...], replace: Callable[[Any], Any]) -> bool:
+    if not path:
+        return False
+    head, rest = path[0], path[1:]
+    if head == "*":
+        if not isinstance(node, list):
+            return False
+        changed = False
+        for i, item in enumerate(node):
+            if rest:
+                changed |= _replace_at(item, rest, replace)
+            elif item is not None:
+                node[i] = replace(item)
+                changed = True
+        return changed
+    if not isinstance(node, dict) or head not in node or node[head] is None:
+        return False
+    if rest:
+        return _replace_at(node[head], rest, replace)
+    new = replace(node[head])
+    if new == node[head]:
+        return False
+    node[head] = new
+    return True

@@ -1,0 +1,175 @@
+"""The pipeline: enrichment, redaction, fan-out with bounded per-sink queues, counted drops, isolation."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from oisp.errors import OispError
+from oisp.events import AiRequest, Confidence, Event, Host, Message, ProviderInfo
+from oisp.pipeline import Pipeline, local_host
+from oisp.sinks.memory import MemorySink
+
+CONF = Confidence(level="high", completeness="full")
+KEY = "sk-proj-" + "Zz9" * 12
+
+
+def request(i: int, content: str = "hi") -> Event:
+    return Event.create(AiRequest(request_id=f"r{i}", messages=[Message(role="user", content=content)]),
+                        confidence=CONF)
+
+
+class BlockingSink:
+    """Blocks in write until released: a sink that is slow for as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.events: list[Event] = []
+
+    def write(self, events: Sequence[Event]) -> None:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        self.events.extend(events)
+
+    def close(self) -> None:
+        self.release.set()
+
+
+class FailingSink:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        raise OSError("disk full")
+
+    def close(self) -> None:
+        pass
+
+
+def test_local_host_describes_this_machine() -> None:
+    host = local_host()
+    assert host.hostname and host.os in {"linux", "darwin", "windows", "freebsd", "other"}
+
+
+def test_events_are_enriched_redacted_conformed_and_reach_every_sink_in_order() -> None:
+    a, b = MemorySink(), MemorySink()
+
+    async def main() -> Pipeline:
+        async with Pipeline({"a": a, "b": b}, host=Host(hostname="box")) as pipeline:
+            for i in range(50):
+                pipeline.emit(request(i, f"key {KEY}"))
+            pipeline.emit(Event.create(AiRequest(provider=ProviderInfo(name="xai")), confidence=CONF))
+        return pipeline
+
+    pipeline = anyio.run(main)
+    for sink in (a, b):
+        assert [e.data.request_id for e in sink.events[:50]] == [f"r{i}" for i in range(50)]  # type: ignore[attr-defined]
+        assert all(e.host == Host(hostname="box") for e in sink.events)
+        assert KEY not in "".join(e.to_json() for e in sink.events)
+        assert sink.events[-1].to_dict()["data"]["provider"]["name"] == "other"
+        assert sink.closed
+    assert pipeline.stats.sinks["a"].delivered == 51 and pipeline.stats.dropped == 0
+
+
+def test_a_slow_sink_never_blocks_emit_or_other_sinks_and_its_drops_are_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    slow, fast = BlockingSink(), MemorySink()
+
+    async def main() -> Pipeline:
+        async with Pipeline({"slow": slow, "fast": fast}, queue_size=10, batch_size=5) as pipeline:
+            pipeline.emit(request(-1))
+            await anyio.to_thread.run_sync(slow.entered.wait, 10)  # slow is now stuck in write
+            for i in range(40):
+                pipeline.emit(request(i))
+                # the fast sink gets each event while the slow one is stuck
+                assert len(await anyio.to_thread.run_sync(fast.wait_for, i + 2, 10)) == i + 2
+            slow.release.set()
+        return pipeline
+
+    with caplog.at_level(logging.WARNING, logger="oisp.pipeline"):
+        pipeline = anyio.run(main)
+    stats = pipeline.stats.sinks["slow"]
+    assert stats.dropped > 0
+    assert stats.delivered + stats.dropped == 41
+    assert len(slow.events) == stats.delivered
+    assert pipeline.stats.sinks["fast"].dropped == 0
+    assert any("dropped" in r.message for r in caplog.records)
+
+
+def test_a_failing_sink_is_counted_and_isolated(caplog: pytest.LogCaptureFixture) -> None:
+    bad, good = FailingSink(), MemorySink()
+
+    async def main() -> Pipeline:
+        async with Pipeline({"bad": bad, "good": good}) as pipeline:
+            for i in range(20):
+                pipeline.emit(request(i))
+        return pipeline
+
+    with caplog.at_level(logging.ERROR, logger="oisp.pipeline"):
+        pipeline = anyio.run(main)
+    assert len(good.events) == 20
+    assert pipeline.stats.sinks["bad"].failed == 20
+    assert "disk full" in (pipeline.stats.sinks["bad"].last_error or "")
+    assert any("sink bad failed" in r.message for r in caplog.records)
+
+
+def test_full_ingress_queue_drops_are_counted_not_silent() -> None:
+    sink = MemorySink()
+
+    async def main() -> Pipeline:
+        async with Pipeline({"m": sink}, queue_size=5) as pipeline:
+            for i in range(20):  # no checkpoint: the processing task cannot run in between
+                pipeline.emit(request(i))
+        return pipeline
+
+    pipeline = anyio.run(main)
+    assert pipeline.stats.dropped_ingress == 15
+    assert len(sink.events) == 5
+    assert pipeline.summary()["dropped_total"] == 15
+
+
+def test_a_failing_enricher_drops_only_that_event() -> None:
+    sink = MemorySink()
+
+    def picky(event: Event) -> Event:
+        if event.data.request_id == "r3":  # type: ignore[attr-defined]
+            raise ValueError("boom")
+        return event
+
+    async def main() -> Pipeline:
+        async with Pipeline({"m": sink}, enrichers=[picky]) as pipeline:
+            for i in range(6):
+                pipeline.emit(request(i))
+        return pipeline
+
+    pipeline = anyio.run(main)
+    assert [e.data.request_id for e in sink.events] == ["r0", "r1", "r2", "r4", "r5"]  # type: ignore[attr-defined]
+    assert pipeline.stats.failed_processing == 1
+
+
+def test_emit_after_close_is_an_error() -> None:
+    async def main() -> None:
+        async with Pipeline({"m": MemorySink()}) as pipeline:
+            pass
+        with pytest.raises(OispError, match="closed"):
+            pipeline.emit(request(0))
+
+    anyio.run(main)
+
+
+def test_listeners_see_processed_events() -> None:
+    seen: list[Event] = []
+
+    async def main() -> None:
+        async with Pipeline({}) as pipeline:
+            pipeline.add_listener(seen.append)
+            pipeline.emit(request(0, KEY))
+
+    anyio.run(main)
+    assert len(seen) == 1 and KEY not in seen[0].to_json()
