@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -36,6 +36,8 @@ ENTRY_POINT_GROUPS = ("oisp.providers", "oisp.sinks")
 
 #: Modules of oisp's own plugins; registered exactly as entry-point plugins are.
 BUILTIN_PLUGINS: tuple[str, ...] = (
+    "oisp.providers.endpoints",
+    "oisp.providers.metadata",
     "oisp.sinks.builtin",
 )
 
@@ -161,13 +163,6 @@ class OispPluginManager:
         if not isinstance(sink, Sink):
             raise PluginError(f"sink {kind!r} (plugin {plugin_name}) returned {sink!r}, which has no write/close")
         return sink
-
-    def first(self, hook_name: str, accept: Callable[[Any], bool] = lambda r: True, **kwargs: Any) -> Any:
-        """The first non-None, accepted result of an isolated hook call, or None."""
-        for _, result in self.call_each(hook_name, **kwargs):
-            if accept(result):
-                return result
-        return None
 
 
 def create_plugin_manager(*, builtins: bool = True, entrypoints: bool = True) -> OispPluginManager:

@@ -1,0 +1,190 @@
+"""From what the proxy sees to OISP events: provider plugins turn each HTTP exchange into events, and each
+connection's outcome becomes a ``network.connect`` event.
+
+:class:`EventDecoder` is the proxy's observer. For every exchange it asks the provider plugins (in order) for
+an :class:`~oisp.hookspecs.ExchangeDecoder`; the built-in metadata provider answers last, so no exchange with
+an AI endpoint is ever dropped. A provider that fails is logged with its name, and the exchange falls back to
+metadata events. Events get their envelope context here (process, capture source) and go to the pipeline.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from oisp.events import (
+    CertificateInfo,
+    Confidence,
+    Endpoint,
+    Event,
+    NetworkConnect,
+    Source,
+    TlsInfo,
+)
+from oisp.events.envelope import COLLECTOR
+from oisp._version import __version__
+from oisp.hookspecs import ExchangeDecoder
+from oisp.http.exchange import ConnectionInfo, HttpExchange
+from oisp.plugins import OispPluginManager
+from oisp.providers.metadata import MetadataDecoder
+from oisp.proxy.report import ConnectionReport, Decision
+
+__all__ = ["EventDecoder", "network_connect_event"]
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+
+
+def _source(capture_point: str) -> Source:
+    return Source(collector=COLLECTOR, collector_version=__version__, capture_method="mitm_proxy",
+                  capture_point=capture_point)
+
+
+def _is_private(ip: str) -> bool | None:
+    try:
+        return ipaddress.ip_address(ip).is_private
+    except ValueError:
+        return None
+
+
+def network_connect_event(report: ConnectionReport) -> Event:
+    """The ``network.connect`` event of one proxied connection."""
+    domain = None
+    try:
+        ipaddress.ip_address(report.target_host)
+    except ValueError:
+        domain = report.target_host
+    upstream_ip, upstream_port = report.upstream_addr or (None, report.target_port)
+    if upstream_ip is None and domain is None:
+        upstream_ip = report.target_host
+    certificate = None
+    if report.upstream_certificate is not None:
+        c = report.upstream_certificate
+        certificate = CertificateInfo(subject=c.subject, issuer=c.issuer, fingerprint_sha256=c.fingerprint_sha256,
+                                      not_before=c.not_before, not_after=c.not_after, san=list(c.san) or None)
+    tls = None
+    if report.sni or report.tls_version or certificate:
+        tls = TlsInfo(version=report.tls_version, cipher_suite=report.cipher, sni=report.sni, alpn=report.alpn,
+                      certificate=certificate)
+    attributes: dict[str, Any] = {"oisp.interception": report.decision.value,
+                                  "oisp.connection_id": report.connection_id, "oisp.mode": report.mode}
+    if report.provider:
+        attributes["oisp.provider"] = report.provider
+    if report.pid_hint is not None:
+        attributes["oisp.pid_hint"] = report.pid_hint
+    return Event.create(
+        NetworkConnect(
+            dest=Endpoint(ip=upstream_ip, port=upstream_port, domain=domain,
+                          is_private=_is_private(upstream_ip) if upstream_ip else None),
+            src=Endpoint(ip=report.client_addr[0], port=report.client_addr[1]),
+            protocol="tcp", success=report.success, error=report.error, latency_ms=report.connect_ms, tls=tls,
+        ),
+        confidence=Confidence(
+            level="high", completeness="metadata_only",
+            reasons=["proxy_connection"],
+            process_attribution="direct" if report.process is not None else "unknown",
+            content_source="none",
+            ai_detection_method="known_endpoint" if report.provider else None,
+        ),
+        source=_source("connect"), process=report.process, attrs=attributes,
+    )
+
+
+@attrs.define
+class _Active:
+    decoder: ExchangeDecoder
+    plugin: str
+
+
+class _ConnectionListener:
+    """The :class:`~oisp.http.exchange.ExchangeListener` of one decoded connection."""
+
+    def __init__(self, owner: EventDecoder, connection: ConnectionInfo) -> None:
+        self.owner = owner
+        self.connection = connection
+        self.active: dict[int, _Active] = {}
+
+    def request(self, exchange: HttpExchange) -> None:
+        plugin, decoder = self.owner.decoder_for(exchange)
+        self.active[exchange.exchange_id] = _Active(decoder, plugin)
+        self._run(exchange, "on_request")
+
+    def response_start(self, exchange: HttpExchange) -> None:
+        pass
+
+    def response_data(self, exchange: HttpExchange, data: bytes) -> None:
+        self._run(exchange, "on_response_data", data)
+
+    def end(self, exchange: HttpExchange) -> None:
+        self._run(exchange, "on_end")
+        self.active.pop(exchange.exchange_id, None)
+
+    def _run(self, exchange: HttpExchange, method: str, *args: Any) -> None:
+        active = self.active.get(exchange.exchange_id)
+        if active is None:
+            return
+        try:
+            events = list(getattr(active.decoder, method)(exchange, *args))
+        except Exception as exc:
+            logger.error("provider %s failed in %s for %s %s: %s; falling back to metadata events",
+                         active.plugin, method, exchange.request.method, exchange.request.path, exc, exc_info=True)
+            events = self._fall_back(exchange, active, method)
+        for event in events:
+            self.owner.emit_for(self.connection, event)
+
+    def _fall_back(self, exchange: HttpExchange, active: _Active, method: str) -> list[Event]:
+        fallback = MetadataDecoder()
+        self.active[exchange.exchange_id] = _Active(fallback, "oisp.providers.metadata")
+        if method == "on_request":
+            return list(fallback.on_request(exchange))
+        if method == "on_end":
+            return list(fallback.on_end(exchange))
+        return []
+
+
+class EventDecoder:
+    """The proxy's observer: exchanges → provider plugins → events; connections → ``network.connect``."""
+
+    def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True) -> None:
+        self.plugins = plugins
+        self._emit = emit
+        self.connect_events = connect_events
+
+    def connection(self, report: ConnectionReport) -> None:
+        if not self.connect_events:
+            return
+        if report.decision is Decision.PASSTHROUGH and report.provider is None:
+            return  # not an AI endpoint: not ours to report
+        self._emit(network_connect_event(report))
+
+    def exchange_listener(self, connection: ConnectionInfo) -> _ConnectionListener:
+        return _ConnectionListener(self, connection)
+
+    def decoder_for(self, exchange: HttpExchange) -> tuple[str, ExchangeDecoder]:
+        """The first provider plugin that claims the exchange, and its decoder."""
+        for name, decoder in self.plugins.call_each("oisp_exchange_decoder", exchange=exchange):
+            if isinstance(decoder, ExchangeDecoder):
+                return name, decoder
+            logger.error("plugin %s returned %r from oisp_exchange_decoder, not an ExchangeDecoder", name, decoder)
+        return "oisp.providers.metadata", MetadataDecoder()
+
+    def emit_for(self, connection: ConnectionInfo, event: Event) -> None:
+        """Add the connection's context to a provider's event and emit it."""
+        fields: dict[str, Any] = {}
+        if event.process is None and connection.process is not None:
+            fields["process"] = connection.process
+        if event.source.capture_point is None:
+            fields["source"] = _source("tls_terminate" if connection.tls else "plain_http")
+        if fields:
+            event = event.with_context(**fields)
+        self._emit(event)
+
+    def emit_all(self, connection: ConnectionInfo, events: Iterable[Event]) -> None:
+        """:meth:`emit_for` each event."""
+        for event in events:
+            self.emit_for(connection, event)

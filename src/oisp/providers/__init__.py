@@ -1,0 +1,1 @@
+"""oisp's built-in provider plugins, registered through the same hooks third-party providers implement."""

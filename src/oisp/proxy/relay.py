@@ -1,0 +1,150 @@
+"""Byte-faithful relaying between two streams, with a copy for the passive decoder.
+
+Each direction is one loop: read, send on (waiting until the other side took it, which is the backpressure),
+then hand a copy to the decoder feed. The feed never blocks the relay: when the decoder falls behind by more
+than its queue, decoding of that connection stops (the exchange is marked partial) and the relay goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal, Protocol
+
+import anyio
+import attrs
+from anyio.abc import ByteStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+__all__ = ["DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 65536
+Direction = Literal["client", "server"]
+_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class PassiveDecoderLike(Protocol):
+    """What the relay needs of a passive decoder (see :mod:`oisp.http`)."""
+
+    def feed_client(self, data: bytes, now_ns: int | None = None) -> None: ...
+
+    def feed_server(self, data: bytes, now_ns: int | None = None) -> None: ...
+
+    def client_closed(self, now_ns: int | None = None) -> None: ...
+
+    def server_closed(self, now_ns: int | None = None) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+_Item = tuple[Direction, bytes | None, int]
+
+
+class DecodeFeed:
+    """A bounded queue of copies between the relay and one connection's decoder."""
+
+    def __init__(self, decoder: PassiveDecoderLike, capacity: int, connection_id: str) -> None:
+        self.decoder = decoder
+        self.connection_id = connection_id
+        self._send: MemoryObjectSendStream[_Item]
+        self._receive: MemoryObjectReceiveStream[_Item]
+        self._send, self._receive = anyio.create_memory_object_stream[_Item](capacity)
+        self.failure: str | None = None
+
+    def push(self, direction: Direction, data: bytes | None, now_ns: int) -> None:
+        """Queue a copy (``None`` data means that direction ended); never blocks."""
+        if self.failure is not None:
+            return
+        try:
+            self._send.send_nowait((direction, data, now_ns))
+        except anyio.WouldBlock:
+            self.failure = "decoder fell behind the relay; decoding of this connection stopped"
+            logger.warning("connection %s: %s", self.connection_id, self.failure)
+            self._send.close()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def finish(self, reason: str | None = None) -> None:
+        """No more copies; ``reason`` marks an abnormal end (reset, error)."""
+        if reason and self.failure is None:
+            self.failure = reason
+        self._send.close()
+
+    async def run(self) -> None:
+        """Feed the decoder until :meth:`finish`; decoder errors stop decoding, never the relay."""
+        decoder = self.decoder
+        broken = False
+        async with self._receive:
+            async for direction, data, now_ns in self._receive:
+                if broken:
+                    continue
+                try:
+                    if direction == "client":
+                        decoder.client_closed(now_ns) if data is None else decoder.feed_client(data, now_ns)
+                    else:
+                        decoder.server_closed(now_ns) if data is None else decoder.feed_server(data, now_ns)
+                except Exception:
+                    broken = True
+                    self.failure = self.failure or "decoder error"
+                    logger.exception("connection %s: decoder failed; decoding stopped", self.connection_id)
+        if self.failure is not None:
+            try:
+                decoder.abort(self.failure)
+            except Exception:
+                logger.exception("connection %s: decoder abort failed", self.connection_id)
+
+
+@attrs.define
+class RelayResult:
+    """How a relayed connection ended."""
+
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+    #: Which side ended first with EOF, if any.
+    first_eof: Direction | None = None
+    error: str | None = None
+
+
+async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None = None) -> RelayResult:
+    """Relay both directions until both have ended (EOF propagated as half-close) or one fails."""
+    result = RelayResult()
+
+    async def pump(src: ByteStream, dst: ByteStream, direction: Direction, scope: anyio.CancelScope) -> None:
+        while True:
+            try:
+                data = await src.receive(CHUNK)
+            except anyio.EndOfStream:
+                break
+            except _ERRORS as exc:
+                result.error = result.error or f"{direction} side: {exc or type(exc).__name__}"
+                scope.cancel()
+                return
+            now = time.monotonic_ns()
+            try:
+                await dst.send(data)
+            except _ERRORS as exc:
+                other = "server" if direction == "client" else "client"
+                result.error = result.error or f"{other} side: {exc or type(exc).__name__}"
+                scope.cancel()
+                return
+            if direction == "client":
+                result.bytes_from_client += len(data)
+            else:
+                result.bytes_from_server += len(data)
+            if feed is not None:
+                feed.push(direction, data, now)
+        if result.first_eof is None:
+            result.first_eof = direction
+        if feed is not None:
+            feed.push(direction, None, time.monotonic_ns())
+        try:
+            await dst.send_eof()
+        except (*_ERRORS, NotImplementedError):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pump, client, server, "client", tg.cancel_scope)
+        tg.start_soon(pump, server, client, "server", tg.cancel_scope)
+    return result

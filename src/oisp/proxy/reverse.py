@@ -1,0 +1,277 @@
+"""Reverse mode: oisp listens as ``https://api.openai.com`` would, for apps pointed at it with a base URL.
+
+The client speaks plain HTTP/1.1 to oisp (no CA needed on the client); oisp forwards to the one configured
+upstream over TLS. Only the request head's ``Host`` (and a base path, if the target URL has one) is rewritten;
+bodies, chunking and everything else pass byte for byte, and responses are relayed untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import anyio
+from anyio.abc import ByteStream, SocketStream
+
+from oisp.errors import ConfigurationError, ProtocolError
+from oisp.events import ProcessInfo
+from oisp.http.exchange import ConnectionInfo
+from oisp.proxy.relay import CHUNK, DecodeFeed
+from oisp.proxy.report import ConnectionReport, Decision, UpstreamCertificate
+from oisp.proxy.tls_stream import TlsStream
+
+if TYPE_CHECKING:
+    from oisp.proxy.server import MitmProxy
+
+__all__ = ["ReverseTarget", "RequestRewriter", "serve_reverse"]
+
+logger = logging.getLogger(__name__)
+_MAX_HEAD = 64 * 1024
+
+
+class ReverseTarget:
+    """The upstream a reverse proxy stands in for, parsed from its URL."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ConfigurationError(f"proxy.reverse_target: {url!r} must be an http:// or https:// URL")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        default = 443 if self.tls else 80
+        self.authority = self.host if self.port == default else f"{self.host}:{self.port}"
+        self.base_path = parts.path.rstrip("/")
+
+
+class RequestRewriter:
+    """Sans-io: rewrites the ``Host`` header (and prefixes a base path) of each request in a client's byte
+    stream, passing bodies through byte for byte (Content-Length and chunked framing are followed, not
+    re-encoded). After an Upgrade or CONNECT request everything passes untouched."""
+
+    def __init__(self, authority: str, base_path: str = "") -> None:
+        self.authority = authority.encode("ascii")
+        self.base_path = base_path.encode("ascii")
+        self._buffer = bytearray()
+        self._state = "head"
+        self._remaining = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to send upstream for ``data`` (may hold back an incomplete head or chunk-size line)."""
+        self._buffer += data
+        out = bytearray()
+        while self._buffer:
+            if self._state == "raw":
+                out += self._buffer
+                self._buffer.clear()
+            elif self._state == "head":
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buffer) > _MAX_HEAD:
+                        raise ProtocolError(f"request head longer than {_MAX_HEAD} bytes")
+                    break
+                head = bytes(self._buffer[: end + 4])
+                del self._buffer[: end + 4]
+                out += self._rewrite_head(head)
+            elif self._state in ("body", "chunk-data"):
+                take = min(self._remaining, len(self._buffer))
+                out += self._buffer[:take]
+                del self._buffer[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "head" if self._state == "body" else "chunk-size"
+            elif self._state in ("chunk-size", "trailers"):
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > _MAX_HEAD:
+                        raise ProtocolError("chunk-size or trailer line too long")
+                    break
+                line = bytes(self._buffer[: end + 2])
+                del self._buffer[: end + 2]
+                out += line
+                self._chunk_line(line)
+        return bytes(out)
+
+    def _chunk_line(self, line: bytes) -> None:
+        text = line.strip()
+        if self._state == "trailers":
+            if not text:
+                self._state = "head"
+            return
+        if not text:  # the CRLF that ends a chunk's data
+            return
+        try:
+            size = int(text.split(b";", 1)[0], 16)
+        except ValueError:
+            raise ProtocolError(f"invalid chunk size line {text[:40]!r}") from None
+        if size == 0:
+            self._state = "trailers"
+        else:
+            self._state, self._remaining = "chunk-data", size
+
+    def _rewrite_head(self, head: bytes) -> bytes:
+        lines = head[:-4].split(b"\r\n")
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3:
+            raise ProtocolError(f"malformed request line {lines[0][:100]!r}")
+        method, target, version = request_line
+        if self.base_path and target.startswith(b"/"):
+            target = self.base_path + target
+        out = [b" ".join((method, target, version))]
+        length = 0
+        chunked = upgrade = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            lname = name.strip().lower()
+            if lname == b"host":
+                line = name + b": " + self.authority
+            elif lname == b"content-length":
+                try:
+                    length = int(value.strip())
+                except ValueError:
+                    raise ProtocolError("invalid Content-Length") from None
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif lname == b"upgrade":
+                upgrade = True
+            out.append(line)
+        if method.upper() == b"CONNECT" or upgrade:
+            self._state = "raw"
+        elif chunked:
+            self._state = "chunk-size"
+        elif length:
+            self._state, self._remaining = "body", length
+        return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
+                        process: ProcessInfo | None) -> None:
+    """Handle one client connection of a reverse proxy."""
+    assert proxy.config.reverse_target is not None
+    target = ReverseTarget(proxy.config.reverse_target)
+    spec = proxy.endpoints.match(target.host, target.port)
+    report = ConnectionReport(
+        connection_id=connection_id, mode="reverse", client_addr=client_addr, target_host=target.host,
+        target_port=target.port, decision=Decision.INTERCEPTED if target.tls else Decision.PLAIN_HTTP,
+        success=True, process=process, provider=spec.provider if spec else None,
+        sni=target.host if target.tls else None,
+    )
+    upstream_tcp = await proxy._connect_upstream(target.host, target.port, report)
+    if upstream_tcp is None:
+        proxy._report(report)
+        await _reply_502(client)
+        return
+    upstream: ByteStream = upstream_tcp
+    if target.tls:
+        try:
+            with anyio.fail_after(proxy.config.handshake_timeout):
+                tls = await TlsStream.handshake(upstream_tcp, proxy._upstream_context(("http/1.1",)),
+                                                server_side=False, server_hostname=target.host)
+        except (ssl.SSLError, anyio.EndOfStream, TimeoutError, anyio.BrokenResourceError, OSError) as exc:
+            verification = isinstance(exc, ssl.SSLCertVerificationError)
+            report.decision = Decision.UPSTREAM_VERIFICATION_FAILED if verification else Decision.UPSTREAM_FAILED
+            report.success = False
+            report.error = f"upstream TLS handshake failed: {exc}"
+            logger.warning("connection %s to %s: %s", connection_id, target.host, report.error)
+            await upstream_tcp.aclose()
+            proxy._report(report)
+            await _reply_502(client)
+            return
+        report.alpn, report.tls_version, report.cipher = tls.alpn, tls.version, tls.cipher
+        der = tls.peer_certificate_der()
+        if der:
+            report.upstream_certificate = UpstreamCertificate.from_der(der)
+        upstream = tls
+    proxy._report(report)
+    info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
+                          server_addr=(target.host, target.port), mode="reverse",
+                          sni=target.host if target.tls else None, alpn="http/1.1",
+                          tls_version=report.tls_version, tls=target.tls, process=process)
+    feed = proxy._feed_for(info, "http/1.1")
+    rewriter = RequestRewriter(target.authority, target.base_path)
+    async with upstream, anyio.create_task_group() as tg:
+        if feed is not None:
+            tg.start_soon(feed.run)
+        error = await _relay_rewriting(client, upstream, rewriter, feed)
+        if feed is not None:
+            feed.finish(error)
+
+
+async def _relay_rewriting(client: ByteStream, upstream: ByteStream, rewriter: RequestRewriter,
+                           feed: DecodeFeed | None) -> str | None:
+    errors: list[str] = []
+    net_errors = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+    async def requests(scope: anyio.CancelScope) -> None:
+        while True:
+            try:
+                data = await client.receive(CHUNK)
+            except anyio.EndOfStream:
+                break
+            except net_errors as exc:
+                errors.append(f"client side: {exc}")
+                scope.cancel()
+                return
+            try:
+                out = rewriter.feed(data)
+            except ProtocolError as exc:
+                errors.append(f"client sent malformed HTTP: {exc}")
+                logger.info("reverse proxy: %s", errors[-1])
+                scope.cancel()
+                return
+            if out:
+                try:
+                    await upstream.send(out)
+                except net_errors as exc:
+                    errors.append(f"server side: {exc}")
+                    scope.cancel()
+                    return
+                if feed is not None:
+                    feed.push("client", out, time.monotonic_ns())
+        if feed is not None:
+            feed.push("client", None, time.monotonic_ns())
+        try:
+            await upstream.send_eof()
+        except (*net_errors, NotImplementedError):
+            pass
+
+    async def responses(scope: anyio.CancelScope) -> None:
+        while True:
+            try:
+                data = await upstream.receive(CHUNK)
+            except anyio.EndOfStream:
+                break
+            except net_errors as exc:
+                errors.append(f"server side: {exc}")
+                scope.cancel()
+                return
+            now = time.monotonic_ns()
+            try:
+                await client.send(data)
+            except net_errors as exc:
+                errors.append(f"client side: {exc}")
+                scope.cancel()
+                return
+            if feed is not None:
+                feed.push("server", data, now)
+        if feed is not None:
+            feed.push("server", None, time.monotonic_ns())
+        try:
+            await client.send_eof()
+        except (*net_errors, NotImplementedError):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(requests, tg.cancel_scope)
+        tg.start_soon(responses, tg.cancel_scope)
+    return errors[0] if errors else None
+
+
+async def _reply_502(client: ByteStream) -> None:
+    try:
+        await client.send(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass

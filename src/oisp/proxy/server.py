@@ -1,0 +1,489 @@
+"""The TLS-intercepting proxy.
+
+Per client connection: learn where it was going (CONNECT, original destination, or the reverse target), read
+the TLS ClientHello without answering it, and decide. Not an AI endpoint, or a client known to pin
+certificates: relay the raw bytes untouched. An AI endpoint: connect upstream first, offering the client's
+ALPN list and verifying the upstream certificate; only then finish the client's handshake with a leaf for its
+SNI that selects exactly the upstream's ALPN. Then relay bytes both ways, verbatim, and decode a copy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import anyio
+import attrs
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
+
+from oisp.endpoints import EndpointTable
+from oisp.errors import ProtocolError
+from oisp.events import ProcessInfo
+from oisp.hookspecs import EndpointSpec
+from oisp.http.exchange import ConnectionInfo
+from oisp.proxy.config import ProxyConfig, ProxyMode
+from oisp.proxy.explicit import parse_proxy_request
+from oisp.proxy.net import SocketHook, connect_tcp, create_listener
+from oisp.proxy.pinning import PinnedClients
+from oisp.proxy.relay import DecodeFeed, PassiveDecoderLike, RelayResult, relay
+from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
+from oisp.proxy.tls_stream import TlsStream
+
+__all__ = ["Attributor", "DecoderFactory", "MitmProxy", "OriginalDestinationLookup", "ProxyStats"]
+
+logger = logging.getLogger(__name__)
+
+#: A fatal TLS alert (handshake_failure) sent to a client whose upstream could not be trusted or reached.
+_HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
+_PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE",
+               "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED", "DECRYPT_ERROR")
+_MAX_CLIENT_HELLO = 64 * 1024
+_ids = itertools.count(1)
+
+
+class _ClientHello(Protocol):
+    sni: str | None
+    alpn_protocols: tuple[str, ...]
+
+
+class _CertificateAuthority(Protocol):
+    def server_context(self, host: str, alpn: Sequence[str] | None) -> ssl.SSLContext: ...
+
+
+class _OriginalDestination(Protocol):
+    ip: str
+    port: int
+    pid: int | None
+
+
+class OriginalDestinationLookup(Protocol):
+    """Answers "where was this diverted connection going?" (transparent mode; see oisp.interception)."""
+
+    def original_destination(self, client: tuple[str, int], local: tuple[str, int]) -> Any: ...
+
+
+#: Names the process behind a connection: (client address, local address, pid hint) -> process or None.
+Attributor = Callable[[tuple[str, int], tuple[str, int], int | None], ProcessInfo | None]
+#: Builds the passive decoder of a connection: (alpn, connection, listener, body_cap) -> decoder.
+DecoderFactory = Callable[..., PassiveDecoderLike]
+
+
+@attrs.define
+class ProxyStats:
+    """Counters of the proxy."""
+
+    connections: int = 0
+    active: int = 0
+    decisions: dict[str, int] = attrs.field(factory=dict)
+    errors: int = 0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _addr(stream: SocketStream, attribute: Any) -> tuple[str, int]:
+    try:
+        address = stream.extra(attribute)
+    except Exception:
+        return ("", 0)
+    return (str(address[0]), int(address[1])) if isinstance(address, tuple) else (str(address), 0)
+
+
+class MitmProxy:
+    """The proxy. Start it with ``await task_group.start(proxy.serve)``, which returns the bound address."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        ca: _CertificateAuthority,
+        endpoints: EndpointTable | None = None,
+        observer: ProxyObserver | None = None,
+        decoder_factory: DecoderFactory | None = None,
+        original_destinations: OriginalDestinationLookup | None = None,
+        attributor: Attributor | None = None,
+        before_upstream_connect: SocketHook | None = None,
+        parse_client_hello: Callable[[bytes], _ClientHello | None] | None = None,
+    ) -> None:
+        if config.mode is ProxyMode.TRANSPARENT and original_destinations is None:
+            raise ValueError("transparent mode needs an original-destination lookup (an interceptor)")
+        self.config = config
+        self.ca = ca
+        self.endpoints = endpoints or EndpointTable()
+        self.observer = observer
+        if decoder_factory is None:
+            from oisp.http.decoder import make_decoder
+
+            decoder_factory = make_decoder
+        self._make_decoder = decoder_factory
+        if parse_client_hello is None:
+            from oisp.tls.clienthello import parse_client_hello as parse
+
+            parse_client_hello = parse
+        self._parse_client_hello = parse_client_hello
+        self.original_destinations = original_destinations
+        self.attributor = attributor
+        self.before_upstream_connect = before_upstream_connect
+        self.pinned = PinnedClients(config.pinned_ttl)
+        self.stats = ProxyStats()
+        self.address: tuple[str, int] | None = None
+        self._upstream_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        if config.upstream_insecure:
+            logger.warning("UPSTREAM CERTIFICATES ARE NOT VERIFIED (upstream_insecure): anyone on the path "
+                           "can impersonate AI providers to this machine's apps")
+        if config.listens_beyond_loopback:
+            logger.warning("the proxy listens on %s, reachable from other machines: anyone who can reach it can "
+                           "use it", config.listen_host)
+
+    # lifecycle ----------------------------------------------------------------------------------
+    async def serve(self, *, task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; reports the bound (host, port) through ``task_status``."""
+        listener = await create_listener(self.config.listen_host, self.config.listen_port,
+                                         max_segment=self.config.listen_max_segment)
+        async with listener:
+            bound = listener.extra(SocketAttribute.local_address)
+            self.address = (str(bound[0]), int(bound[1]))
+            logger.info("oisp proxy (%s mode) listening on %s:%d", self.config.mode, *self.address)
+            task_status.started(self.address)
+            await listener.serve(self._handle)
+
+    def _count(self, decision: Decision) -> None:
+        self.stats.decisions[decision.value] = self.stats.decisions.get(decision.value, 0) + 1
+
+    def _report(self, report: ConnectionReport) -> None:
+        self._count(report.decision)
+        if self.observer is not None:
+            try:
+                self.observer.connection(report)
+            except Exception:
+                logger.exception("proxy observer failed on connection %s", report.connection_id)
+
+    # per connection -----------------------------------------------------------------------------
+    async def _handle(self, client: SocketStream) -> None:
+        self.stats.connections += 1
+        self.stats.active += 1
+        connection_id = f"c{next(_ids)}"
+        client_addr = _addr(client, SocketAttribute.remote_address)
+        local_addr = _addr(client, SocketAttribute.local_address)
+        try:
+            async with client:
+                if self.config.mode is ProxyMode.EXPLICIT:
+                    await self._explicit(client, connection_id, client_addr, local_addr)
+                elif self.config.mode is ProxyMode.TRANSPARENT:
+                    await self._transparent(client, connection_id, client_addr, local_addr)
+                else:
+                    await self._reverse(client, connection_id, client_addr, local_addr)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("connection %s from %s:%d failed", connection_id, *client_addr)
+        finally:
+            self.stats.active -= 1
+
+    async def _explicit(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
+                        local_addr: tuple[str, int]) -> None:
+        buffer = b""
+        try:
+            with anyio.fail_after(self.config.handshake_timeout):
+                while (request := parse_proxy_request(buffer)) is None:
+                    buffer += await client.receive()
+        except ProtocolError as exc:
+            logger.info("connection %s: bad proxy request: %s", connection_id, exc)
+            await _send_quietly(client, b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            return
+        except (TimeoutError, anyio.EndOfStream, *_NET_ERRORS):
+            return
+        process = await self._attribute(client_addr, local_addr, None)
+        if request.tunnel:
+            await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
+                              request.port, process, None)
+        else:
+            endpoint = self.endpoints.match(request.host, request.port)
+            await self._plain(client, buffer, connection_id, client_addr, request.host, request.port, endpoint,
+                              process, None)
+
+    async def _transparent(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
+                           local_addr: tuple[str, int]) -> None:
+        assert self.original_destinations is not None
+        try:
+            original = self.original_destinations.original_destination(client_addr, local_addr)
+        except Exception:
+            logger.exception("connection %s: original-destination lookup failed", connection_id)
+            original = None
+        if original is None:
+            logger.warning("connection %s from %s:%d: no original destination known; closing",
+                           connection_id, *client_addr)
+            return
+        pid_hint = getattr(original, "pid", None)
+        process = await self._attribute(client_addr, local_addr, pid_hint)
+        await self._route(client, b"", connection_id, client_addr, str(original.ip), int(original.port), process,
+                          pid_hint)
+
+    async def _reverse(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
+                       local_addr: tuple[str, int]) -> None:
+        from oisp.proxy.reverse import serve_reverse
+
+        process = await self._attribute(client_addr, local_addr, None)
+        await serve_reverse(self, client, connection_id, client_addr, process)
+
+    async def _attribute(self, client_addr: tuple[str, int], local_addr: tuple[str, int],
+                         pid_hint: int | None) -> ProcessInfo | None:
+        if self.attributor is None:
+            return None
+        try:
+            return await anyio.to_thread.run_sync(self.attributor, client_addr, local_addr, pid_hint)
+        except Exception:
+            logger.exception("process attribution failed for %s:%d", *client_addr)
+            return None
+
+    async def _route(self, client: SocketStream, initial: bytes, connection_id: str, client_addr: tuple[str, int],
+                     host: str, port: int, process: ProcessInfo | None, pid_hint: int | None) -> None:
+        """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
+        buffer = initial
+        hello: _ClientHello | None = None
+        try:
+            with anyio.fail_after(self.config.handshake_timeout):
+                if not buffer:
+                    buffer = await client.receive()
+                while buffer[:1] == b"\x16":
+                    try:
+                        hello = self._parse_client_hello(buffer)
+                    except ProtocolError as exc:
+                        logger.info("connection %s: not a usable ClientHello (%s); passing through",
+                                    connection_id, exc)
+                        break
+                    if hello is not None or len(buffer) > _MAX_CLIENT_HELLO:
+                        break
+                    buffer += await client.receive()
+        except TimeoutError:
+            logger.info("connection %s: client sent no ClientHello in time; passing through", connection_id)
+        except (anyio.EndOfStream, *_NET_ERRORS):
+            return
+        name = hello.sni if hello is not None and hello.sni else host
+        endpoint = self.endpoints.match(name, port)
+        report = ConnectionReport(
+            connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=name,
+            target_port=port, decision=Decision.PASSTHROUGH, success=True, process=process, pid_hint=pid_hint,
+            provider=endpoint.provider if endpoint else None, sni=hello.sni if hello else None,
+        )
+        process_key = process.exe if process is not None else None
+        if hello is None:
+            if endpoint is not None and not endpoint.tls:
+                await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, process,
+                                  pid_hint)
+                return
+            await self._passthrough(client, buffer, host, port, report)
+            return
+        if endpoint is None or not endpoint.tls:
+            await self._passthrough(client, buffer, host, port, report)
+            return
+        if self.pinned.is_pinned(name, process_key):
+            report.decision = Decision.PINNED_PASSTHROUGH
+            await self._passthrough(client, buffer, host, port, report)
+            return
+        await self._intercept(client, buffer, hello, name, host, port, endpoint, report, process_key)
+
+    async def _connect_upstream(self, host: str, port: int, report: ConnectionReport) -> SocketStream | None:
+        address, address_port = self.config.override_for(host, port)
+        started = time.perf_counter()
+        try:
+            upstream = await connect_tcp(address, address_port, before_connect=self.before_upstream_connect,
+                                         timeout=self.config.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            report.decision = Decision.UPSTREAM_FAILED
+            report.success = False
+            report.error = f"connect to {address}:{address_port} failed: {exc}"
+            logger.warning("connection %s: %s", report.connection_id, report.error)
+            return None
+        report.connect_ms = round((time.perf_counter() - started) * 1000, 3)
+        report.upstream_addr = _addr(upstream, SocketAttribute.remote_address)
+        return upstream
+
+    async def _passthrough(self, client: SocketStream, buffer: bytes, host: str, port: int,
+                           report: ConnectionReport) -> None:
+        upstream = await self._connect_upstream(host, port, report)
+        self._report(report)
+        if upstream is None:
+            return
+        async with upstream:
+            if buffer:
+                try:
+                    await upstream.send(buffer)
+                except _NET_ERRORS:
+                    return
+            await relay(client, upstream)
+
+    async def _plain(self, client: SocketStream, buffer: bytes, connection_id: str, client_addr: tuple[str, int],
+                     host: str, port: int, endpoint: EndpointSpec | None, process: ProcessInfo | None,
+                     pid_hint: int | None) -> None:
+        """Plain HTTP: decoded when it goes to an AI endpoint, relayed untouched either way."""
+        report = ConnectionReport(
+            connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=host,
+            target_port=port, decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
+            process=process, pid_hint=pid_hint, provider=endpoint.provider if endpoint else None,
+        )
+        upstream = await self._connect_upstream(host, port, report)
+        self._report(report)
+        if upstream is None:
+            await _send_quietly(client, b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            return
+        info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr, server_addr=(host, port),
+                              mode=str(self.config.mode), tls=False, process=process)
+        async with upstream:
+            await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None)
+
+    async def _relay_decoded(self, client: ByteStream, upstream: ByteStream, client_prefix: bytes,
+                             info: ConnectionInfo, alpn: str | None) -> RelayResult:
+        feed = self._feed_for(info, alpn)
+        async with anyio.create_task_group() as tg:
+            if feed is not None:
+                tg.start_soon(feed.run)
+            try:
+                if client_prefix:
+                    await upstream.send(client_prefix)
+                    if feed is not None:
+                        feed.push("client", client_prefix, time.monotonic_ns())
+                result = await relay(client, upstream, feed)
+            except _NET_ERRORS as exc:
+                result = RelayResult(error=str(exc))
+            finally:
+                if feed is not None:
+                    feed.finish(None)
+        if result.error and feed is not None:
+            logger.debug("connection %s ended with an error: %s", info.connection_id, result.error)
+        return result
+
+    def _feed_for(self, info: ConnectionInfo, alpn: str | None) -> DecodeFeed | None:
+        if self.observer is None or alpn is None:
+            return None
+        try:
+            listener = self.observer.exchange_listener(info)
+            if listener is None:
+                return None
+            decoder = self._make_decoder(alpn, info, listener, body_cap=self.config.body_cap)
+        except Exception:
+            logger.exception("connection %s: could not set up decoding; relaying without it", info.connection_id)
+            return None
+        return DecodeFeed(decoder, self.config.decode_queue, info.connection_id)
+
+    def _upstream_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        context = self._upstream_contexts.get(alpn)
+        if context is None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            if self.config.upstream_ca is not None:
+                context.load_verify_locations(cafile=str(self.config.upstream_ca))
+            if self.config.upstream_insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if alpn:
+                context.set_alpn_protocols(list(alpn))
+            self._upstream_contexts[alpn] = context
+        return context
+
+    async def _intercept(self, client: SocketStream, client_hello_bytes: bytes, hello: _ClientHello, name: str,
+                         host: str, port: int, endpoint: EndpointSpec, report: ConnectionReport,
+                         process_key: str | None) -> None:
+        upstream_tcp = await self._connect_upstream(host if _is_ip(host) else name, port, report)
+        if upstream_tcp is None:
+            self._report(report)
+            await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
+            return
+        server_hostname = hello.sni or (None if _is_ip(name) else name)
+        try:
+            with anyio.fail_after(self.config.handshake_timeout):
+                upstream = await TlsStream.handshake(
+                    upstream_tcp, self._upstream_context(tuple(hello.alpn_protocols)), server_side=False,
+                    server_hostname=server_hostname or name)
+        except ssl.SSLCertVerificationError as exc:
+            report.decision = Decision.UPSTREAM_VERIFICATION_FAILED
+            report.success = False
+            report.error = f"upstream certificate verification failed: {exc.verify_message or exc}"
+            logger.warning("connection %s to %s: %s; the client got a TLS alert and nothing was sent",
+                           report.connection_id, name, report.error)
+            await upstream_tcp.aclose()
+            self._report(report)
+            await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
+            return
+        except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
+            report.decision = Decision.UPSTREAM_FAILED
+            report.success = False
+            report.error = f"upstream TLS handshake failed: {exc or type(exc).__name__}"
+            logger.warning("connection %s to %s: %s", report.connection_id, name, report.error)
+            await upstream_tcp.aclose()
+            self._report(report)
+            await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
+            return
+        async with upstream:
+            alpn = upstream.alpn
+            report.alpn, report.tls_version, report.cipher = alpn, upstream.version, upstream.cipher
+            der = upstream.peer_certificate_der()
+            if der:
+                try:
+                    report.upstream_certificate = UpstreamCertificate.from_der(der)
+                except Exception:
+                    logger.debug("could not summarize the upstream certificate", exc_info=True)
+            try:
+                with anyio.fail_after(self.config.handshake_timeout):
+                    downstream = await TlsStream.handshake(
+                        client, self.ca.server_context(name, [alpn] if alpn else None), server_side=True,
+                        initial_data=client_hello_bytes)
+            except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
+                self._client_rejected(report, name, process_key, f"client aborted the TLS handshake: {exc}",
+                                      pinning=_looks_like_pinning(exc))
+                return
+            report.decision = Decision.INTERCEPTED
+            self._report(report)
+            info = ConnectionInfo(
+                connection_id=report.connection_id, client_addr=report.client_addr, server_addr=(name, port),
+                mode=report.mode, sni=hello.sni, alpn=downstream.alpn, tls_version=downstream.version, tls=True,
+                process=report.process,
+            )
+            result = await self._relay_decoded(downstream, upstream, b"", info, downstream.alpn or "http/1.1")
+            if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
+                # A client that closes right after the handshake, before any request, distrusts the certificate.
+                self.pinned.remember(name, process_key)
+                logger.info("connection %s: client closed before sending any request to %s; treating it as "
+                            "pinned: later connections are passed through", report.connection_id, name)
+                self._report(attrs.evolve(report, decision=Decision.CLIENT_REJECTED_CERTIFICATE, success=False,
+                                          error="client closed the connection before sending any data"))
+
+    def _client_rejected(self, report: ConnectionReport, name: str, process_key: str | None, error: str,
+                         *, pinning: bool) -> None:
+        report.decision = Decision.CLIENT_REJECTED_CERTIFICATE
+        report.success = False
+        report.error = error
+        if pinning:
+            self.pinned.remember(name, process_key)
+            logger.info("connection %s: %s; %s is passed through for this client from now on",
+                        report.connection_id, error, name)
+        else:
+            logger.info("connection %s: %s", report.connection_id, error)
+        self._report(report)
+
+
+_NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+def _looks_like_pinning(exc: BaseException) -> bool:
+    """A handshake that the client broke off after seeing our certificate."""
+    if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError | ConnectionError | ssl.SSLEOFError):
+        return True
+    text = str(exc).upper()
+    return isinstance(exc, ssl.SSLError) and any(alert in text for alert in _PIN_ALERTS)
+
+
+async def _send_quietly(stream: ByteStream, data: bytes) -> None:
+    try:
+        await stream.send(data)
+    except (*_NET_ERRORS, anyio.EndOfStream):
+        pass

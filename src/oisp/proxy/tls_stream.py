@@ -1,0 +1,161 @@
+"""TLS over an anyio byte stream, with control over the first bytes and over close_notify.
+
+anyio's own ``TLSStream`` cannot be handed bytes that were already read from the socket (the proxy reads the
+ClientHello *before* it decides to terminate TLS) and closes both directions at once. This one takes the
+already-read bytes as ``initial_data``, propagates half-close (close_notify, then TCP FIN) and exposes the
+negotiated parameters the events need.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import ByteStream
+
+__all__ = ["TlsStream"]
+
+T = TypeVar("T")
+
+_MAX_READ = 256 * 1024
+
+
+class TlsStream(ByteStream):
+    """A TLS connection (client or server side) running over another byte stream."""
+
+    def __init__(self, transport: ByteStream, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self.transport = transport
+        self.ssl_object = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._send_lock = anyio.Lock()
+        self._eof_sent = False
+        self._transport_eof = False
+
+    @classmethod
+    async def handshake(
+        cls,
+        transport: ByteStream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        initial_data: bytes = b"",
+    ) -> TlsStream:
+        """Run the TLS handshake over ``transport`` and return the established stream.
+
+        ``initial_data`` is fed to TLS before anything is read from ``transport`` (a peeked ClientHello).
+        Raises ``ssl.SSLError`` (including ``SSLCertVerificationError``) or ``anyio.EndOfStream``.
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        if initial_data:
+            incoming.write(initial_data)
+        ssl_object = context.wrap_bio(incoming, outgoing, server_side=server_side,
+                                      server_hostname=None if server_side else server_hostname)
+        stream = cls(transport, ssl_object, incoming, outgoing)
+        await stream._retry(ssl_object.do_handshake)
+        return stream
+
+    # parameters ---------------------------------------------------------------------------------
+    @property
+    def alpn(self) -> str | None:
+        """The negotiated ALPN protocol, or None."""
+        return self.ssl_object.selected_alpn_protocol()
+
+    @property
+    def version(self) -> str | None:
+        """The TLS version (``TLSv1.3``)."""
+        return self.ssl_object.version()
+
+    @property
+    def cipher(self) -> str | None:
+        """The cipher suite name."""
+        cipher = self.ssl_object.cipher()
+        return cipher[0] if cipher else None
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate in DER, if it sent one."""
+        return self.ssl_object.getpeercert(binary_form=True)
+
+    # I/O ----------------------------------------------------------------------------------------
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self._outgoing.read()
+            if data:
+                await self.transport.send(data)
+
+    async def _retry(self, operation: Callable[..., T], *args: Any) -> T:
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if self._transport_eof:
+                    raise
+                try:
+                    data = await self.transport.receive(_MAX_READ)
+                except anyio.EndOfStream:
+                    self._transport_eof = True
+                    self._incoming.write_eof()
+                else:
+                    self._incoming.write(data)
+            else:
+                await self._flush()
+                return result
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Decrypted bytes; ``anyio.EndOfStream`` after the peer's close_notify or EOF."""
+        try:
+            data = await self._retry(self.ssl_object.read, max_bytes)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
+            raise anyio.EndOfStream from None
+        except ssl.SSLError as exc:
+            raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        """Encrypt and send ``item`` (waits until the transport took it: backpressure)."""
+        try:
+            self.ssl_object.write(item)
+        except ssl.SSLError as exc:
+            raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
+        await self._flush()
+
+    async def send_eof(self) -> None:
+        """Send close_notify, then end the transport's sending side (TCP FIN); reading may go on."""
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self.ssl_object.unwrap()
+        except ssl.SSLError:
+            pass  # SSLWantReadError: our close_notify is queued; the peer's comes later (or never)
+        try:
+            await self._flush()
+            await self.transport.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+    async def aclose(self) -> None:
+        """Close the connection (close_notify if not sent yet, then the transport)."""
+        if not self._eof_sent:
+            self._eof_sent = True
+            try:
+                self.ssl_object.unwrap()
+            except ssl.SSLError:
+                pass
+            try:
+                with anyio.move_on_after(1):
+                    await self._flush()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+        await self.transport.aclose()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self.transport.extra_attributes

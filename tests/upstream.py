@@ -1,0 +1,242 @@
+"""A real TLS upstream for tests: HTTP/1.1 (h11) and HTTP/2 (h2) on one port, chosen by ALPN.
+
+It answers with a handler (``Request -> Response``) and records the exact plaintext bytes each connection
+received and sent, so tests can prove the proxy relays byte for byte.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import attrs
+import h2.config
+import h2.connection
+import h2.events
+import h11
+from anyio.abc import SocketStream, TaskStatus
+
+from oisp.proxy.tls_stream import TlsStream
+
+
+@attrs.define
+class Request:
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    http_version: str
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+@attrs.define
+class Response:
+    status: int = 200
+    headers: list[tuple[str, str]] = attrs.field(factory=lambda: [("content-type", "application/json")])
+    #: Bytes, or an async iterator of chunks (sent as they come: streaming).
+    body: bytes | Callable[[], AsyncIterator[bytes]] = b"{}"
+    #: Abort the connection (TCP close / RST_STREAM) after sending this many body chunks.
+    abort_after_chunks: int | None = None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def json_ok(request: Request) -> Response:
+    return Response(body=b'{"ok": true, "path": "' + request.target.encode() + b'"}')
+
+
+@attrs.define
+class Recording:
+    alpn: str | None = None
+    received: bytearray = attrs.field(factory=bytearray)
+    sent: bytearray = attrs.field(factory=bytearray)
+    requests: list[Request] = attrs.field(factory=list)
+
+
+class _RecordingStream:
+    def __init__(self, stream: TlsStream, recording: Recording) -> None:
+        self.stream = stream
+        self.recording = recording
+
+    async def receive(self) -> bytes:
+        data = await self.stream.receive(65536)
+        self.recording.received += data
+        return data
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            self.recording.sent += data
+            await self.stream.send(data)
+
+
+class Upstream:
+    def __init__(self, context: ssl.SSLContext, handler: Handler = json_ok) -> None:
+        self.context = context
+        self.handler = handler
+        self.connections: list[Recording] = []
+        self.port = 0
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        async with listener:
+            self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            task_status.started(self.port)
+            await listener.serve(self._connection)
+
+    async def _connection(self, client: SocketStream) -> None:
+        recording = Recording()
+        self.connections.append(recording)
+        async with client:
+            try:
+                tls = await TlsStream.handshake(client, self.context, server_side=True)
+            except (ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return
+            recording.alpn = tls.alpn
+            stream = _RecordingStream(tls, recording)
+            try:
+                if tls.alpn == "h2":
+                    await self._serve_h2(stream, recording)
+                else:
+                    await self._serve_h1(stream, recording)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await tls.aclose()
+
+    # HTTP/1.1 -------------------------------------------------------------------------------------
+    async def _serve_h1(self, stream: _RecordingStream, recording: Recording) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            request: h11.Request | None = None
+            body = bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        conn.receive_data(await stream.receive())
+                    except anyio.EndOfStream:
+                        conn.receive_data(b"")
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+            assert request is not None
+            req = Request(request.method.decode(), request.target.decode(),
+                          [(k.decode(), v.decode()) for k, v in request.headers.raw_items()], bytes(body),
+                          "1.1")
+            recording.requests.append(req)
+            response = await self.handler(req)
+            streaming = not isinstance(response.body, bytes)
+            headers = list(response.headers)
+            if isinstance(response.body, bytes):
+                headers.append(("content-length", str(len(response.body))))
+            await stream.send(conn.send(h11.Response(status_code=response.status, headers=headers)))
+            if isinstance(response.body, bytes):
+                await stream.send(conn.send(h11.Data(data=response.body)))
+            else:
+                sent = 0
+                async for chunk in response.body():
+                    await stream.send(conn.send(h11.Data(data=chunk)))
+                    sent += 1
+                    if response.abort_after_chunks is not None and sent >= response.abort_after_chunks:
+                        return
+            del streaming
+            await stream.send(conn.send(h11.EndOfMessage()))
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+    # HTTP/2 ---------------------------------------------------------------------------------------
+    async def _serve_h2(self, stream: _RecordingStream, recording: Recording) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        await stream.send(conn.data_to_send())
+        pending: dict[int, dict[str, Any]] = {}
+        window_changed = anyio.Event()
+        send_lock = anyio.Lock()
+
+        async def flush() -> None:
+            async with send_lock:
+                await stream.send(conn.data_to_send())
+
+        async def respond(stream_id: int, req: Request) -> None:
+            nonlocal window_changed
+            response = await self.handler(req)
+            headers = [(":status", str(response.status)), *response.headers]
+            if isinstance(response.body, bytes):
+                headers.append(("content-length", str(len(response.body))))
+            conn.send_headers(stream_id, headers)
+            await flush()
+
+            async def send_data(data: bytes) -> None:
+                nonlocal window_changed
+                while data:
+                    window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                    if window <= 0:
+                        window_changed = anyio.Event()
+                        await window_changed.wait()
+                        continue
+                    conn.send_data(stream_id, data[:window])
+                    data = data[window:]
+                    await flush()
+
+            if isinstance(response.body, bytes):
+                await send_data(response.body)
+            else:
+                sent = 0
+                async for chunk in response.body():
+                    await send_data(chunk)
+                    sent += 1
+                    if response.abort_after_chunks is not None and sent >= response.abort_after_chunks:
+                        conn.reset_stream(stream_id, error_code=2)
+                        await flush()
+                        return
+            conn.end_stream(stream_id)
+            await flush()
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    data = await stream.receive()
+                except anyio.EndOfStream:
+                    tg.cancel_scope.cancel()
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        pending[event.stream_id] = {"headers": event.headers, "body": bytearray()}
+                    elif isinstance(event, h2.events.DataReceived):
+                        pending[event.stream_id]["body"] += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        item = pending.pop(event.stream_id)
+                        hdrs = dict(item["headers"])
+                        req = Request(hdrs[":method"], hdrs[":path"],
+                                      [(k, v) for k, v in item["headers"] if not k.startswith(":")],
+                                      bytes(item["body"]), "2")
+                        recording.requests.append(req)
+                        tg.start_soon(respond, event.stream_id, req)
+                    elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                        window_changed.set()
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        tg.cancel_scope.cancel()
+                        return
+                await flush()
+
+
+def server_context(cert: Any, alpn: Sequence[str] = ("h2", "http/1.1")) -> ssl.SSLContext:
+    """A server SSLContext for a trustme leaf certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    context.set_alpn_protocols(list(alpn))
+    return context
