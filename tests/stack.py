@@ -39,6 +39,7 @@ class Stack:
     portal: anyio.from_thread.BlockingPortal
     proxy: MitmProxy
     upstream: Upstream
+    plain_upstream: Upstream
     sink: MemorySink
     ca: CertificateAuthority
     proxy_address: tuple[str, int]
@@ -79,6 +80,7 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
                   config: dict[str, Any] | None = None, upstream_alpn: tuple[str, ...] = ("h2", "http/1.1"),
                   upstream_cert_hosts: tuple[str, ...] = UPSTREAM_HOSTS,
                   attributor: Any = None) -> Iterator[Stack]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     upstream_ca_file = tmp_path / "upstream-ca.pem"
     test_ca.cert_pem.write_to_path(str(upstream_ca_file))
     ca = CertificateAuthority.load_or_create(tmp_path / "oisp-conf")
@@ -86,8 +88,10 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
     with anyio.from_thread.start_blocking_portal() as portal:
         upstream = Upstream(server_context(test_ca.issue_cert(*upstream_cert_hosts), upstream_alpn), handler)
         upstream_future, port = portal.start_task(upstream.serve)
-        overrides = tuple(UpstreamOverride(h, p, "127.0.0.1", port)
-                          for h in UPSTREAM_HOSTS for p in (443, 11434, 80))
+        plain_upstream = Upstream(None, handler)
+        plain_future, plain_port = portal.start_task(plain_upstream.serve)
+        overrides = tuple(UpstreamOverride(h, 443, "127.0.0.1", port) for h in UPSTREAM_HOSTS) + tuple(
+            UpstreamOverride(h, p, "127.0.0.1", plain_port) for h in UPSTREAM_HOSTS for p in (80, 1234, 11434))
         options = {"listen_port": 0, "upstream_ca": upstream_ca_file, "overrides": overrides, **(config or {})}
         plugins = create_plugin_manager()
         pipeline = Pipeline({"memory": sink})
@@ -97,9 +101,9 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
                           attributor=attributor)
         proxy_future, address = portal.start_task(proxy.serve)
         try:
-            yield Stack(portal, proxy, upstream, sink, ca, address, upstream_ca_file)
+            yield Stack(portal, proxy, upstream, plain_upstream, sink, ca, address, upstream_ca_file)
         finally:
-            for future in (proxy_future, upstream_future):
+            for future in (proxy_future, upstream_future, plain_future):
                 _cancel(future)
             portal.call(stop.set)
             pipeline_future.result(timeout=10)

@@ -15,6 +15,7 @@ import attrs
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h11
 from anyio.abc import SocketStream, TaskStatus
 
@@ -59,7 +60,7 @@ class Recording:
 
 
 class _RecordingStream:
-    def __init__(self, stream: TlsStream, recording: Recording) -> None:
+    def __init__(self, stream: Any, recording: Recording) -> None:
         self.stream = stream
         self.recording = recording
 
@@ -75,7 +76,8 @@ class _RecordingStream:
 
 
 class Upstream:
-    def __init__(self, context: ssl.SSLContext, handler: Handler = json_ok) -> None:
+    def __init__(self, context: ssl.SSLContext | None, handler: Handler = json_ok) -> None:
+        """``context`` None serves plain HTTP/1.1 (like Ollama)."""
         self.context = context
         self.handler = handler
         self.connections: list[Recording] = []
@@ -92,6 +94,14 @@ class Upstream:
         recording = Recording()
         self.connections.append(recording)
         async with client:
+            if self.context is None:
+                stream = _RecordingStream(client, recording)
+                try:
+                    await self._serve_h1(stream, recording)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
+                        h11.RemoteProtocolError):
+                    pass
+                return
             try:
                 tls = await TlsStream.handshake(client, self.context, server_side=True)
             except (ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
@@ -105,6 +115,8 @@ class Upstream:
                     await self._serve_h1(stream, recording)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
+            except (h11.RemoteProtocolError, h2.exceptions.ProtocolError):
+                pass  # a test sent malformed traffic on purpose; the server only drops that connection
             finally:
                 with anyio.CancelScope(shield=True):
                     await tls.aclose()

@@ -89,11 +89,11 @@ class DecodeFeed:
                     broken = True
                     self.failure = self.failure or "decoder error"
                     logger.exception("connection %s: decoder failed; decoding stopped", self.connection_id)
-        if self.failure is not None:
-            try:
-                decoder.abort(self.failure)
-            except Exception:
-                logger.exception("connection %s: decoder abort failed", self.connection_id)
+        # Ends whatever is still open (nothing, after a clean close); the reason says why it was cut short.
+        try:
+            decoder.abort(self.failure or "connection closed before the exchange completed")
+        except Exception:
+            logger.exception("connection %s: decoder abort failed", self.connection_id)
 
 
 @attrs.define

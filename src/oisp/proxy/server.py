@@ -345,6 +345,7 @@ class MitmProxy:
     async def _relay_decoded(self, client: ByteStream, upstream: ByteStream, client_prefix: bytes,
                              info: ConnectionInfo, alpn: str | None) -> RelayResult:
         feed = self._feed_for(info, alpn)
+        result = RelayResult(error="relay cancelled")
         async with anyio.create_task_group() as tg:
             if feed is not None:
                 tg.start_soon(feed.run)
@@ -358,7 +359,7 @@ class MitmProxy:
                 result = RelayResult(error=str(exc))
             finally:
                 if feed is not None:
-                    feed.finish(None)
+                    feed.finish(result.error)
         if result.error and feed is not None:
             logger.debug("connection %s ended with an error: %s", info.connection_id, result.error)
         return result
