@@ -14,6 +14,7 @@ import anyio
 import anyio.from_thread
 import attrs
 import trustme
+from tests.upstream import Handler, Upstream, json_ok, server_context
 
 from oisp.decoder import EventDecoder
 from oisp.events import Event
@@ -22,7 +23,6 @@ from oisp.plugins import create_plugin_manager
 from oisp.proxy import MitmProxy, ProxyConfig, UpstreamOverride
 from oisp.sinks.memory import MemorySink
 from oisp.tls import CertificateAuthority
-from tests.upstream import Handler, Upstream, json_ok, server_context
 
 UPSTREAM_HOSTS = ("api.openai.com", "api.anthropic.com", "example.com", "generativelanguage.googleapis.com",
                   "localhost", "127.0.0.1")
@@ -79,7 +79,7 @@ class Stack:
 def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = json_ok,
                   config: dict[str, Any] | None = None, upstream_alpn: tuple[str, ...] = ("h2", "http/1.1"),
                   upstream_cert_hosts: tuple[str, ...] = UPSTREAM_HOSTS,
-                  attributor: Any = None) -> Iterator[Stack]:
+                  attributor: Any = None, original_destinations: Any = None) -> Iterator[Stack]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     upstream_ca_file = tmp_path / "upstream-ca.pem"
     test_ca.cert_pem.write_to_path(str(upstream_ca_file))
@@ -98,7 +98,7 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
         stop = portal.call(anyio.Event)
         pipeline_future, _ = portal.start_task(_run_pipeline, pipeline, stop)
         proxy = MitmProxy(ProxyConfig(**options), ca=ca, observer=EventDecoder(plugins, pipeline.emit),
-                          attributor=attributor)
+                          attributor=attributor, original_destinations=original_destinations)
         proxy_future, address = portal.start_task(proxy.serve)
         try:
             yield Stack(portal, proxy, upstream, plain_upstream, sink, ca, address, upstream_ca_file)

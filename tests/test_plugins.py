@@ -15,7 +15,7 @@ import anyio
 import pytest
 from tests.events.samples import ALL
 
-from oisp.errors import PluginError
+from oisp.errors import ConfigurationError, PluginError
 from oisp.hookspecs import SinkFactory, hookimpl
 from oisp.pipeline import Pipeline
 from oisp.plugins import create_plugin_manager
@@ -59,9 +59,9 @@ def test_third_party_sink_package_is_discovered_and_receives_real_events(tmp_pat
     assert written["event_ids"] == [e.event_id for e in events]
 
 
-def test_third_party_sink_configuration_errors_name_the_plugin() -> None:
+def test_third_party_sink_configuration_errors_pass_through_naming_the_key() -> None:
     _example_sink_installed()
-    with pytest.raises(PluginError, match="type-counter.*path"):
+    with pytest.raises(ConfigurationError, match=r"sinks\.type-counter\.path: required"):
         create_plugin_manager().create_sink("type-counter", {})
 
 

@@ -19,7 +19,7 @@ import attrs
 import pluggy
 
 from oisp import hookspecs
-from oisp.errors import PluginError
+from oisp.errors import ConfigurationError, PluginError
 from oisp.hookspecs import EndpointSpec, Sink, SinkFactory
 
 __all__ = [
@@ -156,7 +156,7 @@ class OispPluginManager:
         plugin_name, factory = kinds[kind]
         try:
             sink = factory(dict(options or {}))
-        except PluginError:
+        except (PluginError, ConfigurationError):
             raise
         except Exception as exc:
             raise PluginError(f"sink {kind!r} (plugin {plugin_name}) could not be created: {exc}") from exc

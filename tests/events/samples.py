@@ -160,7 +160,7 @@ def network_connect() -> Event:
                                                     fingerprint_sha256="aa" * 32, san=["api.openai.com"])),
         ),
         confidence=Confidence(level="high", completeness="metadata_only"), process=PROCESS,
-        attrs={"interception": "intercepted"},
+        attrs={"oisp.interception": "intercepted"},
     )
 
 

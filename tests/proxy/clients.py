@@ -42,7 +42,9 @@ def read_all(sock: socket.socket) -> bytes:
     return bytes(data)
 
 
-def h2_exchange(sock: ssl.SSLSocket, host: str, requests: list[tuple[str, bytes]]) -> tuple[bytes, bytes, dict[int, bytes]]:
+def h2_exchange(
+    sock: ssl.SSLSocket, host: str, requests: list[tuple[str, bytes]]
+) -> tuple[bytes, bytes, dict[int, bytes]]:
     """Send requests as HTTP/2 streams, wait for every response, then GOAWAY and read to EOF.
 
     Returns (every byte sent, every byte received, body per stream id).

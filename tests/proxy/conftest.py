@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import trustme
-
 from tests.stack import Stack, running_stack
 
 

@@ -15,7 +15,6 @@ import anyio
 import httpx
 import pytest
 import trustme
-
 from tests.proxy.clients import connect_tunnel, h2_exchange, read_all, tls_tunnel
 from tests.stack import Stack, running_stack
 from tests.upstream import Request, Response
@@ -85,7 +84,8 @@ def test_openai_sdk_through_https_proxy(stack: Stack) -> None:
     code = (
         "import openai\n"
         "client = openai.OpenAI(api_key='sk-proj-" + "t" * 40 + "', max_retries=0)\n"
-        "r = client.with_raw_response.chat.completions.create(model='gpt-4o', messages=[{'role':'user','content':'hi'}])\n"
+        "r = client.with_raw_response.chat.completions.create(\n"
+        "    model='gpt-4o', messages=[{'role': 'user', 'content': 'hi'}])\n"
         "print(r.http_request.url, r.status_code)\n"
     )
     out = subprocess.run([_python(), "-c", code], env=_sdk_env(stack), capture_output=True, text=True, timeout=60)

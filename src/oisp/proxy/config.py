@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -64,7 +65,7 @@ class UpstreamOverride:
         return cls(host.lower(), port, address, addr_port)
 
 
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value <= 0:
         raise ConfigurationError(f"proxy.{attribute.name}: {value!r} must be positive")
 

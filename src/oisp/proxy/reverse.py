@@ -26,7 +26,7 @@ from oisp.proxy.tls_stream import TlsStream
 if TYPE_CHECKING:
     from oisp.proxy.server import MitmProxy
 
-__all__ = ["ReverseTarget", "RequestRewriter", "serve_reverse"]
+__all__ = ["RequestRewriter", "ReverseTarget", "serve_reverse"]
 
 logger = logging.getLogger(__name__)
 _MAX_HEAD = 64 * 1024

@@ -47,8 +47,11 @@ _ids = itertools.count(1)
 
 
 class _ClientHello(Protocol):
-    sni: str | None
-    alpn_protocols: tuple[str, ...]
+    @property
+    def sni(self) -> str | None: ...
+
+    @property
+    def alpn_protocols(self) -> tuple[str, ...]: ...
 
 
 class _CertificateAuthority(Protocol):
@@ -130,7 +133,7 @@ class MitmProxy:
             from oisp.tls.clienthello import parse_client_hello as parse
 
             parse_client_hello = parse
-        self._parse_client_hello = parse_client_hello
+        self._parse_client_hello: Callable[[bytes], _ClientHello | None] = parse_client_hello
         self.original_destinations = original_destinations
         self.attributor = attributor
         self.before_upstream_connect = before_upstream_connect

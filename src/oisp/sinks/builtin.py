@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from oisp.hookspecs import SinkFactory, hookimpl
+from oisp.sinks.jsonl import JsonlSink
 from oisp.sinks.memory import MemorySink
+from oisp.sinks.stdout import StdoutSink
 
 
 @hookimpl
 def oisp_sink_types() -> Mapping[str, SinkFactory]:
     return {
+        "jsonl": JsonlSink.from_options,
         "memory": MemorySink.from_options,
+        "stdout": StdoutSink.from_options,
     }
