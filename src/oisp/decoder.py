@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from oisp._version import __version__
 from oisp.events import (
     CertificateInfo,
     Confidence,
@@ -26,7 +27,6 @@ from oisp.events import (
     TlsInfo,
 )
 from oisp.events.envelope import COLLECTOR
-from oisp._version import __version__
 from oisp.hookspecs import ExchangeDecoder
 from oisp.http.exchange import ConnectionInfo, HttpExchange
 from oisp.plugins import OispPluginManager
@@ -59,7 +59,7 @@ def network_connect_event(report: ConnectionReport) -> Event:
         ipaddress.ip_address(report.target_host)
     except ValueError:
         domain = report.target_host
-    upstream_ip, upstream_port = report.upstream_addr or (None, report.target_port)
+    upstream_ip = report.upstream_addr[0] if report.upstream_addr else None
     if upstream_ip is None and domain is None:
         upstream_ip = report.target_host
     certificate = None
@@ -77,9 +77,11 @@ def network_connect_event(report: ConnectionReport) -> Event:
         attributes["oisp.provider"] = report.provider
     if report.pid_hint is not None:
         attributes["oisp.pid_hint"] = report.pid_hint
+    if report.upstream_addr is not None and report.upstream_addr[1] != report.target_port:
+        attributes["oisp.upstream_addr"] = f"{report.upstream_addr[0]}:{report.upstream_addr[1]}"
     return Event.create(
         NetworkConnect(
-            dest=Endpoint(ip=upstream_ip, port=upstream_port, domain=domain,
+            dest=Endpoint(ip=upstream_ip, port=report.target_port, domain=domain,
                           is_private=_is_private(upstream_ip) if upstream_ip else None),
             src=Endpoint(ip=report.client_addr[0], port=report.client_addr[1]),
             protocol="tcp", success=report.success, error=report.error, latency_ms=report.connect_ms, tls=tls,

@@ -83,10 +83,15 @@ class ConnectionInfo:
 class ExchangeTimings:
     """Monotonic timestamps (``time.monotonic_ns()``) of an exchange's milestones; None until reached."""
 
+    #: When the first byte of the request was fed (HTTP/2: its HEADERS frame).
     request_start: int | None = None
+    #: When the request was complete (last body byte, trailers, END_STREAM).
     request_end: int | None = None
+    #: When the final (non-1xx) response head was complete.
     response_headers: int | None = None
+    #: When the first byte of the response *body* arrived (time to first token); None for an empty body.
     response_first_byte: int | None = None
+    #: When the response was complete.
     response_end: int | None = None
     #: (timestamp, decoded size) of each response body chunk as it arrived.
     response_chunks: list[tuple[int, int]] = attrs.field(factory=list)

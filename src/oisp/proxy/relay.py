@@ -1,7 +1,7 @@
 """Byte-faithful relaying between two streams, with a copy for the passive decoder.
 
-Each direction is one loop: read, send on (waiting until the other side took it, which is the backpressure),
-then hand a copy to the decoder feed. The feed never blocks the relay: when the decoder falls behind by more
+Each direction is one loop: read, queue a copy for the decoder, send on (waiting until the other side took it,
+which is the backpressure). The feed never blocks the relay: when the decoder falls behind by more
 than its queue, decoding of that connection stops (the exchange is marked partial) and the relay goes on.
 """
 
@@ -121,7 +121,10 @@ async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None 
                 result.error = result.error or f"{direction} side: {exc or type(exc).__name__}"
                 scope.cancel()
                 return
-            now = time.monotonic_ns()
+            if feed is not None:
+                # The copy is queued before the bytes go on, so the decoder never sees an answer before the
+                # bytes that caused it. Queuing never waits.
+                feed.push(direction, data, time.monotonic_ns())
             try:
                 await dst.send(data)
             except _ERRORS as exc:
@@ -133,8 +136,6 @@ async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None 
                 result.bytes_from_client += len(data)
             else:
                 result.bytes_from_server += len(data)
-            if feed is not None:
-                feed.push(direction, data, now)
         if result.first_eof is None:
             result.first_eof = direction
         if feed is not None:

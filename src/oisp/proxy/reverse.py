@@ -223,14 +223,14 @@ async def _relay_rewriting(client: ByteStream, upstream: ByteStream, rewriter: R
                 scope.cancel()
                 return
             if out:
+                if feed is not None:
+                    feed.push("client", out, time.monotonic_ns())
                 try:
                     await upstream.send(out)
                 except net_errors as exc:
                     errors.append(f"server side: {exc}")
                     scope.cancel()
                     return
-                if feed is not None:
-                    feed.push("client", out, time.monotonic_ns())
         if feed is not None:
             feed.push("client", None, time.monotonic_ns())
         try:
@@ -248,15 +248,14 @@ async def _relay_rewriting(client: ByteStream, upstream: ByteStream, rewriter: R
                 errors.append(f"server side: {exc}")
                 scope.cancel()
                 return
-            now = time.monotonic_ns()
+            if feed is not None:
+                feed.push("server", data, time.monotonic_ns())
             try:
                 await client.send(data)
             except net_errors as exc:
                 errors.append(f"client side: {exc}")
                 scope.cancel()
                 return
-            if feed is not None:
-                feed.push("server", data, now)
         if feed is not None:
             feed.push("server", None, time.monotonic_ns())
         try:

@@ -1,0 +1,234 @@
+"""The protocol-independent half of passive decoding: one exchange's progress, its bodies, the listener calls.
+
+Both decoders (:mod:`oisp.http.h1`, :mod:`oisp.http.h2`) turn wire events into calls on :class:`ExchangeProgress`,
+which keeps the exchange model, the body captures and the listener contract (order, exactly one ``end``,
+listener errors contained) in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Final, Literal
+
+from oisp.errors import ConfigurationError
+from oisp.http.encoding import ContentDecoder
+from oisp.http.exchange import ExchangeListener, Headers, HttpExchange, HttpRequest, HttpResponse
+
+logger = logging.getLogger(__name__)
+
+CONNECTION_CLOSED_BEFORE_REQUEST = "connection closed before request complete"
+CONNECTION_CLOSED_BEFORE_RESPONSE = "connection closed before response complete"
+
+_QUOTED_BYTES: Final = re.compile(r":?\s*(?:bytearray\(|memoryview\(|b['\"]|['\"])")
+
+
+def describe_protocol_error(exc: Exception) -> str:
+    """An h11/hyperframe/hpack error message without the offending bytes (h11 quotes whole header lines, which
+    may carry credentials), fit for partial reasons and logs."""
+    return _QUOTED_BYTES.split(str(exc), maxsplit=1)[0] or type(exc).__name__
+
+
+def check_body_cap(body_cap: int) -> int:
+    """``body_cap`` if it is usable, else :class:`~oisp.errors.ConfigurationError`."""
+    if isinstance(body_cap, bool) or not isinstance(body_cap, int) or body_cap < 0:
+        raise ConfigurationError(f"body_cap must be a number of bytes >= 0, got {body_cap!r}")
+    return body_cap
+
+
+def decode_field_text(raw: bytes) -> str:
+    """A header name or value as text: UTF-8 when it is valid UTF-8, otherwise Latin-1 (lossless)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def make_headers(fields: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """:class:`Headers` from raw ``(name, value)`` byte pairs, wire order kept."""
+    return Headers([(decode_field_text(name), decode_field_text(value)) for name, value in fields])
+
+
+class GuardedListener:
+    """Calls an :class:`ExchangeListener`, logging and swallowing whatever it raises."""
+
+    def __init__(self, listener: ExchangeListener) -> None:
+        self._listener = listener
+
+    def request(self, exchange: HttpExchange) -> None:
+        try:
+            self._listener.request(exchange)
+        except Exception:
+            logger.exception("exchange listener failed in request() for exchange %d", exchange.exchange_id)
+
+    def response_start(self, exchange: HttpExchange) -> None:
+        try:
+            self._listener.response_start(exchange)
+        except Exception:
+            logger.exception("exchange listener failed in response_start() for exchange %d", exchange.exchange_id)
+
+    def response_data(self, exchange: HttpExchange, data: bytes) -> None:
+        try:
+            self._listener.response_data(exchange, data)
+        except Exception:
+            logger.exception("exchange listener failed in response_data() for exchange %d", exchange.exchange_id)
+
+    def end(self, exchange: HttpExchange) -> None:
+        try:
+            self._listener.end(exchange)
+        except Exception:
+            logger.exception("exchange listener failed in end() for exchange %d", exchange.exchange_id)
+
+
+class BodyCapture:
+    """Stores one message body: counts wire bytes, removes content codings, caps, and records what was cut.
+
+    Past the cap nothing more is decoded or stored (so nothing more is delivered either), but ``wire_size``
+    keeps counting every byte that went by.
+    """
+
+    def __init__(
+        self,
+        message: HttpRequest | HttpResponse,
+        exchange: HttpExchange,
+        cap: int,
+        side: Literal["request", "response"],
+    ) -> None:
+        self._message = message
+        self._exchange = exchange
+        self._side = side
+        encodings = message.headers.get_all("content-encoding")
+        self._decoder = ContentDecoder(", ".join(encodings) if encodings else None, cap)
+        if self._decoder.unsupported is not None:
+            exchange.mark_partial(
+                f"{side} body has unsupported content-encoding {self._decoder.unsupported!r}; stored as sent"
+            )
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Take the next body piece (transfer coding already removed); returns the newly stored bytes."""
+        self._message.wire_size += len(data)
+        out = self._decoder.decode(data)
+        if out:
+            self._message.body += out
+        if self._decoder.stopped:
+            self._note_stop()
+        return out
+
+    def finish(self) -> None:
+        """The body ended on the wire; records a content coding that ended early."""
+        self._decoder.finish()
+        self._note_stop()
+
+    def _note_stop(self) -> None:
+        if self._decoder.truncated and not self._message.truncated:
+            self._message.truncated = True
+            self._exchange.mark_partial(f"{self._side} body truncated at cap")
+        if self._decoder.error is not None:
+            self._exchange.mark_partial(f"{self._side} body: {self._decoder.error}")
+
+
+class ExchangeProgress:
+    """One exchange on its way through a decoder, and the listener calls it is owed.
+
+    The exchange ends (``listener.end``) once both the request and the response are complete, or when
+    :meth:`end` is called with a reason. ``request`` is always delivered before ``response_start`` and
+    ``end``: if the response (or the end) comes before the request is complete, the request is delivered
+    early, as far as it got.
+    """
+
+    def __init__(self, exchange: HttpExchange, listener: GuardedListener, body_cap: int) -> None:
+        self.exchange = exchange
+        self._listener = listener
+        self._body_cap = body_cap
+        self._request_body = BodyCapture(exchange.request, exchange, body_cap, "request")
+        self._response_body: BodyCapture | None = None
+        self.request_delivered = False
+        self.request_complete = False
+        self.response_complete = False
+        self.ended = False
+
+    def request_data(self, data: bytes | bytearray | memoryview) -> None:
+        """A piece of the request body."""
+        if not self.request_complete:
+            self._request_body.feed(data)
+
+    def request_done(self, trailers: Headers | None, now: int) -> None:
+        """The request ended normally (after its body and trailers)."""
+        if self.request_complete:
+            return
+        self._request_body.finish()
+        if trailers:
+            self.exchange.request.trailers = trailers
+        self.exchange.timings.request_end = now
+        self.request_complete = True
+        self.deliver_request()
+        if self.response_complete:
+            self.end()
+
+    def request_cut(self, reason: str) -> None:
+        """The request will not complete; the response may still come."""
+        if self.request_complete:
+            return
+        self.exchange.mark_partial(reason)
+        self.request_complete = True
+        self.deliver_request()
+        if self.response_complete:
+            self.end()
+
+    def deliver_request(self) -> None:
+        """Hand the request to the listener unless that was done already."""
+        if not self.request_delivered:
+            self.request_delivered = True
+            self._listener.request(self.exchange)
+
+    def response_head(self, response: HttpResponse, now: int) -> None:
+        """The final (non-1xx) response head arrived."""
+        if self.ended or self.exchange.response is not None:
+            return
+        self.exchange.response = response
+        self.exchange.timings.response_headers = now
+        self._response_body = BodyCapture(response, self.exchange, self._body_cap, "response")
+        self.deliver_request()
+        self._listener.response_start(self.exchange)
+
+    def response_data(self, data: bytes | bytearray | memoryview, now: int) -> None:
+        """A piece of the response body (transfer coding removed); delivered content-decoded."""
+        body = self._response_body
+        if body is None or self.response_complete or not data:
+            return
+        timings = self.exchange.timings
+        if timings.response_first_byte is None:
+            timings.response_first_byte = now
+        out = body.feed(data)
+        if out:
+            timings.response_chunks.append((now, len(out)))
+            self._listener.response_data(self.exchange, out)
+
+    def response_done(self, trailers: Headers | None, now: int) -> None:
+        """The response ended normally."""
+        body = self._response_body
+        if body is None or self.response_complete:
+            return
+        body.finish()
+        if trailers:
+            assert self.exchange.response is not None
+            self.exchange.response.trailers = trailers
+        self.exchange.timings.response_end = now
+        self.response_complete = True
+        if self.request_complete:
+            self.end()
+
+    def end(self, reason: str | None = None) -> None:
+        """End the exchange (once); with a reason it is marked partial."""
+        if self.ended:
+            return
+        if reason is not None:
+            self.exchange.mark_partial(reason)
+        self.ended = True
+        self.deliver_request()
+        self._listener.end(self.exchange)
+
+    def end_cut(self, missing_response: str, missing_request: str) -> None:
+        """End an exchange the connection can no longer complete, naming the half that is missing."""
+        self.end(missing_response if not self.response_complete else missing_request)
