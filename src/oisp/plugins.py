@@ -37,6 +37,7 @@ ENTRY_POINT_GROUPS = ("oisp.providers", "oisp.sinks")
 #: Modules of oisp's own plugins; registered exactly as entry-point plugins are.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "oisp.providers.endpoints",
+    "oisp.providers.openai",
     "oisp.providers.metadata",
     "oisp.sinks.builtin",
 )

@@ -77,6 +77,8 @@ class ConnectionInfo:
     #: True when TLS was terminated by the proxy (False for plain HTTP such as Ollama).
     tls: bool = False
     process: ProcessInfo | None = None
+    #: The provider the endpoint table names for this destination (``openai``), if it is an AI endpoint.
+    provider: str | None = None
 
 
 @attrs.define

@@ -56,6 +56,8 @@ def exchange_attrs(exchange: HttpExchange) -> dict[str, object]:
 
 
 def _provider(exchange: HttpExchange) -> ProviderInfo:
+    if exchange.connection.provider:
+        return ProviderInfo(name=exchange.connection.provider, endpoint=redact_url(exchange.request.url))
     host, port = exchange.connection.server_addr
     spec = _TABLE.match(exchange.request.authority.rsplit(":", 1)[0] if exchange.request.authority else host,
                         port) or _TABLE.match(host, port)

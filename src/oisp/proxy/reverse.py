@@ -189,7 +189,8 @@ async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: s
     info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
                           server_addr=(target.host, target.port), mode="reverse",
                           sni=target.host if target.tls else None, alpn="http/1.1",
-                          tls_version=report.tls_version, tls=target.tls, process=process)
+                          tls_version=report.tls_version, tls=target.tls, process=process,
+                          provider=spec.provider if spec else None)
     feed = proxy._feed_for(info, "http/1.1")
     rewriter = RequestRewriter(target.authority, target.base_path)
     async with upstream, anyio.create_task_group() as tg:

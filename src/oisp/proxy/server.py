@@ -341,7 +341,8 @@ class MitmProxy:
             await _send_quietly(client, b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             return
         info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr, server_addr=(host, port),
-                              mode=str(self.config.mode), tls=False, process=process)
+                              mode=str(self.config.mode), tls=False, process=process,
+                              provider=endpoint.provider if endpoint else None)
         async with upstream:
             await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None)
 
@@ -450,7 +451,7 @@ class MitmProxy:
             info = ConnectionInfo(
                 connection_id=report.connection_id, client_addr=report.client_addr, server_addr=(name, port),
                 mode=report.mode, sni=hello.sni, alpn=downstream.alpn, tls_version=downstream.version, tls=True,
-                process=report.process,
+                process=report.process, provider=endpoint.provider,
             )
             result = await self._relay_decoded(downstream, upstream, b"", info, downstream.alpn or "http/1.1")
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:

@@ -1,0 +1,732 @@
+"""Building blocks for provider plugins (oisp's own and third-party ones alike).
+
+A provider plugin claims exchanges in ``oisp_exchange_decoder`` and returns an
+:class:`~oisp.hookspecs.ExchangeDecoder`. Most AI APIs are "JSON request, JSON or streamed response", so this
+module offers :class:`ApiDecoder`, which does the common work — parsing the request, choosing the stream
+framing, accumulating the response, emitting ``ai.request``, ``ai.response``, ``agent.tool_call``,
+``agent.tool_result`` (and optionally ``ai.streaming_chunk``) with the links between them — and leaves to each
+provider only what differs: :meth:`ApiDecoder.parse_request`, :meth:`ApiDecoder.on_stream_item` and
+:meth:`ApiDecoder.on_response_json`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from oisp.endpoints import EndpointTable
+from oisp.events import (
+    AgentToolCall,
+    AgentToolResult,
+    AiEmbedding,
+    AiRequest,
+    AiResponse,
+    AiStreamingChunk,
+    AuthInfo,
+    Choice,
+    ChunkDelta,
+    Confidence,
+    Event,
+    Message,
+    ModelInfo,
+    ProviderInfo,
+    RelatedEvent,
+    RequestParameters,
+    ResponseError,
+    ToolCall,
+    ToolDefinition,
+    ToolInfo,
+    Usage,
+)
+from oisp.framing import EventStreamDecoder, FramingError, JsonArrayDecoder, NdjsonDecoder, SseDecoder
+from oisp.http.exchange import HttpExchange
+from oisp.redaction import key_fingerprint, redact_url, sha256_text
+
+__all__ = [
+    "ApiDecoder",
+    "RequestFacts",
+    "ResponseState",
+    "ToolCallRegistry",
+    "ToolResultFacts",
+    "auth_from_exchange",
+    "content_facts",
+    "json_or_none",
+    "normalize_finish_reason",
+    "tool_calls_registry",
+    "tool_type_for",
+]
+
+logger = logging.getLogger(__name__)
+_TABLE = EndpointTable()
+
+#: The incremental framings a streamed response may use.
+StreamFraming = SseDecoder | NdjsonDecoder | JsonArrayDecoder | EventStreamDecoder
+
+FINISH_REASONS = {
+    "stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "complete": "stop", "finish": "stop",
+    "eos": "stop", "COMPLETE": "stop", "STOP": "stop", "end_of_turn": "stop",
+    "length": "length", "max_tokens": "length", "MAX_TOKENS": "length", "model_length": "length",
+    "model_context_window_exceeded": "length", "max_output_tokens": "length",
+    "tool_calls": "tool_calls", "tool_use": "tool_calls", "function_call": "tool_calls", "TOOL_CALL": "tool_calls",
+    "content_filter": "content_filter", "SAFETY": "content_filter", "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
+    "guardrail_intervened": "content_filter", "refusal": "content_filter", "content_filtered": "content_filter",
+    "ERROR": "error", "error": "error", "ERROR_TOXIC": "content_filter", "ERROR_LIMIT": "length",
+    "MALFORMED_FUNCTION_CALL": "error",
+}
+
+
+def normalize_finish_reason(raw: Any) -> str | None:
+    """The OISP finish reason (stop, length, tool_calls, content_filter, error, other) for a provider's value."""
+    if raw is None:
+        return None
+    if isinstance(raw, int):  # integer-encoded enums (Vertex AI)
+        return {1: "stop", 2: "length", 3: "content_filter", 4: "content_filter"}.get(raw, "other")
+    text = str(raw)
+    return FINISH_REASONS.get(text) or FINISH_REASONS.get(text.lower()) or "other"
+
+
+_TOOL_TYPES = (
+    (re.compile(r"(read|cat|open|view|get)_?(file|document)|file_read"), "file_read"),
+    (re.compile(r"(write|create|save)_?file|file_write"), "file_write"),
+    (re.compile(r"(edit|patch|replace|apply)_?(file|diff|patch)?|str_replace"), "file_edit"),
+    (re.compile(r"bash|shell|exec|run_?command|terminal|subprocess"), "shell"),
+    (re.compile(r"search|google|bing|lookup"), "search"),
+    (re.compile(r"browse|navigate|click|screenshot|computer"), "browser"),
+    (re.compile(r"sql|query_?db|database"), "database"),
+    (re.compile(r"python|code_?interpreter|execute_?code|run_?code"), "code_execution"),
+    (re.compile(r"fetch|http|request|curl|url"), "http"),
+    (re.compile(r"retriev|rag|knowledge"), "retrieval"),
+)
+
+
+def tool_type_for(name: str | None) -> str:
+    """A best guess of the OISP tool category from a tool's name (``other`` when nothing fits)."""
+    if not name:
+        return "other"
+    lowered = name.lower()
+    for pattern, kind in _TOOL_TYPES:
+        if pattern.search(lowered):
+            return kind
+    return "other"
+
+
+def json_or_none(data: bytes | bytearray | str) -> tuple[Any, str | None]:
+    """Parse JSON: (value, None) or (None, why it failed)."""
+    if not data:
+        return None, "empty body"
+    try:
+        return json.loads(data), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"invalid JSON: {exc}"
+
+
+def auth_from_exchange(exchange: HttpExchange) -> AuthInfo | None:
+    """How the request authenticated: key prefix and hash only (``Authorization``, ``x-api-key``, ``api-key``,
+    ``x-goog-api-key``, ``key`` query parameter; AWS SigV4 counts as a service account)."""
+    headers = exchange.request.headers
+    authorization = headers.get("authorization")
+    if authorization and authorization.upper().startswith("AWS4-HMAC-SHA256"):
+        credential = re.search(r"Credential=([A-Z0-9]+)/", authorization)
+        key = credential.group(1) if credential else authorization
+        fingerprint = key_fingerprint(key)
+        return AuthInfo(type="service_account", key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        value = headers.get(name)
+        if value:
+            fingerprint = key_fingerprint(value)
+            return AuthInfo(type="api_key", key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
+    if authorization:
+        fingerprint = key_fingerprint(authorization)
+        bearer = authorization.lower().startswith("bearer ")
+        kind = "api_key" if fingerprint.prefix else "oauth" if bearer else "unknown"
+        return AuthInfo(type=kind, key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
+    query = exchange.request.query
+    match = re.search(r"(?:^|&)key=([^&]+)", query)
+    if match:
+        fingerprint = key_fingerprint(match.group(1))
+        return AuthInfo(type="api_key", key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
+    return AuthInfo(type="none")
+
+
+@attrs.frozen
+class ContentFacts:
+    """Text and image counts of a message's content (string, list of parts, or None)."""
+
+    text: str | None
+    image_count: int
+    image_hashes: tuple[str, ...]
+
+
+def content_facts(content: Any) -> ContentFacts:
+    """Join the text parts of a content value; count and hash images (never keep their bytes)."""
+    if content is None:
+        return ContentFacts(None, 0, ())
+    if isinstance(content, str):
+        return ContentFacts(content, 0, ())
+    parts = content if isinstance(content, list) else [content]
+    texts: list[str] = []
+    hashes: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, Mapping):
+            continue
+        kind = str(part.get("type", ""))
+        if isinstance(part.get("text"), str) and kind in ("", "text", "input_text", "output_text"):
+            texts.append(part["text"])
+        elif "image" in kind or "inlineData" in part or "inline_data" in part:
+            hashes.append(_image_hash(part))
+        elif kind in ("tool_result", "function_call_output") and part.get("content") is not None:
+            inner = content_facts(part.get("content"))
+            if inner.text:
+                texts.append(inner.text)
+        elif isinstance(part.get("text"), str):
+            texts.append(part["text"])
+    return ContentFacts("\n".join(texts) if texts else None, len(hashes), tuple(hashes))
+
+
+def _image_hash(part: Mapping[str, Any]) -> str:
+    """Hash of an image part's data (decoded base64 when inline, else its URL)."""
+    for value in _walk_strings(part):
+        if value.startswith("data:") and ";base64," in value:
+            try:
+                return sha256_text(base64.b64decode(value.split(";base64,", 1)[1], validate=False))
+            except (ValueError, TypeError):
+                return sha256_text(value)
+    return sha256_text(json.dumps(part, sort_keys=True, default=str))
+
+
+def _walk_strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _walk_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_strings(v)
+
+
+def message(role: str, content: Any, *, tool_call_id: str | None = None, name: str | None = None,
+            **extra: Any) -> Message:
+    """An OISP message from a provider's role and content (text joined, images counted and hashed)."""
+    facts = content_facts(content)
+    extras = {k: v for k, v in extra.items() if v is not None}
+    if facts.image_hashes:
+        extras["image_hashes"] = list(facts.image_hashes)
+    return Message(
+        role=role, content=facts.text, content_length=len(facts.text) if facts.text is not None else None,
+        content_hash=sha256_text(facts.text) if facts.text else None,
+        has_images=bool(facts.image_count) or None, image_count=facts.image_count or None,
+        tool_call_id=tool_call_id, name=name, extra=extras,
+    )
+
+
+# --- tool call correlation -----------------------------------------------------------------------------------
+
+@attrs.define
+class _CallRecord:
+    event_id: str
+    name: str | None
+    result_reported: bool = False
+
+
+class ToolCallRegistry:
+    """Remembers the tool calls models made (call id -> the ``agent.tool_call`` event) so the tool results a
+    client sends back later are linked to them, and each result is reported once even though clients resend
+    the whole conversation with every request. Bounded; thread-safe."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._calls: OrderedDict[str, _CallRecord] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+
+    def record_call(self, call_id: str, event_id: str, name: str | None) -> None:
+        with self._lock:
+            self._calls[call_id] = _CallRecord(event_id, name)
+            self._calls.move_to_end(call_id)
+            while len(self._calls) > self.max_entries:
+                self._calls.popitem(last=False)
+
+    def claim_result(self, call_id: str) -> tuple[bool, _CallRecord | None]:
+        """(report it?, the call it answers). A result is reported the first time it is seen."""
+        with self._lock:
+            record = self._calls.get(call_id)
+            if record is None:
+                self._calls[call_id] = _CallRecord("", None, result_reported=True)
+                while len(self._calls) > self.max_entries:
+                    self._calls.popitem(last=False)
+                return True, None
+            if record.result_reported:
+                return False, record
+            record.result_reported = True
+            return True, record if record.event_id else None
+
+
+#: The process-wide registry the built-in providers share.
+tool_calls_registry = ToolCallRegistry()
+
+
+# --- request and response facts ------------------------------------------------------------------------------
+
+@attrs.define
+class ToolResultFacts:
+    """A tool result found in a request."""
+
+    call_id: str
+    content: Any
+    name: str | None = None
+    is_error: bool | None = None
+
+
+@attrs.define
+class RequestFacts:
+    """What a provider found in a request body."""
+
+    request_type: str = "chat"
+    model: str | None = None
+    streaming: bool = False
+    messages: list[Message] = attrs.field(factory=list)
+    system_prompt: str | None = None
+    tools: list[ToolDefinition] = attrs.field(factory=list)
+    tool_choice: Any = None
+    parameters: RequestParameters | None = None
+    tool_results: list[ToolResultFacts] = attrs.field(factory=list)
+    #: Extra keys for ``data`` (schema-compatible additions such as ``input_count``).
+    extra: dict[str, Any] = attrs.field(factory=dict)
+    #: Extra keys for the request event's ``attrs``.
+    attrs: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class _ToolCallState:
+    id: str | None = None
+    name: str | None = None
+    type: str | None = "function"
+    arguments: list[str] = attrs.field(factory=list)
+    parsed: Any = None
+
+
+@attrs.define
+class _ChoiceState:
+    role: str = "assistant"
+    text: list[str] = attrs.field(factory=list)
+    thinking: list[str] = attrs.field(factory=list)
+    finish_raw: Any = None
+    tool_calls: dict[int, _ToolCallState] = attrs.field(factory=dict)
+
+
+@attrs.define
+class ResponseState:
+    """The response as it accumulates, chunk by chunk or from one JSON body."""
+
+    model: str | None = None
+    provider_request_id: str | None = None
+    choices: dict[int, _ChoiceState] = attrs.field(factory=dict)
+    usage: dict[str, int] = attrs.field(factory=dict)
+    error: ResponseError | None = None
+    chunks: int = 0
+    problems: list[str] = attrs.field(factory=list)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+    #: Embedding responses: how many vectors and their size.
+    embedding_count: int | None = None
+    embedding_dimensions: int | None = None
+
+    def choice(self, index: int = 0) -> _ChoiceState:
+        return self.choices.setdefault(index, _ChoiceState())
+
+    def add_text(self, text: str | None, index: int = 0) -> None:
+        if text:
+            self.choice(index).text.append(text)
+
+    def add_thinking(self, text: str | None, index: int = 0) -> None:
+        if text:
+            self.choice(index).thinking.append(text)
+
+    def tool_call(self, position: int, *, choice: int = 0, id: str | None = None, name: str | None = None,
+                  arguments: str | None = None, parsed: Any = None, type: str | None = None) -> None:
+        """Add to the tool call at ``position`` (fragments of arguments are concatenated in order)."""
+        state = self.choice(choice).tool_calls.setdefault(position, _ToolCallState())
+        if id:
+            state.id = id
+        if name:
+            state.name = name
+        if type:
+            state.type = type
+        if arguments:
+            state.arguments.append(arguments)
+        if parsed is not None:
+            state.parsed = parsed
+
+    def finish(self, reason: Any, index: int = 0) -> None:
+        if reason is not None:
+            self.choice(index).finish_raw = reason
+
+    def set_usage(self, **counts: Any) -> None:
+        """Token counts by OISP name (prompt_tokens, completion_tokens, total_tokens, cached_tokens,
+        reasoning_tokens, cache_creation_tokens); None values are ignored, later values win."""
+        for key, value in counts.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.usage[key] = value
+
+
+class ApiDecoder:
+    """The common decoder of JSON APIs; subclasses say how their requests and responses look."""
+
+    #: The provider name (``openai``); the endpoint table's name is used when None.
+    provider: str | None = None
+
+    def __init__(self, *, registry: ToolCallRegistry | None = None, streaming_chunks: bool = False) -> None:
+        self.registry = registry or tool_calls_registry
+        self.streaming_chunks = streaming_chunks
+        self.request: RequestFacts | None = None
+        self.state = ResponseState()
+        self._request_event: Event | None = None
+        self._framing: StreamFraming | None = None
+        self._framing_chosen = False
+        self._request_problem: str | None = None
+
+    # --- provider hooks --------------------------------------------------------------------------
+    def parse_request(self, exchange: HttpExchange, body: Any) -> RequestFacts:
+        """Facts of the request body (already parsed JSON; may be any JSON value)."""
+        raise NotImplementedError
+
+    def on_response_json(self, exchange: HttpExchange, body: Any) -> None:
+        """Fill :attr:`state` from a complete (non-streamed) JSON response body."""
+        raise NotImplementedError
+
+    def on_stream_item(self, exchange: HttpExchange, item: Any) -> None:
+        """Fill :attr:`state` from one item of a streamed response (an SseEvent, NdjsonValue, ...)."""
+        raise NotImplementedError
+
+    def on_error_json(self, exchange: HttpExchange, body: Any) -> ResponseError:
+        """The error of a non-2xx response body (default: OpenAI-style ``{"error": {...}}``)."""
+        error = body.get("error") if isinstance(body, Mapping) else None
+        if isinstance(error, Mapping):
+            return ResponseError(type=_str(error.get("type") or error.get("status")),
+                                 message=_str(error.get("message")), code=_str(error.get("code")))
+        if isinstance(error, str):
+            return ResponseError(type="error", message=error)
+        if isinstance(body, Mapping) and body.get("message"):
+            return ResponseError(type=_str(body.get("type") or body.get("__type") or "error"),
+                                 message=_str(body.get("message")))
+        return ResponseError(type="http_error")
+
+    def stream_framing(self, exchange: HttpExchange) -> StreamFraming | None:
+        """The framing of a streamed response, from its content type (None: not streamed, buffer the body)."""
+        response = exchange.response
+        content_type = (response.headers.get("content-type") or "") if response is not None else ""
+        content_type = content_type.lower()
+        if "text/event-stream" in content_type:
+            return SseDecoder()
+        if "ndjson" in content_type or "jsonl" in content_type or "x-json-stream" in content_type:
+            return NdjsonDecoder()
+        if "vnd.amazon.eventstream" in content_type:
+            return EventStreamDecoder()
+        return None
+
+    def provider_info(self, exchange: HttpExchange) -> ProviderInfo:
+        """Provider name and endpoint (URL with credentials removed), plus organization and project headers."""
+        headers = exchange.request.headers
+        name = self.provider or exchange.connection.provider
+        if name is None:
+            host, port = exchange.connection.server_addr
+            spec = _TABLE.match(host, port)
+            name = spec.provider if spec else "other"
+        return ProviderInfo(
+            name=name, endpoint=redact_url(exchange.request.url),
+            organization_id=headers.get("openai-organization"),
+            project_id=headers.get("openai-project"),
+        )
+
+    # --- ExchangeDecoder -------------------------------------------------------------------------
+    def on_request(self, exchange: HttpExchange) -> Iterable[Event]:
+        body, problem = json_or_none(exchange.request.body)
+        if problem is not None and exchange.request.body:
+            self._request_problem = f"request body: {problem}"
+        try:
+            facts = self.parse_request(exchange, body if body is not None else {})
+        except Exception as exc:  # a provider that cannot read this body still reports the call
+            logger.info("%s: could not read the request body of %s: %s", type(self).__name__,
+                        exchange.request.path, exc)
+            self._request_problem = f"request body not understood: {type(exc).__name__}"
+            facts = RequestFacts(request_type="other")
+        self.request = facts
+        request_id = f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
+        data = AiRequest(
+            request_id=request_id, provider=self.provider_info(exchange),
+            model=ModelInfo(id=facts.model) if facts.model else None, auth=auth_from_exchange(exchange),
+            request_type=facts.request_type, streaming=facts.streaming, messages=facts.messages or None,
+            messages_count=len(facts.messages) if facts.messages else None,
+            has_system_prompt=facts.system_prompt is not None or any(m.role == "system" for m in facts.messages),
+            system_prompt_hash=sha256_text(facts.system_prompt) if facts.system_prompt else None,
+            tools=facts.tools or None, tools_count=len(facts.tools), tool_choice=_tool_choice(facts.tool_choice),
+            parameters=facts.parameters, has_images=any(m.has_images for m in facts.messages) or None,
+            image_count=sum(m.image_count or 0 for m in facts.messages) or None,
+            extra={**({"system_prompt": facts.system_prompt} if facts.system_prompt else {}), **facts.extra},
+        )
+        event = Event.create(data, confidence=self._confidence(exchange, request_side=True),
+                             attrs=self._attrs(exchange, facts.attrs))
+        self._request_event = event
+        events = [event, *self._tool_result_events(exchange, facts)]
+        return events
+
+    def on_response_data(self, exchange: HttpExchange, data: bytes) -> Iterable[Event]:
+        if not self._framing_chosen:
+            self._framing_chosen = True
+            status = exchange.response.status if exchange.response is not None else 0
+            self._framing = self.stream_framing(exchange) if 200 <= status < 300 else None
+        if self._framing is None:
+            return ()
+        return self._consume(exchange, self._framing.feed(data))
+
+    def _consume(self, exchange: HttpExchange, items: Iterable[Any]) -> list[Event]:
+        out: list[Event] = []
+        for item in items:
+            if isinstance(item, FramingError):
+                self.state.problems.append(f"{item.framing} {item.kind.value}: {item.reason}")
+                continue
+            self.state.chunks += 1
+            before = self._snapshot() if self.streaming_chunks else None
+            try:
+                self.on_stream_item(exchange, item)
+            except Exception as exc:
+                self.state.problems.append(f"stream item not understood: {type(exc).__name__}: {exc}")
+                logger.debug("stream item not understood", exc_info=True)
+                continue
+            if before is not None:
+                chunk = self._chunk_event(exchange, before)
+                if chunk is not None:
+                    out.append(chunk)
+        return out
+
+    def on_end(self, exchange: HttpExchange) -> Iterable[Event]:
+        events: list[Event] = []
+        if self._framing is not None:
+            events += self._consume(exchange, self._framing.close())
+        response = exchange.response
+        status = response.status if response is not None else None
+        if response is not None and self._framing is None and response.body:
+            body, problem = json_or_none(response.body)
+            if status is not None and status >= 400:
+                self.state.error = self.on_error_json(exchange, body if body is not None else {})
+                if self.state.error.message is None and body is None:
+                    self.state.error = attrs.evolve(self.state.error, message=_snippet(response.body))
+            elif problem is not None:
+                self.state.problems.append(f"response body: {problem}")
+            else:
+                try:
+                    self.on_response_json(exchange, body)
+                except Exception as exc:
+                    self.state.problems.append(f"response body not understood: {type(exc).__name__}")
+                    logger.debug("response body not understood", exc_info=True)
+        elif status is not None and status >= 400 and self.state.error is None:
+            self.state.error = ResponseError(type="http_error", code=str(status))
+        response_event = self._response_event(exchange, status)
+        events.append(response_event)
+        events += self._tool_call_events(exchange, response_event)
+        return events
+
+    # --- event construction ----------------------------------------------------------------------
+    def _confidence(self, exchange: HttpExchange, *, request_side: bool) -> Confidence:
+        limitations = list(exchange.partial_reasons)
+        if request_side and self._request_problem:
+            limitations.append(self._request_problem)
+        if not request_side:
+            limitations += self.state.problems
+        complete = not limitations and (request_side or not exchange.partial)
+        return Confidence(
+            level="high", completeness="full" if complete else "partial",
+            reasons=["known_endpoint", "payload_parsed"], limitations=limitations or None,
+            content_source="mitm_decryption" if exchange.connection.tls else "plaintext_capture",
+            ai_detection_method="known_endpoint",
+        )
+
+    def _attrs(self, exchange: HttpExchange, extra: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"http.method": exchange.request.method, "http.path": redact_url(exchange.request.target),
+                               "oisp.connection_id": exchange.connection.connection_id}
+        if exchange.stream_id is not None:
+            out["http.stream_id"] = exchange.stream_id
+        if exchange.response is not None:
+            out["http.status"] = exchange.response.status
+        out.update(extra)
+        return out
+
+    def _response_event(self, exchange: HttpExchange, status: int | None) -> Event:
+        facts = self.request or RequestFacts()
+        state = self.state
+        response_headers = exchange.response.headers if exchange.response is not None else None
+        if state.provider_request_id is None and response_headers is not None:
+            state.provider_request_id = (response_headers.get("x-request-id") or response_headers.get("request-id")
+                                         or response_headers.get("x-amzn-requestid"))
+        total, ttft = _latencies(exchange)
+        success = status is not None and 200 <= status < 300 and state.error is None and not exchange.partial
+        request_id = f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
+        related = [RelatedEvent(event_id=self._request_event.event_id, relationship="caused_by")] \
+            if self._request_event is not None else None
+        confidence = self._confidence(exchange, request_side=False)
+        model = ModelInfo(id=state.model or facts.model) if (state.model or facts.model) else None
+        if facts.request_type == "embedding":
+            data_embedding = AiEmbedding(
+                provider=self.provider_info(exchange), model=model,
+                input_count=facts.extra.get("input_count"), total_tokens=state.usage.get("total_tokens")
+                or state.usage.get("prompt_tokens"), dimensions=state.embedding_dimensions, latency_ms=total,
+            )
+            return Event.create(data_embedding, confidence=confidence, attrs=self._attrs(exchange, {
+                "oisp.request_id": request_id, "oisp.success": success}), related_events=related)
+        choices: list[Choice] = []
+        calls: list[ToolCall] = []
+        finish: str | None = None
+        thinking: list[str] = []
+        for index in sorted(state.choices):
+            choice = state.choices[index]
+            text = "".join(choice.text) if choice.text else None
+            reason = normalize_finish_reason(choice.finish_raw)
+            finish = finish or reason
+            choice_calls = [self._tool_call(call) for _, call in sorted(choice.tool_calls.items())]
+            calls += choice_calls
+            if choice.thinking:
+                thinking.append("".join(choice.thinking))
+            choices.append(Choice(index=index, message=message(choice.role, text), finish_reason=reason,
+                                  extra={"finish_reason_raw": choice.finish_raw}
+                                  if reason == "other" and choice.finish_raw is not None else {}))
+        usage = Usage(**dict[str, Any](state.usage)) if state.usage else None
+        if usage is not None and usage.total_tokens is None and usage.prompt_tokens is not None \
+                and usage.completion_tokens is not None:
+            usage = attrs.evolve(usage, total_tokens=usage.prompt_tokens + usage.completion_tokens)
+        error = state.error
+        if error is None and status is not None and status >= 400:
+            error = ResponseError(type="http_error", code=str(status))
+        if error is None and exchange.partial:
+            error = ResponseError(type="incomplete", message="; ".join(exchange.partial_reasons))
+        data = AiResponse(
+            request_id=request_id, provider_request_id=state.provider_request_id,
+            provider=self.provider_info(exchange), model=model, status_code=status, success=success, error=error,
+            choices=choices or None, tool_calls=calls or None, tool_calls_count=len(calls) if choices else None,
+            usage=usage, latency_ms=total, time_to_first_token_ms=ttft, finish_reason=finish,
+            extra={**({"thinking": "\n".join(thinking)} if thinking else {}), **state.extra},
+        )
+        return Event.create(data, confidence=confidence, attrs=self._attrs(exchange, {}), related_events=related)
+
+    @staticmethod
+    def _tool_call(call: _ToolCallState) -> ToolCall:
+        arguments: str | dict[str, Any] | None
+        if call.parsed is not None:
+            arguments = call.parsed if isinstance(call.parsed, dict) else json.dumps(call.parsed)
+        else:
+            arguments = "".join(call.arguments) if call.arguments else None
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, sort_keys=True) if arguments else None
+        return ToolCall(id=call.id, name=call.name, type=call.type, arguments=arguments,
+                        arguments_hash=sha256_text(text) if text else None)
+
+    def _tool_call_events(self, exchange: HttpExchange, response_event: Event) -> list[Event]:
+        out: list[Event] = []
+        calls = getattr(response_event.data, "tool_calls", None) or []
+        for call in calls:
+            arguments = call.arguments
+            parsed: dict[str, Any]
+            if isinstance(arguments, dict):
+                parsed = arguments
+            else:
+                value, _ = json_or_none(arguments or "")
+                parsed = value if isinstance(value, dict) else ({} if not arguments else {"_raw": arguments})
+            event = Event.create(
+                AgentToolCall(tool=ToolInfo(name=call.name, type=tool_type_for(call.name), provider="native"),
+                              call_id=call.id, triggered_by="llm_decision", arguments=parsed,
+                              arguments_hash=call.arguments_hash),
+                confidence=Confidence(level="high", completeness=response_event.confidence.completeness,
+                                      reasons=["llm_tool_call_observed"], content_source=
+                                      response_event.confidence.content_source),
+                related_events=[RelatedEvent(event_id=response_event.event_id, relationship="caused_by")],
+                attrs={"oisp.connection_id": exchange.connection.connection_id},
+            )
+            if call.id:
+                self.registry.record_call(call.id, event.event_id, call.name)
+            out.append(event)
+        return out
+
+    def _tool_result_events(self, exchange: HttpExchange, facts: RequestFacts) -> list[Event]:
+        out: list[Event] = []
+        for result in facts.tool_results:
+            report, record = self.registry.claim_result(result.call_id)
+            if not report:
+                continue
+            content = result.content
+            text = content if isinstance(content, str) else json.dumps(content, sort_keys=True, default=str)
+            value: Any = content
+            if isinstance(content, str):
+                parsed, _ = json_or_none(content)
+                value = parsed if isinstance(parsed, dict | list) else content
+            related = [RelatedEvent(event_id=record.event_id, relationship="parent")] if record else None
+            name = result.name or (record.name if record else None)
+            out.append(Event.create(
+                AgentToolResult(call_id=result.call_id, tool=ToolInfo(name=name, type=tool_type_for(name))
+                                if name else None,
+                                success=None if result.is_error is None else not result.is_error, result=value,
+                                result_hash=sha256_text(text), result_size_bytes=len(text.encode("utf-8"))),
+                confidence=Confidence(level="high", completeness="full", reasons=["tool_result_in_request"],
+                                      content_source="mitm_decryption" if exchange.connection.tls
+                                      else "plaintext_capture"),
+                related_events=related, attrs={"oisp.connection_id": exchange.connection.connection_id},
+            ))
+        return out
+
+    def _snapshot(self) -> tuple[dict[int, int], dict[int, dict[int, int]]]:
+        texts = {i: len("".join(c.text)) for i, c in self.state.choices.items()}
+        calls = {i: {p: len("".join(t.arguments)) for p, t in c.tool_calls.items()}
+                 for i, c in self.state.choices.items()}
+        return texts, calls
+
+    def _chunk_event(self, exchange: HttpExchange,
+                     before: tuple[dict[int, int], dict[int, dict[int, int]]]) -> Event | None:
+        texts, calls = before
+        for index, choice in self.state.choices.items():
+            text = "".join(choice.text)[texts.get(index, 0):]
+            deltas = []
+            for position, call in choice.tool_calls.items():
+                args = "".join(call.arguments)[calls.get(index, {}).get(position, 0):]
+                if args or position not in calls.get(index, {}):
+                    deltas.append(ToolCall(id=call.id, name=call.name, arguments=args or None))
+            if text or deltas or choice.finish_raw is not None:
+                return Event.create(
+                    AiStreamingChunk(request_id=f"req_{exchange.connection.connection_id}_{exchange.exchange_id}",
+                                     chunk_index=self.state.chunks - 1,
+                                     delta=ChunkDelta(content=text or None, tool_calls=deltas or None),
+                                     finish_reason=normalize_finish_reason(choice.finish_raw)),
+                    confidence=Confidence(level="high", completeness="full"),
+                )
+        return None
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _snippet(body: bytes | bytearray) -> str:
+    return bytes(body[:200]).decode("utf-8", "replace")
+
+
+def _tool_choice(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    return value  # objects are mapped to "specific" by the spec-gap mapping, original kept
+
+
+def _latencies(exchange: HttpExchange) -> tuple[int | None, int | None]:
+    t = exchange.timings
+    if t.request_start is None:
+        return None, None
+    total = (t.response_end - t.request_start) // 1_000_000 if t.response_end is not None else None
+    first = t.response_first_byte or t.response_headers
+    ttft = (first - t.request_start) // 1_000_000 if first is not None else None
+    return total, ttft
