@@ -24,8 +24,13 @@ from oisp.proxy import MitmProxy, ProxyConfig, UpstreamOverride
 from oisp.sinks.memory import MemorySink
 from oisp.tls import CertificateAuthority
 
-UPSTREAM_HOSTS = ("api.openai.com", "api.anthropic.com", "example.com", "generativelanguage.googleapis.com",
-                  "localhost", "127.0.0.1")
+UPSTREAM_HOSTS = (
+    "api.openai.com", "api.anthropic.com", "example.com", "generativelanguage.googleapis.com",
+    "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com", "myres.openai.azure.com",
+    "bedrock-runtime.us-east-1.amazonaws.com", "api.cohere.com", "api.cohere.ai", "api.mistral.ai", "api.groq.com",
+    "api.together.xyz", "api.fireworks.ai", "api.perplexity.ai", "openrouter.ai", "api.deepseek.com", "api.x.ai",
+    "router.huggingface.co", "api-inference.huggingface.co", "api.replicate.com", "localhost", "127.0.0.1",
+)
 
 
 async def _run_pipeline(pipeline: Pipeline, stop: anyio.Event, *, task_status: Any) -> None:
