@@ -93,7 +93,7 @@ def network_connect_event(report: ConnectionReport) -> Event:
             content_source="none",
             ai_detection_method="known_endpoint" if report.provider else None,
         ),
-        source=_source("connect"), process=report.process, attrs=attributes,
+        source=_source("connect"), process=report.process, actor=report.actor, app=report.app, attrs=attributes,
     )
 
 
@@ -180,6 +180,10 @@ class EventDecoder:
         fields: dict[str, Any] = {}
         if event.process is None and connection.process is not None:
             fields["process"] = connection.process
+        if event.actor is None and connection.actor is not None:
+            fields["actor"] = connection.actor
+        if event.app is None and connection.app is not None:
+            fields["app"] = connection.app
         if event.source.capture_point is None:
             fields["source"] = _source("tls_terminate" if connection.tls else "plain_http")
         if fields:

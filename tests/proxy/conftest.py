@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from oisp.attribution import Attributor
 from tests.stack import Stack, running_stack
 
 
@@ -16,5 +17,5 @@ def test_ca() -> trustme.CA:
 
 @pytest.fixture
 def stack(tmp_path: Path, test_ca: trustme.CA) -> Iterator[Stack]:
-    with running_stack(tmp_path, test_ca) as running:
+    with running_stack(tmp_path, test_ca, attributor=Attributor()) as running:
         yield running

@@ -88,12 +88,19 @@ def test_openai_sdk_through_https_proxy(stack: Stack) -> None:
         "    model='gpt-4o', messages=[{'role': 'user', 'content': 'hi'}])\n"
         "print(r.http_request.url, r.status_code)\n"
     )
+    code += "import os; print('pid', os.getpid())\n"
     out = subprocess.run([_python(), "-c", code], env=_sdk_env(stack), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "https://api.openai.com/v1/chat/completions 200" in out.stdout
+    pid = int(out.stdout.split("pid ")[1])
     events = stack.wait_for(lambda ev: any(e.event_type == "ai.response" for e in ev))
     request = next(e for e in events if e.event_type == "ai.request")
     assert request.data.provider.name == "openai"  # type: ignore[attr-defined]
+    # every event of the connection carries the client process, found from the loopback socket table
+    for event in events:
+        assert event.process is not None and event.process.pid == pid, event.event_type
+        assert event.process.exe and event.process.cmdline and event.process.cmdline.startswith(_python())
+        assert event.actor is not None and event.actor.uid is not None
     assert stack.upstream.connections[-1].requests[0].header("authorization") == "Bearer sk-proj-" + "t" * 40
     assert "t" * 40 not in "".join(e.to_json() for e in events)
 

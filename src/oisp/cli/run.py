@@ -12,6 +12,7 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
+from oisp.attribution import Attributor
 from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable
 from oisp.errors import ConfigurationError
@@ -110,7 +111,8 @@ async def run(
     if on_event is not None:
         pipeline.add_listener(on_event)
     async with pipeline:
-        proxy = MitmProxy(config, ca=ca, endpoints=endpoints, observer=EventDecoder(plugins, pipeline.emit))
+        proxy = MitmProxy(config, ca=ca, endpoints=endpoints, observer=EventDecoder(plugins, pipeline.emit),
+                          attributor=Attributor())
         async with anyio.create_task_group() as tg:
             address = await tg.start(proxy.serve)
             if handle_signals:

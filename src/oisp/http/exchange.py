@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 if TYPE_CHECKING:
-    from oisp.events import ProcessInfo
+    from oisp.events import Actor, App, ProcessInfo
 
 __all__ = [
     "DEFAULT_BODY_CAP",
@@ -77,6 +77,8 @@ class ConnectionInfo:
     #: True when TLS was terminated by the proxy (False for plain HTTP such as Ollama).
     tls: bool = False
     process: ProcessInfo | None = None
+    actor: Actor | None = None
+    app: App | None = None
     #: The provider the endpoint table names for this destination (``openai``), if it is an AI endpoint.
     provider: str | None = None
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 if TYPE_CHECKING:
-    from oisp.events import ProcessInfo
+    from oisp.events import Actor, App, ProcessInfo
     from oisp.http.exchange import ConnectionInfo, ExchangeListener
 
 __all__ = ["ConnectionReport", "Decision", "ProxyObserver", "UpstreamCertificate"]
@@ -90,6 +90,8 @@ class ConnectionReport:
     connect_ms: float | None = None
     provider: str | None = None
     process: ProcessInfo | None = None
+    actor: Actor | None = None
+    app: App | None = None
     #: Process id the interceptor saw for the connection (FLOW/SOCKET layer), if any.
     pid_hint: int | None = None
 

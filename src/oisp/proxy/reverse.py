@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from oisp.errors import ConfigurationError, ProtocolError
-from oisp.events import ProcessInfo
+from oisp.attribution import Attribution
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.relay import CHUNK, DecodeFeed
 from oisp.proxy.report import ConnectionReport, Decision, UpstreamCertificate
@@ -148,7 +148,7 @@ class RequestRewriter:
 
 
 async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
-                        process: ProcessInfo | None) -> None:
+                        who: Attribution | None) -> None:
     """Handle one client connection of a reverse proxy."""
     assert proxy.config.reverse_target is not None
     target = ReverseTarget(proxy.config.reverse_target)
@@ -156,7 +156,8 @@ async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: s
     report = ConnectionReport(
         connection_id=connection_id, mode="reverse", client_addr=client_addr, target_host=target.host,
         target_port=target.port, decision=Decision.INTERCEPTED if target.tls else Decision.PLAIN_HTTP,
-        success=True, process=process, provider=spec.provider if spec else None,
+        success=True, provider=spec.provider if spec else None,
+        process=who.process if who else None, actor=who.actor if who else None, app=who.app if who else None,
         sni=target.host if target.tls else None,
     )
     upstream_tcp = await proxy._connect_upstream(target.host, target.port, report)
@@ -189,7 +190,8 @@ async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: s
     info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
                           server_addr=(target.host, target.port), mode="reverse",
                           sni=target.host if target.tls else None, alpn="http/1.1",
-                          tls_version=report.tls_version, tls=target.tls, process=process,
+                          tls_version=report.tls_version, tls=target.tls, process=report.process, actor=report.actor,
+                          app=report.app,
                           provider=spec.provider if spec else None)
     feed = proxy._feed_for(info, "http/1.1")
     rewriter = RequestRewriter(target.authority, target.base_path)

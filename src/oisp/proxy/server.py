@@ -21,9 +21,9 @@ import anyio
 import attrs
 from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
 
+from oisp.attribution import Attribution
 from oisp.endpoints import EndpointTable
 from oisp.errors import ProtocolError
-from oisp.events import ProcessInfo
 from oisp.hookspecs import EndpointSpec
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.config import ProxyConfig, ProxyMode
@@ -70,8 +70,8 @@ class OriginalDestinationLookup(Protocol):
     def original_destination(self, client: tuple[str, int], local: tuple[str, int]) -> Any: ...
 
 
-#: Names the process behind a connection: (client address, local address, pid hint) -> process or None.
-Attributor = Callable[[tuple[str, int], tuple[str, int], int | None], ProcessInfo | None]
+#: Names the process behind a connection: (client address, local address, pid hint) -> attribution or None.
+Attributor = Callable[[tuple[str, int], tuple[str, int], int | None], Attribution | None]
 #: Builds the passive decoder of a connection: (alpn, connection, listener, body_cap) -> decoder.
 DecoderFactory = Callable[..., PassiveDecoderLike]
 
@@ -205,15 +205,15 @@ class MitmProxy:
             return
         except (TimeoutError, anyio.EndOfStream, *_NET_ERRORS):
             return
-        process = await self._attribute(client_addr, local_addr, None)
+        who = await self._attribute(client_addr, local_addr, None)
         if request.tunnel:
             await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
-                              request.port, process, None)
+                              request.port, who, None)
         else:
             endpoint = self.endpoints.match(request.host, request.port)
             await self._plain(client, buffer, connection_id, client_addr, request.host, request.port, endpoint,
-                              process, None)
+                              who, None)
 
     async def _transparent(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
                            local_addr: tuple[str, int]) -> None:
@@ -228,19 +228,19 @@ class MitmProxy:
                            connection_id, *client_addr)
             return
         pid_hint = getattr(original, "pid", None)
-        process = await self._attribute(client_addr, local_addr, pid_hint)
-        await self._route(client, b"", connection_id, client_addr, str(original.ip), int(original.port), process,
+        who = await self._attribute(client_addr, local_addr, pid_hint)
+        await self._route(client, b"", connection_id, client_addr, str(original.ip), int(original.port), who,
                           pid_hint)
 
     async def _reverse(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
                        local_addr: tuple[str, int]) -> None:
         from oisp.proxy.reverse import serve_reverse
 
-        process = await self._attribute(client_addr, local_addr, None)
-        await serve_reverse(self, client, connection_id, client_addr, process)
+        who = await self._attribute(client_addr, local_addr, None)
+        await serve_reverse(self, client, connection_id, client_addr, who)
 
     async def _attribute(self, client_addr: tuple[str, int], local_addr: tuple[str, int],
-                         pid_hint: int | None) -> ProcessInfo | None:
+                         pid_hint: int | None) -> Attribution | None:
         if self.attributor is None:
             return None
         try:
@@ -250,7 +250,7 @@ class MitmProxy:
             return None
 
     async def _route(self, client: SocketStream, initial: bytes, connection_id: str, client_addr: tuple[str, int],
-                     host: str, port: int, process: ProcessInfo | None, pid_hint: int | None) -> None:
+                     host: str, port: int, who: Attribution | None, pid_hint: int | None) -> None:
         """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
         buffer = initial
         hello: _ClientHello | None = None
@@ -276,13 +276,13 @@ class MitmProxy:
         endpoint = self.endpoints.match(name, port)
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=name,
-            target_port=port, decision=Decision.PASSTHROUGH, success=True, process=process, pid_hint=pid_hint,
-            provider=endpoint.provider if endpoint else None, sni=hello.sni if hello else None,
+            target_port=port, decision=Decision.PASSTHROUGH, success=True, pid_hint=pid_hint,
+            provider=endpoint.provider if endpoint else None, sni=hello.sni if hello else None, **_who(who),
         )
-        process_key = process.exe if process is not None else None
+        process_key = who.process.exe if who is not None else None
         if hello is None:
             if endpoint is not None and not endpoint.tls:
-                await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, process,
+                await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, who,
                                   pid_hint)
                 return
             await self._passthrough(client, buffer, host, port, report)
@@ -327,13 +327,13 @@ class MitmProxy:
             await relay(client, upstream)
 
     async def _plain(self, client: SocketStream, buffer: bytes, connection_id: str, client_addr: tuple[str, int],
-                     host: str, port: int, endpoint: EndpointSpec | None, process: ProcessInfo | None,
+                     host: str, port: int, endpoint: EndpointSpec | None, who: Attribution | None,
                      pid_hint: int | None) -> None:
         """Plain HTTP: decoded when it goes to an AI endpoint, relayed untouched either way."""
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=host,
             target_port=port, decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
-            process=process, pid_hint=pid_hint, provider=endpoint.provider if endpoint else None,
+            pid_hint=pid_hint, provider=endpoint.provider if endpoint else None, **_who(who),
         )
         upstream = await self._connect_upstream(host, port, report)
         self._report(report)
@@ -341,8 +341,8 @@ class MitmProxy:
             await _send_quietly(client, b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             return
         info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr, server_addr=(host, port),
-                              mode=str(self.config.mode), tls=False, process=process,
-                              provider=endpoint.provider if endpoint else None)
+                              mode=str(self.config.mode), tls=False, provider=endpoint.provider if endpoint else None,
+                              **_who(who))
         async with upstream:
             await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None)
 
@@ -451,7 +451,7 @@ class MitmProxy:
             info = ConnectionInfo(
                 connection_id=report.connection_id, client_addr=report.client_addr, server_addr=(name, port),
                 mode=report.mode, sni=hello.sni, alpn=downstream.alpn, tls_version=downstream.version, tls=True,
-                process=report.process, provider=endpoint.provider,
+                process=report.process, actor=report.actor, app=report.app, provider=endpoint.provider,
             )
             result = await self._relay_decoded(downstream, upstream, b"", info, downstream.alpn or "http/1.1")
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
@@ -477,6 +477,13 @@ class MitmProxy:
 
 
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+def _who(who: Attribution | None) -> dict[str, Any]:
+    """The process, actor and app fields of a report or connection info."""
+    if who is None:
+        return {}
+    return {"process": who.process, "actor": who.actor, "app": who.app}
 
 
 def _looks_like_pinning(exc: BaseException) -> bool:

@@ -1,0 +1,201 @@
+"""Which process is behind a connection: pid, executable, command line, user, start time, parent chain, and
+the app (IDE, agent, CLI) at the top of that chain.
+
+The pid comes from the interceptor when it knows it (FLOW/SOCKET layer), otherwise from the operating
+system's socket table via ``psutil`` (the client side of the connection's 4-tuple). Descriptions are cached by
+(pid, create time), so a reused pid is never mistaken for the process that had it before; a process that
+exited before it could be described is reported as exited, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import psutil
+
+from oisp.events import Actor, App, ParentProcess, ProcessInfo, format_ts
+
+__all__ = ["KNOWN_APPS", "Attribution", "Attributor"]
+
+logger = logging.getLogger(__name__)
+
+#: Executable names (lower case, without .exe) of apps known to make AI calls, with how to describe them.
+KNOWN_APPS: dict[str, dict[str, Any]] = {
+    "cursor": {"app_id": "cursor", "name": "Cursor", "vendor": "Anysphere", "category": "dev_tools", "type": "native"},
+    "code": {"app_id": "vscode", "name": "Visual Studio Code", "vendor": "Microsoft", "category": "dev_tools",
+             "type": "native", "is_ai_host": True},
+    "windsurf": {"app_id": "windsurf", "name": "Windsurf", "vendor": "Codeium", "category": "dev_tools",
+                 "type": "native"},
+    "zed": {"app_id": "zed", "name": "Zed", "vendor": "Zed Industries", "category": "dev_tools", "type": "native"},
+    "claude": {"app_id": "claude-code", "name": "Claude Code", "vendor": "Anthropic", "category": "cli",
+               "type": "cli"},
+    "codex": {"app_id": "codex-cli", "name": "Codex CLI", "vendor": "OpenAI", "category": "cli", "type": "cli"},
+    "aider": {"app_id": "aider", "name": "aider", "category": "cli", "type": "cli"},
+    "gemini": {"app_id": "gemini-cli", "name": "Gemini CLI", "vendor": "Google", "category": "cli", "type": "cli"},
+    "chatgpt": {"app_id": "chatgpt-desktop", "name": "ChatGPT", "vendor": "OpenAI", "category": "chat",
+                "type": "native"},
+    "ollama": {"app_id": "ollama", "name": "Ollama", "category": "server", "type": "server"},
+}
+_MAX_ANCESTORS = 16
+
+
+@attrs.frozen
+class Attribution:
+    """The process behind a connection, its user, and the app it belongs to (if known)."""
+
+    process: ProcessInfo
+    actor: Actor | None = None
+    app: App | None = None
+
+
+@attrs.define
+class _Cached:
+    attribution: Attribution
+
+
+class Attributor:
+    """Names the process behind connections; callable as the proxy's ``attributor``.
+
+    ``connections`` returns the socket table (injectable for tests); by default ``psutil.net_connections``.
+    """
+
+    def __init__(self, *, cache_size: int = 4096,
+                 connections: Callable[[], list[Any]] | None = None) -> None:
+        self._cache: OrderedDict[tuple[int, float], _Cached] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._connections = connections or (lambda: psutil.net_connections(kind="inet"))
+
+    def __call__(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None) -> Attribution | None:
+        pid = pid_hint if pid_hint else self.pid_for(client, local)
+        if pid is None:
+            return None
+        return self.describe(pid)
+
+    def pid_for(self, client: tuple[str, int], local: tuple[str, int]) -> int | None:
+        """The pid owning the client end of a TCP connection to ``local`` (None when not on this machine)."""
+        try:
+            table = self._connections()
+        except (psutil.Error, OSError) as exc:
+            logger.debug("socket table unavailable: %s", exc)
+            return None
+        for conn in table:
+            laddr, raddr = conn.laddr, conn.raddr
+            if not laddr or not raddr or conn.pid is None:
+                continue
+            if _same(laddr, client) and _same(raddr, local):
+                return int(conn.pid)
+        return None
+
+    def describe(self, pid: int) -> Attribution:
+        """Describe a process (cached by pid and create time)."""
+        try:
+            proc = psutil.Process(pid)
+            key = (pid, proc.create_time())
+        except psutil.NoSuchProcess:
+            return Attribution(ProcessInfo(pid=pid, extra={"state": "exited"}))
+        except psutil.Error as exc:
+            return Attribution(ProcessInfo(pid=pid, extra={"state": f"inaccessible: {type(exc).__name__}"}))
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached.attribution
+        attribution = self._describe(proc)
+        with self._lock:
+            self._cache[key] = _Cached(attribution)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return attribution
+
+    def _describe(self, proc: psutil.Process) -> Attribution:
+        try:
+            with proc.oneshot():
+                info = proc.as_dict(["ppid", "exe", "name", "cmdline", "cwd", "username", "uids", "gids",
+                                     "create_time", "terminal"])
+        except psutil.NoSuchProcess:
+            return Attribution(ProcessInfo(pid=proc.pid, extra={"state": "exited"}))
+        cmdline = info.get("cmdline") or None
+        ancestors = _ancestors(proc)
+        process = ProcessInfo(
+            pid=proc.pid, ppid=info.get("ppid"), exe=info.get("exe") or None, name=info.get("name") or None,
+            cmdline=" ".join(cmdline) if cmdline else None, cmdline_args=list(cmdline) if cmdline else None,
+            cwd=info.get("cwd") or None,
+            start_time=format_ts(datetime.fromtimestamp(info["create_time"], UTC)) if info.get("create_time")
+            else None,
+            parent=ancestors[0] if ancestors else None, ancestors=ancestors or None,
+        )
+        uids = info.get("uids")
+        gids = info.get("gids")
+        actor = Actor(uid=getattr(uids, "real", None), gid=getattr(gids, "real", None),
+                      user=info.get("username") or None, terminal=info.get("terminal") or None,
+                      is_elevated=getattr(uids, "effective", None) == 0 if uids is not None else None)
+        return Attribution(process, actor, _app_for(process, ancestors))
+
+
+def _same(address: Any, expected: tuple[str, int]) -> bool:
+    ip, port = address[0], address[1]
+    if port != expected[1]:
+        return False
+    return _norm_ip(ip) == _norm_ip(expected[0])
+
+
+def _norm_ip(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _ancestors(proc: psutil.Process) -> list[ParentProcess]:
+    chain: list[ParentProcess] = []
+    current = proc
+    for _ in range(_MAX_ANCESTORS):
+        try:
+            parent = current.parent()
+            if parent is None:
+                break
+            with parent.oneshot():
+                cmdline = parent.cmdline()
+                chain.append(ParentProcess(pid=parent.pid, exe=_safe(parent.exe), name=parent.name(),
+                                           cmdline=" ".join(cmdline) if cmdline else None))
+        except psutil.Error:
+            break
+        if parent.pid in (0, 1):
+            break
+        current = parent
+    return chain
+
+
+def _safe(getter: Callable[[], str]) -> str | None:
+    try:
+        return getter() or None
+    except psutil.Error:
+        return None
+
+
+def _app_key(name: str | None, exe: str | None) -> str | None:
+    for candidate in (name, os.path.basename(exe) if exe else None):
+        if not candidate:
+            continue
+        key = candidate.lower().removesuffix(".exe")
+        if key in KNOWN_APPS:
+            return key
+    return None
+
+
+def _app_for(process: ProcessInfo, ancestors: list[ParentProcess]) -> App | None:
+    """The outermost known app in the chain (an IDE that started an agent that made the call), else the process."""
+    found: str | None = None
+    chain: list[ProcessInfo | ParentProcess] = [process, *ancestors]
+    for item in chain:
+        key = _app_key(item.name, item.exe)
+        if key is not None:
+            found = key
+    if found is None:
+        return None
+    return App(**KNOWN_APPS[found], tier="identified", is_ai_app=True)
