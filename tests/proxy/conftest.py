@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from oisp.attribution import Attributor
 from tests.stack import Stack, running_stack
+
+from oisp.attribution import Attributor
 
 
 @pytest.fixture(scope="session")

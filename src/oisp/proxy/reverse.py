@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import ByteStream, SocketStream
 
-from oisp.errors import ConfigurationError, ProtocolError
 from oisp.attribution import Attribution
+from oisp.errors import ConfigurationError, ProtocolError
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.relay import CHUNK, DecodeFeed
 from oisp.proxy.report import ConnectionReport, Decision, UpstreamCertificate
