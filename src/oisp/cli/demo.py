@@ -70,24 +70,21 @@ async def _demo(sink: MemorySink, output: Path | None, json_lines: bool) -> dict
                 resolve=tuple(f"{host}:443:127.0.0.1:{port}" for host in HOSTS),
             )
             result: dict[str, Any] = {}
+            done = anyio.Event()
 
             async def runner(*, task_status: Any) -> None:
                 result.update(await run(options, extra_sinks={"demo": sink}, handle_signals=False, stop=stop,
                                         task_status=task_status))
+                done.set()
 
             running: Running = await tg.start(runner)
             try:
                 await anyio.to_thread.run_sync(_agent_turns, running.address, str(running.ca.cert_path))
             finally:
                 stop.set()
-            await _wait_done(tg, result)
+            await done.wait()  # the runner drained the proxy and flushed every sink
+            tg.cancel_scope.cancel()  # the local provider serves forever
         return result
-
-
-async def _wait_done(tg: anyio.abc.TaskGroup, result: dict[str, Any]) -> None:
-    while not result:
-        await anyio.sleep(0.01)
-    tg.cancel_scope.cancel()  # the provider serves forever; the runner has finished and flushed
 
 
 def _agent_turns(proxy: tuple[str, int], ca_file: str) -> None:

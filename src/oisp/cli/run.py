@@ -59,6 +59,8 @@ class RunOptions:
     reverse_target: str | None = None
     redaction_profile: str = "default"
     body_cap: int | None = None
+    #: Seconds in-flight connections get to finish when stopping.
+    drain_timeout: float = 5.0
 
 
 @attrs.define
@@ -113,12 +115,12 @@ async def run(
     async with pipeline:
         proxy = MitmProxy(config, ca=ca, endpoints=endpoints, observer=EventDecoder(plugins, pipeline.emit),
                           attributor=Attributor())
+        stop = stop or anyio.Event()
         async with anyio.create_task_group() as tg:
-            address = await tg.start(proxy.serve)
+            address = await tg.start(_serve, proxy, tg.cancel_scope)
             if handle_signals:
-                tg.start_soon(_stop_on_signal, tg.cancel_scope)
-            if stop is not None:
-                tg.start_soon(_stop_on_event, stop, tg.cancel_scope)
+                tg.start_soon(_stop_on_signal, stop)
+            tg.start_soon(_shutdown_when, stop, proxy, options.drain_timeout)
             task_status.started(Running(address, proxy, pipeline, ca))
     summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
     logger.info("oisp stopped: %d connections, %d events emitted, %d dropped", proxy.stats.connections,
@@ -126,14 +128,22 @@ async def run(
     return summary
 
 
-async def _stop_on_event(stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    await stop.wait()
+async def _serve(proxy: MitmProxy, scope: anyio.CancelScope, *, task_status: TaskStatus[tuple[str, int]]) -> None:
+    """Serve; once the proxy has stopped (and drained), end the runner's other tasks."""
+    await proxy.serve(task_status=task_status)
     scope.cancel()
 
 
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+async def _shutdown_when(stop: anyio.Event, proxy: MitmProxy, drain_timeout: float) -> None:
+    """Graceful stop: no new connections; in-flight ones get ``drain_timeout`` seconds to finish."""
+    await stop.wait()
+    await proxy.shutdown(drain_timeout)
+
+
+async def _stop_on_signal(stop: anyio.Event) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            logger.info("received %s; stopping", signal.Signals(signum).name)
-            scope.cancel()
+            logger.info("received %s; stopping (draining in-flight calls, flushing sinks)",
+                        signal.Signals(signum).name)
+            stop.set()
             return

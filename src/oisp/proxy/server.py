@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from oisp.attribution import Attribution
 from oisp.endpoints import EndpointTable
@@ -140,6 +140,11 @@ class MitmProxy:
         self.pinned = PinnedClients(config.pinned_ttl)
         self.stats = ProxyStats()
         self.address: tuple[str, int] | None = None
+        self._listener: SocketListener | None = None
+        self._connections_scope: anyio.CancelScope | None = None
+        self._draining = False
+        self._drained = anyio.Event()
+        self._drain_timeout = 5.0
         self._upstream_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         if config.upstream_insecure:
             logger.warning("UPSTREAM CERTIFICATES ARE NOT VERIFIED (upstream_insecure): anyone on the path "
@@ -150,15 +155,40 @@ class MitmProxy:
 
     # lifecycle ----------------------------------------------------------------------------------
     async def serve(self, *, task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until cancelled; reports the bound (host, port) through ``task_status``."""
+        """Listen and serve until :meth:`shutdown` (or cancellation); reports the bound (host, port) through
+        ``task_status``."""
         listener = await create_listener(self.config.listen_host, self.config.listen_port,
                                          max_segment=self.config.listen_max_segment)
-        async with listener:
+        self._listener = listener
+        async with listener, anyio.create_task_group() as connections:
+            self._connections_scope = connections.cancel_scope
             bound = listener.extra(SocketAttribute.local_address)
             self.address = (str(bound[0]), int(bound[1]))
             logger.info("oisp proxy (%s mode) listening on %s:%d", self.config.mode, *self.address)
             task_status.started(self.address)
-            await listener.serve(self._handle)
+            while True:
+                try:
+                    client = await listener.accept()
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    break  # shutdown() closed the listener
+                except OSError as exc:  # EMFILE and friends: keep serving the connections we have
+                    logger.error("accepting a connection failed: %s", exc)
+                    await anyio.sleep(0.1)
+                    continue
+                connections.start_soon(self._handle, client)
+            if self.stats.active:
+                logger.info("draining %d connection(s) for up to %.1f s", self.stats.active, self._drain_timeout)
+                with anyio.move_on_after(self._drain_timeout):
+                    await self._drained.wait()
+            connections.cancel_scope.cancel()
+
+    async def shutdown(self, drain_timeout: float = 5.0) -> None:
+        """Stop accepting; let in-flight connections finish for up to ``drain_timeout`` seconds, then close them.
+        :meth:`serve` returns once that is done."""
+        self._drain_timeout = drain_timeout
+        self._draining = True
+        if self._listener is not None:
+            await self._listener.aclose()
 
     def _count(self, decision: Decision) -> None:
         self.stats.decisions[decision.value] = self.stats.decisions.get(decision.value, 0) + 1
@@ -191,6 +221,8 @@ class MitmProxy:
             logger.exception("connection %s from %s:%d failed", connection_id, *client_addr)
         finally:
             self.stats.active -= 1
+            if self._draining and self.stats.active == 0:
+                self._drained.set()
 
     async def _explicit(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
                         local_addr: tuple[str, int]) -> None:
