@@ -18,7 +18,8 @@ from typing import Any
 
 import anyio
 
-from oisp.cli.run import Running, RunOptions, run
+from oisp.cli.run import Running, run
+from oisp.config import Config
 from oisp.demo.provider import DemoProvider
 from oisp.errors import OispError
 from oisp.sinks.memory import MemorySink
@@ -64,10 +65,12 @@ async def _demo(sink: MemorySink, output: Path | None, json_lines: bool) -> dict
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             port = await tg.start(provider.serve)
-            options = RunOptions(
-                listen=("127.0.0.1", 0), confdir=Path(tmp) / "oisp", output=output,
-                stdout_format="json" if json_lines else "line", upstream_ca=provider_ca.cert_path,
-                resolve=tuple(f"{host}:443:127.0.0.1:{port}" for host in HOSTS),
+            sinks: list[dict[str, Any]] = [{"kind": "stdout", "format": "json" if json_lines else "line"}]
+            if output is not None:
+                sinks.append({"kind": "jsonl", "path": str(output)})
+            options = Config(
+                listen="127.0.0.1:0", confdir=Path(tmp) / "oisp", upstream_ca=provider_ca.cert_path,
+                resolve=tuple(f"{host}:443:127.0.0.1:{port}" for host in HOSTS), sinks=tuple(sinks),
             )
             result: dict[str, Any] = {}
             done = anyio.Event()

@@ -1,18 +1,23 @@
-"""``oisp`` command line: ``run``, ``demo``, ``ca``."""
+"""``oisp`` command line: ``run``, ``demo``, ``ca``, ``replay``, ``plugins``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
+import attrs
 
 from oisp._version import __version__
-from oisp.errors import OispError
+from oisp.config import Config, load_config
+from oisp.errors import ConfigurationError, OispError
+from oisp.hookspecs import EndpointSpec
 from oisp.proxy import ProxyMode
 
 __all__ = ["main"]
@@ -26,20 +31,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the proxy and write events")
-    run.add_argument("--mode", choices=[m.value for m in ProxyMode], default="explicit")
-    run.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
+    run = commands.add_parser("run", help="run the proxy and write events",
+                              description="Flags override the configuration file (oisp.toml).")
+    run.add_argument("--config", type=Path, help="configuration file (default: oisp.toml in the config directory)")
+    run.add_argument("--mode", choices=[m.value for m in ProxyMode])
+    run.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
     run.add_argument("--confdir", type=Path, help="where the CA lives (default: the per-user config directory)")
     run.add_argument("--output", type=Path, help="append events to this JSONL file (created 0600)")
-    run.add_argument("--stdout", choices=["line", "json", "none"], default="line",
-                     help="print events to stdout as readable lines, JSON, or not at all")
+    run.add_argument("--stdout", choices=["live", "line", "json", "none"],
+                     help="terminal output: a live view (default on a terminal), one line per event (default "
+                          "otherwise), JSON lines, or nothing")
     run.add_argument("--upstream-ca", type=Path, help="extra CA bundle trusted for upstream servers")
-    run.add_argument("--insecure-upstream", action="store_true",
+    run.add_argument("--insecure-upstream", action="store_true", default=None,
                      help="do not verify upstream certificates (dangerous)")
-    run.add_argument("--resolve", action="append", default=[], metavar="HOST:PORT:ADDR[:PORT]",
+    run.add_argument("--resolve", action="append", metavar="HOST:PORT:ADDR[:PORT]",
                      help="connect to ADDR when the upstream is HOST:PORT (like curl --resolve/--connect-to)")
     run.add_argument("--reverse-target", help="reverse mode: the upstream base URL, e.g. https://api.openai.com")
-    run.add_argument("--redaction", choices=["default", "metadata-only"], default="default")
+    run.add_argument("--redaction", choices=["default", "metadata-only"])
+    run.add_argument("--body-cap", type=int, help="bytes of each body kept for decoding (default 16 MiB)")
+    run.add_argument("--pricing", type=Path, help="OISP spec bundle with model pricing, for costs in USD")
+    run.add_argument("--add-endpoint", action="append", metavar="PROVIDER=HOST[:PORT]",
+                     help="also intercept HOST as PROVIDER")
+    run.add_argument("--remove-endpoint", action="append", metavar="HOST", help="do not intercept HOST")
+
+    replay = commands.add_parser("replay", help="re-emit recorded events (JSONL) to sinks")
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--config", type=Path, help="configuration file whose [[sinks]] receive the events")
+    replay.add_argument("--output", type=Path, help="write the events to this JSONL file")
+    replay.add_argument("--stdout", choices=["line", "json", "none"], default=None)
+
+    plugins = commands.add_parser("plugins", help="list the loaded provider and sink plugins")
+    plugins.add_argument("--json", action="store_true")
 
     demo = commands.add_parser("demo", help="prove the pipeline offline: real proxy, local provider, real SDKs")
     demo.add_argument("--output", type=Path, help="also write the demo's events to this JSONL file")
@@ -61,17 +83,100 @@ def _configure_logging(verbosity: int) -> None:
         logging.getLogger("oisp.cli.run").setLevel(logging.INFO)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from oisp.cli.run import RunOptions, parse_listen, run
+def _config_with_flags(args: argparse.Namespace) -> Config:
+    """The configuration file's values, overridden by every flag that was given."""
+    config = load_config(args.config)
+    changes: dict[str, Any] = {}
+    for flag, field in (("mode", "mode"), ("listen", "listen"), ("confdir", "confdir"),
+                        ("upstream_ca", "upstream_ca"), ("insecure_upstream", "upstream_insecure"),
+                        ("reverse_target", "reverse_target"), ("redaction", "redaction_profile"),
+                        ("body_cap", "body_cap"), ("pricing", "pricing_bundle")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            changes[field] = value
+    if getattr(args, "resolve", None):
+        changes["resolve"] = (*config.resolve, *args.resolve)
+    if getattr(args, "add_endpoint", None):
+        changes["endpoints_add"] = (*config.endpoints_add, *(_endpoint_flag(v) for v in args.add_endpoint))
+    if getattr(args, "remove_endpoint", None):
+        changes["endpoints_remove"] = (*config.endpoints_remove, *args.remove_endpoint)
+    sinks = list(config.sinks)
+    if args.output is not None:
+        sinks.append({"kind": "jsonl", "path": str(args.output)})
+    if args.stdout in ("line", "json"):
+        sinks = [s for s in sinks if s.get("kind") != "stdout"] + [{"kind": "stdout", "format": args.stdout}]
+    changes["sinks"] = tuple(sinks)
+    return attrs.evolve(config, **changes)
 
-    options = RunOptions(
-        mode=ProxyMode(args.mode), listen=parse_listen(args.listen), confdir=args.confdir, output=args.output,
-        stdout_format=None if args.stdout == "none" else args.stdout, upstream_ca=args.upstream_ca,
-        upstream_insecure=args.insecure_upstream, resolve=tuple(args.resolve), reverse_target=args.reverse_target,
-        redaction_profile=args.redaction,
-    )
-    summary = anyio.run(lambda: run(options))
-    print(json.dumps({"summary": summary}), file=sys.stderr)
+
+def _endpoint_flag(text: str) -> EndpointSpec:
+    provider, sep, target = text.partition("=")
+    if not sep or not provider or not target:
+        raise ConfigurationError(f"--add-endpoint: {text!r} is not PROVIDER=HOST[:PORT]")
+    host, _, port = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
+    try:
+        return EndpointSpec(provider, host or target, int(port) if port else 443)
+    except ValueError:
+        raise ConfigurationError(f"--add-endpoint: {text!r} has an invalid port") from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from oisp.cli.run import run
+
+    config = _config_with_flags(args)
+    view = args.stdout or ("live" if sys.stdout.isatty() else "line")
+    if view == "line" and not any(s.get("kind") == "stdout" for s in config.sinks):
+        config = attrs.evolve(config, sinks=(*config.sinks, {"kind": "stdout", "format": "line"}))
+    if view == "live":
+        from oisp.cli.live import LiveView
+
+        with LiveView() as live:
+            summary = anyio.run(functools.partial(run, config, on_event=live))
+    else:
+        summary = anyio.run(functools.partial(run, config))
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    pipeline, proxy = summary["pipeline"], summary["proxy"]
+    decisions = ", ".join(f"{k} {v}" for k, v in sorted(proxy["decisions"].items())) or "none"
+    print(f"oisp: {proxy['connections']} connections ({decisions}); {pipeline['processed']} events; "
+          f"{pipeline['dropped_total']} dropped", file=sys.stderr)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from oisp.cli.replay import replay
+
+    config = load_config(args.config) if args.config else Config()
+    sinks = list(config.sinks)
+    if args.output is not None:
+        sinks.append({"kind": "jsonl", "path": str(args.output)})
+    if args.stdout != "none" and (args.stdout or not sinks):
+        sinks.append({"kind": "stdout", "format": args.stdout or "line"})
+    result = replay(args.file, attrs.evolve(config, sinks=tuple(sinks)))
+    print(f"oisp: replayed {result.events} events from {args.file}; {len(result.errors)} invalid line(s)",
+          file=sys.stderr)
+    for line, error in result.errors[:20]:
+        print(f"  line {line}: {error}", file=sys.stderr)
+    return 0 if not result.errors else 1
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from oisp.plugins import create_plugin_manager
+
+    manager = create_plugin_manager()
+    rows = [attrs.asdict(p) for p in manager.plugins()]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failures": manager.failures}, indent=2))
+        return 0
+    for row in rows:
+        origin = "built-in" if row["builtin"] else f"{row['package']} {row['version']}"
+        print(f"{row['group']:<15} {row['name']:<40} {origin}")
+    for name, error in manager.failures.items():
+        print(f"{'FAILED':<15} {name:<40} {error}")
+    sinks = sorted(manager.sink_types())
+    print(f"sink kinds: {', '.join(sinks)}")
     return 0
 
 
@@ -108,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "ca":
             return _cmd_ca(args)
+        if args.command == "replay":
+            return _cmd_replay(args)
+        if args.command == "plugins":
+            return _cmd_plugins(args)
         return _cmd_demo(args)
     except OispError as exc:
         print(f"oisp: error: {exc}", file=sys.stderr)

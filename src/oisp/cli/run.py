@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -13,18 +12,19 @@ import attrs
 from anyio.abc import TaskStatus
 
 from oisp.attribution import Attributor
+from oisp.config import Config
 from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable
 from oisp.errors import ConfigurationError
 from oisp.events import Event
 from oisp.hookspecs import Sink
-from oisp.pipeline import Pipeline
+from oisp.pipeline import Enricher, Pipeline
 from oisp.plugins import OispPluginManager, create_plugin_manager
 from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode, UpstreamOverride
 from oisp.redaction import Redactor
 from oisp.tls import CertificateAuthority
 
-__all__ = ["RunOptions", "Running", "parse_listen", "run"]
+__all__ = ["Running", "build_sinks", "parse_listen", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +38,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     try:
         port = int(port_text)
     except ValueError:
-        raise ConfigurationError(f"listen: {text!r} is not HOST:PORT") from None
+        raise ConfigurationError(f"proxy.listen: {text!r} is not HOST:PORT") from None
     if not 0 <= port < 65536:
-        raise ConfigurationError(f"listen: port {port} must be 0-65535")
+        raise ConfigurationError(f"proxy.listen: port {port} must be 0-65535")
     return host, port
-
-
-@attrs.frozen(kw_only=True)
-class RunOptions:
-    """What ``oisp run`` was asked to do."""
-
-    mode: ProxyMode = ProxyMode.EXPLICIT
-    listen: tuple[str, int] = ("127.0.0.1", 8080)
-    confdir: Path | None = None
-    output: Path | None = None
-    stdout_format: str | None = "line"
-    upstream_ca: Path | None = None
-    upstream_insecure: bool = False
-    resolve: Sequence[str] = ()
-    reverse_target: str | None = None
-    redaction_profile: str = "default"
-    body_cap: int | None = None
-    #: Seconds in-flight connections get to finish when stopping.
-    drain_timeout: float = 5.0
 
 
 @attrs.define
@@ -73,17 +54,30 @@ class Running:
     ca: CertificateAuthority
 
 
-def _sinks(plugins: OispPluginManager, options: RunOptions) -> dict[str, Sink]:
+def build_sinks(plugins: OispPluginManager, config: Config) -> dict[str, Sink]:
+    """The configured sinks, by a unique name (``jsonl``, ``jsonl-2``, ...)."""
     sinks: dict[str, Sink] = {}
-    if options.output is not None:
-        sinks["jsonl"] = plugins.create_sink("jsonl", {"path": str(options.output)})
-    if options.stdout_format:
-        sinks["stdout"] = plugins.create_sink("stdout", {"format": options.stdout_format})
+    for index, table in enumerate(config.sinks):
+        options = {k: v for k, v in table.items() if k != "kind"}
+        kind = str(table["kind"])
+        name = kind if kind not in sinks else f"{kind}-{index + 1}"
+        sinks[name] = plugins.create_sink(kind, options)
     return sinks
 
 
+def endpoint_table(plugins: OispPluginManager, config: Config) -> EndpointTable:
+    """The providers' endpoints, plus the configured additions, minus the configured removals."""
+    table = EndpointTable(plugins.endpoints())
+    for spec in config.endpoints_add:
+        table.add(spec)
+    for host in config.endpoints_remove:
+        if table.remove(host) == 0:
+            raise ConfigurationError(f"endpoints.remove: {host!r} is not in the endpoint table")
+    return table
+
+
 async def run(
-    options: RunOptions,
+    config: Config,
     *,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
     extra_sinks: dict[str, Sink] | None = None,
@@ -93,34 +87,44 @@ async def run(
 ) -> dict[str, Any]:
     """Run until ``stop`` is set or SIGINT/SIGTERM arrives; returns the summary (pipeline and proxy stats).
 
-    Stopping is graceful: the proxy stops accepting, then the pipeline delivers every queued event and closes
-    the sinks before this returns.
+    Stopping is graceful: the proxy stops accepting, in-flight connections get ``drain_timeout`` seconds,
+    then the pipeline delivers every queued event and closes the sinks before this returns.
     """
+    if config.mode == ProxyMode.TRANSPARENT:
+        raise ConfigurationError("proxy.mode: transparent mode needs the interceptor (oisp.interception), "
+                                 "which this runner does not start yet; use explicit or reverse")
     plugins = create_plugin_manager()
-    ca = CertificateAuthority.load_or_create(options.confdir)
-    overrides = tuple(UpstreamOverride.parse(item) for item in options.resolve)
-    config = ProxyConfig(
-        mode=options.mode, listen_host=options.listen[0], listen_port=options.listen[1],
-        upstream_ca=options.upstream_ca, upstream_insecure=options.upstream_insecure, overrides=overrides,
-        reverse_target=options.reverse_target,
-        **({"body_cap": options.body_cap} if options.body_cap else {}),
+    ca = CertificateAuthority.load_or_create(config.confdir)
+    host, port = parse_listen(config.listen)
+    proxy_config = ProxyConfig(
+        mode=config.mode, listen_host=host, listen_port=port, upstream_ca=config.upstream_ca,
+        upstream_insecure=config.upstream_insecure,
+        overrides=tuple(UpstreamOverride.parse(item) for item in config.resolve),
+        reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl,
+        **({"body_cap": config.body_cap} if config.body_cap else {}),
     )
-    if options.mode is ProxyMode.TRANSPARENT:
-        raise ConfigurationError("mode: transparent needs the interceptor; use explicit or reverse here")
-    sinks = {**_sinks(plugins, options), **(extra_sinks or {})}
-    endpoints = EndpointTable(plugins.endpoints())
-    pipeline = Pipeline(sinks, redactor=Redactor(profile=options.redaction_profile))
+    endpoints = endpoint_table(plugins, config)
+    sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
+    enrichers: list[Enricher] = []
+    if config.pricing_bundle is not None:
+        from oisp.pricing import PricingEnricher  # type: ignore[import-not-found,unused-ignore]
+
+        enrichers.append(PricingEnricher.load(config.pricing_bundle))
+    pipeline = Pipeline(sinks, enrichers=enrichers,
+                        redactor=Redactor(profile=config.redaction_profile, extra_patterns=config.redaction_patterns))
     if on_event is not None:
         pipeline.add_listener(on_event)
+    stop = stop or anyio.Event()
     async with pipeline:
-        proxy = MitmProxy(config, ca=ca, endpoints=endpoints, observer=EventDecoder(plugins, pipeline.emit),
+        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=EventDecoder(plugins, pipeline.emit),
                           attributor=Attributor())
-        stop = stop or anyio.Event()
         async with anyio.create_task_group() as tg:
             address = await tg.start(_serve, proxy, tg.cancel_scope)
             if handle_signals:
                 tg.start_soon(_stop_on_signal, stop)
-            tg.start_soon(_shutdown_when, stop, proxy, options.drain_timeout)
+            tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout)
+            logger.info("oisp %s proxy listening on %s:%d (CA: %s)", config.mode, address[0], address[1],
+                        ca.cert_path)
             task_status.started(Running(address, proxy, pipeline, ca))
     summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
     logger.info("oisp stopped: %d connections, %d events emitted, %d dropped", proxy.stats.connections,

@@ -1,0 +1,239 @@
+"""The ``oisp.toml`` configuration file: every option of the runner, validated strictly.
+
+Unknown keys are errors (a typo must not silently do nothing); every error names the key, the value and what
+is allowed. Command-line flags override the file. Example::
+
+    [proxy]
+    mode = "explicit"              # explicit | reverse | transparent
+    listen = "127.0.0.1:8080"
+    upstream_ca = "/etc/ssl/corp-ca.pem"
+    resolve = ["api.openai.com:443:127.0.0.1:8443"]
+
+    [endpoints]
+    add = [{ provider = "openai", host = "llm.corp.example", port = 443 }]
+    remove = ["api.x.ai"]
+
+    [interception]
+    interfaces = ["eth0"]
+
+    [redaction]
+    profile = "default"            # default | metadata-only
+    patterns = { ticket = "ACME-[0-9]+" }
+
+    [capture]
+    body_cap = 16777216
+    streaming_chunks = false
+
+    [pricing]
+    bundle = "/path/to/oisp-spec/bundle.json"
+
+    [[sinks]]
+    kind = "jsonl"
+    path = "~/oisp-events.jsonl"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from oisp.errors import ConfigurationError
+from oisp.hookspecs import EndpointSpec
+
+__all__ = ["Config", "default_config_path", "load_config"]
+
+MODES = ("explicit", "reverse", "transparent")
+PROFILES = ("default", "metadata-only")
+
+
+def default_config_path() -> Path:
+    """``oisp.toml`` in the per-user configuration directory (beside the CA)."""
+    from oisp.tls.ca import default_confdir
+
+    return default_confdir() / "oisp.toml"
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The validated configuration. Every field has the runner's default."""
+
+    mode: str = "explicit"
+    listen: str = "127.0.0.1:8080"
+    confdir: Path | None = None
+    upstream_ca: Path | None = None
+    upstream_insecure: bool = False
+    resolve: tuple[str, ...] = ()
+    reverse_target: str | None = None
+    drain_timeout: float = 5.0
+    pinned_ttl: float = 3600.0
+    endpoints_add: tuple[EndpointSpec, ...] = ()
+    endpoints_remove: tuple[str, ...] = ()
+    interfaces: tuple[str, ...] = ()
+    redaction_profile: str = "default"
+    redaction_patterns: Mapping[str, str] = attrs.field(factory=dict)
+    body_cap: int | None = None
+    streaming_chunks: bool = False
+    pricing_bundle: Path | None = None
+    sinks: tuple[Mapping[str, Any], ...] = ()
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used so leftovers are reported."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(f"{where}: expected a table, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def string(self, key: str, *, choices: tuple[str, ...] | None = None) -> str | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{self.key(key)}: {value!r} must be a string")
+        if choices is not None and value not in choices:
+            raise ConfigurationError(f"{self.key(key)}: {value!r} is not allowed; allowed: {', '.join(choices)}")
+        return value
+
+    def path(self, key: str) -> Path | None:
+        value = self.string(key)
+        return Path(value).expanduser() if value is not None else None
+
+    def boolean(self, key: str) -> bool | None:
+        value = self._get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigurationError(f"{self.key(key)}: {value!r} must be true or false")
+        return value
+
+    def number(self, key: str, *, integer: bool = False) -> float | int | None:
+        value: Any = self._get(key)
+        if value is None:
+            return None
+        ok = isinstance(value, int) or (not integer and isinstance(value, float))
+        if isinstance(value, bool) or not ok or value <= 0:
+            what = "a positive integer" if integer else "a positive number"
+            raise ConfigurationError(f"{self.key(key)}: {value!r} must be {what}")
+        number: float | int = value
+        return number
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigurationError(f"{self.key(key)}: {value!r} must be a list of strings")
+        return tuple(value)
+
+    def table(self, key: str) -> _Table | None:
+        value = self._get(key)
+        return None if value is None else _Table(value, self.key(key))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            allowed = ", ".join(sorted(self.used))
+            raise ConfigurationError(
+                f"{self.where or 'oisp.toml'}: unknown key(s) {', '.join(unknown)}; allowed: {allowed}")
+
+
+def _endpoint(value: Any, where: str) -> EndpointSpec:
+    table = _Table(value, where)
+    provider = table.string("provider")
+    host = table.string("host")
+    port = table.number("port", integer=True)
+    tls = table.boolean("tls")
+    table.finish()
+    if not provider or not host:
+        raise ConfigurationError(f"{where}: provider and host are required, e.g. "
+                                 "{ provider = \"openai\", host = \"llm.corp.example\" }")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigurationError(f"{where}.port: {port!r} must be 1-65535")
+    return EndpointSpec(provider, host, int(port or 443), True if tls is None else tls)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Config:
+    """Validate a parsed TOML document."""
+    root = _Table(data, "")
+    values: dict[str, Any] = {}
+    proxy = root.table("proxy")
+    if proxy is not None:
+        values["mode"] = proxy.string("mode", choices=MODES)
+        values["listen"] = proxy.string("listen")
+        values["confdir"] = proxy.path("confdir")
+        values["upstream_ca"] = proxy.path("upstream_ca")
+        values["upstream_insecure"] = proxy.boolean("upstream_insecure")
+        values["resolve"] = proxy.strings("resolve")
+        values["reverse_target"] = proxy.string("reverse_target")
+        values["drain_timeout"] = proxy.number("drain_timeout")
+        values["pinned_ttl"] = proxy.number("pinned_ttl")
+        proxy.finish()
+    endpoints = root.table("endpoints")
+    if endpoints is not None:
+        added = endpoints._get("add") or []
+        if not isinstance(added, list):
+            raise ConfigurationError(f"endpoints.add: {added!r} must be a list of tables")
+        values["endpoints_add"] = tuple(_endpoint(v, f"endpoints.add[{i}]") for i, v in enumerate(added))
+        values["endpoints_remove"] = endpoints.strings("remove")
+        endpoints.finish()
+    interception = root.table("interception")
+    if interception is not None:
+        values["interfaces"] = interception.strings("interfaces")
+        interception.finish()
+    redaction = root.table("redaction")
+    if redaction is not None:
+        values["redaction_profile"] = redaction.string("profile", choices=PROFILES)
+        patterns = redaction.table("patterns")
+        if patterns is not None:
+            values["redaction_patterns"] = {k: patterns.string(k) for k in list(patterns.data)}
+            patterns.finish()
+        redaction.finish()
+    capture = root.table("capture")
+    if capture is not None:
+        values["body_cap"] = capture.number("body_cap", integer=True)
+        values["streaming_chunks"] = capture.boolean("streaming_chunks")
+        capture.finish()
+    pricing = root.table("pricing")
+    if pricing is not None:
+        values["pricing_bundle"] = pricing.path("bundle")
+        pricing.finish()
+    sinks = root._get("sinks")
+    if sinks is not None:
+        if not isinstance(sinks, list):
+            raise ConfigurationError(f"sinks: {sinks!r} must be an array of tables ([[sinks]])")
+        parsed = []
+        for i, sink in enumerate(sinks):
+            if not isinstance(sink, Mapping) or not isinstance(sink.get("kind"), str):
+                raise ConfigurationError(f"sinks[{i}]: each sink needs kind = \"jsonl\" (or stdout, or a plugin's)")
+            parsed.append(dict(sink))
+        values["sinks"] = tuple(parsed)
+    root.finish()
+    return Config(**{k: v for k, v in values.items() if v is not None})
+
+
+def load_config(path: Path | None = None, *, required: bool = False) -> Config:
+    """Read ``path`` (default :func:`default_config_path`); a missing default file gives the defaults."""
+    target = path or default_config_path()
+    if not target.exists():
+        if required or path is not None:
+            raise ConfigurationError(f"config: {str(target)!r} does not exist")
+        return Config()
+    try:
+        data = tomllib.loads(target.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config: {target} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"config: cannot read {target}: {exc.strerror or exc}") from None
+    return parse_config(data, source=str(target))

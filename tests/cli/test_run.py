@@ -1,0 +1,136 @@
+"""``oisp run``, ``replay``, ``plugins`` and configuration errors, as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import stat
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.cli.conftest import OISP, OispProcess, RunningUpstream
+from tests.events.samples import ALL
+
+from oisp.events import Event
+
+
+def _client(proxy: tuple[str, int], confdir: Path) -> httpx.Client:
+    return httpx.Client(proxy=f"http://{proxy[0]}:{proxy[1]}",
+                        verify=ssl.create_default_context(cafile=str(confdir / "oisp-ca.pem")))
+
+
+def test_run_with_a_config_file_writes_events_and_stops_gracefully_on_sigterm(
+        tmp_path: Path, upstream: RunningUpstream) -> None:
+    events_file = tmp_path / "out" / "events.jsonl"
+    config = tmp_path / "oisp.toml"
+    config.write_text(f'''
+[proxy]
+listen = "127.0.0.1:0"
+confdir = "{tmp_path / 'conf'}"
+upstream_ca = "{upstream.ca_file}"
+resolve = ["api.openai.com:443:127.0.0.1:{upstream.port}"]
+
+[[sinks]]
+kind = "jsonl"
+path = "{events_file}"
+''')
+    oisp = OispProcess(["run", "--config", str(config), "--stdout", "none"])
+    with _client(oisp.address, tmp_path / "conf") as client:
+        r = client.post("https://api.openai.com/v1/chat/completions",
+                        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"authorization": "Bearer sk-proj-" + "s" * 40})
+    assert r.status_code == 200
+    code, stderr = oisp.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "1 connections" in stderr and "intercepted 1" in stderr
+    lines = events_file.read_text().splitlines()
+    events = [Event.from_json(line) for line in lines]
+    types = [e.event_type for e in events]
+    assert types.count("ai.request") == 1 and types.count("ai.response") == 1 and "network.connect" in types
+    request = next(e for e in events if e.event_type == "ai.request")
+    assert request.data.messages[0].content == "hi"  # type: ignore[attr-defined]
+    assert request.process is not None and request.process.pid == os.getpid()
+    assert "s" * 40 not in events_file.read_text()
+    assert stat.S_IMODE(events_file.stat().st_mode) == 0o600
+
+
+def test_flags_override_the_config_file_and_line_output_goes_to_stdout(
+        tmp_path: Path, upstream: RunningUpstream) -> None:
+    config = tmp_path / "oisp.toml"
+    config.write_text('[proxy]\nlisten = "127.0.0.1:1"\nmode = "explicit"\n')
+    oisp = OispProcess(["run", "--config", str(config), "--listen", "127.0.0.1:0", "--confdir",
+                        str(tmp_path / "conf"), "--upstream-ca", str(upstream.ca_file), "--resolve",
+                        f"api.openai.com:443:127.0.0.1:{upstream.port}", "--stdout", "line"],
+                       stdout=subprocess.PIPE)
+    with _client(oisp.address, tmp_path / "conf") as client:
+        assert client.get("https://api.openai.com/v1/models").status_code == 200
+    code, _ = oisp.stop(signal.SIGINT)
+    assert code == 0
+    out = oisp.stdout
+    assert "ai.request openai" in out and "ai.response openai 200" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[proxy]\nmdoe = 'explicit'\n", "proxy: unknown key(s) mdoe"),
+        ("[proxy]\nmode = 'sideways'\n", "proxy.mode: 'sideways' is not allowed; allowed: explicit, reverse"),
+        ("[capture]\nbody_cap = -5\n", "capture.body_cap: -5 must be a positive integer"),
+        ("[[sinks]]\nkind = 'jsonl'\nrotate_bytes = 10\n", "path"),
+        ("[[sinks]]\nkind = 'kafka'\n", "unknown sink kind 'kafka'"),
+        ("[endpoints]\nremove = ['nope.example']\n", "endpoints.remove: 'nope.example' is not in the endpoint table"),
+        ("not toml = = =", "is not valid TOML"),
+    ],
+)
+def test_invalid_configuration_is_a_clear_error_naming_the_key(tmp_path: Path, content: str, message: str) -> None:
+    config = tmp_path / "oisp.toml"
+    config.write_text(content)
+    out = subprocess.run([*OISP, "run", "--config", str(config), "--confdir", str(tmp_path / "c"),
+                          "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_replay_re_emits_recorded_events_and_reports_invalid_lines(tmp_path: Path) -> None:
+    recorded = tmp_path / "recorded.jsonl"
+    events = [factory() for factory in ALL.values()]
+    recorded.write_text("\n".join([*(e.to_json() for e in events[:6]), "{not json", "",
+                                   *(e.to_json() for e in events[6:])]) + "\n")
+    out_file = tmp_path / "replayed.jsonl"
+    out = subprocess.run([*OISP, "replay", str(recorded), "--output", str(out_file), "--stdout", "none"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"replayed {len(events)} events" in out.stderr and "line 7: not valid JSON" in out.stderr
+    replayed = [Event.from_json(line) for line in out_file.read_text().splitlines()]
+    assert [e.event_id for e in replayed] == [e.event_id for e in events]
+
+
+def test_plugins_lists_builtin_and_installed_plugins() -> None:
+    out = subprocess.run([*OISP, "plugins", "--json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    listing = json.loads(out.stdout)
+    names = {p["name"]: p for p in listing["plugins"]}
+    assert names["oisp.sinks.builtin"]["builtin"] is True
+    assert names["oisp.providers.openai"]["builtin"] is True
+    text = subprocess.run([*OISP, "plugins"], capture_output=True, text=True, timeout=30).stdout
+    assert "sink kinds:" in text and "jsonl" in text
+
+
+def test_transparent_mode_says_clearly_what_it_needs(tmp_path: Path) -> None:
+    out = subprocess.run([*OISP, "run", "--mode", "transparent", "--confdir", str(tmp_path), "--listen",
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "transparent" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_version() -> None:
+    out = subprocess.run([*OISP, "--version"], capture_output=True, text=True, timeout=30)
+    assert out.stdout.startswith("oisp ")
+
+
