@@ -9,7 +9,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-EXAMPLE_PLUGINS = ["./tests/plugins/oisp-example-sink"]
+EXAMPLE_PLUGINS = ["./tests/plugins/oisp-example-sink", "./tests/plugins/oisp-example-provider"]
 
 
 @nox.session(python=PYTHON)

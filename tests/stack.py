@@ -17,6 +17,7 @@ import trustme
 from tests.upstream import Handler, Upstream, json_ok, server_context
 
 from oisp.decoder import EventDecoder
+from oisp.endpoints import EndpointTable
 from oisp.events import Event
 from oisp.pipeline import Pipeline
 from oisp.plugins import create_plugin_manager
@@ -29,7 +30,8 @@ UPSTREAM_HOSTS = (
     "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com", "myres.openai.azure.com",
     "bedrock-runtime.us-east-1.amazonaws.com", "api.cohere.com", "api.cohere.ai", "api.mistral.ai", "api.groq.com",
     "api.together.xyz", "api.fireworks.ai", "api.perplexity.ai", "openrouter.ai", "api.deepseek.com", "api.x.ai",
-    "router.huggingface.co", "api-inference.huggingface.co", "api.replicate.com", "localhost", "127.0.0.1",
+    "router.huggingface.co", "api-inference.huggingface.co", "api.replicate.com", "api.acme-llm.example",
+    "localhost", "127.0.0.1",
 )
 
 
@@ -103,6 +105,7 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
         stop = portal.call(anyio.Event)
         pipeline_future, _ = portal.start_task(_run_pipeline, pipeline, stop)
         proxy = MitmProxy(ProxyConfig(**options), ca=ca, observer=EventDecoder(plugins, pipeline.emit),
+                          endpoints=EndpointTable(plugins.endpoints()),
                           attributor=attributor, original_destinations=original_destinations)
         proxy_future, address = portal.start_task(proxy.serve)
         try:

@@ -147,3 +147,41 @@ def test_registering_the_same_name_twice_is_an_error() -> None:
         manager.register(WorkingPlugin(), "oisp.sinks.builtin")
 
 
+
+
+def _example_provider_installed() -> None:
+    if any(ep.name == "acme" for ep in entry_points(group="oisp.providers")):
+        return
+    message = "the example provider package is not installed: pip install ./tests/plugins/oisp-example-provider"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def test_third_party_provider_claims_its_endpoint_and_decodes_real_traffic(tmp_path: Path) -> None:
+    _example_provider_installed()
+    import httpx
+    import trustme
+    from tests.stack import running_stack
+    from tests.upstream import Request, Response
+
+    async def acme(request: Request) -> Response:
+        async def body() -> Any:
+            yield b'{"delta": "Hello"}\n'
+            yield b'{"delta": ", world"}\n{"done": true, "stop": "end", "tokens": {"in": 3, "out": 2}}\n'
+        return Response(headers=[("content-type", "application/x-ndjson")], body=body)
+
+    with running_stack(tmp_path, trustme.CA(), handler=acme) as stack:
+        info = {p.name: p for p in create_plugin_manager().plugins()}["oisp.providers:acme"]
+        assert info.package == "oisp-example-provider"
+        with httpx.Client(proxy=stack.proxy_url, verify=stack.client_context()) as client:
+            r = client.post("https://api.acme-llm.example/v2/generate",
+                            json={"model": "acme-1", "prompt": "Say hello", "stream": True})
+        assert r.status_code == 200
+        events = stack.wait_for(lambda ev: any(e.event_type == "ai.response" for e in ev))
+    request = next(e for e in events if e.event_type == "ai.request")
+    response = next(e for e in events if e.event_type == "ai.response")
+    assert request.attrs and request.attrs["oisp.original"]["data.provider.name"] == "acme"
+    assert request.data.messages[0].content == "Say hello"  # type: ignore[attr-defined]
+    assert response.data.choices[0].message.content == "Hello, world"  # type: ignore[attr-defined]
+    assert response.data.usage.prompt_tokens == 3 and response.data.usage.completion_tokens == 2  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""An example third-party provider plugin for oisp, shipped as its own package through an entry point."""
