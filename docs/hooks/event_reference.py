@@ -31,10 +31,7 @@ def _record_table(cls: type, seen: set[type], out: list[str], level: int) -> Non
         required = "yes" if field.default is attrs.NOTHING else ""
         out.append(f"| `{key}` | `{_type_name(field.type)}` | {required} |")
         module = __import__(cls.__module__, fromlist=["_"])
-        try:
-            resolved = eval(field.type, vars(module)) if isinstance(field.type, str) else field.type  # noqa: S307
-        except Exception:
-            continue
+        resolved = eval(field.type, vars(module)) if isinstance(field.type, str) else field.type  # noqa: S307
         for arg in _walk(resolved):
             if isinstance(arg, type) and issubclass(arg, Record) and attrs.has(arg) and arg not in seen:
                 nested.append(arg)
