@@ -96,3 +96,19 @@ def test_metadata_only_profile_validates(oisp_schema: SchemaValidator) -> None:
 def test_conform_leaves_valid_events_untouched() -> None:
     event = ALL["ai.response"]()
     assert conform(event) is event
+
+
+def test_the_public_validator_raises_with_every_violation(oisp_schema: SchemaValidator) -> None:
+    from tests.oisp_schema import SCHEMA_DIR
+
+    from oisp.errors import ConfigurationError, EventValidationError
+    from oisp.events.validation import SchemaValidator as PublicValidator
+
+    validator = PublicValidator(SCHEMA_DIR)
+    validator.validate(conform(ALL["agent.tool_call"]()))
+    bad = ALL["ai.request"]().to_dict()
+    bad["data"]["request_type"] = "poetry"
+    with pytest.raises(EventValidationError, match="poetry"):
+        validator.validate(bad)
+    with pytest.raises(ConfigurationError, match="envelope.schema.json"):
+        PublicValidator(SCHEMA_DIR.parent)
