@@ -27,6 +27,10 @@ is allowed. Command-line flags override the file. Example::
     [pricing]
     bundle = "/path/to/oisp-spec/bundle.json"
 
+    [ca]
+    name_constrained = true        # the CA can only vouch for AI endpoints
+    extra_domains = ["llm.corp.example"]
+
     [[sinks]]
     kind = "jsonl"
     path = "~/oisp-events.jsonl"
@@ -78,6 +82,9 @@ class Config:
     body_cap: int | None = None
     streaming_chunks: bool = False
     pricing_bundle: Path | None = None
+    #: Use a name-constrained CA that can only vouch for the AI endpoints (and ``ca_extra_domains``).
+    ca_name_constrained: bool = False
+    ca_extra_domains: tuple[str, ...] = ()
     sinks: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -205,6 +212,11 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["body_cap"] = capture.number("body_cap", integer=True)
         values["streaming_chunks"] = capture.boolean("streaming_chunks")
         capture.finish()
+    ca = root.table("ca")
+    if ca is not None:
+        values["ca_name_constrained"] = ca.boolean("name_constrained")
+        values["ca_extra_domains"] = ca.strings("extra_domains")
+        ca.finish()
     pricing = root.table("pricing")
     if pricing is not None:
         values["pricing_bundle"] = pricing.path("bundle")

@@ -16,7 +16,7 @@ import attrs
 from oisp.errors import ConfigurationError
 from oisp.hookspecs import EndpointSpec
 
-__all__ = ["BUILTIN_ENDPOINTS", "EndpointTable"]
+__all__ = ["BUILTIN_ENDPOINTS", "EndpointTable", "permitted_domains"]
 
 _P = EndpointSpec
 
@@ -125,3 +125,24 @@ class EndpointTable:
 
     def __len__(self) -> int:
         return len(self._exact) + len(self._patterns)
+
+
+def permitted_domains(specs: Iterable[EndpointSpec], extra: Iterable[str] = ()) -> list[str]:
+    """The DNS subtrees a name-constrained CA must permit to cover ``specs`` (and ``extra`` domains).
+
+    A name constraint cannot express a wildcard inside a name, so a pattern is widened to the labels after its
+    last ``*``: ``*.openai.azure.com`` -> ``openai.azure.com``, ``bedrock-runtime.*.amazonaws.com`` ->
+    ``amazonaws.com``. IP addresses need no entry (the constrained CA permits loopback addresses only).
+    """
+    domains: set[str] = set()
+    for host in [*(spec.host for spec in specs), *extra]:
+        host = _normalize(host)
+        if not host or ":" in host or host.replace(".", "").isdigit():
+            continue
+        labels = host.split(".")
+        starred = [i for i, label in enumerate(labels) if "*" in label]
+        if starred:
+            labels = labels[starred[-1] + 1:]
+        if labels:
+            domains.add(".".join(labels))
+    return sorted(domains)

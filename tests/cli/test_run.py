@@ -134,3 +134,25 @@ def test_version() -> None:
     assert out.stdout.startswith("oisp ")
 
 
+
+
+def test_name_constrained_ca_is_used_for_ai_hosts_and_cannot_vouch_for_others(
+        tmp_path: Path, upstream: RunningUpstream) -> None:
+    from cryptography import x509
+
+    oisp = OispProcess(["run", "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf"), "--stdout", "none",
+                        "--upstream-ca", str(upstream.ca_file), "--name-constrained-ca", "--resolve",
+                        f"api.openai.com:443:127.0.0.1:{upstream.port}"])
+    ca_files = sorted((tmp_path / "conf").glob("oisp-ca-nc-*[0-9a-f].pem"))
+    assert len(ca_files) == 1, list((tmp_path / "conf").iterdir())
+    ca = x509.load_pem_x509_certificate(ca_files[0].read_bytes())
+    constraints = ca.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.critical
+    permitted = {str(n.value) for n in constraints.value.permitted_subtrees or []}
+    assert {"api.openai.com", "api.anthropic.com", "openai.azure.com"} <= permitted
+    assert "example.com" not in permitted
+    verify = ssl.create_default_context(cafile=str(ca_files[0]))
+    with httpx.Client(proxy=f"http://{oisp.address[0]}:{oisp.address[1]}", verify=verify) as client:
+        assert client.get("https://api.openai.com/v1/models").status_code == 200
+    code, stderr = oisp.stop()
+    assert code == 0, stderr

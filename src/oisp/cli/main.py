@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--add-endpoint", action="append", metavar="PROVIDER=HOST[:PORT]",
                      help="also intercept HOST as PROVIDER")
     run.add_argument("--remove-endpoint", action="append", metavar="HOST", help="do not intercept HOST")
+    run.add_argument("--name-constrained-ca", action="store_true", default=None,
+                     help="use a CA that can only vouch for the AI endpoints (install it instead of the full one)")
 
     replay = commands.add_parser("replay", help="re-emit recorded events (JSONL) to sinks")
     replay.add_argument("file", type=Path)
@@ -90,7 +92,8 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
     for flag, field in (("mode", "mode"), ("listen", "listen"), ("confdir", "confdir"),
                         ("upstream_ca", "upstream_ca"), ("insecure_upstream", "upstream_insecure"),
                         ("reverse_target", "reverse_target"), ("redaction", "redaction_profile"),
-                        ("body_cap", "body_cap"), ("pricing", "pricing_bundle")):
+                        ("body_cap", "body_cap"), ("pricing", "pricing_bundle"),
+                        ("name_constrained_ca", "ca_name_constrained")):
         value = getattr(args, flag, None)
         if value is not None:
             changes[field] = value

@@ -14,7 +14,7 @@ from anyio.abc import TaskStatus
 from oisp.attribution import Attributor
 from oisp.config import Config
 from oisp.decoder import EventDecoder
-from oisp.endpoints import EndpointTable
+from oisp.endpoints import EndpointTable, permitted_domains
 from oisp.errors import ConfigurationError
 from oisp.events import Event
 from oisp.hookspecs import Sink
@@ -76,6 +76,14 @@ def endpoint_table(plugins: OispPluginManager, config: Config) -> EndpointTable:
     return table
 
 
+def load_ca(config: Config, endpoints: EndpointTable) -> CertificateAuthority:
+    """The CA the configuration asks for: unconstrained, or constrained to the endpoint table's domains."""
+    if not config.ca_name_constrained:
+        return CertificateAuthority.load_or_create(config.confdir)
+    domains = permitted_domains(endpoints.hosts(), config.ca_extra_domains)
+    return CertificateAuthority.load_or_create(config.confdir, permitted_domains=domains)
+
+
 async def run(
     config: Config,
     *,
@@ -94,7 +102,8 @@ async def run(
         raise ConfigurationError("proxy.mode: transparent mode needs the interceptor (oisp.interception), "
                                  "which this runner does not start yet; use explicit or reverse")
     plugins = create_plugin_manager()
-    ca = CertificateAuthority.load_or_create(config.confdir)
+    endpoints = endpoint_table(plugins, config)
+    ca = load_ca(config, endpoints)
     host, port = parse_listen(config.listen)
     proxy_config = ProxyConfig(
         mode=config.mode, listen_host=host, listen_port=port, upstream_ca=config.upstream_ca,
@@ -103,7 +112,6 @@ async def run(
         reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl,
         **({"body_cap": config.body_cap} if config.body_cap else {}),
     )
-    endpoints = endpoint_table(plugins, config)
     sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
     enrichers: list[Enricher] = []
     if config.pricing_bundle is not None:
