@@ -1,0 +1,159 @@
+"""The NAT core, as transcripts: packets in, verdicts and rewritten packets out."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from tests.interception.packets import ACK, FIN, PSH, RST, SYN, fields, tcp_packet
+
+from oisp.interception._nat import NatTable, Translator, Verdict, parse_tcp
+
+PROXY = 15001
+CLIENT, SERVER = "198.18.1.1", "198.18.1.2"
+CLIENT6, SERVER6 = "fd4f::1", "fd4f::2"
+
+
+def make(targets: set[tuple[str, int]], *, capacity: int = 16, own: set[tuple[str, int]] | None = None,
+         ) -> Translator:
+    packed = {(ipaddress.ip_address(ip).packed, port) for ip, port in targets}
+    own_packed = {ipaddress.ip_address(ip).packed for ip, _ in (own or set())}
+
+    def is_own(key: tuple[bytes, int, bytes, int]) -> bool:
+        return key[0] in own_packed
+
+    translator = Translator(NatTable(capacity=capacity, close_linger=5, idle_timeout=60), PROXY,
+                            lambda ip, port: (ip, port) in packed, is_own_flow=is_own if own else None)
+    translator.target_ports = frozenset(port for _, port in targets)
+    return translator
+
+
+def test_remote_connection_is_swapped_to_the_proxy_and_back() -> None:
+    t = make({(SERVER, 443)})
+    syn = tcp_packet(CLIENT, 40000, SERVER, 443, SYN)
+    verdict, entry = t.outbound(syn, False, 7, now=0)
+    assert verdict is Verdict.INBOUND
+    assert fields(syn) == (SERVER, 40000, CLIENT, PROXY)  # looks like an inbound connection from the server
+    assert entry is not None and entry.ifindex == 7
+    # The proxy answers its peer (SERVER:40000); the client must see SERVER:443.
+    synack = tcp_packet(CLIENT, PROXY, SERVER, 40000, SYN | ACK)
+    assert t.outbound(synack, False, 7, now=0)[0] is Verdict.INBOUND
+    assert fields(synack) == (SERVER, 443, CLIENT, 40000)
+    data = tcp_packet(CLIENT, 40000, SERVER, 443, PSH | ACK, b"hello")
+    assert t.outbound(data, False, 7, now=1)[0] is Verdict.INBOUND
+    assert bytes(data[-5:]) == b"hello"
+    assert t.table.by_proxy[(ipaddress.ip_address(SERVER).packed, 40000,
+                             ipaddress.ip_address(CLIENT).packed, PROXY)] is entry
+
+
+def test_ipv6_connection_is_swapped_too() -> None:
+    t = make({(SERVER6, 443)})
+    syn = tcp_packet(CLIENT6, 40000, SERVER6, 443, SYN)
+    assert t.outbound(syn, False, 3, now=0)[0] is Verdict.INBOUND
+    assert fields(syn) == (SERVER6, 40000, CLIENT6, PROXY)
+    reply = tcp_packet(CLIENT6, PROXY, SERVER6, 40000, SYN | ACK)
+    assert t.outbound(reply, False, 3, now=0)[0] is Verdict.INBOUND
+    assert fields(reply) == (SERVER6, 443, CLIENT6, 40000)
+
+
+def test_loopback_connection_only_changes_ports_and_stays_outbound() -> None:
+    t = make({("127.0.0.1", 11434)})
+    syn = tcp_packet("127.0.0.1", 50000, "127.0.0.1", 11434, SYN)
+    assert t.outbound(syn, True, 1, now=0)[0] is Verdict.FORWARD
+    assert fields(syn) == ("127.0.0.1", 50000, "127.0.0.1", PROXY)
+    reply = tcp_packet("127.0.0.1", PROXY, "127.0.0.1", 50000, SYN | ACK)
+    assert t.outbound(reply, True, 1, now=0)[0] is Verdict.FORWARD
+    assert fields(reply) == ("127.0.0.1", 11434, "127.0.0.1", 50000)
+
+
+def test_non_targets_and_mid_stream_packets_of_unknown_flows_pass_unchanged() -> None:
+    t = make({(SERVER, 443)})
+    for packet in (tcp_packet(CLIENT, 40000, "198.18.1.3", 443, SYN),  # another address
+                   tcp_packet(CLIENT, 40001, SERVER, 80, SYN),  # another port
+                   tcp_packet(CLIENT, 40002, SERVER, 443, ACK)):  # a flow that began before us
+        before = bytes(packet)
+        assert t.outbound(packet, False, 1, now=0) == (Verdict.PASS, None)
+        assert bytes(packet) == before
+    assert len(t.table) == 0
+
+
+def test_when_disabled_new_connections_pass_but_existing_ones_keep_translating() -> None:
+    t = make({(SERVER, 443)})
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=0)
+    t.enabled = False
+    assert t.outbound(tcp_packet(CLIENT, 40001, SERVER, 443, SYN), False, 1, now=0)[0] is Verdict.PASS
+    assert t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK), False, 1, now=0)[0] is Verdict.INBOUND
+
+
+def test_fin_both_ways_closes_and_the_entry_expires_after_the_linger() -> None:
+    t = make({(SERVER, 443)})
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=0)
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, FIN | ACK), False, 1, now=1)
+    entry = t.table.by_client[next(iter(t.table.by_client))]
+    assert entry.closed_at is None
+    t.outbound(tcp_packet(CLIENT, PROXY, SERVER, 40000, FIN | ACK), False, 1, now=2)
+    assert entry.closed_at == 2
+    # the last ACK is still translated during the linger
+    assert t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK), False, 1, now=3)[0] is Verdict.INBOUND
+    assert t.table.expire(now=6) == 0
+    assert t.table.expire(now=7) == 1
+    assert len(t.table) == 0 and not t.table.by_proxy
+
+
+def test_rst_closes_and_idle_entries_expire() -> None:
+    t = make({(SERVER, 443)})
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=0)
+    t.outbound(tcp_packet(CLIENT, 40001, SERVER, 443, SYN), False, 1, now=0)
+    t.outbound(tcp_packet(CLIENT, PROXY, SERVER, 40000, RST), False, 1, now=1)
+    assert t.table.expire(now=6) == 1
+    assert t.table.expire(now=59) == 0
+    assert t.table.expire(now=60) == 1
+
+
+def test_a_reused_four_tuple_after_close_starts_a_fresh_entry() -> None:
+    t = make({(SERVER, 443)})
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=0)
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, RST), False, 1, now=1)
+    verdict, entry = t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=2)
+    assert verdict is Verdict.INBOUND and entry is not None and entry.closed_at is None
+    assert t.stats.diverted_connections == 2
+
+
+def test_a_full_table_lets_new_connections_go_direct() -> None:
+    t = make({(SERVER, 443)}, capacity=2)
+    for port in (40000, 40001):
+        assert t.outbound(tcp_packet(CLIENT, port, SERVER, 443, SYN), False, 1, now=0)[0] is Verdict.INBOUND
+    assert t.outbound(tcp_packet(CLIENT, 40002, SERVER, 443, SYN), False, 1, now=0)[0] is Verdict.PASS
+    assert t.stats.refused_full == 1
+
+
+def test_proxy_side_collisions_are_refused() -> None:
+    # Same client port to the same address on two target ports: both would look the same to the proxy.
+    t = make({(SERVER, 443), (SERVER, 8443)})
+    assert t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=0)[0] is Verdict.INBOUND
+    assert t.outbound(tcp_packet(CLIENT, 40000, SERVER, 8443, SYN), False, 1, now=0)[0] is Verdict.PASS
+    assert t.stats.refused_collision == 1
+
+
+def test_orphan_replies_of_the_proxy_towards_an_ai_endpoint_are_dropped() -> None:
+    t = make({(SERVER, 443)})
+    assert t.outbound(tcp_packet(CLIENT, PROXY, SERVER, 40000, ACK), False, 1, now=0) == (Verdict.DROP, None)
+    # ... but not towards anything else, nor on loopback
+    assert t.outbound(tcp_packet(CLIENT, PROXY, "198.18.1.9", 40000, ACK), False, 1, now=0)[0] is Verdict.PASS
+    assert t.outbound(tcp_packet("127.0.0.1", PROXY, "127.0.0.1", 40000, ACK), True, 1, now=0)[0] is Verdict.PASS
+
+
+def test_the_proxys_own_flows_are_excluded_where_there_is_no_socket_mark() -> None:
+    t = make({(SERVER, 443)}, own={(CLIENT, 0)})
+    assert t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, SYN), False, 1, now=0)[0] is Verdict.PASS
+    assert t.stats.own_flows == 1
+
+
+@pytest.mark.parametrize("raw", [
+    bytearray(b"\x45" + bytes(10)),  # too short
+    tcp_packet(CLIENT, 1, SERVER, 2)[:30],  # truncated TCP header
+    bytearray(b"\x60" + bytes(59)),  # IPv6, next header not TCP
+])
+def test_what_is_not_a_whole_tcp_packet_passes(raw: bytearray) -> None:
+    assert parse_tcp(raw) is None
+    assert make({(SERVER, 443)}).outbound(raw, False, 1, now=0) == (Verdict.PASS, None)
