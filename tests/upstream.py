@@ -83,8 +83,9 @@ class Upstream:
         self.connections: list[Recording] = []
         self.port = 0
 
-    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async def serve(self, host: str | None = "127.0.0.1", port: int = 0, *,
+                    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         async with listener:
             self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
             task_status.started(self.port)

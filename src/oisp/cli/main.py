@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--add-endpoint", action="append", metavar="PROVIDER=HOST[:PORT]",
                      help="also intercept HOST as PROVIDER")
     run.add_argument("--remove-endpoint", action="append", metavar="HOST", help="do not intercept HOST")
+    run.add_argument("--interface", action="append", metavar="NAME",
+                     help="transparent mode: divert on this interface (repeatable; default: the real interfaces)")
     run.add_argument("--name-constrained-ca", action="store_true", default=None,
                      help="use a CA that can only vouch for the AI endpoints (install it instead of the full one)")
 
@@ -69,11 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", type=Path, help="also write the demo's events to this JSONL file")
     demo.add_argument("--json", action="store_true", help="print events as JSON lines")
 
-    ca = commands.add_parser("ca", help="the oisp certificate authority")
-    ca.add_argument("action", choices=["path", "export"])
-    ca.add_argument("--confdir", type=Path)
-    ca.add_argument("--format", choices=["pem", "der"], default="pem")
-    ca.add_argument("--out", type=Path, help="write the export here instead of stdout")
+    from oisp.cli.ca import configure_parser as configure_ca
+
+    configure_ca(commands.add_parser("ca", help="the oisp CA: show, export, install into trust stores, client env"))
     return parser
 
 
@@ -101,6 +101,8 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
         changes["resolve"] = (*config.resolve, *args.resolve)
     if getattr(args, "add_endpoint", None):
         changes["endpoints_add"] = (*config.endpoints_add, *(_endpoint_flag(v) for v in args.add_endpoint))
+    if getattr(args, "interface", None):
+        changes["interfaces"] = tuple(args.interface)
     if getattr(args, "remove_endpoint", None):
         changes["endpoints_remove"] = (*config.endpoints_remove, *args.remove_endpoint)
     sinks = list(config.sinks)
@@ -184,21 +186,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_ca(args: argparse.Namespace) -> int:
-    from oisp.tls import CertificateAuthority
+    from oisp.cli.ca import run_ca
 
-    ca = CertificateAuthority.load_or_create(args.confdir)
-    if args.action == "path":
-        print(ca.cert_path)
-        return 0
-    data = ca.export(args.format)
-    if args.out is not None:
-        args.out.write_bytes(data)
-        print(args.out)
-    elif args.format == "pem":
-        sys.stdout.write(data.decode("ascii"))
-    else:
-        sys.stdout.buffer.write(data)
-    return 0
+    return run_ca(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,9 +16,9 @@ from oisp.attribution import Attributor
 from oisp.config import Config
 from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable, permitted_domains
-from oisp.errors import ConfigurationError
+from oisp.errors import ConfigurationError, InterceptionError
 from oisp.events import Event
-from oisp.hookspecs import Sink
+from oisp.hookspecs import DecoderSettings, Sink
 from oisp.pipeline import Enricher, Pipeline
 from oisp.plugins import OispPluginManager, create_plugin_manager
 from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode, UpstreamOverride
@@ -98,18 +99,27 @@ async def run(
     Stopping is graceful: the proxy stops accepting, in-flight connections get ``drain_timeout`` seconds,
     then the pipeline delivers every queued event and closes the sinks before this returns.
     """
-    if config.mode == ProxyMode.TRANSPARENT:
-        raise ConfigurationError("proxy.mode: transparent mode needs the interceptor (oisp.interception), "
-                                 "which this runner does not start yet; use explicit or reverse")
+    transparent = config.mode == ProxyMode.TRANSPARENT
+    if transparent:
+        _require_privileges()
     plugins = create_plugin_manager()
     endpoints = endpoint_table(plugins, config)
     ca = load_ca(config, endpoints)
     host, port = parse_listen(config.listen)
+    if transparent and config.listen == Config().listen:
+        host, port = "::", 0  # diverted connections arrive addressed to the original destination
+    interceptor = None
+    before_connect = None
+    if transparent:
+        from oisp.interception import LOOPBACK_MAX_SEGMENT, mark_upstream_socket
+
+        before_connect = mark_upstream_socket
     proxy_config = ProxyConfig(
         mode=config.mode, listen_host=host, listen_port=port, upstream_ca=config.upstream_ca,
         upstream_insecure=config.upstream_insecure,
         overrides=tuple(UpstreamOverride.parse(item) for item in config.resolve),
         reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl,
+        listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
         **({"body_cap": config.body_cap} if config.body_cap else {}),
     )
     sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
@@ -124,13 +134,20 @@ async def run(
         pipeline.add_listener(on_event)
     stop = stop or anyio.Event()
     async with pipeline:
-        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=EventDecoder(plugins, pipeline.emit),
-                          attributor=Attributor())
+        observer = EventDecoder(plugins, pipeline.emit, settings=DecoderSettings(
+            streaming_chunks=config.streaming_chunks))
+        lookup = _LateLookup()
+        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer, attributor=Attributor(),
+                          original_destinations=lookup if transparent else None,
+                          before_upstream_connect=before_connect)
         async with anyio.create_task_group() as tg:
             address = await tg.start(_serve, proxy, tg.cancel_scope)
+            if transparent:
+                interceptor = await _start_interceptor(config, endpoints, address[1])
+                lookup.source = interceptor
             if handle_signals:
                 tg.start_soon(_stop_on_signal, stop)
-            tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout)
+            tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
             logger.info("oisp %s proxy listening on %s:%d (CA: %s)", config.mode, address[0], address[1],
                         ca.cert_path)
             task_status.started(Running(address, proxy, pipeline, ca))
@@ -146,10 +163,64 @@ async def _serve(proxy: MitmProxy, scope: anyio.CancelScope, *, task_status: Tas
     scope.cancel()
 
 
-async def _shutdown_when(stop: anyio.Event, proxy: MitmProxy, drain_timeout: float) -> None:
-    """Graceful stop: no new connections; in-flight ones get ``drain_timeout`` seconds to finish."""
-    await stop.wait()
+async def _shutdown_when(stop: anyio.Event, proxy: MitmProxy, drain_timeout: float, interceptor: Any) -> None:
+    """Graceful stop: diverting stops first (new connections go direct), then the proxy stops accepting and
+    in-flight connections get ``drain_timeout`` seconds to finish."""
+    try:
+        await stop.wait()
+    finally:
+        if interceptor is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(interceptor.stop)
     await proxy.shutdown(drain_timeout)
+
+
+class _LateLookup:
+    """The proxy's original-destination lookup, answered by the interceptor once it has started (the proxy
+    must be listening first, so the interceptor knows which port to divert to)."""
+
+    def __init__(self) -> None:
+        self.source: Any = None
+
+    def original_destination(self, client: tuple[str, int], local: tuple[str, int]) -> Any:
+        return None if self.source is None else self.source.original_destination(client, local)
+
+
+async def _start_interceptor(config: Config, endpoints: EndpointTable, proxy_port: int) -> Any:
+    from oisp.interception import Interceptor, InterceptorConfig, TargetSet
+
+    interceptor = Interceptor(InterceptorConfig(proxy_port=proxy_port, interfaces=config.interfaces or None),
+                              TargetSet.from_endpoints(endpoints))
+    await anyio.to_thread.run_sync(interceptor.start)
+    logger.info("diverting connections to %d AI endpoint(s) on %s", len(endpoints),
+                ", ".join(config.interfaces) if config.interfaces else "the machine's interfaces")
+    return interceptor
+
+
+def _require_privileges() -> None:
+    """Transparent mode diverts packets: that takes root (Linux: CAP_NET_ADMIN and CAP_BPF or CAP_SYS_ADMIN) or
+    Administrator (Windows)."""
+    import os
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        caps = next((int(line.split()[1], 16) for line in status.read_text().splitlines()
+                     if line.startswith("CapEff:")), 0)
+        net_admin, sys_admin, bpf = (caps >> 12) & 1, (caps >> 21) & 1, (caps >> 39) & 1
+        if not (net_admin and (bpf or sys_admin)):
+            raise InterceptionError("transparent mode diverts packets and needs root: run it with sudo "
+                                    "(or use --mode explicit, which needs no privileges)")
+        return
+    if hasattr(os, "geteuid"):
+        if os.geteuid() != 0:
+            raise InterceptionError("transparent mode diverts packets and needs root: run it with sudo "
+                                    "(or use --mode explicit, which needs no privileges)")
+        return
+    import ctypes
+
+    if not ctypes.windll.shell32.IsUserAnAdmin():  # type: ignore[attr-defined]
+        raise InterceptionError("transparent mode diverts packets and needs Administrator rights: run the "
+                                "terminal as Administrator (or use --mode explicit)")
 
 
 async def _stop_on_signal(stop: anyio.Event) -> None:

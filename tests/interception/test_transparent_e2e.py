@@ -1,0 +1,206 @@
+"""The whole mission, for real, as root in network namespaces: apps that are not configured at all (they only
+trust the oisp CA) call AI endpoints; ``oisp run --mode transparent`` diverts, decrypts, decodes and attributes.
+
+Workstation topology: client namespace (apps + oisp: diverter and proxy) ── veth ── upstream namespace (servers
+standing in for api.openai.com on IPv4 and api.anthropic.com on IPv6, and a non-AI host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from tests.interception.conftest import HERE
+from tests.netns import Lab, Namespace, lab_unavailable_reason, poll_until, read_line
+
+from oisp.events import Event
+
+pytestmark = pytest.mark.root
+BULK = 50 * 1024 * 1024
+
+
+@dataclass
+class Workstation:
+    lab: Lab
+    client: Namespace
+    upstream: Namespace
+    dev: str
+    ip4: str
+    ip6: str
+    other_ip: str
+    dir: Path
+    test_ca_file: Path
+    oisp: subprocess.Popen[str] | None = None
+
+    @property
+    def events_file(self) -> Path:
+        return self.dir / "events.jsonl"
+
+    @property
+    def oisp_ca(self) -> Path:
+        return self.dir / "conf" / "oisp-ca.pem"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "oisp.log"
+
+    def start_oisp(self) -> None:
+        log = self.log.open("w")
+        self.oisp = self.client.popen(
+            self.client.python("-m", "oisp.cli.main", "-v", "run", "--mode", "transparent", "--confdir",
+                               str(self.dir / "conf"), "--upstream-ca", str(self.test_ca_file), "--output",
+                               str(self.events_file), "--stdout", "none", "--interface", self.dev),
+            stdout=subprocess.DEVNULL, stderr=log, text=True)
+        log.close()
+        poll_until(lambda: "diverting connections" in self.log.read_text() or self.oisp.poll() is not None,
+                   timeout=60, what="oisp to start diverting")
+        assert self.oisp.poll() is None, self.log.read_text()[-4000:]
+
+    def events(self) -> list[Event]:
+        if not self.events_file.exists():
+            return []
+        return [Event.from_json(line) for line in self.events_file.read_text().splitlines() if line.strip()]
+
+    def wait_events(self, predicate: object, what: str) -> list[Event]:
+        return poll_until(lambda: (lambda ev: ev if predicate(ev) else None)(self.events()),  # type: ignore[operator]
+                          timeout=30, what=what)
+
+    def run(self, *argv: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        argv_env = ["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
+        return self.client.run(argv_env, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def workstation(tmp_path: Path) -> Iterator[Workstation]:
+    reason = lab_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    tmp_path.chmod(0o755)
+    ca = trustme.CA()
+    cert = ca.issue_cert("api.openai.com", "api.anthropic.com", "example.net")
+    cert_file, key_file, ca_file = tmp_path / "up.pem", tmp_path / "up.key", tmp_path / "test-ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    with Lab() as lab:
+        client, upstream = lab.namespace(), lab.namespace()
+        link = lab.link(client, upstream)
+        other_ip = link.ip4_b.rsplit(".", 1)[0] + ".3"
+        lab.add_address(upstream, link.dev_b, other_ip)
+        client.set_hosts({"api.openai.com": [link.ip4_b], "api.anthropic.com": [link.ip6_b],
+                          "example.net": [other_ip]})
+        server = upstream.popen(upstream.python(str(HERE / "_ai_upstream.py"), str(cert_file), str(key_file)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert read_line(server, timeout=30) == "ready"
+        ollama = client.popen(client.python(str(HERE / "_servers.py"), "http", "127.0.0.1", "11434"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert read_line(ollama, timeout=15) == "ready"
+        ws = Workstation(lab, client, upstream, link.dev_a, link.ip4_b, link.ip6_b, other_ip, tmp_path, ca_file)
+        ws.start_oisp()
+        yield ws
+        if ws.oisp is not None and ws.oisp.poll() is None:
+            ws.oisp.send_signal(signal.SIGTERM)
+            ws.oisp.wait(timeout=30)
+
+
+OPENAI_CLIENT = """
+import json, os, sys
+import openai
+client = openai.OpenAI(api_key="sk-proj-" + "e" * 40, max_retries=0)
+r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}])
+print(json.dumps({"pid": os.getpid(), "exe": os.path.realpath(sys.executable),
+                  "answer": r.choices[0].message.content}))
+"""
+
+
+def test_unconfigured_openai_sdk_and_curl_are_intercepted_decoded_and_attributed(workstation: Workstation) -> None:
+    ws = workstation
+    out = ws.run(sys.executable, "-c", OPENAI_CLIENT, env={"SSL_CERT_FILE": str(ws.oisp_ca)})
+    assert out.returncode == 0, out.stderr[-3000:] + ws.log.read_text()[-3000:]
+    client = json.loads(out.stdout)
+    assert client["answer"] == "Hello from upstream"
+    curl = ws.run("curl", "-sS", "--cacert", str(ws.oisp_ca), "https://api.openai.com/v1/chat/completions",
+                  "-H", "content-type: application/json", "-d", '{"model": "gpt-4o", "messages": []}')
+    assert curl.returncode == 0 and "Hello from upstream" in curl.stdout, curl.stderr
+    events = ws.wait_events(lambda ev: len([e for e in ev if e.event_type == "ai.response"]) >= 2,
+                            "two ai.response events")
+    requests = [e for e in events if e.event_type == "ai.request"]
+    sdk = next(e for e in requests if e.process and e.process.pid == client["pid"])
+    assert sdk.process is not None and sdk.process.exe == client["exe"]
+    assert sdk.data.messages[0].content == "Say hello"  # type: ignore[attr-defined]
+    assert sdk.data.auth.key_prefix == "sk-proj-"  # type: ignore[attr-defined]
+    assert "e" * 40 not in ws.events_file.read_text()
+    by_curl = [e for e in requests if e.process and e.process.name == "curl"]
+    assert len(by_curl) == 1 and by_curl[0].process.exe == "/usr/bin/curl"  # type: ignore[union-attr]
+    connects = [e for e in events if e.event_type == "network.connect"]
+    assert connects and all(e.attrs and e.attrs["oisp.interception"] == "intercepted" for e in connects)
+    assert {e.data.dest.ip for e in connects} == {ws.ip4}  # type: ignore[attr-defined]
+    assert all(e.attrs and e.attrs.get("oisp.pid_hint") for e in connects)  # pids from the FLOW/SOCKET layers
+
+
+def test_ipv6_endpoint_is_intercepted(workstation: Workstation) -> None:
+    ws = workstation
+    curl = ws.run("curl", "-sS", "-6", "--cacert", str(ws.oisp_ca), "https://api.anthropic.com/v1/messages",
+                  "-d", '{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}')
+    assert curl.returncode == 0 and "Hello over IPv6" in curl.stdout, curl.stderr + ws.log.read_text()[-3000:]
+    events = ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "ai.response")
+    connect = next(e for e in events if e.event_type == "network.connect")
+    assert connect.data.dest.ip == ws.ip6  # type: ignore[attr-defined]
+    assert connect.data.tls.sni == "api.anthropic.com"  # type: ignore[attr-defined]
+
+
+def test_loopback_ollama_plain_http_is_intercepted(workstation: Workstation) -> None:
+    ws = workstation
+    curl = ws.run("curl", "-sS", "http://127.0.0.1:11434/api/chat", "-d", '{"model": "llama3", "messages": []}')
+    assert curl.returncode == 0 and "POST /api/chat" in curl.stdout, curl.stderr
+    events = ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "ai.response")
+    request = next(e for e in events if e.event_type == "ai.request")
+    assert request.data.provider.name == "ollama"  # type: ignore[attr-defined]
+    assert request.process is not None and request.process.name == "curl"
+
+
+def test_non_ai_host_passes_untouched(workstation: Workstation) -> None:
+    ws = workstation
+    curl = ws.run("curl", "-sS", "--cacert", str(ws.test_ca_file), "https://example.net/")
+    assert curl.returncode == 0 and '"ok": true' in curl.stdout, curl.stderr  # the real certificate, no oisp
+    ai = ws.run("curl", "-sS", "--cacert", str(ws.oisp_ca), "https://api.openai.com/v1/models")
+    assert ai.returncode == 0
+    events = ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "ai.response")
+    assert all((e.data.dest.domain or "") != "example.net" for e in events  # type: ignore[attr-defined]
+               if e.event_type == "network.connect")
+
+
+def test_bulk_transfer_is_relayed_intact(workstation: Workstation) -> None:
+    ws = workstation
+    target = ws.dir / "bulk.bin"
+    curl = ws.run("curl", "-sS", "--cacert", str(ws.oisp_ca), "-o", str(target), f"https://api.openai.com/bulk/{BULK}",
+                  timeout=120)
+    assert curl.returncode == 0, curl.stderr
+    pattern = bytes(range(256)) * 4096
+    expected = hashlib.sha256((pattern * (BULK // len(pattern) + 1))[:BULK]).hexdigest()
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == expected
+    events = ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "ai.response")
+    response = next(e for e in events if e.event_type == "ai.response")
+    assert response.attrs and response.attrs["http.status"] == 200
+
+
+def test_fails_open_when_the_proxy_is_killed(workstation: Workstation) -> None:
+    ws = workstation
+    assert ws.oisp is not None
+    ws.oisp.kill()
+    ws.oisp.wait(timeout=10)
+    # Direct again within seconds: the client now sees the real certificate (it trusts only the test CA here).
+    def direct() -> bool:
+        out = ws.run("curl", "-sS", "--max-time", "2", "--cacert", str(ws.test_ca_file),
+                     "https://api.openai.com/v1/models", timeout=10)
+        return out.returncode == 0
+    poll_until(direct, timeout=15, interval=0.5, what="connections to go direct after the proxy died")
