@@ -27,7 +27,7 @@ from oisp.events import (
     TlsInfo,
 )
 from oisp.events.envelope import COLLECTOR
-from oisp.hookspecs import ExchangeDecoder
+from oisp.hookspecs import DecoderSettings, ExchangeDecoder
 from oisp.http.exchange import ConnectionInfo, HttpExchange
 from oisp.plugins import OispPluginManager
 from oisp.providers.metadata import MetadataDecoder
@@ -152,10 +152,13 @@ class _ConnectionListener:
 class EventDecoder:
     """The proxy's observer: exchanges → provider plugins → events; connections → ``network.connect``."""
 
-    def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True) -> None:
+    def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True,
+                 settings: DecoderSettings | None = None) -> None:
         self.plugins = plugins
         self._emit = emit
         self.connect_events = connect_events
+        #: Handed to every ``oisp_exchange_decoder`` call (``streaming_chunks`` and the like).
+        self.settings = settings or DecoderSettings()
 
     def connection(self, report: ConnectionReport) -> None:
         if not self.connect_events:
@@ -169,7 +172,8 @@ class EventDecoder:
 
     def decoder_for(self, exchange: HttpExchange) -> tuple[str, ExchangeDecoder]:
         """The first provider plugin that claims the exchange, and its decoder."""
-        for name, decoder in self.plugins.call_each("oisp_exchange_decoder", exchange=exchange):
+        for name, decoder in self.plugins.call_each("oisp_exchange_decoder", exchange=exchange,
+                                                    settings=self.settings):
             if isinstance(decoder, ExchangeDecoder):
                 return name, decoder
             logger.error("plugin %s returned %r from oisp_exchange_decoder, not an ExchangeDecoder", name, decoder)

@@ -12,7 +12,7 @@ isolation: an exception in one plugin is logged with the plugin's name and the o
 Provider plugins
     ``oisp_endpoints`` says which hosts are AI endpoints (so the proxy intercepts them);
     ``oisp_exchange_decoder`` claims one HTTP exchange and returns an :class:`ExchangeDecoder` that turns it,
-    incrementally, into OISP events.
+    incrementally, into OISP events, honouring the runner's :class:`DecoderSettings`.
 
 Sink plugins
     ``oisp_sink_types`` names the sink kinds a plugin offers and the factory that builds one from its
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROJECT_NAME",
+    "DecoderSettings",
     "EndpointSpec",
     "ExchangeDecoder",
     "Sink",
@@ -60,6 +61,17 @@ class EndpointSpec:
     host: str
     port: int = 443
     tls: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class DecoderSettings:
+    """What the runner asks of every exchange decoder (from the ``[capture]`` configuration).
+
+    ``streaming_chunks``: also emit one ``ai.streaming_chunk`` event per chunk of a streamed response (off by
+    default: a long answer has hundreds of them).
+    """
+
+    streaming_chunks: bool = False
 
 
 @runtime_checkable
@@ -104,11 +116,12 @@ class ProviderSpec:
         raise NotImplementedError
 
     @hookspec
-    def oisp_exchange_decoder(self, exchange: HttpExchange) -> ExchangeDecoder | None:
+    def oisp_exchange_decoder(self, exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
         """Claim ``exchange`` by returning a decoder for it, or return None to leave it to others.
 
         Called once per exchange, when its request is complete. The first plugin (in registration order,
-        ``tryfirst``/``trylast`` respected) that returns a decoder owns the exchange.
+        ``tryfirst``/``trylast`` respected) that returns a decoder owns the exchange. ``settings`` say what the
+        runner wants decoded (an implementation may leave the argument out of its signature, as pluggy allows).
         """
         raise NotImplementedError
 

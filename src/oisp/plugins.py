@@ -38,6 +38,13 @@ ENTRY_POINT_GROUPS = ("oisp.providers", "oisp.sinks")
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "oisp.providers.endpoints",
     "oisp.providers.openai",
+    "oisp.providers.ollama",
+    "oisp.providers.replicate",
+    "oisp.providers.anthropic",
+    "oisp.providers.google",
+    "oisp.providers.cohere",
+    "oisp.providers.huggingface",
+    "oisp.providers.bedrock",
     "oisp.providers.metadata",
     "oisp.sinks.builtin",
 )

@@ -100,6 +100,7 @@ _TOOL_TYPES = (
     (re.compile(r"(edit|patch|replace|apply)_?(file|diff|patch)?|str_replace"), "file_edit"),
     (re.compile(r"bash|shell|exec|run_?command|terminal|subprocess"), "shell"),
     (re.compile(r"search|google|bing|lookup"), "search"),
+    (re.compile(r"computer_?use"), "computer_use"),
     (re.compile(r"browse|navigate|click|screenshot|computer"), "browser"),
     (re.compile(r"sql|query_?db|database"), "database"),
     (re.compile(r"python|code_?interpreter|execute_?code|run_?code"), "code_execution"),
@@ -338,25 +339,44 @@ class ResponseState:
     chunks: int = 0
     problems: list[str] = attrs.field(factory=list)
     extra: dict[str, Any] = attrs.field(factory=dict)
+    #: Extra keys for the response event's ``attrs`` (provider measurements such as durations).
+    attrs: dict[str, Any] = attrs.field(factory=dict)
     #: Embedding responses: how many vectors and their size.
     embedding_count: int | None = None
     embedding_dimensions: int | None = None
+    #: Proxy timestamp (``time.monotonic_ns``) of the response chunk being decoded; None outside streams.
+    now_ns: int | None = None
+    #: When the first generated content (text, reasoning or a tool call) arrived: the time to first token.
+    first_content_ns: int | None = None
+
+    def _content_seen(self) -> None:
+        if self.first_content_ns is None:
+            self.first_content_ns = self.now_ns
 
     def choice(self, index: int = 0) -> _ChoiceState:
-        return self.choices.setdefault(index, _ChoiceState())
+        choice = self.choices.get(index)
+        if choice is None:  # not setdefault: it would build a state per stream chunk
+            choice = self.choices[index] = _ChoiceState()
+        return choice
 
     def add_text(self, text: str | None, index: int = 0) -> None:
         if text:
             self.choice(index).text.append(text)
+            self._content_seen()
 
     def add_thinking(self, text: str | None, index: int = 0) -> None:
         if text:
             self.choice(index).thinking.append(text)
+            self._content_seen()
 
     def tool_call(self, position: int, *, choice: int = 0, id: str | None = None, name: str | None = None,
                   arguments: str | None = None, parsed: Any = None, type: str | None = None) -> None:
         """Add to the tool call at ``position`` (fragments of arguments are concatenated in order)."""
-        state = self.choice(choice).tool_calls.setdefault(position, _ToolCallState())
+        calls = self.choice(choice).tool_calls
+        state = calls.get(position)
+        if state is None:
+            state = calls[position] = _ToolCallState()
+        self._content_seen()
         if id:
             state.id = id
         if name:
@@ -409,6 +429,10 @@ class ApiDecoder:
         """Fill :attr:`state` from one item of a streamed response (an SseEvent, NdjsonValue, ...)."""
         raise NotImplementedError
 
+    def on_response_complete(self, exchange: HttpExchange) -> None:
+        """Called once the whole response has been read (streamed or not, also when it was cut short), before
+        the response event is built: settle what only the end can tell (default: nothing)."""
+
     def on_error_json(self, exchange: HttpExchange, body: Any) -> ResponseError:
         """The error of a non-2xx response body (default: OpenAI-style ``{"error": {...}}``)."""
         error = body.get("error") if isinstance(body, Mapping) else None
@@ -434,6 +458,11 @@ class ApiDecoder:
         if "vnd.amazon.eventstream" in content_type:
             return EventStreamDecoder()
         return None
+
+    def auth_info(self, exchange: HttpExchange) -> AuthInfo | None:
+        """How the request authenticated (default: :func:`auth_from_exchange`); a provider whose bearer tokens
+        are API keys without a known prefix says so here."""
+        return auth_from_exchange(exchange)
 
     def provider_info(self, exchange: HttpExchange) -> ProviderInfo:
         """Provider name and endpoint (URL with credentials removed), plus organization and project headers."""
@@ -465,7 +494,7 @@ class ApiDecoder:
         request_id = f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
         data = AiRequest(
             request_id=request_id, provider=self.provider_info(exchange),
-            model=ModelInfo(id=facts.model) if facts.model else None, auth=auth_from_exchange(exchange),
+            model=ModelInfo(id=facts.model) if facts.model else None, auth=self.auth_info(exchange),
             request_type=facts.request_type, streaming=facts.streaming, messages=facts.messages or None,
             messages_count=len(facts.messages) if facts.messages else None,
             has_system_prompt=facts.system_prompt is not None or any(m.role == "system" for m in facts.messages),
@@ -488,6 +517,8 @@ class ApiDecoder:
             self._framing = self.stream_framing(exchange) if 200 <= status < 300 else None
         if self._framing is None:
             return ()
+        chunks = exchange.timings.response_chunks
+        self.state.now_ns = chunks[-1][0] if chunks else None
         return self._consume(exchange, self._framing.feed(data))
 
     def _consume(self, exchange: HttpExchange, items: Iterable[Any]) -> list[Event]:
@@ -505,9 +536,7 @@ class ApiDecoder:
                 logger.debug("stream item not understood", exc_info=True)
                 continue
             if before is not None:
-                chunk = self._chunk_event(exchange, before)
-                if chunk is not None:
-                    out.append(chunk)
+                out += self._chunk_events(exchange, before)
         return out
 
     def on_end(self, exchange: HttpExchange) -> Iterable[Event]:
@@ -532,6 +561,11 @@ class ApiDecoder:
                     logger.debug("response body not understood", exc_info=True)
         elif status is not None and status >= 400 and self.state.error is None:
             self.state.error = ResponseError(type="http_error", code=str(status))
+        try:
+            self.on_response_complete(exchange)
+        except Exception as exc:
+            self.state.problems.append(f"response not understood: {type(exc).__name__}")
+            logger.debug("response not understood", exc_info=True)
         response_event = self._response_event(exchange, status)
         events.append(response_event)
         events += self._tool_call_events(exchange, response_event)
@@ -569,21 +603,22 @@ class ApiDecoder:
         if state.provider_request_id is None and response_headers is not None:
             state.provider_request_id = (response_headers.get("x-request-id") or response_headers.get("request-id")
                                          or response_headers.get("x-amzn-requestid"))
-        total, ttft = _latencies(exchange)
+        total, ttft = _latencies(exchange, state.first_content_ns)
         success = status is not None and 200 <= status < 300 and state.error is None and not exchange.partial
         request_id = f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
         related = [RelatedEvent(event_id=self._request_event.event_id, relationship="caused_by")] \
             if self._request_event is not None else None
         confidence = self._confidence(exchange, request_side=False)
         model = ModelInfo(id=state.model or facts.model) if (state.model or facts.model) else None
-        if facts.request_type == "embedding":
+        if facts.request_type == "embedding" and success:  # a failed one is an ai.response with its error
             data_embedding = AiEmbedding(
                 provider=self.provider_info(exchange), model=model,
                 input_count=facts.extra.get("input_count"), total_tokens=state.usage.get("total_tokens")
                 or state.usage.get("prompt_tokens"), dimensions=state.embedding_dimensions, latency_ms=total,
+                extra=dict(state.extra),
             )
             return Event.create(data_embedding, confidence=confidence, attrs=self._attrs(exchange, {
-                "oisp.request_id": request_id, "oisp.success": success}), related_events=related)
+                "oisp.request_id": request_id, "oisp.success": success, **state.attrs}), related_events=related)
         choices: list[Choice] = []
         calls: list[ToolCall] = []
         finish: str | None = None
@@ -616,7 +651,8 @@ class ApiDecoder:
             usage=usage, latency_ms=total, time_to_first_token_ms=ttft, finish_reason=finish,
             extra={**({"thinking": "\n".join(thinking)} if thinking else {}), **state.extra},
         )
-        return Event.create(data, confidence=confidence, attrs=self._attrs(exchange, {}), related_events=related)
+        return Event.create(data, confidence=confidence, attrs=self._attrs(exchange, state.attrs),
+                            related_events=related)
 
     @staticmethod
     def _tool_call(call: _ToolCallState) -> ToolCall:
@@ -681,31 +717,39 @@ class ApiDecoder:
             ))
         return out
 
-    def _snapshot(self) -> tuple[dict[int, int], dict[int, dict[int, int]]]:
-        texts = {i: len("".join(c.text)) for i, c in self.state.choices.items()}
-        calls = {i: {p: len("".join(t.arguments)) for p, t in c.tool_calls.items()}
-                 for i, c in self.state.choices.items()}
-        return texts, calls
+    def _snapshot(self) -> dict[int, tuple[int, int, Any, dict[int, int]]]:
+        """Per choice: how many text pieces, thinking pieces, the finish reason and argument pieces per call
+        (counts of pieces, not characters, so taking a snapshot per chunk stays cheap on long answers)."""
+        return {i: (len(c.text), len(c.thinking), c.finish_raw, {p: len(t.arguments) for p, t in c.tool_calls.items()})
+                for i, c in self.state.choices.items()}
 
-    def _chunk_event(self, exchange: HttpExchange,
-                     before: tuple[dict[int, int], dict[int, dict[int, int]]]) -> Event | None:
-        texts, calls = before
-        for index, choice in self.state.choices.items():
-            text = "".join(choice.text)[texts.get(index, 0):]
+    def _chunk_events(self, exchange: HttpExchange,
+                      before: dict[int, tuple[int, int, Any, dict[int, int]]]) -> list[Event]:
+        """One ``ai.streaming_chunk`` per choice the last stream item changed."""
+        out: list[Event] = []
+        for index, choice in sorted(self.state.choices.items()):
+            texts, thoughts, finish, calls = before.get(index, (0, 0, None, {}))
+            text = "".join(choice.text[texts:])
+            thinking = "".join(choice.thinking[thoughts:])
             deltas = []
             for position, call in choice.tool_calls.items():
-                args = "".join(call.arguments)[calls.get(index, {}).get(position, 0):]
-                if args or position not in calls.get(index, {}):
+                args = "".join(call.arguments[calls.get(position, 0):])
+                if args or position not in calls:
                     deltas.append(ToolCall(id=call.id, name=call.name, arguments=args or None))
-            if text or deltas or choice.finish_raw is not None:
-                return Event.create(
+            finished = choice.finish_raw is not None and choice.finish_raw != finish
+            if text or thinking or deltas or finished:
+                extra: dict[str, Any] = {"thinking": thinking} if thinking else {}
+                if index:
+                    extra["choice_index"] = index
+                out.append(Event.create(
                     AiStreamingChunk(request_id=f"req_{exchange.connection.connection_id}_{exchange.exchange_id}",
                                      chunk_index=self.state.chunks - 1,
                                      delta=ChunkDelta(content=text or None, tool_calls=deltas or None),
-                                     finish_reason=normalize_finish_reason(choice.finish_raw)),
+                                     finish_reason=normalize_finish_reason(choice.finish_raw) if finished else None,
+                                     extra=extra),
                     confidence=Confidence(level="high", completeness="full"),
-                )
-        return None
+                ))
+        return out
 
 
 def _str(value: Any) -> str | None:
@@ -722,11 +766,13 @@ def _tool_choice(value: Any) -> Any:
     return value  # objects are mapped to "specific" by the spec-gap mapping, original kept
 
 
-def _latencies(exchange: HttpExchange) -> tuple[int | None, int | None]:
+def _latencies(exchange: HttpExchange, first_content_ns: int | None = None) -> tuple[int | None, int | None]:
+    """(total, time to first token) in ms. A stream's first token is the chunk that brought the first content,
+    not its first byte (keep-alive comments and Azure's empty filter chunks come before any token)."""
     t = exchange.timings
     if t.request_start is None:
         return None, None
     total = (t.response_end - t.request_start) // 1_000_000 if t.response_end is not None else None
-    first = t.response_first_byte or t.response_headers
+    first = first_content_ns or t.response_first_byte or t.response_headers
     ttft = (first - t.request_start) // 1_000_000 if first is not None else None
     return total, ttft
