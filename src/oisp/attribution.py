@@ -44,6 +44,9 @@ KNOWN_APPS: dict[str, dict[str, Any]] = {
     "ollama": {"app_id": "ollama", "name": "Ollama", "category": "server", "type": "server"},
 }
 _MAX_ANCESTORS = 16
+#: Longest command line kept for the process itself and for its parent (the rest is cut, marked with "…").
+CMDLINE_LIMIT = 4096
+PARENT_CMDLINE_LIMIT = 512
 
 
 @attrs.frozen
@@ -126,7 +129,8 @@ class Attributor:
         ancestors = _ancestors(proc)
         process = ProcessInfo(
             pid=proc.pid, ppid=info.get("ppid"), exe=info.get("exe") or None, name=info.get("name") or None,
-            cmdline=" ".join(cmdline) if cmdline else None, cmdline_args=list(cmdline) if cmdline else None,
+            cmdline=_cmdline_text(cmdline, CMDLINE_LIMIT),
+            cmdline_args=list(cmdline) if cmdline and len(" ".join(cmdline)) <= CMDLINE_LIMIT else None,
             cwd=info.get("cwd") or None,
             start_time=format_ts(datetime.fromtimestamp(info["create_time"], UTC)) if info.get("create_time")
             else None,
@@ -160,15 +164,24 @@ def _ancestors(proc: psutil.Process) -> list[ParentProcess]:
             if parent is None:
                 break
             with parent.oneshot():
-                cmdline = parent.cmdline()
+                # Only the direct parent's command line is kept (shortened): higher up, command lines tend to
+                # carry whole environments and session tokens, and the chain of names is what identifies an app.
+                cmdline = _cmdline_text(parent.cmdline(), PARENT_CMDLINE_LIMIT) if not chain else None
                 chain.append(ParentProcess(pid=parent.pid, exe=_safe(parent.exe), name=parent.name(),
-                                           cmdline=" ".join(cmdline) if cmdline else None))
+                                           cmdline=cmdline))
         except psutil.Error:
             break
         if parent.pid in (0, 1):
             break
         current = parent
     return chain
+
+
+def _cmdline_text(args: list[str] | None, limit: int) -> str | None:
+    if not args:
+        return None
+    text = " ".join(args)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _safe(getter: Callable[[], str]) -> str | None:

@@ -119,9 +119,11 @@ class ProviderSpec:
     def oisp_exchange_decoder(self, exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
         """Claim ``exchange`` by returning a decoder for it, or return None to leave it to others.
 
-        Called once per exchange, when its request is complete. The first plugin (in registration order,
-        ``tryfirst``/``trylast`` respected) that returns a decoder owns the exchange. ``settings`` say what the
-        runner wants decoded (an implementation may leave the argument out of its signature, as pluggy allows).
+        Called once per exchange, when its request is complete. The first plugin asked that returns a decoder
+        owns the exchange. Plugins are asked in pluggy's order: the most recently registered first (so installed
+        third-party plugins come before oisp's built-ins), ``tryfirst``/``trylast`` respected. ``settings`` say
+        what the runner wants decoded (an implementation may leave the argument out of its signature, as pluggy
+        allows).
         """
         raise NotImplementedError
 

@@ -166,3 +166,18 @@ def test_name_constrained_ca_is_used_for_ai_hosts_and_cannot_vouch_for_others(
         assert client.get("https://api.openai.com/v1/models").status_code == 200
     code, stderr = oisp.stop()
     assert code == 0, stderr
+
+
+def test_a_busy_port_and_a_bad_body_cap_are_clear_errors(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        out = subprocess.run([*OISP, "run", "--confdir", str(tmp_path), "--listen", f"127.0.0.1:{port}",
+                              "--stdout", "none"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert f"oisp: error: listen: cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([*OISP, "run", "--confdir", str(tmp_path), "--body-cap", "0"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "--body-cap: 0 must be a positive number of bytes" in out.stderr

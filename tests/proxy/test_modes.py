@@ -111,3 +111,23 @@ def test_configuration_errors_name_the_key() -> None:
         "api.openai.com", 443, "127.0.0.1", 443)
     assert UpstreamOverride.parse("api.openai.com:443:[::1]:8443") == UpstreamOverride(
         "api.openai.com", 443, "::1", 8443)
+
+
+def test_a_host_the_name_constrained_ca_may_not_vouch_for_is_passed_through(
+        tmp_path: Path, test_ca: trustme.CA) -> None:
+    import ssl
+
+    from tests.proxy.clients import tls_tunnel
+
+    from oisp.tls import CertificateAuthority
+
+    with running_stack(tmp_path, test_ca) as stack:
+        # A CA constrained to api.anthropic.com only: api.openai.com is an endpoint it cannot vouch for.
+        stack.proxy.ca = CertificateAuthority.load_or_create(tmp_path / "nc", permitted_domains=["api.anthropic.com"])
+        context = ssl.create_default_context()
+        test_ca.configure_trust(context)
+        sock = tls_tunnel(stack.proxy_address, "api.openai.com", context, ["http/1.1"])
+        with sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
+            assert read_all(sock).startswith(b"HTTP/1.1 200")  # the real upstream answered, untouched
+        assert stack.proxy.stats.decisions == {"passthrough": 1}

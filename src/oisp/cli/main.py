@@ -105,11 +105,15 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
         changes["interfaces"] = tuple(args.interface)
     if getattr(args, "remove_endpoint", None):
         changes["endpoints_remove"] = (*config.endpoints_remove, *args.remove_endpoint)
+    if args.body_cap is not None and args.body_cap <= 0:
+        raise ConfigurationError(f"--body-cap: {args.body_cap} must be a positive number of bytes")
     sinks = list(config.sinks)
     if args.output is not None:
         sinks.append({"kind": "jsonl", "path": str(args.output)})
+    if args.stdout in ("line", "json", "live", "none"):  # the flag replaces any stdout sink of the file
+        sinks = [s for s in sinks if s.get("kind") != "stdout"]
     if args.stdout in ("line", "json"):
-        sinks = [s for s in sinks if s.get("kind") != "stdout"] + [{"kind": "stdout", "format": args.stdout}]
+        sinks.append({"kind": "stdout", "format": args.stdout})
     changes["sinks"] = tuple(sinks)
     return attrs.evolve(config, **changes)
 
@@ -214,8 +218,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OispError as exc:
         print(f"oisp: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # errors raised inside the runner's task groups
+        first = _first_oisp_error(group)
+        if first is None:
+            raise
+        print(f"oisp: error: {first}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _first_oisp_error(group: BaseExceptionGroup[BaseException]) -> OispError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, OispError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_oisp_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

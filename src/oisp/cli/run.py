@@ -120,7 +120,7 @@ async def run(
         overrides=tuple(UpstreamOverride.parse(item) for item in config.resolve),
         reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl,
         listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
-        **({"body_cap": config.body_cap} if config.body_cap else {}),
+        **({"body_cap": config.body_cap} if config.body_cap is not None else {}),
     )
     sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
     enrichers: list[Enricher] = []
@@ -141,12 +141,12 @@ async def run(
                           original_destinations=lookup if transparent else None,
                           before_upstream_connect=before_connect)
         async with anyio.create_task_group() as tg:
+            if handle_signals:  # before anything can be announced, so an early Ctrl+C stops gracefully too
+                await tg.start(_stop_on_signal, stop)
             address = await tg.start(_serve, proxy, tg.cancel_scope)
             if transparent:
                 interceptor = await _start_interceptor(config, endpoints, address[1])
                 lookup.source = interceptor
-            if handle_signals:
-                tg.start_soon(_stop_on_signal, stop)
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
             logger.info("oisp %s proxy listening on %s:%d (CA: %s)", config.mode, address[0], address[1],
                         ca.cert_path)
@@ -223,8 +223,9 @@ def _require_privileges() -> None:
                                 "terminal as Administrator (or use --mode explicit)")
 
 
-async def _stop_on_signal(stop: anyio.Event) -> None:
+async def _stop_on_signal(stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             logger.info("received %s; stopping (draining in-flight calls, flushing sinks)",
                         signal.Signals(signum).name)

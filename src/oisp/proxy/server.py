@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream,
 
 from oisp.attribution import Attribution
 from oisp.endpoints import EndpointTable
-from oisp.errors import ProtocolError
+from oisp.errors import CertificateError, ProtocolError
 from oisp.hookspecs import EndpointSpec
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.config import ProxyConfig, ProxyMode
@@ -44,6 +45,8 @@ _PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPOR
                "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED", "DECRYPT_ERROR")
 _MAX_CLIENT_HELLO = 64 * 1024
 _ids = itertools.count(1)
+#: Distinguishes this process's connection ids (and so request ids) from those of earlier runs.
+_RUN = secrets.token_hex(3)
 
 
 class _ClientHello(Protocol):
@@ -55,6 +58,8 @@ class _ClientHello(Protocol):
 
 
 class _CertificateAuthority(Protocol):
+    def leaf_for(self, host: str) -> Any: ...
+
     def server_context(self, host: str, alpn: Sequence[str] | None) -> ssl.SSLContext: ...
 
 
@@ -205,7 +210,7 @@ class MitmProxy:
     async def _handle(self, client: SocketStream) -> None:
         self.stats.connections += 1
         self.stats.active += 1
-        connection_id = f"c{next(_ids)}"
+        connection_id = f"c{_RUN}.{next(_ids)}"
         client_addr = _addr(client, SocketAttribute.remote_address)
         local_addr = _addr(client, SocketAttribute.local_address)
         try:
@@ -324,6 +329,14 @@ class MitmProxy:
             return
         if self.pinned.is_pinned(name, process_key):
             report.decision = Decision.PINNED_PASSTHROUGH
+            await self._passthrough(client, buffer, host, port, report)
+            return
+        try:
+            self.ca.leaf_for(name)  # cached; fails early for a host a name-constrained CA may not vouch for
+        except CertificateError as exc:
+            logger.warning("connection %s: no certificate for %s (%s); passing it through untouched",
+                           connection_id, name, exc)
+            report.error = str(exc)
             await self._passthrough(client, buffer, host, port, report)
             return
         await self._intercept(client, buffer, hello, name, host, port, endpoint, report, process_key)
