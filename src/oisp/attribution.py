@@ -9,12 +9,15 @@ exited before it could be described is reported as exited, never guessed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -75,6 +78,10 @@ class Attributor:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._connections = connections or (lambda: psutil.net_connections(kind="inet"))
+        # /proc lets one socket be found without listing every socket of every process (Linux); the processes
+        # that made AI calls before are searched first, since the same agents keep calling.
+        self._procfs = connections is None and _PROC_NET.is_dir()
+        self._recent: OrderedDict[int, None] = OrderedDict()
 
     def __call__(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None) -> Attribution | None:
         pid = pid_hint if pid_hint else self.pid_for(client, local)
@@ -84,6 +91,12 @@ class Attributor:
 
     def pid_for(self, client: tuple[str, int], local: tuple[str, int]) -> int | None:
         """The pid owning the client end of a TCP connection to ``local`` (None when not on this machine)."""
+        if self._procfs:
+            inode = _socket_inode(client, local)
+            if inode is not None:
+                pid = self._pid_owning(inode)
+                if pid is not None:
+                    return pid
         try:
             table = self._connections()
         except (psutil.Error, OSError) as exc:
@@ -95,6 +108,21 @@ class Attributor:
                 continue
             if _same(laddr, client) and _same(raddr, local):
                 return int(conn.pid)
+        return None
+
+    def _pid_owning(self, inode: int) -> int | None:
+        target = f"socket:[{inode}]"
+        with self._lock:
+            recent = list(reversed(self._recent))
+        ordered = recent + [pid for pid in _all_pids() if pid not in self._recent]
+        for pid in ordered:
+            if _has_fd(pid, target):
+                with self._lock:
+                    self._recent[pid] = None
+                    self._recent.move_to_end(pid)
+                    while len(self._recent) > 64:
+                        self._recent.popitem(last=False)
+                return pid
         return None
 
     def describe(self, pid: int) -> Attribution:
@@ -142,6 +170,69 @@ class Attributor:
                       user=info.get("username") or None, terminal=info.get("terminal") or None,
                       is_elevated=getattr(uids, "effective", None) == 0 if uids is not None else None)
         return Attribution(process, actor, _app_for(process, ancestors))
+
+
+_PROC_NET = Path("/proc/net")
+
+
+def _hex_endpoint(address: tuple[str, int]) -> tuple[str, str]:
+    """The (address, port) of a socket as ``/proc/net/tcp{,6}`` writes them (IPv4 as IPv4-mapped IPv6 in tcp6)."""
+    ip = ipaddress.ip_address(_norm_ip(address[0]))
+    port = f"{address[1]:04X}"
+    if ip.version == 4:
+        return socket.inet_pton(socket.AF_INET, str(ip))[::-1].hex().upper(), port
+    packed = socket.inet_pton(socket.AF_INET6, str(ip))
+    words = b"".join(packed[i:i + 4][::-1] for i in range(0, 16, 4))
+    return words.hex().upper(), port
+
+
+def _mapped(address: tuple[str, int]) -> tuple[str, int] | None:
+    ip = ipaddress.ip_address(_norm_ip(address[0]))
+    return (f"::ffff:{ip}", address[1]) if ip.version == 4 else None
+
+
+def _socket_inode(client: tuple[str, int], local: tuple[str, int]) -> int | None:
+    """The inode of the TCP socket whose local end is ``client`` and remote end ``local`` (from /proc/net)."""
+    candidates = [(_hex_endpoint(client), _hex_endpoint(local), "tcp")]
+    mapped_client, mapped_local = _mapped(client), _mapped(local)
+    if mapped_client and mapped_local:
+        candidates.append((_hex_endpoint(mapped_client), _hex_endpoint(mapped_local), "tcp6"))
+    elif ":" in client[0]:
+        candidates = [(_hex_endpoint(client), _hex_endpoint(local), "tcp6")]
+    for (caddr, cport), (laddr, lport), table in candidates:
+        want_local, want_remote = f"{caddr}:{cport}", f"{laddr}:{lport}"
+        try:
+            with open(_PROC_NET / table, encoding="ascii") as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
+                        return int(fields[9]) or None
+        except OSError:
+            continue
+    return None
+
+
+def _all_pids() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def _has_fd(pid: int, target: str) -> bool:
+    directory = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{directory}/{name}") == target:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _same(address: Any, expected: tuple[str, int]) -> bool:

@@ -102,8 +102,7 @@ _KEY_PREFIXES = (
 
 _DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("private_key", re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|.*\Z)",
-        re.DOTALL,
+        r"(?s:-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|.*\Z))"
     )),
     ("anthropic_api_key", re.compile(r"\bsk-ant-[A-Za-z0-9_-]{20,}")),
     ("openai_api_key", re.compile(r"\bsk-(?:proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}")),
@@ -117,7 +116,7 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("replicate_token", re.compile(r"\br8_[A-Za-z0-9]{30,}")),
     ("perplexity_api_key", re.compile(r"\bpplx-[A-Za-z0-9]{40,}")),
     ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")),
-    ("bearer_token", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{16,}")),
+    ("bearer_token", re.compile(r"(?i:\bbearer\s+[A-Za-z0-9._~+/=-]{16,})")),
 )
 
 
@@ -206,6 +205,9 @@ class Redactor:
     profile: str = "default"
     extra_patterns: Mapping[str, str] = attrs.field(factory=dict)
     _detectors: tuple[tuple[str, re.Pattern[str]], ...] = attrs.field(init=False)
+    #: One pass that tells whether any detector could match: most strings hold no secret, and then this
+    #: single search is all the work done for them.
+    _any_secret: re.Pattern[str] | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -219,9 +221,15 @@ class Redactor:
             except re.error as exc:
                 raise ConfigurationError(f"redaction.patterns.{name}: {pattern!r} is not a regex: {exc}") from None
         self._detectors = (*_DETECTORS, *extra)
+        try:
+            self._any_secret = re.compile("|".join(f"(?:{regex.pattern})" for _, regex in self._detectors))
+        except re.error:  # a custom pattern with global inline flags cannot be combined: scan one by one
+            self._any_secret = None
 
     def redact_text(self, text: str) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
         """Scan one string: the whole-secret marker, or the text with secrets replaced, plus findings."""
+        if self._any_secret is not None and self._any_secret.search(text) is None:
+            return text, []
         findings: dict[str, int] = {}
         spans: list[tuple[int, int, str]] = []
         for name, regex in self._detectors:

@@ -146,6 +146,7 @@ class MitmProxy:
         self.stats = ProxyStats()
         self.address: tuple[str, int] | None = None
         self._listener: SocketListener | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._connections_scope: anyio.CancelScope | None = None
         self._draining = False
         self._drained = anyio.Event()
@@ -167,6 +168,7 @@ class MitmProxy:
         self._listener = listener
         async with listener, anyio.create_task_group() as connections:
             self._connections_scope = connections.cancel_scope
+            self._tasks = connections
             bound = listener.extra(SocketAttribute.local_address)
             self.address = (str(bound[0]), int(bound[1]))
             logger.info("oisp proxy (%s mode) listening on %s:%d", self.config.mode, *self.address)
@@ -242,7 +244,7 @@ class MitmProxy:
             return
         except (TimeoutError, anyio.EndOfStream, *_NET_ERRORS):
             return
-        who = await self._attribute(client_addr, local_addr, None)
+        who = self._attribute(client_addr, local_addr, None)
         if request.tunnel:
             await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
@@ -265,7 +267,7 @@ class MitmProxy:
                            connection_id, *client_addr)
             return
         pid_hint = getattr(original, "pid", None)
-        who = await self._attribute(client_addr, local_addr, pid_hint)
+        who = self._attribute(client_addr, local_addr, pid_hint)
         await self._route(client, b"", connection_id, client_addr, str(original.ip), int(original.port), who,
                           pid_hint)
 
@@ -273,21 +275,22 @@ class MitmProxy:
                        local_addr: tuple[str, int]) -> None:
         from oisp.proxy.reverse import serve_reverse
 
-        who = await self._attribute(client_addr, local_addr, None)
+        who = await self._attribute(client_addr, local_addr, None).get()
         await serve_reverse(self, client, connection_id, client_addr, who)
 
-    async def _attribute(self, client_addr: tuple[str, int], local_addr: tuple[str, int],
-                         pid_hint: int | None) -> Attribution | None:
-        if self.attributor is None:
-            return None
-        try:
-            return await anyio.to_thread.run_sync(self.attributor, client_addr, local_addr, pid_hint)
-        except Exception:
-            logger.exception("process attribution failed for %s:%d", *client_addr)
-            return None
+    def _attribute(self, client_addr: tuple[str, int], local_addr: tuple[str, int],
+                   pid_hint: int | None) -> _PendingAttribution:
+        """Start naming the connection's process in a worker thread; the proxy reads the ClientHello meanwhile
+        and only waits for the answer when it needs it (the process is part of the interception decision)."""
+        pending = _PendingAttribution()
+        if self.attributor is None or self._tasks is None:
+            pending.done.set()
+        else:
+            self._tasks.start_soon(pending.run, self.attributor, client_addr, local_addr, pid_hint)
+        return pending
 
     async def _route(self, client: SocketStream, initial: bytes, connection_id: str, client_addr: tuple[str, int],
-                     host: str, port: int, who: Attribution | None, pid_hint: int | None) -> None:
+                     host: str, port: int, pending: _PendingAttribution, pid_hint: int | None) -> None:
         """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
         buffer = initial
         hello: _ClientHello | None = None
@@ -311,6 +314,7 @@ class MitmProxy:
             return
         name = hello.sni if hello is not None and hello.sni else host
         endpoint = self.endpoints.match(name, port)
+        who = await pending.get()
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=name,
             target_port=port, decision=Decision.PASSTHROUGH, success=True, pid_hint=pid_hint,
@@ -372,9 +376,11 @@ class MitmProxy:
             await relay(client, upstream)
 
     async def _plain(self, client: SocketStream, buffer: bytes, connection_id: str, client_addr: tuple[str, int],
-                     host: str, port: int, endpoint: EndpointSpec | None, who: Attribution | None,
-                     pid_hint: int | None) -> None:
+                     host: str, port: int, endpoint: EndpointSpec | None,
+                     who: Attribution | _PendingAttribution | None, pid_hint: int | None) -> None:
         """Plain HTTP: decoded when it goes to an AI endpoint, relayed untouched either way."""
+        if isinstance(who, _PendingAttribution):
+            who = await who.get()
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=host,
             target_port=port, decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
@@ -522,6 +528,31 @@ class MitmProxy:
 
 
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class _PendingAttribution:
+    """The process behind a connection, being looked up in a worker thread."""
+
+    #: Longest wait for an answer; a connection is never held longer for attribution.
+    TIMEOUT = 2.0
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Attribution | None = None
+
+    async def run(self, attributor: Attributor, client: tuple[str, int], local: tuple[str, int],
+                  pid_hint: int | None) -> None:
+        try:
+            self.value = await anyio.to_thread.run_sync(attributor, client, local, pid_hint)
+        except Exception:
+            logger.exception("process attribution failed for %s:%d", *client)
+        finally:
+            self.done.set()
+
+    async def get(self) -> Attribution | None:
+        with anyio.move_on_after(self.TIMEOUT):
+            await self.done.wait()
+        return self.value
 
 
 def _who(who: Attribution | None) -> dict[str, Any]:
