@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, SocketListener, SocketStream
@@ -54,8 +56,13 @@ async def connect_tcp(host: str, port: int, *, before_connect: SocketHook | None
 
     Raises ``OSError`` with the last failure when no address accepts.
     """
+    infos: Sequence[tuple[int, int, int, str, Any]]
     with anyio.fail_after(timeout):
-        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:
+            # An address needs no resolver: this answers at once, where anyio.getaddrinfo takes a worker thread.
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: OSError | None = None
         for family, kind, proto, _, sockaddr in infos:
             sock = socket.socket(family, kind, proto)
@@ -67,7 +74,8 @@ async def connect_tcp(host: str, port: int, *, before_connect: SocketHook | None
                 code = sock.connect_ex(sockaddr)
                 if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
                     raise OSError(code, f"connect to {host}:{port}: {errno.errorcode.get(code, code)}")
-                await anyio.wait_writable(sock)
+                if not _finished_connecting(sock):
+                    await anyio.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     raise OSError(code, f"connect to {host}:{port}: {errno.errorcode.get(code, code)}")
@@ -79,6 +87,16 @@ async def connect_tcp(host: str, port: int, *, before_connect: SocketHook | None
                 sock.close()
                 raise
         raise last or OSError(f"connect to {host}:{port}: no address")
+
+
+def _finished_connecting(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect has already finished (on loopback it usually has), so no event loop round
+    trip is needed to learn it. ``poll`` rather than ``select``: descriptors above 1023 are common in a proxy."""
+    if not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 class PrefixedStream(ByteStream):

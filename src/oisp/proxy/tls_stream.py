@@ -20,6 +20,9 @@ __all__ = ["TlsStream"]
 T = TypeVar("T")
 
 _MAX_READ = 256 * 1024
+#: The largest plaintext a TLS record carries. Only a full record (bulk data) is merged with the records queued
+#: behind it: smaller ones (a streamed event, a request) go on alone, so interactive traffic is chunked as before.
+_FULL_RECORD = 16 * 1024
 
 
 class TlsStream(ByteStream):
@@ -34,6 +37,7 @@ class TlsStream(ByteStream):
         self._send_lock = anyio.Lock()
         self._eof_sent = False
         self._transport_eof = False
+        self._deferred: ssl.SSLError | None = None
 
     @classmethod
     async def handshake(
@@ -82,10 +86,21 @@ class TlsStream(ByteStream):
 
     # I/O ----------------------------------------------------------------------------------------
     async def _flush(self) -> None:
-        async with self._send_lock:
+        # Runs after every TLS read and write, so the common cases stay cheap: with nothing queued and no send in
+        # flight there is nothing to wait for, and an uncontended lock is taken without yielding to the event
+        # loop (``async with`` would yield first, letting the decoder run before the bytes go out).
+        if not self._outgoing.pending and not self._send_lock.locked():
+            return
+        try:
+            self._send_lock.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             data = self._outgoing.read()
             if data:
                 await self.transport.send(data)
+        finally:
+            self._send_lock.release()
 
     async def _retry(self, operation: Callable[..., T], *args: Any) -> T:
         while True:
@@ -107,9 +122,19 @@ class TlsStream(ByteStream):
                 return result
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        """Decrypted bytes; ``anyio.EndOfStream`` after the peer's close_notify or EOF."""
+        """Decrypted bytes; ``anyio.EndOfStream`` after the peer's close_notify or EOF.
+
+        In bulk transfers, records that have already arrived are decrypted together, up to ``max_bytes``: a TLS
+        record holds at most 16 KiB, and relaying each one on its own costs a send (and a syscall) per record.
+        """
         try:
+            if self._deferred is not None:
+                error, self._deferred = self._deferred, None
+                raise error
             data = await self._retry(self.ssl_object.read, max_bytes)
+            if len(data) >= _FULL_RECORD and len(data) < max_bytes and self._incoming.pending:
+                data = self._read_buffered(data, max_bytes)
+                await self._flush()
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
             raise anyio.EndOfStream from None
         except ssl.SSLError as exc:
@@ -117,6 +142,23 @@ class TlsStream(ByteStream):
         if not data:
             raise anyio.EndOfStream
         return data
+
+    def _read_buffered(self, first: bytes, max_bytes: int) -> bytes:
+        """``first`` plus whatever the records already in the incoming buffer decrypt to, never waiting."""
+        parts, size = [first], len(first)
+        while size < max_bytes and self._incoming.pending:
+            try:
+                more = self.ssl_object.read(max_bytes - size)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as exc:
+                self._deferred = exc  # the next receive() reports it, after the bytes that came before it
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
 
     async def send(self, item: bytes) -> None:
         """Encrypt and send ``item`` (waits until the transport took it: backpressure)."""

@@ -1,0 +1,622 @@
+"""What the proxy costs a client: oisp next to a direct connection and next to mitmproxy, measured in one run.
+
+Run ``.venv/bin/python bench/bench_proxy.py`` (about three minutes on 2 cores; ``--quick`` for a short run,
+``--help`` for the options). Everything stays on loopback and in temporary directories:
+
+* the upstream (``_proxy_upstream.py``, its own process) is a lean TLS server for api.openai.com with a
+  certificate from a throwaway CA (trustme), speaking HTTP/1.1 and HTTP/2;
+* oisp is the real CLI, ``oisp run --mode explicit ... --stdout none --output events.jsonl``, so events really
+  are decoded and written; it reaches the upstream through ``--resolve api.openai.com:443:127.0.0.1:PORT``;
+* mitmproxy 11.0.2 (the newest for Python 3.11; its pins clash with oisp's, so it gets its own virtual
+  environment, created on first use in ``~/.cache/oisp-bench/mitmproxy-11.0.2``) runs as ``mitmdump`` in
+  regular (explicit) mode with its defaults otherwise (HTTP/2 on, no flow file, ``-q``) plus a small addon
+  that does what ``--resolve`` does for oisp (connect to the upstream's address when the target is
+  api.openai.com:443; SNI and certificate checks still use api.openai.com) and that streams
+  ``text/event-stream`` responses, without which mitmproxy holds every SSE chunk until the stream ends;
+* the clients (``_proxy_client.py``, one process per measurement) CONNECT to api.openai.com:443 through the
+  proxy, or go straight to the upstream for the direct column;
+* with ``--relay-only``, one more column: oisp's proxy configured like ``oisp run`` but with nothing decoded
+  (``_oisp_relay_only.py``), which separates the cost of interception from the cost of decoding and events;
+  ``--profile`` then samples oisp with py-spy under load and prints where its CPU time goes.
+
+Results and their discussion: ``docs/performance.md``.
+
+"Added" is the proxy's number minus the direct number measured in the same run (medians from medians, p99 from
+p99). Measurements alternate between direct, oisp and mitmproxy in rounds so slow drift in machine load hits
+all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trustme
+
+import oisp
+from oisp.tls import CertificateAuthority
+
+HERE = Path(__file__).resolve().parent
+MITMPROXY_VERSION = "11.0.2"
+DEFAULT_MITM_VENV = Path.home() / ".cache" / "oisp-bench" / f"mitmproxy-{MITMPROXY_VERSION}"
+MIB = 1 << 20
+RELAY_ONLY = "oisp-relay"
+
+MITM_ADDON = '''
+"""Connect to the benchmark upstream for api.openai.com:443 (oisp: --resolve); stream SSE responses."""
+
+UPSTREAM = ("127.0.0.1", {port})
+
+
+class BenchRouting:
+    def server_connect(self, data):
+        if tuple(data.server.address or ()) == ("api.openai.com", 443):
+            data.server.address = UPSTREAM
+
+    def responseheaders(self, flow):
+        if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+            flow.response.stream = True
+
+
+addons = [BenchRouting()]
+'''
+
+MITM_LEAF = '''
+import statistics, sys, tempfile, time
+from mitmproxy import certs
+from cryptography import x509
+store = certs.CertStore.from_store(tempfile.mkdtemp(), "mitmproxy", 2048)
+runs = int(sys.argv[1])
+for i in range(20):
+    store.get_cert(f"w{i}.example.com", [x509.DNSName(f"w{i}.example.com")])
+samples = []
+for i in range(runs):
+    host = f"l{i}.example.com"
+    start = time.perf_counter_ns()
+    store.get_cert(host, [x509.DNSName(host)])
+    samples.append(time.perf_counter_ns() - start)
+print(statistics.median(samples))
+'''
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def ensure_mitmproxy(venv: Path) -> tuple[Path | None, str]:
+    """(mitmdump path, "") when mitmproxy is usable, else (None, why not)."""
+    mitmdump, python = venv / "bin" / "mitmdump", venv / "bin" / "python"
+    check = [str(python), "-c", "import mitmproxy.version as v; print(v.VERSION)"]
+    if mitmdump.exists():
+        found = subprocess.run(check, capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip() == MITMPROXY_VERSION:
+            return mitmdump, ""
+    print(f"creating {venv} with mitmproxy {MITMPROXY_VERSION} (once; takes a minute) ...", file=sys.stderr)
+    base = getattr(sys, "_base_executable", sys.executable)
+    try:
+        subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"mitmproxy=={MITMPROXY_VERSION}"], check=True,
+                       capture_output=True, timeout=900)
+    except subprocess.CalledProcessError as exc:
+        tail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
+        return None, f"could not set up mitmproxy {MITMPROXY_VERSION} in {venv}: {' / '.join(tail)}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"could not create {venv}: {exc}"
+    found = subprocess.run(check, capture_output=True, text=True)
+    if found.returncode != 0:
+        return None, f"mitmproxy in {venv} does not import: {found.stderr.strip()[-300:]}"
+    return mitmdump, ""
+
+
+@dataclass
+class Target:
+    """One column: how clients reach api.openai.com, and which process to watch."""
+
+    name: str
+    proxy: tuple[str, int] | None
+    pid: int
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    upstream_port: int
+    cafiles: list[str]
+    targets: list[Target]
+    upstream_pid: int
+    events_file: Path
+    mitm_missing: str = ""
+    mitm_python: Path | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def running_stack(mitm_venv: Path | None, relay_only: bool) -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="oisp-bench-proxy-") as tmp_name:
+        tmp = Path(tmp_name)
+        test_ca = trustme.CA()
+        leaf = test_ca.issue_cert("api.openai.com")
+        test_ca.cert_pem.write_to_path(str(tmp / "upstream-ca.pem"))
+        leaf.private_key_pem.write_to_path(str(tmp / "upstream-key.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(tmp / "upstream-cert.pem"))
+        processes: list[subprocess.Popen[bytes]] = []
+        logs = contextlib.ExitStack()
+        try:
+            port_file = tmp / "upstream.port"
+            upstream_log = tmp / "upstream.log"
+            upstream = subprocess.Popen(
+                [sys.executable, str(HERE / "_proxy_upstream.py"), str(tmp / "upstream-cert.pem"),
+                 str(tmp / "upstream-key.pem"), str(port_file)],
+                stdout=subprocess.DEVNULL, stderr=logs.enter_context(upstream_log.open("wb")))
+            processes.append(upstream)
+            deadline = time.monotonic() + 30
+            while not port_file.exists():
+                if upstream.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the upstream did not start:\n{upstream_log.read_text()[-3000:]}")
+                time.sleep(0.02)
+            upstream_port = int(port_file.read_text())
+
+            confdir = tmp / "oisp-conf"
+            oisp_ca = CertificateAuthority.load_or_create(confdir)
+            oisp_port, oisp_log, events = free_port(), tmp / "oisp.log", tmp / "events.jsonl"
+            oisp_cli = Path(sys.executable).with_name("oisp")
+            command = [str(oisp_cli)] if oisp_cli.exists() else [sys.executable, "-m", "oisp.cli.main"]
+            help_text = subprocess.run([*command, "run", "--help"], capture_output=True, text=True).stdout
+            if "--config" in help_text:  # an empty configuration file: the user's oisp.toml must not count
+                (tmp / "oisp.toml").write_text("")
+                config = ["--config", str(tmp / "oisp.toml")]
+            else:
+                config = []
+            oisp_proc = subprocess.Popen(
+                [*command, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}", "--confdir",
+                 str(confdir), "--output", str(events), "--stdout", "none", "--upstream-ca",
+                 str(tmp / "upstream-ca.pem"), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream_port}"],
+                stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")))
+            processes.append(oisp_proc)
+            wait_listening(oisp_port, oisp_proc, oisp_log, "oisp run")
+            cafiles = [str(tmp / "upstream-ca.pem"), str(oisp_ca.cert_path)]
+            targets = [Target("direct", None, upstream.pid), Target("oisp", ("127.0.0.1", oisp_port), oisp_proc.pid)]
+
+            if relay_only:
+                relay_port, relay_log = free_port(), tmp / "relay-only.log"
+                relay = subprocess.Popen(
+                    [sys.executable, str(HERE / "_oisp_relay_only.py"), str(relay_port), str(upstream_port),
+                     str(confdir), str(tmp / "upstream-ca.pem")], stdout=subprocess.DEVNULL,
+                    stderr=logs.enter_context(relay_log.open("wb")))
+                processes.append(relay)
+                wait_listening(relay_port, relay, relay_log, "oisp relay only")
+                targets.append(Target(RELAY_ONLY, ("127.0.0.1", relay_port), relay.pid))
+
+            missing = "skipped (--no-mitmproxy)"
+            if mitm_venv is not None:
+                mitmdump, missing = ensure_mitmproxy(mitm_venv)
+                if mitmdump is not None:
+                    mitm_port, mitm_log, mitm_conf = free_port(), tmp / "mitmproxy.log", tmp / "mitm-conf"
+                    addon = tmp / "bench_routing.py"
+                    addon.write_text(MITM_ADDON.format(port=upstream_port))
+                    mitm = subprocess.Popen(
+                        [str(mitmdump), "--mode", "regular", "--listen-host", "127.0.0.1", "--listen-port",
+                         str(mitm_port), "--set", f"confdir={mitm_conf}", "--set",
+                         f"ssl_verify_upstream_trusted_ca={tmp / 'upstream-ca.pem'}", "-q", "-s", str(addon)],
+                        stdout=subprocess.DEVNULL, stderr=logs.enter_context(mitm_log.open("wb")))
+                    processes.append(mitm)
+                    wait_listening(mitm_port, mitm, mitm_log, "mitmdump")
+                    cafiles.append(str(mitm_conf / "mitmproxy-ca-cert.pem"))
+                    targets.append(Target("mitmproxy", ("127.0.0.1", mitm_port), mitm.pid))
+            mitm_python = mitm_venv / "bin" / "python" if mitm_venv is not None and not missing else None
+            yield Stack(tmp, upstream_port, cafiles, targets, upstream.pid, events, missing, mitm_python, processes)
+        finally:
+            for process in reversed(processes):
+                stop(process)
+            logs.close()
+
+
+# -- measuring ----------------------------------------------------------------------------------------------------
+class Sampler:
+    """Samples RSS and CPU time of some processes in a thread: peak RSS, and CPU share within a time window."""
+
+    def __init__(self, pids: list[int], interval: float) -> None:
+        self.processes = {pid: psutil.Process(pid) for pid in pids}
+        self.interval = interval
+        self.samples: dict[int, list[tuple[float, int, float]]] = {pid: [] for pid in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _take(self) -> None:
+        for pid, process in self.processes.items():
+            with contextlib.suppress(psutil.Error), process.oneshot():
+                cpu = process.cpu_times()
+                self.samples[pid].append((time.monotonic(), process.memory_info().rss, cpu.user + cpu.system))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def __enter__(self) -> Sampler:
+        self._take()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+    def baseline_rss(self, pid: int) -> int:
+        return self.samples[pid][0][1]
+
+    def peak_rss(self, pid: int) -> int:
+        return max(rss for _, rss, _ in self.samples[pid])
+
+    def cpu_share(self, pid: int, start: float, end: float) -> float:
+        inside = [(t, cpu) for t, _, cpu in self.samples[pid] if start <= t <= end]
+        if len(inside) < 2:
+            return float("nan")
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the kernel's peak-RSS counter (Linux); then VmHWM is the peak of what follows."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def kernel_peak(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def settle(pids: list[int], idle: float = 0.05, timeout: float = 10.0) -> None:
+    """Wait until the processes are idle: a proxy may still be writing the events of the previous run."""
+    processes = [psutil.Process(pid) for pid in pids]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = [sum(p.cpu_times()[:2]) for p in processes]
+        time.sleep(0.1)
+        if all(sum(p.cpu_times()[:2]) - b < idle * 0.1 for p, b in zip(processes, before, strict=True)):
+            return
+
+
+def client(stack: Stack, target: Target, **cfg: Any) -> dict[str, Any]:
+    settle(sorted({target.pid, stack.upstream_pid}))
+    cfg.update(upstream=["127.0.0.1", stack.upstream_port], proxy=target.proxy, cafiles=stack.cafiles)
+    done = subprocess.run([sys.executable, str(HERE / "_proxy_client.py"), json.dumps(cfg)], capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"client {cfg['kind']} via {target.name} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+@dataclass
+class Results:
+    """Everything measured, per target name."""
+
+    latency: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    rps: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    transfer: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    leaf_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(stack: Stack, args: argparse.Namespace) -> Results:
+    results = Results()
+    q = 5 if args.quick else 1
+    rounds = 1 if args.quick else args.rounds
+
+    def pooled(key: tuple[str, str], samples: list[int]) -> None:
+        results.latency.setdefault(key, []).extend(samples)
+
+    for round_ in range(rounds):
+        for target in stack.targets:
+            progress(f"round {round_ + 1}/{rounds}: keep-alive, cold and SSE latency via {target.name}")
+            for alpn, name in (("http/1.1", "h1"), ("h2", "h2")):
+                count = args.requests // rounds // (1 if alpn == "http/1.1" else 2) // q
+                out = client(stack, target, kind="latency", alpn=alpn, warmup=100, requests=count)
+                pooled((name, target.name), out["samples"])
+            out = client(stack, target, kind="cold", warmup=5, requests=args.cold // rounds // q, pause=0.002)
+            pooled(("cold", target.name), out["samples"])
+            out = client(stack, target, kind="sse", chunks=args.sse_chunks // rounds // q, interval_us=2000)
+            pooled(("sse", target.name), out["samples"])
+
+    for round_ in range(rounds):
+        for target in stack.targets:
+            progress(f"round {round_ + 1}/{rounds}: requests/s via {target.name}")
+            watch = [target.pid] if target.pid == stack.upstream_pid else [target.pid, stack.upstream_pid]
+            with Sampler(watch, 0.1) as sampler:
+                out = client(stack, target, kind="rps", connections=args.connections, warmup=20,
+                             duration=args.duration / q)
+            window = out["window"]  # the client's measuring window, in the system-wide monotonic clock
+            results.rps.setdefault(target.name, []).append(out["rps"])
+            shares = results.cpu.setdefault(target.name, {})
+            shares.setdefault("client", []).append(out["client_cpu"])
+            role = "proxy" if target.proxy else "upstream"
+            shares.setdefault(role, []).append(sampler.cpu_share(target.pid, *window))
+            if target.proxy:
+                shares.setdefault("upstream", []).append(sampler.cpu_share(stack.upstream_pid, *window))
+
+    size = args.mib * MIB
+    for round_ in range(rounds):
+        for kind in ("upload", "download"):
+            for target in stack.targets:
+                progress(f"round {round_ + 1}/{rounds}: {args.mib} MiB {kind} via {target.name}")
+                kernel = reset_peak(target.pid)
+                with Sampler([target.pid], 0.002) as sampler:
+                    out = client(stack, target, kind=kind, bytes=size)
+                peak = sampler.peak_rss(target.pid)
+                hwm = kernel_peak(target.pid) if kernel else None
+                if hwm is not None:
+                    peak = max(peak, hwm)
+                entry = results.transfer.setdefault((kind, target.name), {"mbps": 0.0, "base": 1e18, "added": 0.0})
+                entry["mbps"] = max(entry["mbps"], size / out["seconds"] / 1e6)
+                entry["base"] = min(entry["base"], sampler.baseline_rss(target.pid))
+                entry["added"] = max(entry["added"], peak - sampler.baseline_rss(target.pid))
+
+    progress("leaf issuance")
+    with tempfile.TemporaryDirectory(prefix="oisp-bench-ca-") as tmp:
+        ca = CertificateAuthority.load_or_create(Path(tmp), cache_size=args.leaves + 100)
+        for i in range(20):
+            ca.leaf_for(f"w{i}.example.com")
+        samples = []
+        for i in range(args.leaves):
+            start = time.perf_counter_ns()
+            ca.leaf_for(f"l{i}.example.com")
+            samples.append(time.perf_counter_ns() - start)
+        results.leaf_ms["oisp"] = statistics.median(samples) / 1e6
+    if stack.mitm_python is not None:
+        done = subprocess.run([str(stack.mitm_python), "-c", MITM_LEAF, str(max(50, args.leaves // 10))],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            results.leaf_ms["mitmproxy"] = float(done.stdout) / 1e6
+        else:
+            results.notes.append(f"mitmproxy leaf timing failed: {done.stderr.strip()[-300:]}")
+    return results
+
+
+#: Where oisp's CPU time goes, by the innermost oisp module on each sampled stack (first match wins).
+COMPONENTS = (
+    ("oisp/proxy/", "TLS and relay (oisp.proxy, incl. ssl and socket calls)"),
+    ("oisp/http/", "HTTP decoding (oisp.http)"),
+    ("oisp/framing/", "provider decoding (oisp.providers, oisp.decoder, oisp.framing)"),
+    ("oisp/providers/", "provider decoding (oisp.providers, oisp.decoder, oisp.framing)"),
+    ("oisp/decoder.py", "provider decoding (oisp.providers, oisp.decoder, oisp.framing)"),
+    ("oisp/redaction.py", "redaction (oisp.redaction)"),
+    ("oisp/events/", "event building and serialization (oisp.events)"),
+    ("oisp/pipeline.py", "pipeline (oisp.pipeline)"),
+    ("oisp/sinks/", "sinks (oisp.sinks)"),
+    ("oisp/attribution", "process attribution (oisp.attribution)"),
+)
+
+
+def profile_breakdown(raw: Path) -> dict[str, int]:
+    """Samples per component from a ``py-spy record -f raw`` file (busy samples only)."""
+    counts: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        frames = stack.split(";")
+        component = "event loop, anyio and the rest"
+        for frame in reversed(frames):
+            found = next((name for key, name in COMPONENTS if key in frame), None)
+            if found is not None:
+                component = found
+                break
+            if "oisp/" in frame:
+                component = "other oisp code"
+                break
+        counts[component] = counts.get(component, 0) + int(number)
+    return counts
+
+
+def profile_oisp(stack: Stack, args: argparse.Namespace) -> list[str]:
+    """Run requests/s against oisp under py-spy; where each request's CPU time goes."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        return ["--profile: py-spy not found (pip install py-spy)"]
+    target = next(t for t in stack.targets if t.name == "oisp")
+    raw, rate, seconds = stack.tmp / "oisp-profile.txt", 250, 4
+    settle([target.pid, stack.upstream_pid])
+    spy = subprocess.Popen([py_spy, "record", "-p", str(target.pid), "-r", str(rate), "-d", str(seconds + 2), "-f",
+                            "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    out = client(stack, target, kind="rps", connections=args.connections, warmup=20, duration=seconds)
+    _, err = spy.communicate(timeout=60)
+    if not raw.exists():
+        return [f"--profile: py-spy failed: {err.decode(errors='replace').strip()[-300:]}"]
+    counts = profile_breakdown(raw)
+    total = sum(counts.values())
+    lines = [f"where oisp's CPU time goes under requests/s load (py-spy: {total} busy samples at {rate} Hz, "
+             f"{out['rps']:,.0f} requests/s while sampled):"]
+    for name, count in sorted(counts.items(), key=lambda item: -item[1]):
+        lines.append(f"  {count / total:6.1%}  {name}")
+    return lines
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def ms(ns: float) -> float:
+    return ns / 1e6
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else "pass" if ok else "FAIL"
+
+
+def columns(stack: Stack) -> list[str]:
+    """Target names in table order; mitmproxy keeps its column when it is missing (cells say n/a)."""
+    names = [t.name for t in stack.targets]
+    return names if "mitmproxy" in names else [*names, "mitmproxy"]
+
+
+def table(results: Results, stack: Stack, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    names = columns(stack)
+    measured = {t.name for t in stack.targets}
+    rows: list[tuple[str, ...]] = []
+
+    def added_rows(key: str, label: str, limits: dict[str, float]) -> None:
+        direct = results.latency[(key, "direct")]
+        for stat, fn in (("median", statistics.median), ("p99", p99)):
+            base = fn(direct)
+            cells, added = [f"{ms(base):.3f} ms"], {}
+            for name in names[1:]:
+                if name in measured:
+                    added[name] = ms(fn(results.latency[(key, name)]) - base)
+                cells.append(f"{added[name]:+.3f} ms" if name in added else "n/a")
+            limit = limits.get(stat)
+            rows.append((f"{label}, {stat}", *cells, f"<= +{limit:g} ms" if limit is not None else "",
+                         verdict(None if limit is None else added["oisp"] <= limit)))
+
+    added_rows("h1", "keep-alive request h1, added", {"median": 0.3})
+    added_rows("h2", "keep-alive request h2, added", {"median": 0.3})
+    added_rows("cold", "cold request (new conn.), added", {"median": 2.0})
+
+    rps = {name: statistics.mean(values) for name, values in results.rps.items()}
+    ratio = rps["oisp"] / rps["mitmproxy"] if "mitmproxy" in rps else None
+    cells = [f"{rps[name]:,.0f}" if name in rps else "n/a" for name in names]
+    if ratio is not None:
+        cells[names.index("oisp")] += f" ({ratio:.2f}x)"
+    rows.append((f"requests/s, {args.connections} keep-alive h1 conns", *cells, ">= 3x mitmproxy",
+                 verdict(None if ratio is None else ratio >= 3)))
+
+    added_rows("sse", "SSE chunk delay, added", {"p99": 1.0})
+
+    for kind in ("upload", "download"):
+        entries = {n: results.transfer[(kind, n)] for n in names if (kind, n) in results.transfer}
+        cells = [f"{entries[n]['mbps']:,.0f} MB/s" if n in entries else "n/a" for n in names]
+        rows.append((f"{args.mib} MiB {kind}, throughput", *cells, "", "—"))
+        cells = ["—"] + [f"+{entries[n]['added'] / 1e6:.1f} MB (of {entries[n]['base'] / 1e6:.0f})"
+                         if n in entries else "n/a" for n in names[1:]]
+        rows.append((f"{args.mib} MiB {kind}, peak RSS added", *cells, "<= +30 MB",
+                     verdict(entries["oisp"]["added"] / 1e6 <= 30)))
+
+    leaf = results.leaf_ms
+    cells = ["—"] + [f"{leaf[n]:.3f} ms" if n in leaf else "—" for n in names[1:]]
+    rows.append(("leaf certificate, new host, median", *cells, "", "—"))
+    return rows
+
+
+def print_report(results: Results, stack: Stack, args: argparse.Namespace, started: float,
+                 load_before: tuple[float, ...]) -> None:
+    rows = table(results, stack, args)
+    titles = {"mitmproxy": f"mitmproxy {MITMPROXY_VERSION}", RELAY_ONLY: "oisp relay only"}
+    header = ("metric", *(titles.get(name, name) for name in columns(stack)), "target", "oisp")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print()
+    print(f"oisp {oisp.__version__}, Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, "
+          f"{platform.machine()} x{os.cpu_count()} ({platform.processor() or platform.system()}); "
+          f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"{time.monotonic() - started:.0f} s")
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))))
+    for row in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    print()
+    count = {key: len(results.latency[(key, "direct")]) for key in ("h1", "h2", "cold", "sse")}
+    print(f"samples per target: keep-alive h1 {count['h1']}, h2 {count['h2']}, cold {count['cold']}, "
+          f"SSE chunks {count['sse']} "
+          f"(one every 2 ms); requests/s: {args.connections} connections, "
+          f"{len(results.rps['direct'])} x {args.duration / (5 if args.quick else 1):g} s")
+    for name, measured in results.cpu.items():
+        shares = {who: statistics.mean(values) for who, values in measured.items()}
+        parts = ", ".join(f"{who} {share:.0%}" for who, share in shares.items())
+        rps = statistics.mean(results.rps[name])
+        proxy = f"; {shares['proxy'] / rps * 1e6:,.0f} µs of proxy CPU per request" if "proxy" in shares else ""
+        print(f"CPU during requests/s via {name} (one core = 100%): {parts}{proxy}")
+    events = sum(1 for _ in stack.events_file.open()) if stack.events_file.exists() else 0
+    print(f"oisp wrote {events} events to its JSONL output")
+    if not any(t.name == "mitmproxy" for t in stack.targets):
+        print(f"mitmproxy column missing: {stack.mitm_missing}")
+    for note in results.notes:
+        print(note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a fifth of every count and duration, one round")
+    parser.add_argument("--requests", type=int, default=3000, help="keep-alive h1 requests per target (h2: half)")
+    parser.add_argument("--cold", type=int, default=300, help="cold requests per target")
+    parser.add_argument("--sse-chunks", type=int, default=1500, help="SSE chunks per target (one per 2 ms)")
+    parser.add_argument("--connections", type=int, default=8, help="concurrent connections for requests/s")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per requests/s run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the targets this many times")
+    parser.add_argument("--mib", type=int, default=64, help="upload/download size in MiB")
+    parser.add_argument("--leaves", type=int, default=2000, help="new-host leaves issued for the leaf timing")
+    parser.add_argument("--mitmproxy-venv", type=Path, default=DEFAULT_MITM_VENV,
+                        help=f"virtual environment for mitmproxy (created if needed; default {DEFAULT_MITM_VENV})")
+    parser.add_argument("--no-mitmproxy", action="store_true", help="measure only direct and oisp")
+    parser.add_argument("--relay-only", action="store_true",
+                        help="add a column for oisp's proxy without decoding (what interception alone costs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="afterwards, sample oisp with py-spy under requests/s load and print where the time goes")
+    args = parser.parse_args()
+    started, load_before = time.monotonic(), os.getloadavg()
+    with running_stack(None if args.no_mitmproxy else args.mitmproxy_venv, args.relay_only) as stack:
+        if stack.mitm_missing and not any(t.name == "mitmproxy" for t in stack.targets):
+            progress(f"mitmproxy column missing: {stack.mitm_missing}")
+        results = measure(stack, args)
+        if args.profile:
+            progress("profiling oisp under requests/s load")
+            results.notes.extend(profile_oisp(stack, args))
+        print_report(results, stack, args, started, load_before)
+
+
+if __name__ == "__main__":
+    main()
