@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import anyio
 import attrs
 from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from oisp.errors import ProtocolError
 
 __all__ = ["DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
 
@@ -107,11 +110,17 @@ class RelayResult:
     error: str | None = None
 
 
-async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None = None) -> RelayResult:
-    """Relay both directions until both have ended (EOF propagated as half-close) or one fails."""
+async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None = None, *,
+                rewrite_client: Callable[[bytes], bytes] | None = None) -> RelayResult:
+    """Relay both directions until both have ended (EOF propagated as half-close) or one fails.
+
+    ``rewrite_client`` transforms the client's bytes before they go on (reverse mode rewrites request heads);
+    it may hold bytes back and raise ``ProtocolError`` on input it cannot follow, which ends the connection.
+    """
     result = RelayResult()
 
     async def pump(src: ByteStream, dst: ByteStream, direction: Direction, scope: anyio.CancelScope) -> None:
+        rewrite = rewrite_client if direction == "client" else None
         while True:
             try:
                 data = await src.receive(CHUNK)
@@ -121,6 +130,16 @@ async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None 
                 result.error = result.error or f"{direction} side: {exc or type(exc).__name__}"
                 scope.cancel()
                 return
+            if rewrite is not None:
+                try:
+                    data = rewrite(data)
+                except ProtocolError as exc:
+                    result.error = result.error or f"client sent malformed HTTP: {exc}"
+                    logger.info("relay: %s", result.error)
+                    scope.cancel()
+                    return
+                if not data:
+                    continue
             if feed is not None:
                 # The copy is queued before the bytes go on, so the decoder never sees an answer before the
                 # bytes that caused it. Queuing never waits.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -19,7 +18,7 @@ from anyio.abc import ByteStream, SocketStream
 from oisp.attribution import Attribution
 from oisp.errors import ConfigurationError, ProtocolError
 from oisp.http.exchange import ConnectionInfo
-from oisp.proxy.relay import CHUNK, DecodeFeed
+from oisp.proxy.relay import RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, UpstreamCertificate
 from oisp.proxy.tls_stream import TlsStream
 
@@ -198,78 +197,12 @@ async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: s
     async with upstream, anyio.create_task_group() as tg:
         if feed is not None:
             tg.start_soon(feed.run)
-        error = await _relay_rewriting(client, upstream, rewriter, feed)
-        if feed is not None:
-            feed.finish(error)
-
-
-async def _relay_rewriting(client: ByteStream, upstream: ByteStream, rewriter: RequestRewriter,
-                           feed: DecodeFeed | None) -> str | None:
-    errors: list[str] = []
-    net_errors = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-
-    async def requests(scope: anyio.CancelScope) -> None:
-        while True:
-            try:
-                data = await client.receive(CHUNK)
-            except anyio.EndOfStream:
-                break
-            except net_errors as exc:
-                errors.append(f"client side: {exc}")
-                scope.cancel()
-                return
-            try:
-                out = rewriter.feed(data)
-            except ProtocolError as exc:
-                errors.append(f"client sent malformed HTTP: {exc}")
-                logger.info("reverse proxy: %s", errors[-1])
-                scope.cancel()
-                return
-            if out:
-                if feed is not None:
-                    feed.push("client", out, time.monotonic_ns())
-                try:
-                    await upstream.send(out)
-                except net_errors as exc:
-                    errors.append(f"server side: {exc}")
-                    scope.cancel()
-                    return
-        if feed is not None:
-            feed.push("client", None, time.monotonic_ns())
+        result = RelayResult(error="relay cancelled")
         try:
-            await upstream.send_eof()
-        except (*net_errors, NotImplementedError):
-            pass
-
-    async def responses(scope: anyio.CancelScope) -> None:
-        while True:
-            try:
-                data = await upstream.receive(CHUNK)
-            except anyio.EndOfStream:
-                break
-            except net_errors as exc:
-                errors.append(f"server side: {exc}")
-                scope.cancel()
-                return
+            result = await relay(client, upstream, feed, rewrite_client=rewriter.feed)
+        finally:
             if feed is not None:
-                feed.push("server", data, time.monotonic_ns())
-            try:
-                await client.send(data)
-            except net_errors as exc:
-                errors.append(f"client side: {exc}")
-                scope.cancel()
-                return
-        if feed is not None:
-            feed.push("server", None, time.monotonic_ns())
-        try:
-            await client.send_eof()
-        except (*net_errors, NotImplementedError):
-            pass
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(requests, tg.cancel_scope)
-        tg.start_soon(responses, tg.cancel_scope)
-    return errors[0] if errors else None
+                feed.finish(result.error)
 
 
 async def _reply_502(client: ByteStream) -> None:

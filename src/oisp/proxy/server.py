@@ -246,7 +246,10 @@ class MitmProxy:
             return
         who = self._attribute(client_addr, local_addr, None)
         if request.tunnel:
-            await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            try:
+                await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            except _NET_ERRORS:
+                return  # the client left
             await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
                               request.port, who, None)
         else:
