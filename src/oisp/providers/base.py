@@ -59,7 +59,9 @@ __all__ = [
     "auth_from_exchange",
     "content_facts",
     "json_or_none",
+    "latencies",
     "normalize_finish_reason",
+    "request_id_for",
     "tool_calls_registry",
     "tool_type_for",
 ]
@@ -491,7 +493,7 @@ class ApiDecoder:
             self._request_problem = f"request body not understood: {type(exc).__name__}"
             facts = RequestFacts(request_type="other")
         self.request = facts
-        request_id = f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
+        request_id = request_id_for(exchange)
         data = AiRequest(
             request_id=request_id, provider=self.provider_info(exchange),
             model=ModelInfo(id=facts.model) if facts.model else None, auth=self.auth_info(exchange),
@@ -499,7 +501,7 @@ class ApiDecoder:
             messages_count=len(facts.messages) if facts.messages else None,
             has_system_prompt=facts.system_prompt is not None or any(m.role == "system" for m in facts.messages),
             system_prompt_hash=sha256_text(facts.system_prompt) if facts.system_prompt else None,
-            tools=facts.tools or None, tools_count=len(facts.tools), tool_choice=_tool_choice(facts.tool_choice),
+            tools=facts.tools or None, tools_count=len(facts.tools), tool_choice=facts.tool_choice,
             parameters=facts.parameters, has_images=any(m.has_images for m in facts.messages) or None,
             image_count=sum(m.image_count or 0 for m in facts.messages) or None,
             extra={**({"system_prompt": facts.system_prompt} if facts.system_prompt else {}), **facts.extra},
@@ -603,9 +605,9 @@ class ApiDecoder:
         if state.provider_request_id is None and response_headers is not None:
             state.provider_request_id = (response_headers.get("x-request-id") or response_headers.get("request-id")
                                          or response_headers.get("x-amzn-requestid"))
-        total, ttft = _latencies(exchange, state.first_content_ns)
+        total, ttft = latencies(exchange, state.first_content_ns)
         success = status is not None and 200 <= status < 300 and state.error is None and not exchange.partial
-        request_id = f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
+        request_id = request_id_for(exchange)
         related = [RelatedEvent(event_id=self._request_event.event_id, relationship="caused_by")] \
             if self._request_event is not None else None
         confidence = self._confidence(exchange, request_side=False)
@@ -742,7 +744,7 @@ class ApiDecoder:
                 if index:
                     extra["choice_index"] = index
                 out.append(Event.create(
-                    AiStreamingChunk(request_id=f"req_{exchange.connection.connection_id}_{exchange.exchange_id}",
+                    AiStreamingChunk(request_id=request_id_for(exchange),
                                      chunk_index=self.state.chunks - 1,
                                      delta=ChunkDelta(content=text or None, tool_calls=deltas or None),
                                      finish_reason=normalize_finish_reason(choice.finish_raw) if finished else None,
@@ -760,13 +762,12 @@ def _snippet(body: bytes | bytearray) -> str:
     return bytes(body[:200]).decode("utf-8", "replace")
 
 
-def _tool_choice(value: Any) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    return value  # objects are mapped to "specific" by the spec-gap mapping, original kept
+def request_id_for(exchange: HttpExchange) -> str:
+    """The ``request_id`` shared by every event of one exchange (unique across runs: see the connection id)."""
+    return f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
 
 
-def _latencies(exchange: HttpExchange, first_content_ns: int | None = None) -> tuple[int | None, int | None]:
+def latencies(exchange: HttpExchange, first_content_ns: int | None = None) -> tuple[int | None, int | None]:
     """(total, time to first token) in ms. A stream's first token is the chunk that brought the first content,
     not its first byte (keep-alive comments and Azure's empty filter chunks come before any token)."""
     t = exchange.timings

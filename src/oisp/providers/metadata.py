@@ -10,28 +10,12 @@ from oisp.endpoints import EndpointTable
 from oisp.events import AiRequest, AiResponse, Confidence, Event, ProviderInfo, RelatedEvent, ResponseError
 from oisp.hookspecs import ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
+from oisp.providers.base import latencies, request_id_for
 from oisp.redaction import redact_url
 
-__all__ = ["MetadataDecoder", "exchange_attrs", "latency_ms", "request_id_for"]
+__all__ = ["MetadataDecoder", "exchange_attrs"]
 
 _TABLE = EndpointTable()
-
-
-def request_id_for(exchange: HttpExchange) -> str:
-    """A request id unique to this exchange (stable across its events)."""
-    return f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
-
-
-def latency_ms(exchange: HttpExchange) -> tuple[int | None, int | None]:
-    """(total latency, time to first response byte) in ms, from the proxy's timestamps."""
-    t = exchange.timings
-    start = t.request_start
-    if start is None:
-        return None, None
-    total = (t.response_end - start) // 1_000_000 if t.response_end is not None else None
-    first = t.response_first_byte or t.response_headers
-    ttfb = (first - start) // 1_000_000 if first is not None else None
-    return total, ttfb
 
 
 def exchange_attrs(exchange: HttpExchange) -> dict[str, object]:
@@ -96,7 +80,7 @@ class MetadataDecoder:
         response = exchange.response
         status = response.status if response is not None else None
         success = status is not None and 200 <= status < 400 and not exchange.partial
-        total, ttfb = latency_ms(exchange)
+        total, ttfb = latencies(exchange)
         error = None
         if not success:
             reason = "; ".join(exchange.partial_reasons) or (f"HTTP {status}" if status else "no response")

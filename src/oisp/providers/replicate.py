@@ -48,7 +48,7 @@ from oisp.events import (
 from oisp.framing import SseEvent
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, RequestFacts, json_or_none, message
+from oisp.providers.base import ApiDecoder, RequestFacts, json_or_none, message, request_id_for
 
 __all__ = ["FINISHED", "PredictionTable", "ReplicateDecoder", "predictions"]
 
@@ -349,7 +349,7 @@ class ReplicateDecoder(ApiDecoder):
         if self.create and self.prediction_id and ok and not finished and self._request_event is not None:
             # Still running: the outcome comes with a later poll, cancel or stream.
             self.table.created(self.prediction_id, _Created(
-                _request_id(exchange), self._request_event.event_id,
+                request_id_for(exchange), self._request_event.event_id,
                 exchange.timings.request_start or time.monotonic_ns(), self.request.model if self.request else None,
             ), self._stream_url)
             return []
@@ -378,10 +378,6 @@ class ReplicateDecoder(ApiDecoder):
             if event.data.model is None and created.model:
                 fields["model"] = ModelInfo(id=created.model)
         return event.with_context(data=attrs.evolve(event.data, **fields), related_events=related)
-
-
-def _request_id(exchange: HttpExchange) -> str:
-    return f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
 
 
 @hookimpl
