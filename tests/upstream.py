@@ -65,7 +65,7 @@ class _RecordingStream:
         self.recording = recording
 
     async def receive(self) -> bytes:
-        data = await self.stream.receive(65536)
+        data: bytes = await self.stream.receive(65536)
         self.recording.received += data
         return data
 
@@ -109,14 +109,17 @@ class Upstream:
                 return
             recording.alpn = tls.alpn
             stream = _RecordingStream(tls, recording)
+            # except*: the h2 path runs its responses in a task group, so a peer that resets the connection
+            # (curl closing with unread data does) surfaces as an ExceptionGroup, which a plain except misses
+            # and which would then end listener.serve(): the whole server, refusing every later connection.
             try:
                 if tls.alpn == "h2":
                     await self._serve_h2(stream, recording)
                 else:
                     await self._serve_h1(stream, recording)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
-            except (h11.RemoteProtocolError, h2.exceptions.ProtocolError):
+            except* (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # the peer went away; only this connection ends
+            except* (h11.RemoteProtocolError, h2.exceptions.ProtocolError):
                 pass  # a test sent malformed traffic on purpose; the server only drops that connection
             finally:
                 with anyio.CancelScope(shield=True):
