@@ -131,3 +131,16 @@ def test_a_host_the_name_constrained_ca_may_not_vouch_for_is_passed_through(
             sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
             assert read_all(sock).startswith(b"HTTP/1.1 200")  # the real upstream answered, untouched
         assert stack.proxy.stats.decisions == {"passthrough": 1}
+
+
+def test_insecure_upstream_is_explicit_and_loud(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    real_ca, unrelated_ca = trustme.CA(), trustme.CA()
+    with caplog.at_level(logging.WARNING, logger="oisp.proxy.server"), \
+            running_stack(tmp_path, real_ca, config={"upstream_insecure": True}) as stack:
+        unrelated_ca.cert_pem.write_to_path(str(stack.upstream_ca_file))  # verification would fail...
+        stack.proxy._upstream_contexts.clear()
+        with httpx.Client(proxy=stack.proxy_url, verify=stack.client_context()) as client:
+            assert client.get("https://api.openai.com/v1/models").status_code == 200  # ...but is off
+    assert any("NOT VERIFIED" in r.getMessage() for r in caplog.records)
