@@ -113,3 +113,18 @@ def test_custom_patterns_are_applied() -> None:
                          confidence=CONF)
     out = Redactor(extra_patterns={"acme": r"ACME-SECRET-\d+"})(event).to_dict()
     assert "ACME-SECRET-1234" not in str(out)
+
+
+def test_every_builtin_detector_is_reached_by_the_literal_prefilter() -> None:
+    # A secret of each kind must pass the cheap substring check that guards the regular expressions.
+    samples = {
+        "openai_api_key": OPENAI_KEY, "anthropic_api_key": ANTHROPIC_KEY, "private_key": PEM,
+        "google_api_key": "AIza" + "B" * 35, "aws_access_key_id": "AKIAIOSFODNN7EXAMPLE",
+        "github_token": "ghp_" + "a" * 36, "slack_token": "xoxb-" + "1" * 12, "huggingface_token": "hf_" + "a" * 30,
+        "groq_api_key": "gsk_" + "a" * 40, "xai_api_key": "xai-" + "a" * 40, "replicate_token": "r8_" + "a" * 30,
+        "perplexity_api_key": "pplx-" + "a" * 40, "jwt": "eyJ" + "a" * 12 + ".eyJ" + "b" * 12 + "." + "c" * 12,
+        "bearer_token": "BEARER " + "z" * 20,
+    }
+    for detector, secret in samples.items():
+        _, found = Redactor().redact_text(f"prefix {secret} suffix")
+        assert [f["type"] for f in found] == [detector], detector
