@@ -60,6 +60,20 @@ class Stack:
     def ca_file(self) -> str:
         return str(self.ca.cert_path)
 
+    def client_env(self, *, drop: tuple[str, ...] = (), proxy_var: str = "HTTPS_PROXY",
+                   trust_var: str | None = "SSL_CERT_FILE", **extra: str) -> dict[str, str]:
+        """The environment of a client process configured the way a user would: the proxy in ``proxy_var``, the
+        oisp CA in ``trust_var``; inherited proxy settings and variables starting with ``drop`` are removed."""
+        import os
+
+        env = {k: v for k, v in os.environ.items()
+               if not k.lower().endswith("_proxy") and not (drop and k.startswith(drop))}
+        env.update({proxy_var: self.proxy_url, "NO_PROXY": "", "PYTHONUNBUFFERED": "1"})
+        if trust_var is not None:
+            env[trust_var] = self.ca_file
+        env.update(extra)
+        return env
+
     def client_context(self) -> ssl.SSLContext:
         """An SSLContext that trusts only the oisp CA (what a configured client uses)."""
         return ssl.create_default_context(cafile=self.ca_file)

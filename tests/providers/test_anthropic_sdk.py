@@ -4,7 +4,6 @@ the follow-up request with the tool results, against an upstream that answers li
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -75,8 +74,7 @@ print(json.dumps({"calls": [[u.id, u.name, u.input] for u in uses], "answer": fi
 
 
 def run_client(stack: Stack) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(HTTPS_PROXY=stack.proxy_url, SSL_CERT_FILE=stack.ca_file, NO_PROXY="")
+    env = stack.client_env()
     out = subprocess.run([sys.executable, "-c", CLIENT % {"key": KEY}], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr

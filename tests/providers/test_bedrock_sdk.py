@@ -89,11 +89,10 @@ print("invoke:", "".join(c["delta"].get("text", "") for c in chunks if c["type"]
 
 
 def test_boto3_converse_converse_stream_and_invoke_stream(stack: Stack, oisp_schema: SchemaValidator) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("AWS_")}
-    env.update(HTTPS_PROXY=stack.proxy_url, NO_PROXY="", AWS_CA_BUNDLE=stack.ca_file,
-               AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE", AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-               AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
-               AWS_SHARED_CREDENTIALS_FILE=os.devnull, PYTHONUNBUFFERED="1")
+    env = stack.client_env(drop=("AWS_",), trust_var="AWS_CA_BUNDLE",
+                           AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE", AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                           AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_EC2_METADATA_DISABLED="true",
+                           AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     out = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
     assert "converse: tool_use {'city': 'Paris'}" in out.stdout

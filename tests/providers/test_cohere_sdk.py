@@ -4,7 +4,6 @@ follow-up stream with the tool result, and a v1 chat stream, against an upstream
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -99,8 +98,7 @@ else:
 
 
 def run_client(stack: Stack, api: str) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("CO_")}
-    env.update(HTTPS_PROXY=stack.proxy_url, SSL_CERT_FILE=stack.ca_file, NO_PROXY="")
+    env = stack.client_env(drop=("CO_",))
     out = subprocess.run([sys.executable, "-c", CLIENT % {"key": KEY}, api], env=env, capture_output=True,
                          text=True, timeout=90)
     assert out.returncode == 0, out.stderr

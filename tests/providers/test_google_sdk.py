@@ -4,7 +4,6 @@ calls, then generate_content with the function responses, against the Gemini API
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -80,9 +79,7 @@ print(json.dumps({"calls": [[c.name, c.args] for c in calls], "answer": final.te
 
 
 def run_client(stack: Stack, api: str) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")
-           and not k.startswith(("GOOGLE_", "GEMINI_"))}
-    env.update(HTTPS_PROXY=stack.proxy_url, SSL_CERT_FILE=stack.ca_file, NO_PROXY="")
+    env = stack.client_env(drop=("GOOGLE_", "GEMINI_"))
     out = subprocess.run([sys.executable, "-c", CLIENT % {"key": API_KEY}, api], env=env, capture_output=True,
                          text=True, timeout=90)
     assert out.returncode == 0, out.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -78,8 +77,7 @@ print("embed:", len(client.embed(model="all-minilm", input=["a", "b"]).embedding
 
 
 def test_ollama_client_through_http_proxy(stack: Stack, oisp_schema: SchemaValidator) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "OLLAMA_HOST"}
-    env.update(HTTP_PROXY=stack.proxy_url, NO_PROXY="", PYTHONUNBUFFERED="1")
+    env = stack.client_env(drop=("OLLAMA_HOST",), proxy_var="HTTP_PROXY", trust_var=None)
     out = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "chat: A red pixel." in out.stdout

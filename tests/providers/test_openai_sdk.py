@@ -4,7 +4,6 @@ like OpenAI (with the bodies of the fixtures); the events the pipeline delivers 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -67,9 +66,7 @@ def stack(tmp_path: Path, test_ca: trustme.CA) -> Iterator[Stack]:
 
 
 def _run_sdk(stack: Stack, code: str) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(HTTPS_PROXY=stack.proxy_url, SSL_CERT_FILE=stack.ca_file, NO_PROXY="", PYTHONUNBUFFERED="1",
-               OPENAI_API_KEY=API_KEY)
+    env = stack.client_env(OPENAI_API_KEY=API_KEY)
     prelude = "import json, openai\nclient = openai.OpenAI(max_retries=0)\nout = {}\n"
     out = subprocess.run([sys.executable, "-c", prelude + code + "\nprint(json.dumps(out))\n"], env=env,
                          capture_output=True, text=True, timeout=90)

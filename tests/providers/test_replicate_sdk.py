@@ -4,7 +4,6 @@ streaming) and plain httpx, against a programmable upstream on api.replicate.com
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -98,9 +97,7 @@ print("stream:", "".join(str(e) for e in client.stream("meta/meta-llama-3-70b-in
 
 def test_replicate_client_run_and_stream(stack: Stack, oisp_schema: SchemaValidator) -> None:
     pytest.importorskip("replicate")
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(HTTPS_PROXY=stack.proxy_url, SSL_CERT_FILE=stack.ca_file, NO_PROXY="", REPLICATE_API_TOKEN=TOKEN,
-               REPLICATE_POLL_INTERVAL="0.05", PYTHONUNBUFFERED="1")
+    env = stack.client_env(REPLICATE_API_TOKEN=TOKEN, REPLICATE_POLL_INTERVAL="0.05")
     out = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "run: Soft wool on high hills" in out.stdout

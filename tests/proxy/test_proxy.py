@@ -72,14 +72,6 @@ def test_client_alpn_is_mirrored_upstream(stack: Stack, tmp_path: Path, test_ca:
 
 # --- real clients ---------------------------------------------------------------------------------------------
 
-def _sdk_env(stack: Stack) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_PROXY") and not k.endswith("_proxy")}
-    env.update(HTTPS_PROXY=stack.proxy_url, SSL_CERT_FILE=stack.ca_file, NO_PROXY="", PYTHONUNBUFFERED="1")
-    return env
-
-
 def test_openai_sdk_through_https_proxy(stack: Stack) -> None:
     code = (
         "import openai\n"
@@ -89,7 +81,7 @@ def test_openai_sdk_through_https_proxy(stack: Stack) -> None:
         "print(r.http_request.url, r.status_code)\n"
     )
     code += "import os; print('pid', os.getpid())\n"
-    out = subprocess.run([_python(), "-c", code], env=_sdk_env(stack), capture_output=True, text=True, timeout=60)
+    out = subprocess.run([_python(), "-c", code], env=stack.client_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "https://api.openai.com/v1/chat/completions 200" in out.stdout
     pid = int(out.stdout.split("pid ")[1])
@@ -113,7 +105,7 @@ def test_anthropic_sdk_through_https_proxy(stack: Stack) -> None:
         "messages=[{'role':'user','content':'hi'}])\n"
         "print(r.http_request.url, r.status_code)\n"
     )
-    out = subprocess.run([_python(), "-c", code], env=_sdk_env(stack), capture_output=True, text=True, timeout=60)
+    out = subprocess.run([_python(), "-c", code], env=stack.client_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "https://api.anthropic.com/v1/messages 200" in out.stdout
     events = stack.wait_for(lambda ev: any(e.event_type == "ai.response" for e in ev))
