@@ -15,25 +15,55 @@ Streams: OpenAI chat completions text (with OpenRouter keep-alive comments), cha
 calls streamed as argument fragments, the Responses API's typed events, and Bedrock ConverseStream
 (``application/vnd.amazon.eventstream``). The best of ``--repeat`` runs is printed in MB/s of body
 (MB = 10**6 bytes).
+
+A second table gives the CPU cost of one *ordinary* exchange, end to end, in µs per exchange
+(``--exchanges N`` of them on one keep-alive connection; ``--no-streams`` skips the stream table): an openai SDK
+``POST /v1/chat/completions`` (320-byte body, ``authorization: Bearer sk-...``, ``x-stainless-*`` headers)
+answered by a 460-byte non-streamed JSON body with OpenAI's usual response headers, over HTTP/1.1 and HTTP/2.
+The raw bytes go into the real passive decoder (``make_decoder``) with :class:`~oisp.decoder.EventDecoder`'s
+listener and a :class:`~oisp.http.exchange.ConnectionInfo` carrying a realistic process, user and app, as the
+proxy builds it. Columns, each including the ones before it:
+
+* ``http``: the passive HTTP decoder alone (a listener that does nothing);
+* ``+events``: the provider plugins' decoding into the ``ai.request``/``ai.response`` events, with context;
+* ``+process``: :meth:`Pipeline.process <oisp.pipeline.Pipeline.process>` of each event (host enrichment,
+  redaction, schema conformance);
+* ``+jsonl``: the JSONL sink's serialization and write (to a temporary file, in batches of 128 events);
+* ``pipeline``: the same through a running :class:`~oisp.pipeline.Pipeline` (queues, the sink's worker thread),
+  the events emitted as the proxy emits them; CPU time of the whole process (all threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import anyio
+import h2.config
+import h2.connection
+import h2.events
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_framing import _token, bedrock_eventstream, best_of, openai_sse
 
+from oisp.decoder import EventDecoder
+from oisp.events import Actor, App, Event, Host, ParentProcess, ProcessInfo
 from oisp.framing import EventStreamDecoder, EventStreamMessage, SseDecoder, SseEvent, encode_message
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder
+from oisp.http.decoder import make_decoder
 from oisp.http.exchange import ConnectionInfo, Headers, HttpExchange, HttpRequest, HttpResponse
+from oisp.pipeline import Pipeline
+from oisp.plugins import create_plugin_manager
 from oisp.providers import openai
+from oisp.sinks.jsonl import JsonlSink
 
 try:
     from oisp.providers import bedrock
@@ -157,13 +187,249 @@ def run_framing(make: Callable[[], SseDecoder | EventStreamDecoder], body: bytes
     return count + len(decoder.close())
 
 
+# --- one ordinary exchange, end to end -------------------------------------------------------------------------
+
+_API_KEY = "sk-proj-" + "Xq7vB2mN9kL4pR8sT1wY5zA3cD6fG0hJ" * 3
+
+
+def _padded(template: dict[str, Any], path: tuple[Any, ...], size: int) -> bytes:
+    """``template`` as compact JSON, the string at ``path`` padded with words so the body is ``size`` bytes."""
+    node = template
+    for key in path[:-1]:
+        node = node[key]
+    words = iter(("Please", "summarize", "the", "following", "meeting", "notes", "briefly", "and", "list",
+                  "action", "items") * 50)
+    while (missing := size - len(json.dumps(template, separators=(",", ":")))) > 0:
+        word = next(words)
+        node[path[-1]] += f" {word}" if missing > len(word) + 1 else "." * missing
+    body = json.dumps(template, separators=(",", ":")).encode()
+    assert len(body) == size, (len(body), size)
+    return body
+
+
+def chat_bodies() -> tuple[bytes, bytes]:
+    """The request (320 bytes) and response (460 bytes) bodies of an ordinary chat completion."""
+    request = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                            {"role": "user", "content": "Hi."}], "model": "gpt-4o-mini", "max_tokens": 256,
+               "temperature": 0.2}
+    response = {"id": "chatcmpl-BQw7Lq2Xk9sYtR4uV1wZ3aB5cD7eF", "object": "chat.completion", "created": 1745000000,
+                "model": "gpt-4o-mini-2024-07-18", "choices": [{"index": 0, "message": {
+                    "role": "assistant", "content": "Sure.", "refusal": None, "annotations": []},
+                    "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 61, "completion_tokens": 38, "total_tokens": 99},
+                "service_tier": "default", "system_fingerprint": "fp_b376dfbbd5"}
+    return (_padded(request, ("messages", 1, "content"), 320),
+            _padded(response, ("choices", 0, "message", "content"), 460))
+
+
+def chat_request_headers(length: int) -> list[tuple[str, str]]:
+    """Headers of the openai Python SDK's chat request (without ``host``)."""
+    return [("accept-encoding", "gzip, deflate"), ("connection", "keep-alive"), ("accept", "application/json"),
+            ("content-type", "application/json"), ("user-agent", "OpenAI/Python 1.75.0"),
+            ("x-stainless-lang", "python"), ("x-stainless-package-version", "1.75.0"), ("x-stainless-os", "Linux"),
+            ("x-stainless-arch", "x64"), ("x-stainless-runtime", "CPython"),
+            ("x-stainless-runtime-version", "3.12.3"), ("authorization", f"Bearer {_API_KEY}"),
+            ("x-stainless-async", "false"), ("x-stainless-retry-count", "0"), ("x-stainless-read-timeout", "600"),
+            ("content-length", str(length))]
+
+
+def chat_response_headers(length: int) -> list[tuple[str, str]]:
+    """Headers of an OpenAI chat completion response (without the status line)."""
+    return [("date", "Tue, 22 Apr 2025 10:00:00 GMT"), ("content-type", "application/json"),
+            ("content-length", str(length)), ("connection", "keep-alive"),
+            ("access-control-expose-headers", "X-Request-ID"), ("openai-organization", "user-abc123def456"),
+            ("openai-processing-ms", "412"), ("openai-version", "2020-10-01"),
+            ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-limit-tokens", "30000000"),
+            ("x-ratelimit-remaining-requests", "9999"), ("x-ratelimit-remaining-tokens", "29999975"),
+            ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-reset-tokens", "0s"),
+            ("x-request-id", "req_4c1e2f3a5b6d7e8f9a0b1c2d3e4f5a6b"),
+            ("strict-transport-security", "max-age=31536000; includeSubDomains; preload"),
+            ("cf-cache-status", "DYNAMIC"),
+            ("set-cookie", "__cf_bm=Zx8yW7vU6tS5rQ4pO3nM2lK1jI0hG9fE8dC7bA6-1745000000-1.0.1.1-AbCdEfGhIjKlMnOpQrSt; "
+                           "path=/; expires=Tue, 22-Apr-25 10:30:00 GMT; domain=.api.openai.com; HttpOnly; Secure; "
+                           "SameSite=None"),
+            ("x-content-type-options", "nosniff"), ("server", "cloudflare"), ("cf-ray", "9342a1b2c3d4e5f6-FRA"),
+            ("alt-svc", 'h3=":443"; ma=86400')]
+
+
+def chat_h1() -> tuple[bytes, bytes]:
+    """The raw HTTP/1.1 request and response of one ordinary chat completion."""
+    request_body, response_body = chat_bodies()
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in chat_request_headers(len(request_body)))
+    response = "HTTP/1.1 200 OK\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in chat_response_headers(len(response_body)))
+    return (head + "\r\n").encode() + request_body, (response + "\r\n").encode() + response_body
+
+
+def chat_h2(count: int) -> Iterator[tuple[bytes, bytes]]:
+    """The client and server bytes of ``count`` chat completions on one HTTP/2 connection, one pair each (the
+    first pair also carries the connection preface and settings)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    client.initiate_connection()
+    server.initiate_connection()
+    request_body, response_body = chat_bodies()
+    request_headers = [(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "api.openai.com"),
+                       (":scheme", "https"), *((k, v) for k, v in chat_request_headers(len(request_body))
+                                               if k != "connection")]
+    response_headers = [(":status", "200"), *((k, v) for k, v in chat_response_headers(len(response_body))
+                                              if k != "connection")]
+    for _ in range(count):
+        stream = client.get_next_available_stream_id()
+        client.send_headers(stream, request_headers)
+        client.send_data(stream, request_body, end_stream=True)
+        client_out = client.data_to_send()  # with the acks and window updates of the previous response
+        _acknowledge(server, server.receive_data(client_out))
+        server.send_headers(stream, response_headers)
+        server.send_data(stream, response_body, end_stream=True)
+        server_out = server.data_to_send()
+        _acknowledge(client, client.receive_data(server_out))
+        yield client_out, server_out
+
+
+def _acknowledge(connection: h2.connection.H2Connection, events: list[h2.events.Event]) -> None:
+    for event in events:
+        if isinstance(event, h2.events.DataReceived):
+            connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+
+def bench_connection(tls: bool = True) -> ConnectionInfo:
+    """A connection as the proxy describes it, with the process, user and app :class:`~oisp.attribution.Attributor`
+    finds for an SDK script started from a shell in an IDE terminal."""
+    venv = "/home/dev/projects/acme-assistant/.venv"
+    args = [f"{venv}/bin/python", "-m", "acme_assistant.cli", "summarize", "--model", "gpt-4o-mini",
+            "--input", "/home/dev/projects/acme-assistant/data/meeting-notes-2025-04-22.md", "--max-tokens", "256",
+            "--output", "/home/dev/projects/acme-assistant/out/summary.md"]
+    ancestors = [
+        ParentProcess(pid=41200, exe="/usr/bin/bash", name="bash", cmdline="/bin/bash --init-file "
+                      "/usr/share/code/resources/app/out/vs/workbench/contrib/terminal/common/scripts/"
+                      "shellIntegration-bash.sh"),
+        ParentProcess(pid=41100, exe="/usr/share/code/code", name="code"),
+        ParentProcess(pid=40000, exe="/usr/lib/systemd/systemd", name="systemd"),
+    ]
+    process = ProcessInfo(pid=41234, ppid=41200, exe="/usr/bin/python3.12", name="python", cmdline=" ".join(args),
+                          cmdline_args=args, cwd="/home/dev/projects/acme-assistant",
+                          start_time="2025-04-22T09:59:58.123456Z", parent=ancestors[0], ancestors=ancestors)
+    return ConnectionInfo(connection_id="c-bench", client_addr=("127.0.0.1", 51234),
+                          server_addr=("api.openai.com", 443), sni="api.openai.com", tls=tls, tls_version="TLSv1.3",
+                          process=process, actor=Actor(uid=1000, gid=1000, user="dev", is_elevated=False),
+                          app=App(app_id="vscode", name="Visual Studio Code", vendor="Microsoft",
+                                  category="dev_tools", type="native", is_ai_host=True, tier="identified",
+                                  is_ai_app=True), provider="openai")
+
+
+class _NullListener:
+    def request(self, exchange: HttpExchange) -> None:
+        pass
+
+    def response_start(self, exchange: HttpExchange) -> None:
+        pass
+
+    def response_data(self, exchange: HttpExchange, data: bytes) -> None:
+        pass
+
+    def end(self, exchange: HttpExchange) -> None:
+        pass
+
+
+def exchange_traffic(alpn: str, count: int) -> list[tuple[bytes, bytes]]:
+    """(client bytes, server bytes) of each of ``count`` ordinary exchanges on one connection."""
+    if alpn == "h2":
+        return list(chat_h2(count))
+    return [chat_h1()] * count
+
+
+_HOST = Host(hostname="bench-host", os="linux", os_version="Ubuntu 24.04.2 LTS", arch="x86_64",
+             kernel_version="6.8.0-58-generic")
+
+
+def run_exchanges(alpn: str, traffic: list[tuple[bytes, bytes]], stage: str, directory: Path) -> float:
+    """CPU seconds to decode ``traffic`` up to ``stage`` (``http``, ``events``, ``process``, ``jsonl``)."""
+    connection = bench_connection()
+    events: list[Event] = []
+    pipeline = Pipeline({}, host=_HOST)
+    sink = JsonlSink(directory / f"{alpn}-{stage}.jsonl", compress=False)
+    observer = EventDecoder(create_plugin_manager(entrypoints=False), events.append)
+    listener = _NullListener() if stage == "http" else observer.exchange_listener(connection)
+    decoder = make_decoder(alpn, connection, listener)
+    process = pipeline.process
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.process_time()
+        for client, server in traffic:
+            decoder.feed_client(client)
+            decoder.feed_server(server)
+            if stage == "events":
+                events.clear()
+            elif len(events) >= 128:
+                processed = [process(event) for event in events]
+                events.clear()
+                if stage == "jsonl":
+                    sink.write(processed)
+        processed = [process(event) for event in events]
+        if stage == "jsonl":
+            sink.write(processed)
+        elapsed = time.process_time() - start
+    finally:
+        gc.enable()
+        sink.close()
+    assert decoder.error is None, decoder.error
+    return elapsed
+
+
+def run_pipeline(alpn: str, traffic: list[tuple[bytes, bytes]], directory: Path) -> float:
+    """CPU seconds (all threads) to decode ``traffic`` through a running pipeline into a JSONL file."""
+    sink = JsonlSink(directory / f"{alpn}-pipeline.jsonl", compress=False)
+
+    async def work() -> float:
+        start = time.process_time()
+        async with Pipeline({"jsonl": sink}, host=_HOST, queue_size=4 * len(traffic) + 16) as pipeline:
+            observer = EventDecoder(create_plugin_manager(entrypoints=False), pipeline.emit)
+            connection = bench_connection()
+            decoder = make_decoder(alpn, connection, observer.exchange_listener(connection))
+            for client, server in traffic:
+                decoder.feed_client(client)
+                decoder.feed_server(server)
+                await anyio.sleep(0)
+        assert pipeline.stats.sinks["jsonl"].delivered == 2 * len(traffic), pipeline.summary()
+        return time.process_time() - start
+
+    return anyio.run(work)
+
+
+def exchange_table(count: int, repeat: int) -> None:
+    """Print the µs per ordinary exchange of each stage, for HTTP/1.1 and HTTP/2."""
+    request, response = chat_h1()
+    print(f"\none ordinary chat completion ({len(request)}-byte request, {len(response)}-byte response over "
+          f"HTTP/1.1), {count} per connection, best of {repeat}; CPU µs per exchange")
+    print(f"{'protocol':10} {'http':>8} {'+events':>8} {'+process':>9} {'+jsonl':>8} {'pipeline':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        for alpn in ("http/1.1", "h2"):
+            line = f"{alpn:10}"
+            for stage, width in (("http", 8), ("events", 8), ("process", 9), ("jsonl", 8)):
+                best = min(run_exchanges(alpn, exchange_traffic(alpn, count), stage, directory)
+                           for _ in range(repeat))
+                line += f" {best / count * 1e6:{width}.0f}"
+            best = min(run_pipeline(alpn, exchange_traffic(alpn, count), directory) for _ in range(repeat))
+            print(f"{line} {best / count * 1e6:9.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=20.0, help="size of each stream in MB (default 20)")
     parser.add_argument("--chunk", type=int, default=16384, help="bytes per fed chunk (default 16384)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best counts (default 3)")
     parser.add_argument("--chunks", action="store_true", help="also measure with ai.streaming_chunk events on")
+    parser.add_argument("--exchanges", type=int, default=2000,
+                        help="ordinary exchanges per connection in the per-exchange table (default 2000)")
+    parser.add_argument("--no-streams", action="store_true", help="only the per-exchange table")
     args = parser.parse_args()
+    if args.no_streams:
+        exchange_table(args.exchanges, args.repeat)
+        return
     size = int(args.mb * 1_000_000)
 
     sse_type = "text/event-stream; charset=utf-8"
@@ -209,6 +475,7 @@ def main() -> None:
                 m, n, b, args.chunk, s))
             line += f" {mb / t_chunks:14.1f}"
         print(line)
+    exchange_table(args.exchanges, args.repeat)
 
 
 if __name__ == "__main__":
