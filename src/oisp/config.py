@@ -23,6 +23,8 @@ is allowed. Command-line flags override the file. Example::
     [capture]
     body_cap = 16777216
     streaming_chunks = false
+    decoder = "process"            # process (a separate decoder process) | inline (in the proxy's event loop)
+    decoder_buffer = 33554432      # bytes the decoder process may fall behind the relay
 
     [pricing]
     bundle = "/path/to/oisp-spec/bundle.json"
@@ -52,6 +54,7 @@ __all__ = ["Config", "default_config_path", "load_config"]
 
 MODES = ("explicit", "reverse", "transparent")
 PROFILES = ("default", "metadata-only")
+DECODERS = ("process", "inline")
 
 
 def default_config_path() -> Path:
@@ -81,6 +84,11 @@ class Config:
     redaction_patterns: Mapping[str, str] = attrs.field(factory=dict)
     body_cap: int | None = None
     streaming_chunks: bool = False
+    #: Where decoding, events and sinks run: ``process`` (a separate decoder process, so they never slow the
+    #: relay) or ``inline`` (in the proxy's own event loop, one process).
+    decoder: str = "process"
+    #: How many bytes the decoder process may fall behind the relay before decoding of a connection stops.
+    decoder_buffer: int = 32 * 1024 * 1024
     pricing_bundle: Path | None = None
     #: Use a name-constrained CA that can only vouch for the AI endpoints (and ``ca_extra_domains``).
     ca_name_constrained: bool = False
@@ -211,6 +219,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
     if capture is not None:
         values["body_cap"] = capture.number("body_cap", integer=True)
         values["streaming_chunks"] = capture.boolean("streaming_chunks")
+        values["decoder"] = capture.string("decoder", choices=DECODERS)
+        values["decoder_buffer"] = capture.number("decoder_buffer", integer=True)
         capture.finish()
     ca = root.table("ca")
     if ca is not None:

@@ -60,6 +60,35 @@ path = "{events_file}"
     assert stat.S_IMODE(events_file.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("decoder", ["process", "inline"])
+def test_ctrl_c_on_the_terminal_stops_proxy_and_decoder_process_without_losing_events(
+        tmp_path: Path, upstream: RunningUpstream, decoder: str) -> None:
+    """Ctrl+C signals the whole foreground process group: the decoder process must not die of it before the
+    proxy has handed it everything."""
+    events_file = tmp_path / "events.jsonl"
+    oisp = OispProcess(["run", "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf"), "--upstream-ca",
+                        str(upstream.ca_file), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream.port}",
+                        "--stdout", "none", "--output", str(events_file), "--decoder", decoder],
+                       start_new_session=True)
+    import psutil
+
+    children = psutil.Process(oisp.proc.pid).children()
+    assert [c.cmdline()[-3:-1] for c in children] == ([["oisp.decoder_process", "--fd"]] if decoder == "process"
+                                                      else [])
+    with _client(oisp.address, tmp_path / "conf") as client:
+        for _ in range(20):
+            assert client.get("https://api.openai.com/v1/models").status_code == 200
+    os.killpg(oisp.proc.pid, signal.SIGINT)
+    code, stderr = oisp.stop(0)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    types = [Event.from_json(line).event_type for line in events_file.read_text().splitlines()]
+    assert types.count("ai.request") == 20 and types.count("ai.response") == 20
+    assert "; 41 events; 0 dropped" in stderr  # and one network.connect
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
 def test_flags_override_the_config_file_and_line_output_goes_to_stdout(
         tmp_path: Path, upstream: RunningUpstream) -> None:
     config = tmp_path / "oisp.toml"
@@ -82,6 +111,8 @@ def test_flags_override_the_config_file_and_line_output_goes_to_stdout(
         ("[proxy]\nmdoe = 'explicit'\n", "proxy: unknown key(s) mdoe"),
         ("[proxy]\nmode = 'sideways'\n", "proxy.mode: 'sideways' is not allowed; allowed: explicit, reverse"),
         ("[capture]\nbody_cap = -5\n", "capture.body_cap: -5 must be a positive integer"),
+        ("[capture]\ndecoder = 'thread'\n", "capture.decoder: 'thread' is not allowed; allowed: process, inline"),
+        ("[capture]\ndecoder_buffer = 0\n", "capture.decoder_buffer: 0 must be a positive integer"),
         ("[[sinks]]\nkind = 'jsonl'\nrotate_bytes = 10\n", "path"),
         ("[[sinks]]\nkind = 'kafka'\n", "unknown sink kind 'kafka'"),
         ("[endpoints]\nremove = ['nope.example']\n", "endpoints.remove: 'nope.example' is not in the endpoint table"),

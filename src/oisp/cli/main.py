@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--reverse-target", help="reverse mode: the upstream base URL, e.g. https://api.openai.com")
     run.add_argument("--redaction", choices=["default", "metadata-only"])
     run.add_argument("--body-cap", type=int, help="bytes of each body kept for decoding (default 16 MiB)")
+    run.add_argument("--decoder", choices=["process", "inline"],
+                     help="decode in a separate process (default: the relay never waits for decoding) or inline "
+                          "in the proxy's event loop")
     run.add_argument("--pricing", type=Path, help="OISP spec bundle with model pricing, for costs in USD")
     run.add_argument("--add-endpoint", action="append", metavar="PROVIDER=HOST[:PORT]",
                      help="also intercept HOST as PROVIDER")
@@ -92,7 +95,7 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
     for flag, field in (("mode", "mode"), ("listen", "listen"), ("confdir", "confdir"),
                         ("upstream_ca", "upstream_ca"), ("insecure_upstream", "upstream_insecure"),
                         ("reverse_target", "reverse_target"), ("redaction", "redaction_profile"),
-                        ("body_cap", "body_cap"), ("pricing", "pricing_bundle"),
+                        ("body_cap", "body_cap"), ("pricing", "pricing_bundle"), ("decoder", "decoder"),
                         ("name_constrained_ca", "ca_name_constrained")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -150,8 +153,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict[str, Any]) -> None:
     pipeline, proxy = summary["pipeline"], summary["proxy"]
     decisions = ", ".join(f"{k} {v}" for k, v in sorted(proxy["decisions"].items())) or "none"
-    print(f"oisp: {proxy['connections']} connections ({decisions}); {pipeline['processed']} events; "
-          f"{pipeline['dropped_total']} dropped", file=sys.stderr)
+    line = (f"oisp: {proxy['connections']} connections ({decisions}); {pipeline.get('processed', 0)} events; "
+            f"{pipeline.get('dropped_total', 0)} dropped")
+    decoder = summary.get("decoder_process")
+    if decoder is not None:
+        if decoder["overflowed_connections"] or decoder["lost_connections"]:
+            line += (f"; decoding stopped early on {decoder['overflowed_connections']} connection(s) (the decoder "
+                     f"process fell behind) and missed {decoder['lost_connections']}")
+        if not pipeline:
+            line += f"; the decoder process ended without a summary (exit code {decoder['exit_code']})"
+    print(line, file=sys.stderr)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

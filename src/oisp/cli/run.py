@@ -14,15 +14,15 @@ from anyio.abc import TaskStatus
 
 from oisp.attribution import Attributor
 from oisp.config import Config
-from oisp.decoder import EventDecoder
+from oisp.decoder_process import DecoderProcess
+from oisp.decoding import build_event_decoder, build_pipeline, build_sinks
 from oisp.endpoints import EndpointTable, permitted_domains
 from oisp.errors import ConfigurationError, InterceptionError
 from oisp.events import Event
-from oisp.hookspecs import DecoderSettings, Sink
-from oisp.pipeline import Enricher, Pipeline
+from oisp.hookspecs import Sink
+from oisp.pipeline import Pipeline
 from oisp.plugins import OispPluginManager, create_plugin_manager
 from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode, UpstreamOverride
-from oisp.redaction import Redactor
 from oisp.tls import CertificateAuthority
 
 __all__ = ["Running", "build_sinks", "parse_listen", "run"]
@@ -51,19 +51,11 @@ class Running:
 
     address: tuple[str, int]
     proxy: MitmProxy
-    pipeline: Pipeline
+    #: The pipeline, when decoding runs in this process (``decoder = "inline"``).
+    pipeline: Pipeline | None
     ca: CertificateAuthority
-
-
-def build_sinks(plugins: OispPluginManager, config: Config) -> dict[str, Sink]:
-    """The configured sinks, by a unique name (``jsonl``, ``jsonl-2``, ...)."""
-    sinks: dict[str, Sink] = {}
-    for index, table in enumerate(config.sinks):
-        options = {k: v for k, v in table.items() if k != "kind"}
-        kind = str(table["kind"])
-        name = kind if kind not in sinks else f"{kind}-{index + 1}"
-        sinks[name] = plugins.create_sink(kind, options)
-    return sinks
+    #: The decoder process, when decoding runs in one (``decoder = "process"``, the default).
+    decoder_process: DecoderProcess | None = None
 
 
 def endpoint_table(plugins: OispPluginManager, config: Config) -> EndpointTable:
@@ -98,6 +90,10 @@ async def run(
 
     Stopping is graceful: the proxy stops accepting, in-flight connections get ``drain_timeout`` seconds,
     then the pipeline delivers every queued event and closes the sinks before this returns.
+
+    Decoding runs in a separate decoder process (``config.decoder == "process"``, the default), or in this
+    process's event loop (``"inline"``, and always when ``extra_sinks`` are given: sink objects live here).
+    ``on_event`` is called here with each processed event either way.
     """
     transparent = config.mode == ProxyMode.TRANSPARENT
     if transparent:
@@ -122,21 +118,11 @@ async def run(
         listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
         **({"body_cap": config.body_cap} if config.body_cap is not None else {}),
     )
-    sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
-    enrichers: list[Enricher] = []
-    if config.pricing_bundle is not None:
-        from oisp.pricing import PricingEnricher  # type: ignore[import-not-found,unused-ignore]
-
-        enrichers.append(PricingEnricher.load(config.pricing_bundle))
-    pipeline = Pipeline(sinks, enrichers=enrichers,
-                        redactor=Redactor(profile=config.redaction_profile, extra_patterns=config.redaction_patterns))
-    if on_event is not None:
-        pipeline.add_listener(on_event)
     stop = stop or anyio.Event()
-    async with pipeline:
-        observer = EventDecoder(plugins, pipeline.emit, settings=DecoderSettings(
-            streaming_chunks=config.streaming_chunks))
-        lookup = _LateLookup()
+    lookup = _LateLookup()
+
+    async def serve(observer: Any, pipeline: Pipeline | None, decoder_process: DecoderProcess | None) -> MitmProxy:
+        nonlocal interceptor
         proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer, attributor=Attributor(),
                           original_destinations=lookup if transparent else None,
                           before_upstream_connect=before_connect)
@@ -148,12 +134,27 @@ async def run(
                 interceptor = await _start_interceptor(config, endpoints, address[1])
                 lookup.source = interceptor
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
-            logger.info("oisp %s proxy listening on %s:%d (CA: %s)", config.mode, address[0], address[1],
-                        ca.cert_path)
-            task_status.started(Running(address, proxy, pipeline, ca))
-    summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
+            logger.info("oisp %s proxy listening on %s:%d (CA: %s; decoding %s)", config.mode, address[0],
+                        address[1], ca.cert_path,
+                        "inline" if decoder_process is None else f"in process {decoder_process.pid}")
+            task_status.started(Running(address, proxy, pipeline, ca, decoder_process))
+        return proxy
+
+    if config.decoder == "process" and not extra_sinks:
+        async with DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event) as decoder_process:
+            proxy = await serve(decoder_process, None, decoder_process)
+        pipeline_summary = decoder_process.pipeline_summary or {}
+        summary = {"pipeline": pipeline_summary, "proxy": attrs.asdict(proxy.stats),
+                   "decoder_process": decoder_process.summary()}
+    else:
+        pipeline = build_pipeline(plugins, config, extra_sinks)
+        if on_event is not None:
+            pipeline.add_listener(on_event)
+        async with pipeline:
+            proxy = await serve(build_event_decoder(plugins, config, pipeline.emit), pipeline, None)
+        summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
     logger.info("oisp stopped: %d connections, %d events emitted, %d dropped", proxy.stats.connections,
-                pipeline.stats.emitted, pipeline.stats.dropped)
+                summary["pipeline"].get("emitted", 0), summary["pipeline"].get("dropped_total", 0))
     return summary
 
 

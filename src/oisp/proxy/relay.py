@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from oisp.errors import ProtocolError
 
-__all__ = ["DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
+__all__ = ["CopyDispatcher", "CopyFeed", "DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,53 @@ class PassiveDecoderLike(Protocol):
 _Item = tuple[Direction, bytes | None, int]
 
 
+class CopyFeed(Protocol):
+    """Where the relay puts its copies: an in-process :class:`DecodeFeed`, or a feed into a separate decoder
+    process (:mod:`oisp.decoder_process`). ``push`` must never block."""
+
+    def push(self, direction: Direction, data: bytes | None, now_ns: int) -> None: ...
+
+    def finish(self, reason: str | None = None) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+class CopyDispatcher:
+    """Hands one connection's copies to its passive decoder, in order; a failing decoder stops decoding (logged
+    once), never the caller. Shared by the in-process feed and the decoder process."""
+
+    def __init__(self, decoder: PassiveDecoderLike, connection_id: str) -> None:
+        self.decoder = decoder
+        self.connection_id = connection_id
+        self.failure: str | None = None
+        self._broken = False
+
+    def dispatch(self, direction: Direction, data: bytes | None, now_ns: int) -> None:
+        """One copy (``None`` data: that direction ended)."""
+        if self._broken:
+            return
+        decoder = self.decoder
+        try:
+            if direction == "client":
+                decoder.client_closed(now_ns) if data is None else decoder.feed_client(data, now_ns)
+            else:
+                decoder.server_closed(now_ns) if data is None else decoder.feed_server(data, now_ns)
+        except Exception:
+            self._broken = True
+            self.failure = self.failure or "decoder error"
+            logger.exception("connection %s: decoder failed; decoding stopped", self.connection_id)
+
+    def close(self, reason: str | None = None) -> None:
+        """No more copies: end whatever is still open (nothing, after a clean close); ``reason`` (else the
+        decoder's own failure) says why it was cut short."""
+        try:
+            self.decoder.abort(reason or self.failure or "connection closed before the exchange completed")
+        except Exception:
+            logger.exception("connection %s: decoder abort failed", self.connection_id)
+
+
 class DecodeFeed:
-    """A bounded queue of copies between the relay and one connection's decoder."""
+    """A bounded queue of copies between the relay and one connection's decoder, in the proxy's event loop."""
 
     def __init__(self, decoder: PassiveDecoderLike, capacity: int, connection_id: str) -> None:
         self.decoder = decoder
@@ -77,26 +122,13 @@ class DecodeFeed:
 
     async def run(self) -> None:
         """Feed the decoder until :meth:`finish`; decoder errors stop decoding, never the relay."""
-        decoder = self.decoder
-        broken = False
+        dispatcher = CopyDispatcher(self.decoder, self.connection_id)
         async with self._receive:
             async for direction, data, now_ns in self._receive:
-                if broken:
-                    continue
-                try:
-                    if direction == "client":
-                        decoder.client_closed(now_ns) if data is None else decoder.feed_client(data, now_ns)
-                    else:
-                        decoder.server_closed(now_ns) if data is None else decoder.feed_server(data, now_ns)
-                except Exception:
-                    broken = True
-                    self.failure = self.failure or "decoder error"
-                    logger.exception("connection %s: decoder failed; decoding stopped", self.connection_id)
-        # Ends whatever is still open (nothing, after a clean close); the reason says why it was cut short.
-        try:
-            decoder.abort(self.failure or "connection closed before the exchange completed")
-        except Exception:
-            logger.exception("connection %s: decoder abort failed", self.connection_id)
+                dispatcher.dispatch(direction, data, now_ns)
+                if dispatcher.failure is not None and self.failure is None:
+                    self.failure = dispatcher.failure
+        dispatcher.close(self.failure)
 
 
 @attrs.define
@@ -110,7 +142,7 @@ class RelayResult:
     error: str | None = None
 
 
-async def relay(client: ByteStream, server: ByteStream, feed: DecodeFeed | None = None, *,
+async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = None, *,
                 rewrite_client: Callable[[bytes], bytes] | None = None) -> RelayResult:
     """Relay both directions until both have ended (EOF propagated as half-close) or one fails.
 

@@ -97,7 +97,12 @@ class ConnectionReport:
 
 
 class ProxyObserver(Protocol):
-    """Receives what the proxy learns. Calls happen in the proxy's event loop and must return quickly."""
+    """Receives what the proxy learns. Calls happen in the proxy's event loop and must return quickly.
+
+    An observer that decodes somewhere else (:class:`oisp.decoder_process.DecoderProcess`) may also define
+    ``open_feed(connection, alpn, *, body_cap) -> CopyFeed | None``: the proxy then hands it the raw copies of
+    each decoded connection (see :class:`oisp.proxy.relay.CopyFeed`) instead of asking for a listener.
+    """
 
     def connection(self, report: ConnectionReport) -> None:
         """A connection's decision was made (once per client connection)."""

@@ -31,7 +31,7 @@ from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
 from oisp.proxy.net import SocketHook, connect_tcp, create_listener
 from oisp.proxy.pinning import PinnedClients
-from oisp.proxy.relay import DecodeFeed, PassiveDecoderLike, RelayResult, relay
+from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
 from oisp.proxy.tls_stream import TlsStream
 
@@ -422,10 +422,14 @@ class MitmProxy:
             logger.debug("connection %s ended with an error: %s", info.connection_id, result.error)
         return result
 
-    def _feed_for(self, info: ConnectionInfo, alpn: str | None) -> DecodeFeed | None:
+    def _feed_for(self, info: ConnectionInfo, alpn: str | None) -> CopyFeed | None:
         if self.observer is None or alpn is None:
             return None
+        open_feed = getattr(self.observer, "open_feed", None)
         try:
+            if open_feed is not None:  # the observer decodes elsewhere (a decoder process)
+                feed: CopyFeed | None = open_feed(info, alpn, body_cap=self.config.body_cap)
+                return feed
             listener = self.observer.exchange_listener(info)
             if listener is None:
                 return None

@@ -1,0 +1,110 @@
+"""The framing between the proxy and its decoder process.
+
+Every message is a 17-byte header followed by its payload::
+
+    kind (u8) | channel (u32) | payload length (u32) | timestamp ns (u64) | payload
+
+``channel`` numbers a decoded connection (the proxy assigns them); ``timestamp`` is when the proxy read the
+bytes (``time.monotonic_ns()``, which both processes share). Object payloads (a connection's facts, a report,
+the summary) are pickled: both ends are the same oisp installation, and the socket pair is private to them.
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from oisp.errors import ProtocolError
+
+__all__ = ["HEADER", "MAX_PAYLOAD", "FrameReader", "Kind", "dump_object", "header", "load_object"]
+
+HEADER = struct.Struct("<BIIQ")
+#: The largest payload a frame may carry (the relay's chunks are at most 64 KiB; events and pickles are small).
+MAX_PAYLOAD = 64 * 1024 * 1024
+
+
+class Kind(enum.IntEnum):
+    """What a frame carries."""
+
+    # proxy → decoder process
+    #: A decoded connection starts: pickled ``(ConnectionInfo, alpn, body_cap)``.
+    OPEN = 1
+    #: Bytes the client sent.
+    CLIENT_DATA = 2
+    #: Bytes the server sent.
+    SERVER_DATA = 3
+    #: The client's direction ended.
+    CLIENT_EOF = 4
+    #: The server's direction ended.
+    SERVER_EOF = 5
+    #: The connection ended; payload: why it was cut short (UTF-8), empty when it ended normally.
+    END = 6
+    #: A pickled :class:`~oisp.proxy.report.ConnectionReport`.
+    REPORT = 7
+    #: The first frame: the pickled :class:`~oisp.decoder_process.worker.WorkerSettings`.
+    SETTINGS = 8
+    # decoder process → proxy
+    #: Set up and listening; the payload is empty.
+    READY = 16
+    #: Could not start; payload: the error (UTF-8).
+    FAILED = 17
+    #: A processed event as JSON, for listeners in the proxy's process (the live view).
+    EVENT = 18
+    #: The pickled summary (pipeline statistics), sent last.
+    SUMMARY = 19
+
+
+def header(kind: Kind, channel: int, length: int, timestamp: int = 0) -> bytes:
+    """The header of a frame."""
+    return HEADER.pack(kind, channel, length, timestamp)
+
+
+def dump_object(value: Any) -> bytes:
+    """An object payload."""
+    return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+def load_object(payload: bytes) -> Any:
+    """An object payload back. Only ever called on frames from the other end of the private socket pair, which
+    is the same oisp installation: nothing else can write to it."""
+    return pickle.loads(payload)  # noqa: S301 - see above
+
+
+class FrameReader:
+    """Splits a byte stream into ``(kind, channel, timestamp, payload)`` frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[Kind, int, int, bytes]]:
+        """Add received bytes; yields every frame now complete. Raises ProtocolError on a corrupt stream."""
+        buffer = self._buffer
+        buffer += data
+        offset = 0
+        size = HEADER.size
+        try:
+            while len(buffer) - offset >= size:
+                kind, channel, length, timestamp = HEADER.unpack_from(buffer, offset)
+                if length > MAX_PAYLOAD:
+                    raise ProtocolError(f"decoder channel: frame of {length} bytes (at most {MAX_PAYLOAD})")
+                end = offset + size + length
+                if len(buffer) < end:
+                    break
+                try:
+                    frame_kind = Kind(kind)
+                except ValueError:
+                    raise ProtocolError(f"decoder channel: unknown frame kind {kind}") from None
+                with memoryview(buffer) as view:
+                    payload = bytes(view[offset + size:end])
+                yield frame_kind, channel, timestamp, payload
+                offset = end
+        finally:
+            del buffer[:offset]
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buffer)

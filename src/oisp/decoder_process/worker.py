@@ -1,0 +1,173 @@
+"""The decoder process: copies in, events out to the sinks.
+
+It builds the same pipeline and event decoder the runner builds inline (:mod:`oisp.decoding`), reads frames
+from the proxy and feeds each connection's passive HTTP decoder. When the proxy closes its end, every
+connection still open is ended (marked partial), the pipeline drains, the sinks close, and the summary goes
+back to the proxy.
+
+Interrupts (Ctrl+C reaches the whole process group) are ignored here: the proxy decides when to stop, and
+closing the socket is how it says so. If the proxy dies, the socket closes too, and the events already read
+are still delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterable
+
+import anyio
+import attrs
+
+from oisp.config import Config
+from oisp.decoder_process.channel import Frame, FrameChannel
+from oisp.decoder_process.wire import Kind, dump_object, load_object
+from oisp.errors import OispError
+from oisp.events import Event
+from oisp.pipeline import Pipeline
+from oisp.proxy.relay import CopyDispatcher
+
+__all__ = ["WorkerSettings", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: Above this many events waiting in the pipeline, the decoder process stops reading (the proxy buffers).
+_PIPELINE_HIGH_WATER = 2000
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [decoder process]: %(message)s"
+
+
+@attrs.frozen
+class WorkerSettings:
+    """What the decoder process is started with."""
+
+    config: Config
+    #: Send each processed event back to the proxy's process (for its listeners).
+    forward_events: bool = False
+    log_level: int = logging.WARNING
+    #: Log to stderr like the runner (when the parent process had logging set up).
+    configure_logging: bool = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The decoder process's entry point: ``python -m oisp.decoder_process --fd N``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m oisp.decoder_process", description=__doc__)
+    parser.add_argument("--fd", type=int, help="the socket to the proxy (POSIX)")
+    parser.add_argument("--shared", action="store_true", help="read the shared socket from stdin (Windows)")
+    args = parser.parse_args(argv)
+    for name in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if args.shared:  # pragma: no cover - Windows
+        sock = socket.fromshare(sys.stdin.buffer.read())  # type: ignore[attr-defined,unused-ignore]
+    elif args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+    else:
+        parser.error("--fd or --shared is required")
+    try:
+        anyio.run(_serve, sock)
+    except Exception:
+        logger.exception("the decoder process failed")
+        return 1
+    return 0
+
+
+def _configure_logging(settings: WorkerSettings) -> None:
+    if settings.configure_logging:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=_LOG_FORMAT)
+    logging.getLogger("oisp").setLevel(settings.log_level)
+
+
+async def _serve(sock: socket.socket) -> None:
+    from oisp.decoding import build_event_decoder, build_pipeline
+    from oisp.http.decoder import make_decoder
+    from oisp.plugins import create_plugin_manager
+
+    channel = FrameChannel(sock)
+    frames = channel.frames()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(channel.run_writer)
+        try:
+            settings = await _settings(frames)  # nothing else is sent before READY
+            _configure_logging(settings)
+            plugins = create_plugin_manager()
+            pipeline = build_pipeline(plugins, settings.config)
+        except Exception as exc:
+            channel.send(Kind.FAILED, 0, _pickled_error(exc), force=True)
+            await channel.close_sending()
+            return
+        if settings.forward_events:
+            def forward(event: Event) -> None:
+                channel.send(Kind.EVENT, 0, event.to_json().encode(), force=True)
+
+            pipeline.add_listener(forward)
+        connections: dict[int, CopyDispatcher] = {}
+        async with pipeline:
+            decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
+            channel.send(Kind.READY, 0, force=True)
+            async for batch in frames:
+                for kind, number, timestamp, payload in batch:
+                    if kind is Kind.CLIENT_DATA or kind is Kind.SERVER_DATA:
+                        dispatcher = connections.get(number)
+                        if dispatcher is not None:
+                            dispatcher.dispatch("client" if kind is Kind.CLIENT_DATA else "server", payload,
+                                                timestamp)
+                    elif kind is Kind.CLIENT_EOF or kind is Kind.SERVER_EOF:
+                        dispatcher = connections.get(number)
+                        if dispatcher is not None:
+                            dispatcher.dispatch("client" if kind is Kind.CLIENT_EOF else "server", None, timestamp)
+                    elif kind is Kind.OPEN:
+                        info, alpn, body_cap = load_object(payload)
+                        try:
+                            passive = make_decoder(alpn, info, decoder.exchange_listener(info), body_cap=body_cap)
+                        except Exception:
+                            logger.exception("connection %s: could not set up decoding", info.connection_id)
+                            continue
+                        connections[number] = CopyDispatcher(passive, info.connection_id)
+                    elif kind is Kind.END:
+                        ended = connections.pop(number, None)
+                        if ended is not None:
+                            ended.close(payload.decode("utf-8", "replace") or None)
+                    elif kind is Kind.REPORT:
+                        decoder.connection(load_object(payload))
+                await _room_in(pipeline)
+            for dispatcher in connections.values():
+                dispatcher.close("the proxy stopped before the connection ended")
+            connections.clear()
+        channel.send(Kind.SUMMARY, 0, dump_object(pipeline.summary()), force=True)
+        await channel.close_sending()
+
+
+async def _room_in(pipeline: Pipeline) -> None:
+    """Let the pipeline catch up before reading more (its queue drops events when full; the proxy's buffer, which
+    is bounded in bytes and accounted per connection, is where waiting belongs)."""
+    while _waiting(pipeline) > _PIPELINE_HIGH_WATER:
+        await anyio.sleep(0)
+
+
+def _waiting(pipeline: Pipeline) -> int:
+    stats = pipeline.stats
+    return stats.emitted - stats.processed - stats.failed_processing - stats.dropped_ingress
+
+
+async def _settings(frames: AsyncIterator[Iterable[Frame]]) -> WorkerSettings:
+    """The first frame: what to run."""
+    async for batch in frames:
+        for kind, _number, _timestamp, payload in batch:
+            if kind is not Kind.SETTINGS:
+                raise OispError(f"the decoder process expected its settings first, got a {kind.name} frame")
+            settings = load_object(payload)
+            if not isinstance(settings, WorkerSettings):
+                raise OispError("the decoder process got settings of the wrong type")
+            return settings
+    raise OispError("the proxy closed the connection before sending the decoder process's settings")
+
+
+def _pickled_error(exc: BaseException) -> bytes:
+    try:
+        return dump_object(exc)
+    except Exception:
+        return dump_object(f"{type(exc).__name__}: {exc}")

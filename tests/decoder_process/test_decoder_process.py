@@ -1,0 +1,166 @@
+"""The decoder process: copies in over the socket pair, events out of its sinks; failures never reach the relay."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from oisp.config import Config
+from oisp.decoder_process import DecoderProcess
+from oisp.errors import OispError
+from oisp.events import Event, ProcessInfo
+from oisp.http.exchange import ConnectionInfo
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "sk-proj-" + "q" * 40
+BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/json\r\n"
+           b"authorization: Bearer " + SECRET.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY)
+ANSWER = json.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}).encode()
+RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(ANSWER)
+            + ANSWER)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _info(number: int = 1) -> ConnectionInfo:
+    return ConnectionInfo(connection_id=f"c-test.{number}", client_addr=("127.0.0.1", 40000 + number),
+                          server_addr=("api.openai.com", 443), mode="explicit", tls=True, provider="openai",
+                          process=ProcessInfo(pid=os.getpid(), name="pytest"))
+
+
+def _config(path: Path) -> Config:
+    return Config(sinks=({"kind": "jsonl", "path": str(path)},))
+
+
+def _events(path: Path) -> list[Event]:
+    return [Event.from_json(line) for line in path.read_text().splitlines()]
+
+
+def _now() -> int:
+    return time.monotonic_ns()
+
+
+async def test_exchanges_sent_as_copies_become_events_in_the_decoder_process(tmp_path: Path,
+                                                                              oisp_schema: Any) -> None:
+    out = tmp_path / "events.jsonl"
+    seen: list[Event] = []
+    async with DecoderProcess(_config(out), on_event=seen.append) as decoder:
+        assert decoder.pid is not None and decoder.pid != os.getpid()
+        feeds = [decoder.open_feed(_info(n), "http/1.1", body_cap=1 << 20) for n in (1, 2)]
+        for feed in feeds:  # interleaved, as the relay's copies of two connections are
+            assert feed is not None
+            feed.push("client", REQUEST[:40], _now())
+        for feed in feeds:
+            assert feed is not None
+            feed.push("client", REQUEST[40:], _now())
+            feed.push("server", RESPONSE, _now())
+            feed.push("client", None, _now())
+            feed.push("server", None, _now())
+            feed.finish()
+    assert decoder.stats.exit_code == 0
+    assert decoder.stats.connections == 2 and decoder.stats.overflowed_connections == 0
+    assert decoder.pipeline_summary is not None and decoder.pipeline_summary["processed"] == 4
+    events = _events(out)
+    assert sorted(e.event_type for e in events) == ["ai.request", "ai.request", "ai.response", "ai.response"]
+    for event in events:
+        oisp_schema.validate(event.to_dict())
+        assert event.process is not None and event.process.pid == os.getpid()
+    request = next(e for e in events if e.event_type == "ai.request")
+    assert request.data.messages[0].content == "Say hello"  # type: ignore[attr-defined]
+    response = next(e for e in events if e.event_type == "ai.response")
+    assert response.data.choices[0].message.content == "Hello!"  # type: ignore[attr-defined]
+    assert SECRET not in out.read_text()
+    # on_event listeners in the proxy's process get the same, already redacted events
+    assert sorted(e.event_id for e in seen) == sorted(e.event_id for e in events)
+
+
+async def test_a_decoder_process_too_far_behind_stops_decoding_that_connection_not_the_relay(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "events.jsonl"
+    big = b"x" * 65536
+    pushes = 1024  # 64 MiB: more than the kernel's socket buffer and ours together
+    head = (b"POST /v1/files HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/octet-stream\r\n"
+            b"content-length: %d\r\n\r\n" % (len(big) * pushes))
+    with caplog.at_level(logging.WARNING, logger="oisp.decoder_process"):
+        async with DecoderProcess(_config(out), buffer_limit=256 * 1024) as decoder:
+            feed = decoder.open_feed(_info(), "http/1.1", body_cap=1 << 20)
+            assert feed is not None and decoder.pid is not None
+            os.kill(decoder.pid, signal.SIGSTOP)  # a decoder process that cannot keep up at all
+            try:
+                feed.push("client", head, _now())
+                for _ in range(pushes):
+                    feed.push("client", big, _now())  # never blocks
+                    if feed.failure is not None:
+                        break
+                assert decoder.channel.buffered <= 256 * 1024
+            finally:
+                os.kill(decoder.pid, signal.SIGCONT)
+            assert feed.failure is not None and "fell more than 262144 bytes behind" in feed.failure
+            feed.push("client", big, _now())  # ignored from now on
+            feed.finish()
+            other = decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20)
+            assert other is not None  # later connections are decoded again once the backlog is gone
+            other.push("client", REQUEST, _now())
+            other.push("server", RESPONSE, _now())
+            other.finish()
+    assert decoder.stats.overflowed_connections == 1 and decoder.stats.exit_code == 0
+    assert "fell more than" in caplog.text
+    events = _events(out)
+    upload = [e for e in events if e.event_type == "ai.request" and e.confidence.completeness == "partial"]
+    assert len(upload) == 1
+    assert "behind" in " ".join(upload[0].confidence.limitations or [])
+    chat = [e for e in events if e.event_type == "ai.response" and e.confidence.completeness != "partial"]
+    assert len(chat) == 1
+
+
+async def test_a_sink_that_cannot_start_fails_the_start_with_its_own_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    config = Config(sinks=({"kind": "jsonl", "path": str(blocked / "events.jsonl")},))
+    with pytest.raises(OispError) as raised:
+        async with DecoderProcess(config):
+            pass
+    assert "events.jsonl" in str(raised.value)
+
+
+async def test_an_unknown_sink_kind_is_reported_as_the_same_error_as_inline(tmp_path: Path) -> None:
+    from oisp.errors import PluginError
+
+    with pytest.raises(PluginError, match="unknown sink kind 'nosuchsink'; available: jsonl"):
+        async with DecoderProcess(Config(sinks=({"kind": "nosuchsink"},))):
+            pass
+
+
+async def test_when_the_decoder_process_dies_the_proxy_side_goes_on_without_decoding(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "events.jsonl"
+    with caplog.at_level(logging.ERROR, logger="oisp.decoder_process"):
+        async with DecoderProcess(_config(out)) as decoder:
+            feed = decoder.open_feed(_info(), "http/1.1", body_cap=1 << 20)
+            assert feed is not None and decoder.pid is not None
+            os.kill(decoder.pid, signal.SIGKILL)
+            with anyio.fail_after(10):
+                while decoder.channel.broken is None:  # the reader sees the socket close
+                    await anyio.sleep(0.01)
+            feed.push("client", REQUEST, _now())  # never raises, never blocks
+            assert feed.failure is not None and "gone" in feed.failure
+            assert decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20) is None
+    assert decoder.stats.exit_code == -signal.SIGKILL
+    assert decoder.stats.lost_connections == 1
+    assert "ended unexpectedly" in caplog.text
