@@ -6,7 +6,13 @@ Run ``.venv/bin/python bench/bench_proxy.py`` (about three minutes on 2 cores; `
 * the upstream (``_proxy_upstream.py``, its own process) is a lean TLS server for api.openai.com with a
   certificate from a throwaway CA (trustme), speaking HTTP/1.1 and HTTP/2;
 * oisp is the real CLI, ``oisp run --mode explicit ... --stdout none --output events.jsonl``, so events really
-  are decoded and written; it reaches the upstream through ``--resolve api.openai.com:443:127.0.0.1:PORT``;
+  are decoded and written; it reaches the upstream through ``--resolve api.openai.com:443:127.0.0.1:PORT``.
+  It decodes in a separate *decoder process* (its child, ``python -m oisp.decoder_process``), so everything
+  measured of oisp is measured of the family, the relay process and its children: CPU shares are summed (and
+  the decoder process's is shown on its own), peak RSS is added up process by process, and before each
+  measurement the whole family must be idle;
+* with ``--inline``, one more column: the same ``oisp run`` with ``--decoder inline`` (decoding, pipeline and
+  sinks in the proxy's one process, as before the decoder process), to compare the two designs in one run;
 * mitmproxy 11.0.2 (the newest for Python 3.11; its pins clash with oisp's, so it gets its own virtual
   environment, created on first use in ``~/.cache/oisp-bench/mitmproxy-11.0.2``) runs as ``mitmdump`` in
   regular (explicit) mode with its defaults otherwise (HTTP/2 on, no flow file, ``-q``) plus a small addon
@@ -17,13 +23,18 @@ Run ``.venv/bin/python bench/bench_proxy.py`` (about three minutes on 2 cores; `
   proxy, or go straight to the upstream for the direct column;
 * with ``--relay-only``, one more column: oisp's proxy configured like ``oisp run`` but with nothing decoded
   (``_oisp_relay_only.py``), which separates the cost of interception from the cost of decoding and events;
-  ``--profile`` then samples oisp with py-spy under load and prints where its CPU time goes.
+* ``--profile`` samples oisp (relay and decoder process, ``py-spy record --subprocesses``) under load
+  afterwards and prints where its CPU time goes.
+
+At the end, every ``oisp run`` is stopped with SIGTERM, which waits for its decoder process to catch up and
+write every event (up to five minutes), and the report gives, per oisp column, the lines in its events file
+and the one-line summary oisp printed on its way out.
 
 Results and their discussion: ``docs/performance.md``.
 
 "Added" is the proxy's number minus the direct number measured in the same run (medians from medians, p99 from
-p99). Measurements alternate between direct, oisp and mitmproxy in rounds so slow drift in machine load hits
-all three alike.
+p99). Measurements alternate between the columns (direct, oisp, mitmproxy, ...) in rounds so slow drift in
+machine load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -59,6 +70,10 @@ MITMPROXY_VERSION = "11.0.2"
 DEFAULT_MITM_VENV = Path.home() / ".cache" / "oisp-bench" / f"mitmproxy-{MITMPROXY_VERSION}"
 MIB = 1 << 20
 RELAY_ONLY = "oisp-relay"
+INLINE = "oisp-inline"
+#: How long a stopping ``oisp run`` may take: its decoder process may still be catching up on the events.
+OISP_STOP_TIMEOUT = 300.0
+TITLES = {"mitmproxy": f"mitmproxy {MITMPROXY_VERSION}", RELAY_ONLY: "oisp relay only", INLINE: "oisp inline"}
 
 MITM_ADDON = '''
 """Connect to the benchmark upstream for api.openai.com:443 (oisp: --resolve); stream SSE responses."""
@@ -115,11 +130,11 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, what:
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(15)
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -160,20 +175,30 @@ class Target:
 
 
 @dataclass
+class OispRun:
+    """One ``oisp run`` column: its process, its log (stderr, where the exit summary ends up) and its events."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    events: Path
+
+
+@dataclass
 class Stack:
     tmp: Path
     upstream_port: int
     cafiles: list[str]
     targets: list[Target]
     upstream_pid: int
-    events_file: Path
+    oisp_runs: list[OispRun]
     mitm_missing: str = ""
     mitm_python: Path | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def running_stack(mitm_venv: Path | None, relay_only: bool) -> Iterator[Stack]:
+def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="oisp-bench-proxy-") as tmp_name:
         tmp = Path(tmp_name)
         test_ca = trustme.CA()
@@ -200,7 +225,6 @@ def running_stack(mitm_venv: Path | None, relay_only: bool) -> Iterator[Stack]:
 
             confdir = tmp / "oisp-conf"
             oisp_ca = CertificateAuthority.load_or_create(confdir)
-            oisp_port, oisp_log, events = free_port(), tmp / "oisp.log", tmp / "events.jsonl"
             oisp_cli = Path(sys.executable).with_name("oisp")
             command = [str(oisp_cli)] if oisp_cli.exists() else [sys.executable, "-m", "oisp.cli.main"]
             help_text = subprocess.run([*command, "run", "--help"], capture_output=True, text=True).stdout
@@ -209,15 +233,25 @@ def running_stack(mitm_venv: Path | None, relay_only: bool) -> Iterator[Stack]:
                 config = ["--config", str(tmp / "oisp.toml")]
             else:
                 config = []
-            oisp_proc = subprocess.Popen(
-                [*command, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}", "--confdir",
-                 str(confdir), "--output", str(events), "--stdout", "none", "--upstream-ca",
-                 str(tmp / "upstream-ca.pem"), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream_port}"],
-                stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")))
-            processes.append(oisp_proc)
-            wait_listening(oisp_port, oisp_proc, oisp_log, "oisp run")
+            if inline and "--decoder" not in help_text:
+                raise RuntimeError("--inline: this oisp's `oisp run` has no --decoder option")
             cafiles = [str(tmp / "upstream-ca.pem"), str(oisp_ca.cert_path)]
-            targets = [Target("direct", None, upstream.pid), Target("oisp", ("127.0.0.1", oisp_port), oisp_proc.pid)]
+            targets = [Target("direct", None, upstream.pid)]
+            oisp_runs: list[OispRun] = []
+            variants: list[tuple[str, str, list[str]]] = [("oisp", "", [])]
+            if inline:
+                variants.append((INLINE, "-inline", ["--decoder", "inline"]))
+            for name, stem, extra in variants:
+                oisp_port, oisp_log, events = free_port(), tmp / f"oisp{stem}.log", tmp / f"events{stem}.jsonl"
+                oisp_proc = subprocess.Popen(
+                    [*command, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}",
+                     "--confdir", str(confdir), "--output", str(events), "--stdout", "none", "--upstream-ca",
+                     str(tmp / "upstream-ca.pem"), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream_port}",
+                     *extra], stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")))
+                processes.append(oisp_proc)
+                wait_listening(oisp_port, oisp_proc, oisp_log, f"oisp run{' '.join(['', *extra])}")
+                targets.append(Target(name, ("127.0.0.1", oisp_port), oisp_proc.pid))
+                oisp_runs.append(OispRun(name, oisp_proc, oisp_log, events))
 
             if relay_only:
                 relay_port, relay_log = free_port(), tmp / "relay-only.log"
@@ -246,7 +280,8 @@ def running_stack(mitm_venv: Path | None, relay_only: bool) -> Iterator[Stack]:
                     cafiles.append(str(mitm_conf / "mitmproxy-ca-cert.pem"))
                     targets.append(Target("mitmproxy", ("127.0.0.1", mitm_port), mitm.pid))
             mitm_python = mitm_venv / "bin" / "python" if mitm_venv is not None and not missing else None
-            yield Stack(tmp, upstream_port, cafiles, targets, upstream.pid, events, missing, mitm_python, processes)
+            yield Stack(tmp, upstream_port, cafiles, targets, upstream.pid, oisp_runs, missing, mitm_python,
+                        processes)
         finally:
             for process in reversed(processes):
                 stop(process)
@@ -254,6 +289,14 @@ def running_stack(mitm_venv: Path | None, relay_only: bool) -> Iterator[Stack]:
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------
+def family(pid: int) -> list[int]:
+    """The process and its children as they are now (oisp's decoder process exists once oisp listens)."""
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
 class Sampler:
     """Samples RSS and CPU time of some processes in a thread: peak RSS, and CPU share within a time window."""
 
@@ -285,16 +328,20 @@ class Sampler:
         self._take()
 
     def baseline_rss(self, pid: int) -> int:
-        return self.samples[pid][0][1]
+        return self.samples[pid][0][1] if self.samples[pid] else 0
 
     def peak_rss(self, pid: int) -> int:
-        return max(rss for _, rss, _ in self.samples[pid])
+        return max((rss for _, rss, _ in self.samples[pid]), default=0)
 
     def cpu_share(self, pid: int, start: float, end: float) -> float:
         inside = [(t, cpu) for t, _, cpu in self.samples[pid] if start <= t <= end]
         if len(inside) < 2:
             return float("nan")
         return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+    def family_share(self, pids: list[int], start: float, end: float) -> float:
+        """The CPU share of some processes together (a process family: one process and its children)."""
+        return sum(self.cpu_share(pid, start, end) for pid in pids)
 
 
 def reset_peak(pid: int) -> bool:
@@ -317,13 +364,21 @@ def kernel_peak(pid: int) -> int | None:
 
 
 def settle(pids: list[int], idle: float = 0.05, timeout: float = 10.0) -> None:
-    """Wait until the processes are idle: a proxy may still be writing the events of the previous run."""
-    processes = [psutil.Process(pid) for pid in pids]
+    """Wait until the processes and their children are idle: a proxy (or oisp's decoder process, catching up)
+    may still be writing the events of the previous run."""
+    processes = [psutil.Process(pid) for pid in sorted({p for root in pids for p in family(root)})]
+
+    def cpu(process: psutil.Process) -> float:
+        try:
+            return float(sum(process.cpu_times()[:2]))
+        except psutil.Error:  # gone: idle from now on
+            return 0.0
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = [sum(p.cpu_times()[:2]) for p in processes]
+        before = [cpu(p) for p in processes]
         time.sleep(0.1)
-        if all(sum(p.cpu_times()[:2]) - b < idle * 0.1 for p, b in zip(processes, before, strict=True)):
+        if all(cpu(p) - b < idle * 0.1 for p, b in zip(processes, before, strict=True)):
             return
 
 
@@ -378,8 +433,9 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
     for round_ in range(rounds):
         for target in stack.targets:
             progress(f"round {round_ + 1}/{rounds}: requests/s via {target.name}")
-            watch = [target.pid] if target.pid == stack.upstream_pid else [target.pid, stack.upstream_pid]
-            with Sampler(watch, 0.1) as sampler:
+            settle([target.pid, stack.upstream_pid])
+            watched, upstream = family(target.pid), family(stack.upstream_pid)
+            with Sampler(sorted({*watched, *upstream}), 0.1) as sampler:
                 out = client(stack, target, kind="rps", connections=args.connections, warmup=20,
                              duration=args.duration / q)
             window = out["window"]  # the client's measuring window, in the system-wide monotonic clock
@@ -387,26 +443,35 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
             shares = results.cpu.setdefault(target.name, {})
             shares.setdefault("client", []).append(out["client_cpu"])
             role = "proxy" if target.proxy else "upstream"
-            shares.setdefault(role, []).append(sampler.cpu_share(target.pid, *window))
+            shares.setdefault(role, []).append(sampler.family_share(watched, *window))
+            if target.proxy and len(watched) > 1:  # oisp: the relay, and its decoder process
+                shares.setdefault("relay", []).append(sampler.family_share(watched[:1], *window))
+                shares.setdefault("decoder process", []).append(sampler.family_share(watched[1:], *window))
             if target.proxy:
-                shares.setdefault("upstream", []).append(sampler.cpu_share(stack.upstream_pid, *window))
+                shares.setdefault("upstream", []).append(sampler.family_share(upstream, *window))
 
     size = args.mib * MIB
     for round_ in range(rounds):
         for kind in ("upload", "download"):
             for target in stack.targets:
                 progress(f"round {round_ + 1}/{rounds}: {args.mib} MiB {kind} via {target.name}")
-                kernel = reset_peak(target.pid)
-                with Sampler([target.pid], 0.002) as sampler:
+                settle([target.pid, stack.upstream_pid])
+                watched = family(target.pid)
+                kernel = {pid: reset_peak(pid) for pid in watched}
+                with Sampler(watched, 0.002) as sampler:
                     out = client(stack, target, kind=kind, bytes=size)
-                peak = sampler.peak_rss(target.pid)
-                hwm = kernel_peak(target.pid) if kernel else None
-                if hwm is not None:
-                    peak = max(peak, hwm)
+                base = added = 0
+                for pid in watched:  # per process, the larger of the sampled and the kernel's peak, summed
+                    peak = sampler.peak_rss(pid)
+                    hwm = kernel_peak(pid) if kernel[pid] else None
+                    if hwm is not None:
+                        peak = max(peak, hwm)
+                    base += sampler.baseline_rss(pid)
+                    added += peak - sampler.baseline_rss(pid)
                 entry = results.transfer.setdefault((kind, target.name), {"mbps": 0.0, "base": 1e18, "added": 0.0})
                 entry["mbps"] = max(entry["mbps"], size / out["seconds"] / 1e6)
-                entry["base"] = min(entry["base"], sampler.baseline_rss(target.pid))
-                entry["added"] = max(entry["added"], peak - sampler.baseline_rss(target.pid))
+                entry["base"] = min(entry["base"], base)
+                entry["added"] = max(entry["added"], added)
 
     progress("leaf issuance")
     with tempfile.TemporaryDirectory(prefix="oisp-bench-ca-") as tmp:
@@ -441,15 +506,24 @@ COMPONENTS = (
     ("oisp/pipeline.py", "pipeline (oisp.pipeline)"),
     ("oisp/sinks/", "sinks (oisp.sinks)"),
     ("oisp/attribution", "process attribution (oisp.attribution)"),
+    ("oisp/decoder_process/", "passing copies to and from the decoder process (oisp.decoder_process)"),
 )
 
 
-def profile_breakdown(raw: Path) -> dict[str, int]:
-    """Samples per component from a ``py-spy record -f raw`` file (busy samples only)."""
+def profile_breakdown(raw: Path, root: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Samples per component, and per process (relay, decoder process), from a ``py-spy record --subprocesses
+    -f raw`` file (busy samples only; each stack starts with a ``process PID:"command"`` frame per generation)."""
     counts: dict[str, int] = {}
+    processes: dict[str, int] = {}
     for line in raw.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
         frames = stack.split(";")
+        pids = [frame.split(":", 1)[0].removeprefix("process ") for frame in frames if frame.startswith("process ")]
+        frames = [frame for frame in frames if not frame.startswith("process ")]
+        who = "relay" if not pids or pids[-1] == str(root) else "decoder process"
+        processes[who] = processes.get(who, 0) + int(number)
         component = "event loop, anyio and the rest"
         for frame in reversed(frames):
             found = next((name for key, name in COMPONENTS if key in frame), None)
@@ -460,31 +534,54 @@ def profile_breakdown(raw: Path) -> dict[str, int]:
                 component = "other oisp code"
                 break
         counts[component] = counts.get(component, 0) + int(number)
-    return counts
+    return counts, processes
 
 
 def profile_oisp(stack: Stack, args: argparse.Namespace) -> list[str]:
-    """Run requests/s against oisp under py-spy; where each request's CPU time goes."""
+    """Run requests/s against oisp under py-spy (relay and decoder process); where each request's CPU time goes."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         return ["--profile: py-spy not found (pip install py-spy)"]
     target = next(t for t in stack.targets if t.name == "oisp")
     raw, rate, seconds = stack.tmp / "oisp-profile.txt", 250, 4
     settle([target.pid, stack.upstream_pid])
-    spy = subprocess.Popen([py_spy, "record", "-p", str(target.pid), "-r", str(rate), "-d", str(seconds + 2), "-f",
-                            "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+    spy = subprocess.Popen([py_spy, "record", "--subprocesses", "-p", str(target.pid), "-r", str(rate), "-d",
+                            str(seconds + 2), "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE)
     time.sleep(0.5)
     out = client(stack, target, kind="rps", connections=args.connections, warmup=20, duration=seconds)
     _, err = spy.communicate(timeout=60)
     if not raw.exists():
         return [f"--profile: py-spy failed: {err.decode(errors='replace').strip()[-300:]}"]
-    counts = profile_breakdown(raw)
+    counts, processes = profile_breakdown(raw, target.pid)
     total = sum(counts.values())
-    lines = [f"where oisp's CPU time goes under requests/s load (py-spy: {total} busy samples at {rate} Hz, "
-             f"{out['rps']:,.0f} requests/s while sampled):"]
+    if not total:
+        return [f"--profile: py-spy recorded no busy samples: {err.decode(errors='replace').strip()[-300:]}"]
+    split = ", ".join(f"{who} {processes.get(who, 0) / total:.0%}" for who in ("relay", "decoder process"))
+    lines = [f"where oisp's CPU time goes under requests/s load (py-spy --subprocesses: relay and decoder process "
+             f"both counted; {total} busy samples at {rate} Hz, {split}; {out['rps']:,.0f} requests/s while "
+             f"sampled):"]
     for name, count in sorted(counts.items(), key=lambda item: -item[1]):
         lines.append(f"  {count / total:6.1%}  {name}")
+    return lines
+
+
+def stop_oisp(stack: Stack) -> list[str]:
+    """Stop every ``oisp run`` gracefully (SIGTERM: it drains its decoder process and prints its summary); per
+    oisp column, the events it wrote and that summary line."""
+    for run in stack.oisp_runs:
+        progress(f"stopping {run.name} (SIGTERM; it writes every event first, up to {OISP_STOP_TIMEOUT:.0f} s)")
+        stop(run.process, OISP_STOP_TIMEOUT)
+    lines = []
+    for run in stack.oisp_runs:
+        events = 0
+        if run.events.exists():
+            with run.events.open("rb") as lines_:
+                events = sum(1 for _ in lines_)
+        log = run.log.read_text(errors="replace").splitlines() if run.log.exists() else []
+        summary = next((line for line in reversed(log) if line.startswith("oisp: ")),
+                       f"no summary (exit code {run.process.returncode})")
+        lines.append(f"{TITLES.get(run.name, run.name)}: {events} lines in its events file; on exit: {summary}")
     return lines
 
 
@@ -555,10 +652,9 @@ def table(results: Results, stack: Stack, args: argparse.Namespace) -> list[tupl
 
 
 def print_report(results: Results, stack: Stack, args: argparse.Namespace, started: float,
-                 load_before: tuple[float, ...]) -> None:
+                 load_before: tuple[float, ...], stopped: list[str]) -> None:
     rows = table(results, stack, args)
-    titles = {"mitmproxy": f"mitmproxy {MITMPROXY_VERSION}", RELAY_ONLY: "oisp relay only"}
-    header = ("metric", *(titles.get(name, name) for name in columns(stack)), "target", "oisp")
+    header = ("metric", *(TITLES.get(name, name) for name in columns(stack)), "target", "oisp")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print()
     print(f"oisp {oisp.__version__}, Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, "
@@ -576,12 +672,18 @@ def print_report(results: Results, stack: Stack, args: argparse.Namespace, start
           f"{len(results.rps['direct'])} x {args.duration / (5 if args.quick else 1):g} s")
     for name, measured in results.cpu.items():
         shares = {who: statistics.mean(values) for who, values in measured.items()}
-        parts = ", ".join(f"{who} {share:.0%}" for who, share in shares.items())
+        parts = []
+        for who, share in shares.items():
+            if who in ("relay", "decoder process"):
+                continue
+            parts.append(f"{who} {share:.0%}")
+            if who == "proxy" and "decoder process" in shares:
+                parts[-1] += f" (relay {shares['relay']:.0%}, decoder process {shares['decoder process']:.0%})"
         rps = statistics.mean(results.rps[name])
         proxy = f"; {shares['proxy'] / rps * 1e6:,.0f} µs of proxy CPU per request" if "proxy" in shares else ""
-        print(f"CPU during requests/s via {name} (one core = 100%): {parts}{proxy}")
-    events = sum(1 for _ in stack.events_file.open()) if stack.events_file.exists() else 0
-    print(f"oisp wrote {events} events to its JSONL output")
+        print(f"CPU during requests/s via {TITLES.get(name, name)} (one core = 100%): {', '.join(parts)}{proxy}")
+    for line in stopped:
+        print(line)
     if not any(t.name == "mitmproxy" for t in stack.targets):
         print(f"mitmproxy column missing: {stack.mitm_missing}")
     for note in results.notes:
@@ -601,21 +703,25 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=2000, help="new-host leaves issued for the leaf timing")
     parser.add_argument("--mitmproxy-venv", type=Path, default=DEFAULT_MITM_VENV,
                         help=f"virtual environment for mitmproxy (created if needed; default {DEFAULT_MITM_VENV})")
-    parser.add_argument("--no-mitmproxy", action="store_true", help="measure only direct and oisp")
+    parser.add_argument("--no-mitmproxy", action="store_true", help="leave mitmproxy out")
+    parser.add_argument("--inline", action="store_true",
+                        help="add a column for oisp run --decoder inline (decoding in the proxy's one process)")
     parser.add_argument("--relay-only", action="store_true",
                         help="add a column for oisp's proxy without decoding (what interception alone costs)")
     parser.add_argument("--profile", action="store_true",
-                        help="afterwards, sample oisp with py-spy under requests/s load and print where the time goes")
+                        help="afterwards, sample oisp (relay and decoder process) with py-spy under requests/s load "
+                             "and print where the time goes")
     args = parser.parse_args()
     started, load_before = time.monotonic(), os.getloadavg()
-    with running_stack(None if args.no_mitmproxy else args.mitmproxy_venv, args.relay_only) as stack:
+    with running_stack(None if args.no_mitmproxy else args.mitmproxy_venv, args.relay_only, args.inline) as stack:
         if stack.mitm_missing and not any(t.name == "mitmproxy" for t in stack.targets):
             progress(f"mitmproxy column missing: {stack.mitm_missing}")
         results = measure(stack, args)
         if args.profile:
             progress("profiling oisp under requests/s load")
             results.notes.extend(profile_oisp(stack, args))
-        print_report(results, stack, args, started, load_before)
+        stopped = stop_oisp(stack)
+        print_report(results, stack, args, started, load_before, stopped)
 
 
 if __name__ == "__main__":
