@@ -22,10 +22,12 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from oisp.errors import OispError
-from oisp.events import Event, Host
-from oisp.events.spec_gaps import conform
+from oisp.events import PAYLOAD_TYPES, Event, Host, UnknownPayload, format_ts
+from oisp.events._record import _SCALARS, Record, unstructure
+from oisp.events.envelope import _COMPACT
+from oisp.events.spec_gaps import conform, map_values
 from oisp.hookspecs import Sink
-from oisp.redaction import Redactor
+from oisp.redaction import SCANNED_KEYS, Redactor
 
 __all__ = ["Enricher", "Pipeline", "PipelineStats", "SinkStats", "local_host"]
 
@@ -37,6 +39,13 @@ Enricher = Callable[[Event], Event]
 _ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64", "i686": "i686",
          "i386": "i686", "x86": "i686"}
 _OS = {"Linux": "linux", "Darwin": "darwin", "Windows": "windows", "FreeBSD": "freebsd"}
+
+#: Envelope fields whose records usually come from a connection or the machine, the same object in many events.
+_SHARED_RECORDS = frozenset({"host", "actor", "process", "app", "source"})
+#: The scanned parts of an event that are its own (the shared ones are scanned once, in the cache).
+_SCANNED_PER_EVENT = tuple(key for key in SCANNED_KEYS if key not in _SHARED_RECORDS)
+_EVENT_PLAN = Event._structure_plan()
+_BLOCK_CACHE_SIZE = 1024
 
 
 def local_host() -> Host:
@@ -141,6 +150,9 @@ class Pipeline:
         self._closed = False
         self._last_drop_log = 0.0
         self._listeners: list[Callable[[Event], None]] = []
+        #: id -> (record, its dict form, whether that holds nothing to redact), for _SHARED_RECORDS; the record is
+        #: kept, so its id cannot be reused while the entry lives.
+        self._blocks: dict[int, tuple[Record, dict[str, Any], bool]] = {}
 
     # producer side ------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -189,10 +201,74 @@ class Pipeline:
         return event if event.host is not None else event.with_context(host=self._host)
 
     def process(self, event: Event) -> Event:
-        """Run the processing steps on one event (enrichers, redaction, schema conformance)."""
+        """Run the processing steps on one event (enrichers, redaction, schema conformance).
+
+        The returned event also carries its JSON text (:meth:`Event.to_json` returns it without encoding again),
+        since every sink and listener needs it.
+        """
         for enrich in self._enrichers:
             event = enrich(event)
-        return conform(self._redactor(event))
+        redactor = self._redactor
+        if type(redactor) is Redactor and redactor.profile == "default":
+            processed = self._process_default(event, redactor)
+            if processed is not None:
+                return processed
+        event = conform(redactor(event))
+        event.remember_json(_COMPACT.encode(event.to_dict()))
+        return event
+
+    def _process_default(self, event: Event, redactor: Redactor) -> Event | None:
+        """:meth:`process` for the ``default`` profile without secrets in the event: the event is turned into its
+        dict form once (context records many events share, like ``process``, from a cache), scanned, conformed
+        and encoded; None when the event holds something to redact (the general way then does it)."""
+        raw, clean = self._event_dict(event, redactor)
+        if not clean:
+            return None
+        for key in _SCANNED_PER_EVENT:
+            value = raw.get(key)
+            if value is not None and redactor.scan(value) is not value:
+                return None
+        original, touched = map_values(raw)
+        if original:
+            payload = PAYLOAD_TYPES.get(event.event_type, UnknownPayload)
+            event = event.with_context(data=payload.from_dict(raw["data"]), attrs=raw["attrs"])
+            raw, _ = self._event_dict(event, redactor)
+        elif touched:  # conform() leaves such an event as it is
+            raw, _ = self._event_dict(event, redactor)
+        event.remember_json(_COMPACT.encode(raw))
+        return event
+
+    def _event_dict(self, event: Event, redactor: Redactor) -> tuple[dict[str, Any], bool]:
+        """``event.to_dict()``, with the dict forms of shared context records taken from (or put in) the cache;
+        and False when one of them holds something the redactor would change. The cached dicts are shared by
+        every event of a connection: they are only read (scanned, encoded), never changed or handed out."""
+        out: dict[str, Any] = {}
+        clean = True
+        blocks = self._blocks
+        for name, key, _ in _EVENT_PLAN:
+            value = getattr(event, name)
+            if value is None:
+                continue
+            if name in _SHARED_RECORDS and isinstance(value, Record):
+                entry = blocks.get(id(value))
+                if entry is None or entry[0] is not value:
+                    plain = value.to_dict()
+                    scanned = redactor.scan(plain) if key in SCANNED_KEYS else plain
+                    if len(blocks) >= _BLOCK_CACHE_SIZE:
+                        blocks.clear()
+                    entry = blocks[id(value)] = (value, plain, scanned is plain)
+                out[key] = entry[1]
+                clean = clean and entry[2]
+            elif name == "ts":
+                out[key] = format_ts(value)
+            else:
+                out[key] = plain = value if type(value) in _SCALARS else unstructure(value)
+                if name in _SHARED_RECORDS and key in SCANNED_KEYS and redactor.scan(plain) is not plain:
+                    clean = False  # not a record (so not cached): scanned here
+        for key, value in event.extra.items():
+            if key not in out:
+                out[key] = unstructure(value)
+        return out, clean
 
     async def _process(self) -> None:
         async with self._ingress_receive:

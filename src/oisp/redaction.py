@@ -30,6 +30,7 @@ from oisp.events import Event
 __all__ = [
     "PROFILES",
     "REDACTED",
+    "SCANNED_KEYS",
     "SENSITIVE_HEADERS",
     "SENSITIVE_QUERY_PARAMS",
     "KeyFingerprint",
@@ -119,6 +120,12 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("bearer_token", re.compile(r"(?i:\bbearer\s+[A-Za-z0-9._~+/=-]{16,})")),
 )
 
+
+#: The parts of an event's dict form that :class:`Redactor` scans for secrets.
+SCANNED_KEYS: tuple[str, ...] = ("data", "attrs", "ext", "process", "web_context")
+#: Strings up to this length that hold no secret are remembered (at most this many of them).
+_CLEAN_MAX_LENGTH = 4096
+_CLEAN_MAX_ENTRIES = 4096
 
 #: Every built-in detector's match contains one of these; a string with none of them holds no built-in secret,
 #: which a few substring searches (fast, in C) establish without running any regular expression.
@@ -216,6 +223,9 @@ class Redactor:
     #: One pass that tells whether any detector could match: most strings hold no secret, and then this
     #: single search is all the work done for them.
     _any_secret: re.Pattern[str] | None = attrs.field(init=False)
+    #: Strings :meth:`scan` found nothing in, recently: the same command lines, paths and names come back in
+    #: every event of a connection, and a lookup is all they cost the next time.
+    _clean: dict[str, None] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -271,29 +281,13 @@ class Redactor:
         if self.profile == "metadata-only":
             for path in _CONTENT_PATHS:
                 changed |= _replace_at(raw, path, self._content_marker)
-        seen: list[dict[str, Any]] = []
-
-        def scan(value: Any) -> Any:
-            nonlocal changed
-            if isinstance(value, str):
-                result, found = self.redact_text(value)
-                if found:
-                    changed = True
-                    seen.extend(found)
-                return result
-            if isinstance(value, dict):
-                if "$redacted" in value:
-                    return value
-                return {k: _scrub_mapping_value(k, v, scan) for k, v in value.items()}
-            if isinstance(value, list):
-                return [scan(v) for v in value]
-            return value
-
-        for key in ("data", "attrs", "ext", "process", "web_context"):
+        for key in SCANNED_KEYS:
             if key in raw:
                 before = raw[key]
-                raw[key] = scan(before)
-                changed |= raw[key] != before
+                after = self.scan(before)
+                if after is not before:
+                    raw[key] = after
+                    changed = True
         if not changed:
             return event
         confidence = dict(raw.get("confidence", {}))
@@ -302,6 +296,40 @@ class Redactor:
         raw["confidence"] = confidence
         return Event.from_dict(raw)
 
+    def scan(self, value: Any) -> Any:
+        """A JSON value (an event's ``data``, ``process``, ...) with every secret in it redacted, and values under
+        credential-like keys replaced; ``value`` itself (not a copy) when nothing in it needed redaction."""
+        if type(value) is str or isinstance(value, str):
+            if value in self._clean:
+                return value
+            result, found = self.redact_text(value)
+            if not found and len(value) <= _CLEAN_MAX_LENGTH:
+                if len(self._clean) >= _CLEAN_MAX_ENTRIES:
+                    self._clean.clear()
+                self._clean[value] = None
+            return result
+        if isinstance(value, dict):
+            if "$redacted" in value:
+                return value
+            new: dict[str, Any] | None = None
+            for key, item in value.items():
+                result = _scrub_mapping_value(key, item, self.scan)
+                if result is not item:
+                    if new is None:
+                        new = dict(value)
+                    new[key] = result
+            return value if new is None else new
+        if isinstance(value, list):
+            items: list[Any] | None = None
+            for index, item in enumerate(value):
+                result = self.scan(item)
+                if result is not item:
+                    if items is None:
+                        items = list(value)
+                    items[index] = result
+            return value if items is None else items
+        return value
+
     def _content_marker(self, value: Any) -> Any:
         if isinstance(value, dict) and "$redacted" in value:
             return value
@@ -309,14 +337,17 @@ class Redactor:
         return marker(text, reason="metadata_only", profile=self.profile)
 
 
+#: Keys whose (non-empty string) values are replaced outright, wherever they appear in an event.
+_SENSITIVE_KEYS = frozenset(
+    SENSITIVE_HEADERS | (SENSITIVE_QUERY_PARAMS - {"code", "key", "token", "auth"})
+    | {"password", "passwd", "secret", "client_secret", "aws_secret_access_key"}
+)
+
+
 def _scrub_mapping_value(key: str, value: Any, scan: Callable[[Any], Any]) -> Any:
     """Values under credential-like keys (``authorization``, ``api_key``, ...) are replaced outright."""
-    lkey = key.lower()
-    if isinstance(value, str) and value and (
-        lkey in SENSITIVE_HEADERS or lkey in SENSITIVE_QUERY_PARAMS - {"code", "key", "token", "auth"}
-        or lkey in {"password", "passwd", "secret", "client_secret", "aws_secret_access_key"}
-    ):
-        return REDACTED
+    if isinstance(value, str) and value and key.lower() in _SENSITIVE_KEYS:
+        return value if value == REDACTED else REDACTED
     return scan(value)
 
 

@@ -46,6 +46,7 @@ class Record:
     """
 
     _plan: ClassVar[tuple[tuple[str, str, _Structurer], ...] | None] = None
+    _to_dict_function: ClassVar[Callable[[Any], dict[str, Any]] | None] = None
     extra: dict[str, Any]
 
     @classmethod
@@ -57,10 +58,19 @@ class Record:
             plan = tuple(
                 (a.name, a.metadata.get(JSON_KEY, a.name), _structurer_for(_resolve(a.type, module_globals)))
                 for a in fields
-                if a.name != "extra"
+                if a.name != "extra" and a.init
             )
             cls._plan = plan
         return plan
+
+    @classmethod
+    def _unstructurer(cls) -> Callable[[Any], dict[str, Any]]:
+        """The class's compiled ``to_dict`` body: one straight-line function per class, made on first use."""
+        function = cls.__dict__.get("_to_dict_function")
+        if function is None:
+            function = _compile_to_dict(cls, cls._structure_plan())
+            cls._to_dict_function = function
+        return function
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any]) -> Self:
@@ -88,14 +98,36 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-shaped mapping of this object, unset (``None``) fields omitted, ``extra`` keys kept."""
-        out: dict[str, Any] = {}
-        for name, key, _ in self._structure_plan():
-            value = getattr(self, name)
-            if value is not None:
-                out[key] = unstructure(value)
-        for key, value in self.extra.items():
-            out.setdefault(key, unstructure(value))
-        return out
+        return self._unstructurer()(self)
+
+
+def _compile_to_dict(cls: type, plan: tuple[tuple[str, str, _Structurer], ...]) -> Callable[[Any], dict[str, Any]]:
+    """A ``to_dict`` for ``cls`` without a loop over its fields: each field is read, and plain JSON scalars are
+    stored as they are, everything else through :func:`unstructure` (which is what the generic loop did)."""
+    lines = ["def to_dict(self):", "    out = {}"]
+    for name, key, _ in plan:
+        lines += [
+            f"    value = self.{name}",
+            "    if value is not None:",
+            f"        out[{key!r}] = value if type(value) in _SCALARS else unstructure(value)",
+        ]
+    lines += [
+        "    extra = self.extra",
+        "    if extra:",
+        "        for key, value in extra.items():",
+        "            if key not in out:",
+        "                out[key] = unstructure(value)",
+        "    return out",
+    ]
+    namespace: dict[str, Any] = {"_SCALARS": _SCALARS, "unstructure": unstructure}
+    exec("\n".join(lines), namespace)  # noqa: S102 - generated from the class's own field names
+    function: Callable[[Any], dict[str, Any]] = namespace["to_dict"]
+    function.__qualname__ = f"{cls.__qualname__}.to_dict"
+    return function
+
+
+#: Types whose values are their own JSON form (subclasses, such as enums, take the general way).
+_SCALARS = frozenset({str, int, float, bool})
 
 
 def _resolve(annotation: Any, module_globals: dict[str, Any]) -> Any:
@@ -106,6 +138,13 @@ def _resolve(annotation: Any, module_globals: dict[str, Any]) -> Any:
 
 def unstructure(value: Any) -> Any:
     """Turn records (and containers of them) into plain JSON values."""
+    kind = type(value)
+    if kind in _SCALARS or value is None:
+        return value
+    if kind is list:
+        return [v if type(v) in _SCALARS else unstructure(v) for v in value]
+    if kind is dict:
+        return {k: v if type(v) in _SCALARS else unstructure(v) for k, v in value.items()}
     if isinstance(value, Record):
         return value.to_dict()
     if isinstance(value, list | tuple):

@@ -65,6 +65,10 @@ PAYLOAD_TYPES: Mapping[str, type[Record]] = {
 _EVENT_TYPE_OF = {payload: name for name, payload in PAYLOAD_TYPES.items()}
 
 
+#: ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``, without building the encoder on every call.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def new_event_id() -> str:
     """A new ULID (time-ordered, 26 characters of Crockford base32)."""
     return str(ULID())
@@ -127,6 +131,9 @@ class Event(Record):
     related_events: list[RelatedEvent] | None = None
     trace_context: TraceContext | None = None
     extra: dict[str, Any] = extra_field()
+    #: The compact JSON text of this event, once the pipeline has made it (:meth:`to_json` then returns it
+    #: instead of encoding the event again); not part of the event, its equality or its copies.
+    _json: str | None = field(default=None, init=False, eq=False, repr=False, hash=False)
 
     def __attrs_post_init__(self) -> None:
         if not _EVENT_TYPE_RE.match(self.event_type):
@@ -178,8 +185,16 @@ class Event(Record):
 
     def to_json(self, *, indent: int | None = None) -> str:
         """The event as JSON text (UTF-8 safe, no ASCII escaping, keys in model order)."""
+        if indent is None:
+            cached = self._json
+            return cached if cached is not None else _COMPACT.encode(self.to_dict())
         separators = None if indent else (",", ":")
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent, separators=separators)
+
+    def remember_json(self, text: str) -> None:
+        """Keep ``text``, which must be ``self.to_json()`` (computed by the caller from ``self.to_dict()``), for
+        later :meth:`to_json` calls: the pipeline encodes each event once, for every sink and listener."""
+        object.__setattr__(self, "_json", text)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Self:

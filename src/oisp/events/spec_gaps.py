@@ -17,7 +17,7 @@ from typing import Any
 
 from oisp.events.envelope import Event
 
-__all__ = ["ORIGINAL_KEY", "conform"]
+__all__ = ["ORIGINAL_KEY", "conform", "map_values"]
 
 ORIGINAL_KEY = "oisp.original"
 
@@ -43,6 +43,8 @@ DNS_RCODES = frozenset({"NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "other"})
 class _Mapper:
     def __init__(self) -> None:
         self.original: dict[str, Any] = {}
+        #: Set when a value was changed in place without an original to keep (a marker's preview shortened).
+        self.touched = False
 
     def enum(self, node: dict[str, Any], key: str, allowed: frozenset[str], path: str,
              mapping: dict[str, str] | None = None, fallback: str = "other") -> None:
@@ -103,6 +105,7 @@ def _message(m: _Mapper, msg: dict[str, Any], path: str) -> None:
         preview = marker.get("$redacted", {}).get("preview") if isinstance(marker.get("$redacted"), dict) else None
         if isinstance(preview, str) and len(preview) > 100:
             marker["$redacted"]["preview"] = preview[:100]
+            m.touched = True
 
 
 def _tool_calls(m: _Mapper, node: dict[str, Any], key: str, path: str) -> None:
@@ -163,19 +166,34 @@ _FAMILIES: dict[str, Callable[[_Mapper, dict[str, Any]], None]] = {
 
 def conform(event: Event) -> Event:
     """The event with every value outside the OISP v0.1 schemas mapped; originals kept in ``attrs``."""
-    family = _FAMILIES.get(event.event_type.split(".", 1)[0])
-    if family is None:
+    if _FAMILIES.get(event.event_type.split(".", 1)[0]) is None:
         return event
     raw = event.to_dict()
-    data = raw.get("data")
-    if not isinstance(data, dict):
+    original, _ = map_values(raw)
+    if not original:
         return event
+    return Event.from_dict(raw)
+
+
+def map_values(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """Map, in place, the values outside the OISP v0.1 schemas in an event's dict form (``Event.to_dict()``;
+    only its ``data`` and ``attrs`` are touched, ``attrs`` replaced rather than changed).
+
+    Returns the originals by path, also added to ``attrs`` (None when nothing was mapped), and whether ``data``
+    was changed anyway (a redaction marker's over-long preview shortened, which keeps no original; the event
+    itself then stays as it was, and :func:`conform` drops the change).
+    """
+    event_type = raw.get("event_type")
+    family = _FAMILIES.get(event_type.split(".", 1)[0]) if isinstance(event_type, str) else None
+    data = raw.get("data")
+    if family is None or not isinstance(data, dict):
+        return None, False
     mapper = _Mapper()
     family(mapper, data)
     if not mapper.original:
-        return event
+        return None, mapper.touched
     attrs_ = dict(raw.get("attrs") or {})
     previous = attrs_.get(ORIGINAL_KEY)
     attrs_[ORIGINAL_KEY] = {**(previous if isinstance(previous, dict) else {}), **mapper.original}
     raw["attrs"] = attrs_
-    return Event.from_dict(raw)
+    return mapper.original, mapper.touched
