@@ -83,3 +83,43 @@ def test_the_known_app_at_the_top_of_the_parent_chain_is_identified(tmp_path: Pa
         assert attribution.app is not None and attribution.app.app_id == "cursor"
     finally:
         ide.communicate("")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sock_diag and /proc/net are Linux")
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "ipv4-mapped"])
+def test_the_kernels_socket_lookup_finds_the_same_socket_as_proc_net(family: str) -> None:
+    from oisp.attribution import _diag_inode, _socket_inode
+
+    if family == "ipv4":
+        server = socket.create_server(("127.0.0.1", 0))
+    elif family == "ipv6":
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    else:  # a dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1
+        server = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = server.getsockname()[1]
+    with server, socket.create_connection(("::1" if family == "ipv6" else "127.0.0.1", port)) as client:
+        conn, client_addr = server.accept()
+        with conn:
+            peer, local = (str(client_addr[0]), int(client_addr[1])), (str(conn.getsockname()[0]), port)
+            inode = _diag_inode(peer, local)
+            assert inode is not None
+            assert inode == _socket_inode(peer, local) == os.stat(client.fileno()).st_ino
+            assert Attributor()(peer, local, None).process.pid == os.getpid()  # type: ignore[union-attr]
+    assert _diag_inode(peer, local) is None  # closed: no such socket any more
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/net is Linux")
+def test_without_sock_diag_the_socket_is_found_through_proc_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    import oisp.attribution as attribution_module
+
+    def unavailable(client: tuple[str, int], local: tuple[str, int]) -> int | None:
+        raise PermissionError(13, "netlink refused")
+
+    monkeypatch.setattr(attribution_module, "_diag_inode", unavailable)
+    attributor = Attributor()
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
+        conn, client_addr = server.accept()
+        with conn:
+            found = attributor(client_addr, server.getsockname(), None)
+    assert found is not None and found.process.pid == os.getpid()
+    assert attributor._netlink is False  # asked once, then /proc/net/tcp only

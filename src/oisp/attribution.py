@@ -9,10 +9,12 @@ exited before it could be described is reported as exited, never guessed.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -79,8 +81,11 @@ class Attributor:
         self._lock = threading.Lock()
         self._connections = connections or (lambda: psutil.net_connections(kind="inet"))
         # /proc lets one socket be found without listing every socket of every process (Linux); the processes
-        # that made AI calls before are searched first, since the same agents keep calling.
+        # that made AI calls before are searched first, since the same agents keep calling. The socket's inode
+        # comes from the kernel's sock_diag netlink interface (one exact lookup) while that works, else from
+        # /proc/net/tcp, whose text grows with every socket on the machine (milliseconds with a thousand).
         self._procfs = connections is None and _PROC_NET.is_dir()
+        self._netlink = self._procfs and hasattr(socket, "AF_NETLINK")
         self._recent: OrderedDict[int, None] = OrderedDict()
 
     def __call__(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None) -> Attribution | None:
@@ -92,7 +97,7 @@ class Attributor:
     def pid_for(self, client: tuple[str, int], local: tuple[str, int]) -> int | None:
         """The pid owning the client end of a TCP connection to ``local`` (None when not on this machine)."""
         if self._procfs:
-            inode = _socket_inode(client, local)
+            inode = self._inode(client, local)
             if inode is not None:
                 pid = self._pid_owning(inode)
                 if pid is not None:
@@ -109,6 +114,15 @@ class Attributor:
             if _same(laddr, client) and _same(raddr, local):
                 return int(conn.pid)
         return None
+
+    def _inode(self, client: tuple[str, int], local: tuple[str, int]) -> int | None:
+        if self._netlink:
+            try:
+                return _diag_inode(client, local)
+            except (OSError, ValueError) as exc:  # no sock_diag here (a sandbox, an old kernel): stop asking it
+                logger.debug("sock_diag unavailable (%s); reading /proc/net/tcp instead", exc)
+                self._netlink = False
+        return _socket_inode(client, local)
 
     def _pid_owning(self, inode: int) -> int | None:
         target = f"socket:[{inode}]"
@@ -211,6 +225,50 @@ def _socket_inode(client: tuple[str, int], local: tuple[str, int]) -> int | None
         except OSError:
             continue
     return None
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NLMSG_HEADER = struct.Struct("=IHHII")
+#: inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid: source and destination
+#: port (network order), source and destination address (16 bytes each), interface, cookie (two words).
+_DIAG_REQUEST = struct.Struct("=BBBBIHH16s16sIII")
+#: inet_diag_msg: family, state, timer, retransmits, the sockid (48 bytes), expires, rqueue, wqueue, uid, inode.
+_DIAG_MESSAGE = struct.Struct("=BBBB48sIIIII")
+_NO_COOKIE = 0xFFFFFFFF
+
+
+def _diag_inode(client: tuple[str, int], local: tuple[str, int]) -> int | None:
+    """The inode of the TCP socket whose local end is ``client`` and remote end ``local``, asked of the kernel
+    with one exact sock_diag lookup (Linux; cost independent of how many sockets exist). None when no such socket
+    exists (not on this machine); raises ``OSError`` when the interface is not available."""
+    source, destination = ipaddress.ip_address(_norm_ip(client[0])), ipaddress.ip_address(_norm_ip(local[0]))
+    if source.version != destination.version:
+        return None
+    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, socket.htons(client[1]),
+                                 socket.htons(local[1]),
+                                 source.packed.ljust(16, b"\0"), destination.packed.ljust(16, b"\0"), 0,
+                                 _NO_COOKIE, _NO_COOKIE)
+    message = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(1.0)
+        sock.sendto(message + request, (0, 0))
+        reply = sock.recv(8192)
+    if len(reply) < _NLMSG_HEADER.size:
+        raise ValueError("short sock_diag reply")
+    _, kind, _, _, _ = _NLMSG_HEADER.unpack_from(reply)
+    if kind == _NLMSG_ERROR:
+        error = -struct.unpack_from("=i", reply, _NLMSG_HEADER.size)[0]
+        if error == errno.ENOENT:
+            return None  # no such socket: the client is not on this machine
+        raise OSError(error, os.strerror(error))
+    if kind != _SOCK_DIAG_BY_FAMILY or len(reply) < _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
+        raise ValueError(f"unexpected sock_diag reply (type {kind})")
+    inode: int = _DIAG_MESSAGE.unpack_from(reply, _NLMSG_HEADER.size)[-1]
+    return inode or None
 
 
 def _all_pids() -> list[int]:
