@@ -147,20 +147,42 @@ async def test_an_unknown_sink_kind_is_reported_as_the_same_error_as_inline(tmp_
             pass
 
 
-async def test_when_the_decoder_process_dies_the_proxy_side_goes_on_without_decoding(
+async def test_a_decoder_process_that_dies_is_replaced_and_the_relay_never_notices(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "events.jsonl"
     with caplog.at_level(logging.ERROR, logger="oisp.decoder_process"):
         async with DecoderProcess(_config(out)) as decoder:
             feed = decoder.open_feed(_info(), "http/1.1", body_cap=1 << 20)
-            assert feed is not None and decoder.pid is not None
-            os.kill(decoder.pid, signal.SIGKILL)
-            with anyio.fail_after(10):
-                while decoder.channel.broken is None:  # the reader sees the socket close
-                    await anyio.sleep(0.01)
-            feed.push("client", REQUEST, _now())  # never raises, never blocks
+            first = decoder.pid
+            assert feed is not None and first is not None
+            os.kill(first, signal.SIGKILL)
+            with anyio.fail_after(30):
+                await decoder.wait_ended()
+                assert await decoder.wait_ready()
+            assert decoder.pid != first
+            feed.push("client", REQUEST, _now())  # the dead one's connection: never raises, never blocks
             assert feed.failure is not None and "gone" in feed.failure
-            assert decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20) is None
-    assert decoder.stats.exit_code == -signal.SIGKILL
+            feed.finish()
+            second = decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20)
+            assert second is not None
+            second.push("client", REQUEST, _now())
+            second.push("server", RESPONSE, _now())
+            second.finish()
+    assert decoder.stats.restarts == 1 and decoder.stats.exit_code == 0
     assert decoder.stats.lost_connections == 1
-    assert "ended unexpectedly" in caplog.text
+    assert "ended unexpectedly (exit code -9); starting another" in caplog.text
+    assert sorted(e.event_type for e in _events(out)) == ["ai.request", "ai.response"]
+
+
+async def test_without_restarts_left_the_proxy_goes_on_without_decoding(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="oisp.decoder_process"):
+        async with DecoderProcess(_config(tmp_path / "events.jsonl"), max_restarts=0) as decoder:
+            assert decoder.pid is not None
+            os.kill(decoder.pid, signal.SIGKILL)
+            with anyio.fail_after(30):
+                await decoder.wait_ended()
+            assert not await decoder.wait_ready()
+            assert decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20) is None
+    assert decoder.stats.exit_code == -signal.SIGKILL and decoder.stats.lost_connections == 1
+    assert "the proxy goes on relaying without decoding" in caplog.text

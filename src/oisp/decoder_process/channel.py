@@ -35,9 +35,10 @@ def _sendv(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
 class FrameChannel:
     """Writes and reads frames on a connected, non-blocking stream socket.
 
-    :meth:`send` never blocks: what the kernel does not take at once waits in a buffer that a writer task
-    (:meth:`run_writer`) drains when the socket is writable again. ``limit`` bounds that buffer: a frame that
-    would exceed it is refused (``send`` returns False) unless it is forced (small control frames).
+    :meth:`send` never blocks: frames wait in a buffer that a writer task (:meth:`run_writer`, which must be
+    running) hands to the kernel as soon as the event loop gets to it, and again whenever the socket is
+    writable after it was full. ``limit`` bounds that buffer: a frame that would exceed it is refused (``send``
+    returns False) unless it is forced (small control frames).
     """
 
     def __init__(self, sock: socket.socket, *, limit: int | None = None) -> None:
@@ -62,7 +63,12 @@ class FrameChannel:
 
     # sending ------------------------------------------------------------------------------------
     def send(self, kind: Kind, channel: int, payload: bytes = b"", timestamp: int = 0, *, force: bool = False) -> bool:
-        """Queue one frame; False when it was refused (buffer limit reached, or the channel is broken)."""
+        """Queue one frame; False when it was refused (buffer limit reached, or the channel is broken).
+
+        Nothing is written here: the writer task sends everything queued in one system call once the caller
+        yields to the event loop, so the relay's own send goes first and a request's copies wake the other
+        process once, not once per frame.
+        """
         if self.broken is not None or self._closing:
             return False
         head = header(kind, channel, len(payload), timestamp)
@@ -70,22 +76,7 @@ class FrameChannel:
         if not force and self.limit is not None and self.buffered + size > self.limit:
             return False
         self.bytes_sent += size
-        if self._pending:  # keep the order: behind what is already waiting
-            self._queue(head, payload)
-            return True
-        try:
-            sent = _sendv(self.sock, [head, payload] if payload else [head])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self.mark_broken(f"sending to the decoder process failed: {exc}")
-            return False
-        if sent == size:
-            return True
-        if sent < len(head):
-            self._queue(head[sent:], payload)
-        else:
-            self._queue(b"", memoryview(payload)[sent - len(head):])
+        self._queue(head, payload)
         return True
 
     def _queue(self, head: bytes, payload: bytes | memoryview) -> None:
@@ -96,18 +87,19 @@ class FrameChannel:
         self.peak_buffered = max(self.peak_buffered, self.buffered)
         self._wake.set()
 
-    def mark_broken(self, reason: str) -> None:
+    def mark_broken(self, reason: str, *, log: bool = True) -> None:
         """The other end is gone: refuse every frame from now on, drop what is buffered (logged once)."""
         if self.broken is None:
             self.broken = reason
-            logger.error("%s", reason)
+            if log:
+                logger.error("%s", reason)
         self._pending.clear()
         self.buffered = 0
         self._wake.set()
 
     async def run_writer(self) -> None:
-        """Drain the buffer whenever the socket can take more; returns after :meth:`close_sending` once all is
-        sent (or the channel broke)."""
+        """Send what is queued whenever the event loop gets to it (and, when the socket is full, once it can take
+        more); returns after :meth:`close_sending` once all is sent (or the channel broke)."""
         pending = self._pending
         try:
             while True:
@@ -115,11 +107,11 @@ class FrameChannel:
                     if self._closing or self.broken is not None:
                         return
                     self._wake = anyio.Event()
-                    if not pending and not self._closing:
-                        await self._wake.wait()
+                    await self._wake.wait()
                     continue
-                await _wait_writable(self.sock)
                 self._flush_some()
+                if pending:
+                    await _wait_writable(self.sock)
         finally:
             self._drained.set()
 

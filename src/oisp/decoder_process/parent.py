@@ -51,17 +51,20 @@ class DecoderProcessStats:
     peak_buffered: int = 0
     #: Connections whose decoding stopped because the decoder process was too far behind (marked partial).
     overflowed_connections: int = 0
-    #: Connections not decoded because the decoder process was gone.
+    #: Connections not (fully) decoded because the decoder process was gone.
     lost_connections: int = 0
-    #: The decoder process's exit code, once it has ended.
+    #: How often a decoder process that died was replaced.
+    restarts: int = 0
+    #: The last decoder process's exit code, once it has ended.
     exit_code: int | None = None
 
 
 class RemoteFeed:
     """The relay's copies of one connection, framed and sent to the decoder process (never blocks)."""
 
-    def __init__(self, owner: DecoderProcess, channel: int, connection_id: str) -> None:
+    def __init__(self, owner: DecoderProcess, worker: _Worker, channel: int, connection_id: str) -> None:
         self._owner = owner
+        self._worker = worker
         self._channel = channel
         self.connection_id = connection_id
         #: Why decoding of this connection stopped early, if it did.
@@ -72,7 +75,7 @@ class RemoteFeed:
         """Send a copy (``None`` data: that direction ended)."""
         if self.failure is not None or self._ended:
             return
-        channel = self._owner.channel
+        channel = self._worker.channel
         if data is None:
             sent = channel.send(_EOF[direction], self._channel, b"", now_ns, force=True)
         else:
@@ -81,9 +84,10 @@ class RemoteFeed:
             self._fail()
 
     def _fail(self) -> None:
-        channel = self._owner.channel
+        channel = self._worker.channel
         if channel.broken is not None:
             self.failure = "the decoder process is gone; decoding of this connection stopped"
+            self._owner.stats.lost_connections += 1
             return
         self.failure = (f"the decoder process fell more than {channel.limit} bytes behind the relay; decoding of "
                         "this connection stopped")
@@ -98,10 +102,41 @@ class RemoteFeed:
 
     def _end(self, reason: str | None) -> None:
         self._ended = True
-        self._owner.channel.send(Kind.END, self._channel, (reason or "").encode(), force=True)
+        self._worker.channel.send(Kind.END, self._channel, (reason or "").encode(), force=True)
 
     async def run(self) -> None:
         """Nothing to run here: the decoding happens in the decoder process."""
+
+
+class _Worker:
+    """One decoder process and the channel to it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], channel: FrameChannel) -> None:
+        self.process = process
+        self.channel = channel
+        self.ready = anyio.Event()
+        self.finished = anyio.Event()
+        self.start_error: BaseException | None = None
+        self.summary: dict[str, Any] | None = None
+        self.closing = False
+        self.reaped = False
+
+    def exit_code(self, wait: float) -> int | None:
+        try:
+            return int(self.process.wait(wait))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def reap(self) -> int:
+        """Wait for the process to end; terminate, then kill it if it does not."""
+        code = self.exit_code(5.0)
+        if code is None:
+            self.process.terminate()
+            code = self.exit_code(5.0)
+        if code is None:
+            self.process.kill()
+            code = int(self.process.wait())
+        return code
 
 
 class DecoderProcess:
@@ -113,6 +148,10 @@ class DecoderProcess:
     connection whose copy did not fit stops there (its exchange is marked partial, and the count is in
     :attr:`stats`). So decoding, events, redaction and sinks never share a core, or the GIL, with the relay.
 
+    A decoder process that dies is logged and replaced (at most ``max_restarts`` times): the connections it
+    was decoding are lost to decoding (counted), the next ones are decoded by its successor; the relay never
+    notices.
+
     Use as an async context manager: entering starts the process and waits until it is ready (its sinks are
     open), raising the error it met otherwise; leaving sends what is buffered, lets it finish every
     connection and drain its pipeline, and collects its summary (:attr:`pipeline_summary`).
@@ -121,7 +160,7 @@ class DecoderProcess:
 
     def __init__(self, config: Config, *, buffer_limit: int = DEFAULT_BUFFER,
                  on_event: Callable[[Event], None] | None = None, start_timeout: float = 60.0,
-                 finish_timeout: float = 300.0) -> None:
+                 finish_timeout: float = 300.0, max_restarts: int = 5) -> None:
         if buffer_limit <= 0:
             raise OispError(f"buffer_limit must be positive, not {buffer_limit}")
         self.config = config
@@ -129,33 +168,48 @@ class DecoderProcess:
         self.on_event = on_event
         self.start_timeout = start_timeout
         self.finish_timeout = finish_timeout
+        self.max_restarts = max_restarts
         self.stats = DecoderProcessStats()
         #: The decoder process's pipeline summary, once it has finished.
         self.pipeline_summary: dict[str, Any] | None = None
         self._channels = itertools.count(1)
-        self._process: Any = None
-        self._channel: FrameChannel | None = None
+        self._worker: _Worker | None = None
         self._tasks: TaskGroup | None = None
-        self._finished = anyio.Event()
-        self._ready = anyio.Event()
-        self._start_error: BaseException | None = None
+        self._bytes_sent_before = 0
+        self._closing = False
+        #: Set while no replacement of a dead decoder process is under way.
+        self._settled = anyio.Event()
+        self._settled.set()
 
     @property
     def channel(self) -> FrameChannel:
-        if self._channel is None:
+        """The channel to the current decoder process."""
+        if self._worker is None:
             raise OispError("the decoder process is not running (use it as an async context manager)")
-        return self._channel
+        return self._worker.channel
 
     @property
     def pid(self) -> int | None:
-        """The decoder process's id, while it runs."""
-        return None if self._process is None else int(self._process.pid)
+        """The current decoder process's id."""
+        return None if self._worker is None else int(self._worker.process.pid)
+
+    async def wait_ready(self) -> bool:
+        """Wait until a replacement for a decoder process that died (if any) has started; False when there is no
+        working decoder process (it could not be restarted, or the restarts are used up)."""
+        await self._settled.wait()
+        worker = self._worker
+        return worker is not None and worker.ready.is_set() and worker.channel.broken is None
+
+    async def wait_ended(self) -> None:
+        """Wait until the current decoder process has ended (its socket closed), for supervision and tests."""
+        if self._worker is not None:
+            await self._worker.finished.wait()
 
     # ProxyObserver ------------------------------------------------------------------------------
     def connection(self, report: ConnectionReport) -> None:
         """Forward a connection's report (its ``network.connect`` event is made in the decoder process)."""
-        if self._channel is not None:
-            self._channel.send(Kind.REPORT, 0, dump_object(report), force=True)
+        if self._worker is not None:
+            self._worker.channel.send(Kind.REPORT, 0, dump_object(report), force=True)
 
     def exchange_listener(self, connection: ConnectionInfo) -> None:
         """Exchanges are decoded in the decoder process (see :meth:`open_feed`), never here."""
@@ -163,120 +217,137 @@ class DecoderProcess:
 
     def open_feed(self, connection: ConnectionInfo, alpn: str, *, body_cap: int) -> RemoteFeed | None:
         """A feed for one decoded connection's copies."""
-        channel = self.channel
-        if channel.broken is not None:
+        worker = self._worker
+        if worker is None or not worker.ready.is_set():
             self.stats.lost_connections += 1
             return None
         number = next(self._channels)
-        payload = dump_object((connection, alpn, body_cap))
-        if not channel.send(Kind.OPEN, number, payload, force=True):
+        if not worker.channel.send(Kind.OPEN, number, dump_object((connection, alpn, body_cap)), force=True):
             self.stats.lost_connections += 1
             return None
         self.stats.connections += 1
-        return RemoteFeed(self, number, connection.connection_id)
+        return RemoteFeed(self, worker, number, connection.connection_id)
 
     # lifecycle ----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        try:
+            worker = await self._start()
+        except BaseException:
+            self._tasks.cancel_scope.cancel()
+            await self._tasks.__aexit__(None, None, None)
+            raise
+        logger.info("decoder process %d ready", worker.process.pid)
+        return self
+
+    async def _start(self) -> _Worker:
+        """Start a decoder process and wait until it is ready; raises what kept it from starting."""
         from oisp.decoder_process.worker import WorkerSettings
 
+        assert self._tasks is not None
         settings = WorkerSettings(config=self.config, forward_events=self.on_event is not None,
                                   log_level=logging.getLogger("oisp").getEffectiveLevel(),
                                   configure_logging=bool(logging.getLogger().handlers))
         ours, theirs = socket.socketpair()
         try:
-            self._process = await anyio.to_thread.run_sync(_spawn, theirs)
+            process = await anyio.to_thread.run_sync(_spawn, theirs)
         except OSError as exc:
             ours.close()
             raise OispError(f"could not start the decoder process ({sys.executable}): {exc}") from exc
         finally:
             theirs.close()
-        self._channel = FrameChannel(ours, limit=self.buffer_limit)
-        self._channel.send(Kind.SETTINGS, 0, dump_object(settings), force=True)
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._channel.run_writer)
-        self._tasks.start_soon(self._read)
+        worker = _Worker(process, FrameChannel(ours, limit=self.buffer_limit))
+        worker.channel.send(Kind.SETTINGS, 0, dump_object(settings), force=True)
+        self._worker = worker
+        self._tasks.start_soon(worker.channel.run_writer)
+        self._tasks.start_soon(self._read, worker)
         with anyio.move_on_after(self.start_timeout):
-            await self._ready.wait()
-        if not self._ready.is_set() or self._start_error is not None:
-            error = self._start_error or OispError(
-                f"the decoder process did not start within {self.start_timeout:g} s")
-            await self._abandon()
-            raise error
-        logger.info("decoder process %d ready", self._process.pid)
-        return self
+            await worker.ready.wait()
+        if worker.ready.is_set() and worker.start_error is None:
+            return worker
+        error = worker.start_error or OispError(f"the decoder process did not start within {self.start_timeout:g} s")
+        worker.closing = True
+        worker.channel.mark_broken(f"the decoder process did not start: {error}", log=False)
+        await self._reap(worker)
+        raise error
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> bool | None:
-        channel = self.channel
-        with anyio.CancelScope(shield=True):
-            if channel.buffered:
-                logger.info("waiting for the decoder process to take the last %d bytes", channel.buffered)
-            await channel.close_sending()
-            with anyio.move_on_after(self.finish_timeout):
-                await self._finished.wait()
-            if not self._finished.is_set():
-                logger.error("the decoder process did not finish within %g s; stopping it (events it still held "
-                             "are lost)", self.finish_timeout)
-        await self._abandon()
-        return None
-
-    async def _abandon(self) -> None:
-        """Stop the reader and writer, end the process if it still runs, release the socket."""
         assert self._tasks is not None
+        self._closing = True
+        worker = self._worker
+        with anyio.CancelScope(shield=True):
+            if worker is not None and worker.channel.broken is None:
+                worker.closing = True
+                if worker.channel.buffered:
+                    logger.info("waiting for the decoder process to take the last %d bytes", worker.channel.buffered)
+                await worker.channel.close_sending()
+                with anyio.move_on_after(self.finish_timeout):
+                    await worker.finished.wait()
+                if not worker.finished.is_set():
+                    logger.error("the decoder process did not finish within %g s; stopping it (events it still "
+                                 "held are lost)", self.finish_timeout)
         self._tasks.cancel_scope.cancel()
         await self._tasks.__aexit__(None, None, None)
-        channel = self.channel
-        self.stats.peak_buffered = channel.peak_buffered
-        self.stats.bytes_sent = channel.bytes_sent
-        process = self._process
+        if worker is not None:
+            with anyio.CancelScope(shield=True):
+                await self._reap(worker)
+            self.pipeline_summary = worker.summary
+        return None
 
-        def reap() -> int | None:
-            try:
-                return int(process.wait(5.0))
-            except subprocess.TimeoutExpired:
-                process.terminate()
-            try:
-                return int(process.wait(5.0))
-            except subprocess.TimeoutExpired:
-                process.kill()
-            return int(process.wait())
-
-        with anyio.CancelScope(shield=True):
-            self.stats.exit_code = await anyio.to_thread.run_sync(reap)
+    async def _reap(self, worker: _Worker) -> None:
+        if worker.reaped:
+            return
+        worker.reaped = True
+        self.stats.exit_code = await anyio.to_thread.run_sync(worker.reap)
+        channel = worker.channel
+        self.stats.peak_buffered = max(self.stats.peak_buffered, channel.peak_buffered)
+        self.stats.bytes_sent = self._bytes_sent_before + channel.bytes_sent
+        self._bytes_sent_before = self.stats.bytes_sent
         channel.sock.close()
 
-    async def _read(self) -> None:
-        summary_seen = False
-        async for frames in self.channel.frames():
+    async def _read(self, worker: _Worker) -> None:
+        async for frames in worker.channel.frames():
             for kind, _channel, _timestamp, payload in frames:
                 if kind is Kind.EVENT:
                     self._deliver(payload)
                 elif kind is Kind.READY:
-                    self._ready.set()
+                    worker.ready.set()
                 elif kind is Kind.FAILED:
-                    self._start_error = _error_from(payload)
-                    self._ready.set()
+                    worker.start_error = _error_from(payload)
+                    worker.ready.set()
                 elif kind is Kind.SUMMARY:
-                    self.pipeline_summary = load_object(payload)
-                    summary_seen = True
-        if not summary_seen:
-            code = await anyio.to_thread.run_sync(self._exit_code)
-            reason = (f"the decoder process ended unexpectedly (exit code {code}); the proxy goes on relaying "
-                      "without decoding")
-            if self._ready.is_set():
-                logger.error("%s", reason)
-            else:
-                self._start_error = self._start_error or OispError(reason)
-                self._ready.set()
-            self.channel.mark_broken(reason)
-        self._finished.set()
-
-    def _exit_code(self) -> int | None:
+                    worker.summary = load_object(payload)
+        unexpected = worker.summary is None and not worker.closing
+        restart = unexpected and worker.ready.is_set() and not self._closing and self.stats.restarts < self.max_restarts
+        if unexpected:  # before anyone waiting for the end can ask wait_ready()
+            worker.channel.mark_broken("the decoder process ended unexpectedly", log=False)
+        if restart:
+            self._settled = anyio.Event()
+        worker.finished.set()
+        if not unexpected:
+            return
+        code = await anyio.to_thread.run_sync(worker.exit_code, 2.0)
+        reason = f"the decoder process ended unexpectedly (exit code {code})"
+        if not worker.ready.is_set():
+            worker.start_error = OispError(reason)
+            worker.ready.set()
+            return
+        if not restart:
+            logger.error("%s; the proxy goes on relaying without decoding", reason)
+            return
+        self.stats.restarts += 1
+        logger.error("%s; starting another (restart %d of at most %d); connections it was decoding are not "
+                     "decoded to the end", reason, self.stats.restarts, self.max_restarts)
         try:
-            return int(self._process.wait(2.0))
-        except subprocess.TimeoutExpired:
-            return None
+            await self._reap(worker)
+            await self._start()
+        except Exception as exc:
+            logger.error("the decoder process could not be restarted (%s); the proxy goes on relaying without "
+                         "decoding", exc)
+        finally:
+            self._settled.set()
 
     def _deliver(self, payload: bytes) -> None:
         if self.on_event is None:
