@@ -299,21 +299,23 @@ class Redactor:
     def scan(self, value: Any) -> Any:
         """A JSON value (an event's ``data``, ``process``, ...) with every secret in it redacted, and values under
         credential-like keys replaced; ``value`` itself (not a copy) when nothing in it needed redaction."""
-        if type(value) is str or isinstance(value, str):
-            if value in self._clean:
-                return value
-            result, found = self.redact_text(value)
-            if not found and len(value) <= _CLEAN_MAX_LENGTH:
-                if len(self._clean) >= _CLEAN_MAX_ENTRIES:
-                    self._clean.clear()
-                self._clean[value] = None
-            return result
+        if type(value) is str:
+            return value if value in self._clean else self._scan_text(value)
         if isinstance(value, dict):
             if "$redacted" in value:
                 return value
+            clean = self._clean
             new: dict[str, Any] | None = None
             for key, item in value.items():
-                result = _scrub_mapping_value(key, item, self.scan)
+                if type(item) is str:
+                    if item and _is_sensitive_key(key):
+                        result: Any = item if item == REDACTED else REDACTED
+                    elif item in clean:
+                        continue
+                    else:
+                        result = self._scan_text(item)
+                else:
+                    result = _scrub_mapping_value(key, item, self.scan)
                 if result is not item:
                     if new is None:
                         new = dict(value)
@@ -328,7 +330,17 @@ class Redactor:
                         items = list(value)
                     items[index] = result
             return value if items is None else items
+        if isinstance(value, str):
+            return self._scan_text(value)
         return value
+
+    def _scan_text(self, text: str) -> str | dict[str, Any]:
+        result, found = self.redact_text(text)
+        if not found and len(text) <= _CLEAN_MAX_LENGTH:
+            if len(self._clean) >= _CLEAN_MAX_ENTRIES:
+                self._clean.clear()
+            self._clean[text] = None
+        return result
 
     def _content_marker(self, value: Any) -> Any:
         if isinstance(value, dict) and "$redacted" in value:
@@ -344,9 +356,22 @@ _SENSITIVE_KEYS = frozenset(
 )
 
 
+#: key -> whether it is credential-like, for the keys seen so far (events use few distinct keys).
+_SENSITIVE_KEY_MEMO: dict[str, bool] = {}
+
+
+def _is_sensitive_key(key: str) -> bool:
+    sensitive = _SENSITIVE_KEY_MEMO.get(key)
+    if sensitive is None:
+        sensitive = key.lower() in _SENSITIVE_KEYS
+        if len(_SENSITIVE_KEY_MEMO) < 4096 and type(key) is str:
+            _SENSITIVE_KEY_MEMO[key] = sensitive
+    return sensitive
+
+
 def _scrub_mapping_value(key: str, value: Any, scan: Callable[[Any], Any]) -> Any:
     """Values under credential-like keys (``authorization``, ``api_key``, ...) are replaced outright."""
-    if isinstance(value, str) and value and key.lower() in _SENSITIVE_KEYS:
+    if isinstance(value, str) and value and _is_sensitive_key(key):
         return value if value == REDACTED else REDACTED
     return scan(value)
 

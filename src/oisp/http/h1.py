@@ -16,18 +16,29 @@ response for by replaying that request's head (body framing removed; the output 
 response both sides are ``DONE`` and ``start_next_cycle()`` readies the parser for the next one. Informational
 responses (``100 Continue``, ``103 Early Hints``) are skipped; a ``101`` (or a 2xx answer to ``CONNECT``) ends
 the exchange and decoding: the connection then carries another protocol.
+
+Most traffic is simpler than all that: a whole ``content-length`` request (or response) arriving in one piece.
+Such a message is decoded directly, with h11's own grammar (its ABNF regular expressions, the same header
+checks), without going through the h11 state machines; a message that is incomplete, or has anything the
+direct way does not handle (chunked, ``Connection: close``, upgrades, HEAD, 1xx/204/304, HTTP/1.0, bare LF
+line ends, folded lines, ...), goes to h11 as before. The response parser is therefore told about a request
+(primed) only when h11 is about to read its response.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
 import attrs
 import h11
+from h11._abnf import header_field as _HEADER_FIELD
+from h11._abnf import request_line as _REQUEST_LINE
+from h11._abnf import status_line as _STATUS_LINE
 
 from oisp.http._progress import (
     CONNECTION_CLOSED_BEFORE_REQUEST,
@@ -64,12 +75,30 @@ _BODY_FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding"
 _MIGHT_SWITCH_PROTOCOL: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 
 
+_HEADER_FIELD_RE: Final = re.compile(_HEADER_FIELD.encode("ascii"))
+_REQUEST_LINE_RE: Final = re.compile(_REQUEST_LINE.encode("ascii"))
+_STATUS_LINE_RE: Final = re.compile(_STATUS_LINE.encode("ascii"))
+_CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,20}")
+#: Header fields the direct way declines (it leaves such messages to h11): framing and connection management.
+_NOT_SIMPLE: Final = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+
+
+@attrs.frozen
+class _SimpleHead:
+    """A request head decoded the direct way (HTTP/1.1, kept alive, no upgrade): what h11 would need of it."""
+
+    method: bytes
+    target: bytes
+    fields: list[tuple[bytes, bytes]]
+    http_version: bytes = b"1.1"
+
+
 @attrs.define
 class _Pending:
     """An exchange whose response is not complete yet, with the request head its response parser needs."""
 
     progress: ExchangeProgress
-    head: h11.Request
+    head: h11.Request | _SimpleHead
 
 
 class Http1Decoder:
@@ -124,6 +153,13 @@ class Http1Decoder:
             logger.debug("connection %s: ignoring %d client bytes after the last request",
                          self._connection.connection_id, len(data))
             return
+        if self._reading is None and self._request_start is None and not self._client_eof:
+            # Between requests, with a fresh request parser: whole simple requests need no h11.
+            data = self._direct_requests(data, now)
+            if not data:  # responses h11 already holds may now be read
+                if self._response_parser_primed and not self._stopped:
+                    self._drive(now)
+                return
         if self._reading is None and self._request_start is None:
             self._request_start = now
         self._requests.receive_data(data)
@@ -134,6 +170,11 @@ class Http1Decoder:
         if self._stopped or not data:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if self._pending and not self._response_parser_primed and self._client != "held" and self._responses_idle():
+            data = self._direct_responses(data, now)
+            if not data or self._stopped:
+                return
+        self._prime_response_parser()
         self._responses.receive_data(data)
         if not self._response_parser_primed:
             self._unsolicited += len(data)
@@ -158,6 +199,7 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         self._server_eof = True
+        self._prime_response_parser()
         self._responses.receive_data(b"")
         self._drive(now)
         if not self._stopped:
@@ -217,8 +259,12 @@ class Http1Decoder:
         self._fail(f"malformed HTTP/1.1 request: {describe_protocol_error(exc)}")
 
     def _on_request_head(self, event: h11.Request, now: int) -> None:
-        headers = make_headers(event.headers.raw_items())
-        target = event.target.decode("latin-1")
+        self._open_exchange(event.method, event.target, event.http_version, event.headers.raw_items(), event, now)
+
+    def _open_exchange(self, method: bytes, raw_target: bytes, http_version: bytes,
+                       fields: list[tuple[bytes, bytes]], head: h11.Request | _SimpleHead, now: int) -> None:
+        headers = make_headers(fields)
+        target = raw_target.decode("latin-1")
         scheme = self._scheme
         authority = headers.get("host")
         if target.startswith(("http://", "https://")):
@@ -227,11 +273,11 @@ class Http1Decoder:
             scheme, authority = parts.scheme, parts.netloc or authority
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         request = HttpRequest(
-            method=event.method.decode("latin-1"),
+            method=method.decode("latin-1"),
             target=target,
             authority=authority,
             scheme=scheme,
-            http_version=event.http_version.decode("latin-1"),
+            http_version=http_version.decode("latin-1"),
             headers=headers,
         )
         exchange = HttpExchange(connection=self._connection, request=request)
@@ -239,8 +285,66 @@ class Http1Decoder:
         self._request_start = None
         progress = ExchangeProgress(exchange, self._listener, self._body_cap)
         self._reading = progress
-        self._pending.append(_Pending(progress, event))
-        self._prime_response_parser()
+        self._pending.append(_Pending(progress, head))
+        if not self._responses_idle():  # server bytes wait for it: h11 reads them (else priming waits)
+            self._prime_response_parser()
+
+    def _responses_idle(self) -> bool:
+        """Whether the response parser is between responses and holds no bytes (so it may stay unprimed)."""
+        responses = self._responses
+        return (responses.our_state is h11.IDLE and responses.their_state is h11.IDLE
+                and not responses.trailing_data[0])
+
+    # -- the direct way ------------------------------------------------------------------------------------
+
+    def _direct_requests(self, data: bytes, now: int) -> bytes:
+        """Decode the whole simple requests at the start of ``data``; returns the bytes left for h11."""
+        while data:
+            parsed = _simple_message(data, request=True)
+            if parsed is None:
+                return data
+            first, fields, start, length = parsed
+            match = _REQUEST_LINE_RE.fullmatch(first)
+            if match is None or match["http_version"] != b"1.1" or match["method"] == b"CONNECT":
+                return data
+            method, target = match["method"], match["target"]
+            self._open_exchange(method, target, b"1.1", fields, _SimpleHead(method, target, fields), now)
+            reading, self._reading = self._reading, None
+            assert reading is not None
+            if length:
+                reading.request_data(data[start:start + length])
+            reading.request_done(None, now)
+            data = data[start + length:]
+            if self._stopped:
+                return b""
+        return data
+
+    def _direct_responses(self, data: bytes, now: int) -> bytes:
+        """Decode the whole simple responses at the start of ``data``; returns the bytes left for h11."""
+        while data and self._pending and not self._stopped:
+            head = self._pending[0].head
+            if not _simple_request_head(head):
+                return data
+            parsed = _simple_message(data, request=False)
+            if parsed is None:
+                return data
+            first, fields, start, length = parsed
+            match = _STATUS_LINE_RE.fullmatch(first)
+            if match is None or match["http_version"] != b"1.1":
+                return data
+            status = int(match["status_code"])
+            if status < 200 or status in (204, 304):
+                return data
+            current = self._pending[0].progress
+            reason = match["reason"]
+            current.response_head(HttpResponse(status=status, reason=reason.decode("latin-1") if reason else "",
+                                               http_version="1.1", headers=make_headers(fields)), now)
+            if length:
+                current.response_data(data[start:start + length], now)
+            current.response_done(None, now)
+            self._pending.popleft()
+            data = data[start + length:]
+        return data
 
     def _on_request_end(self, event: h11.EndOfMessage, now: int) -> None:
         reading, self._reading = self._reading, None
@@ -283,8 +387,8 @@ class Http1Decoder:
         if responses.our_state is not h11.IDLE or responses.their_state is not h11.IDLE:
             return  # the previous response closed the connection: no more responses will be parsed
         head = self._pending[0].head
-        fields = [(name, value) for name, value in head.headers.raw_items()
-                  if name.lower() not in _BODY_FRAMING_FIELDS]
+        raw_fields = head.headers.raw_items() if isinstance(head, h11.Request) else head.fields
+        fields = [(name, value) for name, value in raw_fields if name.lower() not in _BODY_FRAMING_FIELDS]
         if head.http_version != b"1.1":
             # h11 only writes HTTP/1.1; an HTTP/1.0 request is replayed as its 1.1 equivalent.
             fields.append((b"connection", b"close"))
@@ -377,6 +481,65 @@ class Http1Decoder:
         self._reading = None
         for progress in open_exchanges:
             progress.end_cut(missing_response, missing_request)
+
+
+def _simple_message(data: bytes, *, request: bool) -> tuple[bytes, list[tuple[bytes, bytes]], int, int] | None:
+    """(start line, header fields, body offset, body length) of the whole simple message at the start of
+    ``data``, or None when there is none: the head (CRLF line ends only, at most MAX_HEAD_SIZE) and its
+    ``content-length`` body must be complete, every header line must match h11's grammar, and the fields must
+    say nothing about framing or the connection beyond one ``content-length`` and ``connection: keep-alive``
+    (a request needs exactly one ``host``, a response a ``content-length``)."""
+    end = data.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE)
+    if end < 0:
+        return None
+    head = data[:end]
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return None
+    lines = head.split(b"\r\n")
+    fields: list[tuple[bytes, bytes]] = []
+    length: int | None = None
+    hosts = 0
+    for line in lines[1:]:
+        match = _HEADER_FIELD_RE.fullmatch(line)
+        if match is None:
+            return None
+        name, value = match["field_name"], match["field_value"]
+        fields.append((name, value))
+        lname = name.lower()
+        if lname == b"content-length":
+            if length is not None or _CONTENT_LENGTH_RE.fullmatch(value) is None:
+                return None
+            length = int(value)
+        elif lname == b"host":
+            hosts += 1
+        elif lname == b"connection":
+            if value.lower() != b"keep-alive":
+                return None
+        elif lname in _NOT_SIMPLE:
+            return None
+    if request:
+        if hosts != 1:
+            return None
+        length = length or 0
+    elif length is None:
+        return None
+    start = end + 4
+    if len(data) - start < length:
+        return None
+    return lines[0], fields, start, length
+
+
+def _simple_request_head(head: h11.Request | _SimpleHead) -> bool:
+    """Whether a response to this request is framed like any other (not HEAD, not CONNECT, no upgrade, HTTP/1.1
+    kept alive), so a simple response to it may be decoded the direct way."""
+    if head.http_version != b"1.1" or head.method in (b"HEAD", b"CONNECT"):
+        return False
+    if isinstance(head, _SimpleHead):
+        return True
+    for name, value in head.headers:  # h11 lower-cases the names
+        if name in (b"upgrade", b"connection") and (name == b"upgrade" or b"close" in value.lower()):
+            return False
+    return True
 
 
 def _request_parser() -> h11.Connection:
