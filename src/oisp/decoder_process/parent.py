@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import attrs
 
 from oisp.config import Config
 from oisp.decoder_process.channel import FrameChannel
+from oisp.decoder_process.launch import spawn_worker
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -251,7 +251,7 @@ class DecoderProcess:
                                   configure_logging=bool(logging.getLogger().handlers))
         ours, theirs = socket.socketpair()
         try:
-            process = await anyio.to_thread.run_sync(_spawn, theirs)
+            process = await anyio.to_thread.run_sync(spawn_worker, theirs)
         except OSError as exc:
             ours.close()
             raise OispError(f"could not start the decoder process ({sys.executable}): {exc}") from exc
@@ -360,25 +360,6 @@ class DecoderProcess:
     def summary(self) -> dict[str, Any]:
         """The stats as a plain dict (for the runner's exit summary)."""
         return attrs.asdict(self.stats) | {"pid": self.pid}
-
-
-def _spawn(sock: socket.socket) -> subprocess.Popen[bytes]:
-    """Start ``python -m oisp.decoder_process`` with our end of the socket pair as its file descriptor 3
-    (POSIX) or, on Windows, with the socket shared through its pipe (``socket.share``)."""
-    import oisp
-
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(oisp.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "oisp.decoder_process"]
-    if os.name == "nt":  # pragma: no cover - not run here
-        process = subprocess.Popen([*command, "--shared"], stdin=subprocess.PIPE, env=env)
-        assert process.stdin is not None
-        process.stdin.write(sock.share(process.pid))  # type: ignore[attr-defined,unused-ignore]
-        process.stdin.close()
-        return process
-    return subprocess.Popen([*command, "--fd", str(sock.fileno())], pass_fds=(sock.fileno(),), env=env,
-                            stdin=subprocess.DEVNULL)
 
 
 def _error_from(payload: bytes) -> BaseException:

@@ -23,6 +23,7 @@ import attrs
 
 from oisp.config import Config
 from oisp.decoder_process.channel import Frame, FrameChannel
+from oisp.decoder_process.launch import socket_from_handle
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -61,12 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    if args.shared:  # pragma: no cover - Windows
-        sock = socket.fromshare(sys.stdin.buffer.read())  # type: ignore[attr-defined,unused-ignore]
-    elif args.fd is not None:
-        sock = socket.socket(fileno=args.fd)
-    else:
-        parser.error("--fd or --shared is required")
+    try:
+        sock = socket_from_handle(args.fd, args.shared)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         anyio.run(_serve, sock)
     except Exception:
