@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[Event], None]
 
+#: Classes whose instances passed the ExchangeDecoder protocol check (the methods are the class's).
+_DECODER_TYPES: set[type] = set()
+
 
 def _source(capture_point: str) -> Source:
     return Source(collector=COLLECTOR, collector_version=__version__, capture_method="mitm_proxy",
@@ -174,7 +177,9 @@ class EventDecoder:
         """The first provider plugin that claims the exchange, and its decoder."""
         for name, decoder in self.plugins.call_each("oisp_exchange_decoder", exchange=exchange,
                                                     settings=self.settings):
-            if isinstance(decoder, ExchangeDecoder):
+            if type(decoder) in _DECODER_TYPES or isinstance(decoder, ExchangeDecoder):
+                if len(_DECODER_TYPES) < 256:
+                    _DECODER_TYPES.add(type(decoder))  # a protocol check looks at every method: once per type
                 return name, decoder
             logger.error("plugin %s returned %r from oisp_exchange_decoder, not an ExchangeDecoder", name, decoder)
         return "oisp.providers.metadata", MetadataDecoder()

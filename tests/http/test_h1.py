@@ -391,3 +391,27 @@ def test_invalid_body_cap_is_a_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError, match="body_cap"):
         Http1Decoder(connection(), Recorder(), body_cap=-1)
+
+
+def test_whole_messages_take_the_direct_way_and_h11_takes_over_for_the_rest() -> None:
+    """Whole simple messages in one piece skip h11; what follows them (a HEAD, a split message) still decodes."""
+    client = req("POST", "/a", b"one") + req("HEAD", "/b") + req("POST", "/c", b"three")
+    server = resp(200, b"first") + b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n" + resp(200, b"third")
+    recorder, decoder = run([("client", client[:-2]), ("client", client[-2:]), ("server", server[:-3]),
+                             ("server", server[-3:])])
+
+    assert decoder.error is None
+    assert [bytes(e.request.body) for e in recorder.exchanges] == [b"one", b"", b"three"]
+    assert [bytes(e.response.body) for e in recorder.exchanges if e.response] == [b"first", b"", b"third"]
+    assert recorder.exchanges[1].response is not None
+    assert recorder.exchanges[1].response.headers.get("content-length") == "99"
+    assert not any(e.partial for e in recorder.exchanges)
+    recorder.assert_contract()
+
+
+def test_direct_way_keeps_h11_header_rules() -> None:
+    """A message the direct way declines is judged by h11: a second Host header stops decoding as before."""
+    recorder, decoder = run([("client", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")])
+
+    assert decoder.error is not None
+    assert recorder.exchanges == []

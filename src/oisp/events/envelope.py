@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from attrs import evolve, field, frozen
+from attrs import fields as attrs_fields
 from ulid import ULID
 
 from oisp._version import __version__
@@ -207,4 +208,16 @@ class Event(Record):
 
     def with_context(self, **fields: Any) -> Self:
         """A copy with envelope fields replaced (``host=``, ``process=``, ``related_events=``, ...)."""
-        return evolve(self, **fields)
+        if type(self) is not Event or not fields.keys() <= _CONTEXT_FIELDS:
+            return evolve(self, **fields)  # event_type, data (checked together), or a name to complain about
+        # The envelope context cannot make an event invalid: copy the fields without running the checks again.
+        copy = object.__new__(type(self))
+        for name in _INIT_FIELDS:
+            object.__setattr__(copy, name, fields[name] if name in fields else getattr(self, name))
+        object.__setattr__(copy, "_json", None)
+        return copy
+
+
+_INIT_FIELDS = tuple(a.name for a in attrs_fields(Event) if a.init)
+#: Fields :meth:`Event.with_context` may set without validating the event again.
+_CONTEXT_FIELDS = frozenset(_INIT_FIELDS) - {"event_type", "data"}

@@ -42,15 +42,19 @@ class Headers:
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``, or ``default``."""
         lname = name.lower()
+        size = len(lname)
         for key, value in self.fields:
-            if key.lower() == lname:
+            # An ASCII name of another length cannot match: most fields are passed without lower-casing them.
+            if (len(key) == size or not key.isascii()) and key.lower() == lname:
                 return value
         return default
 
     def get_all(self, name: str) -> list[str]:
         """Every value of ``name``, in order."""
         lname = name.lower()
-        return [value for key, value in self.fields if key.lower() == lname]
+        size = len(lname)
+        return [value for key, value in self.fields
+                if (len(key) == size or not key.isascii()) and key.lower() == lname]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
