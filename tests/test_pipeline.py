@@ -173,3 +173,21 @@ def test_listeners_see_processed_events() -> None:
 
     anyio.run(main)
     assert len(seen) == 1 and KEY not in seen[0].to_json()
+
+
+def test_a_producer_that_can_wait_never_makes_the_pipeline_drop() -> None:
+    """wait_for_room() is the decoder process's backpressure: emit never has to drop behind it."""
+    sink = MemorySink()
+    backlogs: list[int] = []
+
+    async def main() -> None:
+        async with Pipeline({"memory": sink}, queue_size=8, batch_size=2) as pipeline:
+            for i in range(200):
+                pipeline.emit(request(i))
+                await pipeline.wait_for_room()
+                backlogs.append(pipeline.backlog)
+        assert pipeline.stats.dropped == 0
+
+    anyio.run(main)
+    assert [e.data.request_id for e in sink.events] == [f"r{i}" for i in range(200)]  # type: ignore[attr-defined]
+    assert max(backlogs) <= 4

@@ -150,6 +150,7 @@ class Pipeline:
         self._closed = False
         self._last_drop_log = 0.0
         self._listeners: list[Callable[[Event], None]] = []
+        self._room = anyio.Event()
         #: id -> (record, its dict form, whether that holds nothing to redact), for _SHARED_RECORDS; the record is
         #: kept, so its id cannot be reused while the entry lives.
         self._blocks: dict[int, tuple[Record, dict[str, Any], bool]] = {}
@@ -170,6 +171,28 @@ class Pipeline:
         """:meth:`emit` each event."""
         for event in events:
             self.emit(event)
+
+    @property
+    def backlog(self) -> int:
+        """Events emitted but not yet processed."""
+        return self._ingress_send.statistics().current_buffer_used
+
+    async def wait_for_room(self) -> None:
+        """Wait until the events waiting to be processed and those waiting in any one sink's queue fill at most
+        half a queue. A producer that can wait (the decoder process can: the proxy buffers for it) calls this
+        between batches smaller than half a queue, so neither :meth:`emit` nor a slow sink's queue drops."""
+        while not self._has_room() and not self._closed:
+            self._room = anyio.Event()
+            await self._room.wait()
+
+    def _has_room(self) -> bool:
+        # Every queued event may still end up in each sink's queue: count both.
+        room = self._queue_size // 2 - self.backlog
+        return room >= 0 and all(lane.send.statistics().current_buffer_used <= room for lane in self._lanes)
+
+    def _maybe_room(self) -> None:
+        if not self._room.is_set() and self._has_room():
+            self._room.set()
 
     def add_listener(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener`` (in the event loop, so it must be quick) with each processed event."""
@@ -195,6 +218,7 @@ class Pipeline:
         if not self._closed:
             self._closed = True
             self._ingress_send.close()
+            self._room.set()
 
     # stages -------------------------------------------------------------------------------------
     def _add_host(self, event: Event) -> Event:
@@ -287,6 +311,7 @@ class Pipeline:
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                     self._handle(event)
+                self._maybe_room()
         for lane in self._lanes:
             lane.send.close()
 
@@ -325,6 +350,7 @@ class Pipeline:
                         batch.append(lane.receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                self._maybe_room()
                 await self._write(lane, batch)
         try:
             await anyio.to_thread.run_sync(lane.sink.close)

@@ -27,15 +27,12 @@ from oisp.decoder_process.launch import socket_from_handle
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
-from oisp.pipeline import Pipeline
 from oisp.proxy.relay import CopyDispatcher
 
 __all__ = ["WorkerSettings", "main"]
 
 logger = logging.getLogger(__name__)
 
-#: Above this many events waiting in the pipeline, the decoder process stops reading (the proxy buffers).
-_PIPELINE_HIGH_WATER = 2000
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [decoder process]: %(message)s"
 
 
@@ -132,24 +129,12 @@ async def _serve(sock: socket.socket) -> None:
                             ended.close(payload.decode("utf-8", "replace") or None)
                     elif kind is Kind.REPORT:
                         decoder.connection(load_object(payload))
-                await _room_in(pipeline)
+                await pipeline.wait_for_room()  # the proxy buffers meanwhile, and is the one to count
             for dispatcher in connections.values():
                 dispatcher.close("the proxy stopped before the connection ended")
             connections.clear()
         channel.send(Kind.SUMMARY, 0, dump_object(pipeline.summary()), force=True)
         await channel.close_sending()
-
-
-async def _room_in(pipeline: Pipeline) -> None:
-    """Let the pipeline catch up before reading more (its queue drops events when full; the proxy's buffer, which
-    is bounded in bytes and accounted per connection, is where waiting belongs)."""
-    while _waiting(pipeline) > _PIPELINE_HIGH_WATER:
-        await anyio.sleep(0)
-
-
-def _waiting(pipeline: Pipeline) -> int:
-    stats = pipeline.stats
-    return stats.emitted - stats.processed - stats.failed_processing - stats.dropped_ingress
 
 
 async def _settings(frames: AsyncIterator[Iterable[Frame]]) -> WorkerSettings:

@@ -36,9 +36,6 @@ from urllib.parse import urlsplit
 
 import attrs
 import h11
-from h11._abnf import header_field as _HEADER_FIELD
-from h11._abnf import request_line as _REQUEST_LINE
-from h11._abnf import status_line as _STATUS_LINE
 
 from oisp.http._progress import (
     CONNECTION_CLOSED_BEFORE_REQUEST,
@@ -75,6 +72,12 @@ _BODY_FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding"
 _MIGHT_SWITCH_PROTOCOL: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 
 
+try:  # h11's own grammar, so the direct way accepts exactly what h11 would (it is not public API)
+    from h11._abnf import header_field as _HEADER_FIELD
+    from h11._abnf import request_line as _REQUEST_LINE
+    from h11._abnf import status_line as _STATUS_LINE
+except ImportError:  # pragma: no cover - a future h11 moved it: no direct way, h11 decodes everything
+    _HEADER_FIELD = _REQUEST_LINE = _STATUS_LINE = "(?!)"  # matches nothing
 _HEADER_FIELD_RE: Final = re.compile(_HEADER_FIELD.encode("ascii"))
 _REQUEST_LINE_RE: Final = re.compile(_REQUEST_LINE.encode("ascii"))
 _STATUS_LINE_RE: Final = re.compile(_STATUS_LINE.encode("ascii"))
