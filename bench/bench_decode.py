@@ -53,6 +53,7 @@ import h2.events
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_framing import _token, bedrock_eventstream, best_of, openai_sse
+from bench_http import NullListener
 
 from oisp.decoder import EventDecoder
 from oisp.events import Actor, App, Event, Host, ParentProcess, ProcessInfo
@@ -319,20 +320,6 @@ def bench_connection(tls: bool = True) -> ConnectionInfo:
                                   is_ai_app=True), provider="openai")
 
 
-class _NullListener:
-    def request(self, exchange: HttpExchange) -> None:
-        pass
-
-    def response_start(self, exchange: HttpExchange) -> None:
-        pass
-
-    def response_data(self, exchange: HttpExchange, data: bytes) -> None:
-        pass
-
-    def end(self, exchange: HttpExchange) -> None:
-        pass
-
-
 def exchange_traffic(alpn: str, count: int) -> list[tuple[bytes, bytes]]:
     """(client bytes, server bytes) of each of ``count`` ordinary exchanges on one connection."""
     if alpn == "h2":
@@ -351,7 +338,7 @@ def run_exchanges(alpn: str, traffic: list[tuple[bytes, bytes]], stage: str, dir
     pipeline = Pipeline({}, host=_HOST)
     sink = JsonlSink(directory / f"{alpn}-{stage}.jsonl", compress=False)
     observer = EventDecoder(create_plugin_manager(entrypoints=False), events.append)
-    listener = _NullListener() if stage == "http" else observer.exchange_listener(connection)
+    listener = NullListener() if stage == "http" else observer.exchange_listener(connection)
     decoder = make_decoder(alpn, connection, listener)
     process = pipeline.process
     gc.collect()
