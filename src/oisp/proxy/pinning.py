@@ -23,14 +23,17 @@ class PinnedClients:
         self.max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str | None], float] = OrderedDict()
+        #: How many entries each host has (whatever the process).
+        self._hosts: dict[str, int] = {}
 
     def remember(self, host: str, process_key: str | None) -> None:
         """Pass ``host`` through for this process from now on, for ``ttl`` seconds."""
         key = (host.lower(), process_key)
-        self._entries.pop(key, None)
+        if self._entries.pop(key, None) is None:
+            self._hosts[key[0]] = self._hosts.get(key[0], 0) + 1
         self._entries[key] = self._clock() + self.ttl
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._forget(self._entries.popitem(last=False)[0])
 
     def is_pinned(self, host: str, process_key: str | None) -> bool:
         """Whether connections of this process to ``host`` are to be passed through."""
@@ -42,7 +45,20 @@ class PinnedClients:
             if expires > now:
                 return True
             del self._entries[key]
+            self._forget(key)
         return False
+
+    def knows(self, host: str) -> bool:
+        """Whether any client may be pinned for ``host``: when not, :meth:`is_pinned` is False for every process
+        (so the proxy need not wait to learn the process before deciding)."""
+        return host.lower() in self._hosts
+
+    def _forget(self, key: tuple[str, str | None]) -> None:
+        left = self._hosts.get(key[0], 0) - 1
+        if left > 0:
+            self._hosts[key[0]] = left
+        else:
+            self._hosts.pop(key[0], None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -15,6 +15,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -152,6 +153,8 @@ class MitmProxy:
         self._drained = anyio.Event()
         self._drain_timeout = 5.0
         self._upstream_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._upstream_sessions = _UpstreamSessions()
+        self._certificates: OrderedDict[bytes, UpstreamCertificate] = OrderedDict()
         if config.upstream_insecure:
             logger.warning("UPSTREAM CERTIFICATES ARE NOT VERIFIED (upstream_insecure): anyone on the path "
                            "can impersonate AI providers to this machine's apps")
@@ -244,18 +247,29 @@ class MitmProxy:
             return
         except (TimeoutError, anyio.EndOfStream, *_NET_ERRORS):
             return
-        who = self._attribute(client_addr, local_addr, None)
         if request.tunnel:
             try:
                 await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             except _NET_ERRORS:
                 return  # the client left
-            await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
-                              request.port, who, None)
+            endpoint = self.endpoints.match(request.host, request.port)
+            early: _EarlyConnection | None = None
+            if endpoint is not None and endpoint.tls and self._tasks is not None:
+                # An AI endpoint: connect upstream while the client reads our answer and sends its ClientHello
+                # (a round trip); any other host is connected to only once it is passed through, as before.
+                early = _EarlyConnection(request.host, request.port)
+                self._tasks.start_soon(early.run, self._connect_early)
+            who = self._attribute(client_addr, local_addr, None)
+            try:
+                await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
+                                  request.port, who, None, early)
+            finally:
+                if early is not None:
+                    await early.discard()
         else:
             endpoint = self.endpoints.match(request.host, request.port)
             await self._plain(client, buffer, connection_id, client_addr, request.host, request.port, endpoint,
-                              who, None)
+                              self._attribute(client_addr, local_addr, None), None)
 
     async def _transparent(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
                            local_addr: tuple[str, int]) -> None:
@@ -283,8 +297,9 @@ class MitmProxy:
 
     def _attribute(self, client_addr: tuple[str, int], local_addr: tuple[str, int],
                    pid_hint: int | None) -> _PendingAttribution:
-        """Start naming the connection's process in a worker thread; the proxy reads the ClientHello meanwhile
-        and only waits for the answer when it needs it (the process is part of the interception decision)."""
+        """Start naming the connection's process (see :class:`_PendingAttribution`); the proxy reads the
+        ClientHello and connects meanwhile, and waits for the answer only where it needs it: for a decision that
+        depends on the process (a pinning client), and before reporting the connection."""
         pending = _PendingAttribution()
         if self.attributor is None or self._tasks is None:
             pending.done.set()
@@ -293,7 +308,8 @@ class MitmProxy:
         return pending
 
     async def _route(self, client: SocketStream, initial: bytes, connection_id: str, client_addr: tuple[str, int],
-                     host: str, port: int, pending: _PendingAttribution, pid_hint: int | None) -> None:
+                     host: str, port: int, pending: _PendingAttribution, pid_hint: int | None,
+                     early: _EarlyConnection | None = None) -> None:
         """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
         buffer = initial
         hello: _ClientHello | None = None
@@ -317,26 +333,37 @@ class MitmProxy:
             return
         name = hello.sni if hello is not None and hello.sni else host
         endpoint = self.endpoints.match(name, port)
-        who = await pending.get()
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=name,
             target_port=port, decision=Decision.PASSTHROUGH, success=True, pid_hint=pid_hint,
-            provider=endpoint.provider if endpoint else None, sni=hello.sni if hello else None, **_who(who),
+            provider=endpoint.provider if endpoint else None, sni=hello.sni if hello else None,
         )
+        if hello is not None and endpoint is not None and endpoint.tls and not self.pinned.knows(name):
+            # No client pins this host, so the process cannot change the decision: intercept, and learn the
+            # process while the handshakes run (it is in the report and the events all the same).
+            try:
+                self.ca.leaf_for(name)  # cached; fails early for a host a name-constrained CA may not vouch for
+            except CertificateError:
+                pass  # passed through below
+            else:
+                await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending, early)
+                return
+        who = await pending.get()
+        _attach(report, who)
         process_key = who.process.exe if who is not None else None
         if hello is None:
             if endpoint is not None and not endpoint.tls:
                 await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, who,
                                   pid_hint)
                 return
-            await self._passthrough(client, buffer, host, port, report)
+            await self._passthrough(client, buffer, host, port, report, early)
             return
         if endpoint is None or not endpoint.tls:
-            await self._passthrough(client, buffer, host, port, report)
+            await self._passthrough(client, buffer, host, port, report, early)
             return
         if self.pinned.is_pinned(name, process_key):
             report.decision = Decision.PINNED_PASSTHROUGH
-            await self._passthrough(client, buffer, host, port, report)
+            await self._passthrough(client, buffer, host, port, report, early)
             return
         try:
             self.ca.leaf_for(name)  # cached; fails early for a host a name-constrained CA may not vouch for
@@ -344,29 +371,40 @@ class MitmProxy:
             logger.warning("connection %s: no certificate for %s (%s); passing it through untouched",
                            connection_id, name, exc)
             report.error = str(exc)
-            await self._passthrough(client, buffer, host, port, report)
+            await self._passthrough(client, buffer, host, port, report, early)
             return
-        await self._intercept(client, buffer, hello, name, host, port, endpoint, report, process_key)
+        await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending, early)
 
-    async def _connect_upstream(self, host: str, port: int, report: ConnectionReport) -> SocketStream | None:
+    async def _connect_early(self, host: str, port: int) -> _Connected:
         address, address_port = self.config.override_for(host, port)
         started = time.perf_counter()
         try:
             upstream = await connect_tcp(address, address_port, before_connect=self.before_upstream_connect,
                                          timeout=self.config.connect_timeout)
         except (OSError, TimeoutError) as exc:
+            return _Connected(None, f"connect to {address}:{address_port} failed: {exc}", 0.0)
+        return _Connected(upstream, None, round((time.perf_counter() - started) * 1000, 3))
+
+    async def _connect_upstream(self, host: str, port: int, report: ConnectionReport,
+                                early: _EarlyConnection | None = None) -> SocketStream | None:
+        """Connect to ``host:port`` (or take the connection opened early to it); on failure, say so in the
+        report and return None."""
+        connected = await early.take(host, port) if early is not None else None
+        if connected is None:
+            connected = await self._connect_early(host, port)
+        if connected.stream is None:
             report.decision = Decision.UPSTREAM_FAILED
             report.success = False
-            report.error = f"connect to {address}:{address_port} failed: {exc}"
+            report.error = connected.error
             logger.warning("connection %s: %s", report.connection_id, report.error)
             return None
-        report.connect_ms = round((time.perf_counter() - started) * 1000, 3)
-        report.upstream_addr = _addr(upstream, SocketAttribute.remote_address)
-        return upstream
+        report.connect_ms = connected.connect_ms
+        report.upstream_addr = _addr(connected.stream, SocketAttribute.remote_address)
+        return connected.stream
 
     async def _passthrough(self, client: SocketStream, buffer: bytes, host: str, port: int,
-                           report: ConnectionReport) -> None:
-        upstream = await self._connect_upstream(host, port, report)
+                           report: ConnectionReport, early: _EarlyConnection | None = None) -> None:
+        upstream = await self._connect_upstream(host, port, report, early)
         self._report(report)
         if upstream is None:
             return
@@ -453,20 +491,37 @@ class MitmProxy:
             self._upstream_contexts[alpn] = context
         return context
 
+    def _certificate_summary(self, der: bytes) -> UpstreamCertificate | None:
+        """The upstream certificate's summary (the same few certificates come back all the time: cached)."""
+        summary = self._certificates.get(der)
+        if summary is None:
+            try:
+                summary = UpstreamCertificate.from_der(der)
+            except Exception:
+                logger.debug("could not summarize the upstream certificate", exc_info=True)
+                return None
+            self._certificates[der] = summary
+            if len(self._certificates) > 256:
+                self._certificates.popitem(last=False)
+        return summary
+
     async def _intercept(self, client: SocketStream, client_hello_bytes: bytes, hello: _ClientHello, name: str,
                          host: str, port: int, endpoint: EndpointSpec, report: ConnectionReport,
-                         process_key: str | None) -> None:
-        upstream_tcp = await self._connect_upstream(host if _is_ip(host) else name, port, report)
+                         pending: _PendingAttribution, early: _EarlyConnection | None = None) -> None:
+        upstream_tcp = await self._connect_upstream(host if _is_ip(host) else name, port, report, early)
         if upstream_tcp is None:
+            _attach(report, await pending.get())
             self._report(report)
             await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
             return
         server_hostname = hello.sni or (None if _is_ip(name) else name)
+        context = self._upstream_context(tuple(hello.alpn_protocols))
+        session_key = (server_hostname or name, report.upstream_addr, tuple(hello.alpn_protocols))
+        session, verified_at = self._upstream_sessions.get(session_key, context)
         try:
             with anyio.fail_after(self.config.handshake_timeout):
-                upstream = await TlsStream.handshake(
-                    upstream_tcp, self._upstream_context(tuple(hello.alpn_protocols)), server_side=False,
-                    server_hostname=server_hostname or name)
+                upstream = await TlsStream.handshake(upstream_tcp, context, server_side=False,
+                                                     server_hostname=server_hostname or name, session=session)
         except ssl.SSLCertVerificationError as exc:
             report.decision = Decision.UPSTREAM_VERIFICATION_FAILED
             report.success = False
@@ -474,6 +529,7 @@ class MitmProxy:
             logger.warning("connection %s to %s: %s; the client got a TLS alert and nothing was sent",
                            report.connection_id, name, report.error)
             await upstream_tcp.aclose()
+            _attach(report, await pending.get())
             self._report(report)
             await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
             return
@@ -483,28 +539,34 @@ class MitmProxy:
             report.error = f"upstream TLS handshake failed: {exc or type(exc).__name__}"
             logger.warning("connection %s to %s: %s", report.connection_id, name, report.error)
             await upstream_tcp.aclose()
+            _attach(report, await pending.get())
             self._report(report)
             await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
             return
+        # A resumed session was verified (for this name, with this context) when it was first established; the
+        # certificate it reports is the one verified then.
+        if not upstream.resumed or verified_at is None:
+            verified_at = None  # a full handshake: the certificate was verified just now
+        self._upstream_sessions.put(session_key, context, upstream.ssl_object, resumed=verified_at is not None,
+                                    verified_at=time.monotonic() if verified_at is None else verified_at)
         async with upstream:
             alpn = upstream.alpn
             report.alpn, report.tls_version, report.cipher = alpn, upstream.version, upstream.cipher
             der = upstream.peer_certificate_der()
             if der:
-                try:
-                    report.upstream_certificate = UpstreamCertificate.from_der(der)
-                except Exception:
-                    logger.debug("could not summarize the upstream certificate", exc_info=True)
+                report.upstream_certificate = self._certificate_summary(der)
             try:
                 with anyio.fail_after(self.config.handshake_timeout):
                     downstream = await TlsStream.handshake(
                         client, self.ca.server_context(name, [alpn] if alpn else None), server_side=True,
                         initial_data=client_hello_bytes)
             except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
-                self._client_rejected(report, name, process_key, f"client aborted the TLS handshake: {exc}",
+                _attach(report, await pending.get())
+                self._client_rejected(report, name, _process_key(report), f"client aborted the TLS handshake: {exc}",
                                       pinning=_looks_like_pinning(exc))
                 return
             report.decision = Decision.INTERCEPTED
+            _attach(report, await pending.get())
             self._report(report)
             info = ConnectionInfo(
                 connection_id=report.connection_id, client_addr=report.client_addr, server_addr=(name, port),
@@ -514,7 +576,7 @@ class MitmProxy:
             result = await self._relay_decoded(downstream, upstream, b"", info, downstream.alpn or "http/1.1")
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
                 # A client that closes right after the handshake, before any request, distrusts the certificate.
-                self.pinned.remember(name, process_key)
+                self.pinned.remember(name, _process_key(report))
                 logger.info("connection %s: client closed before sending any request to %s; treating it as "
                             "pinned: later connections are passed through", report.connection_id, name)
                 self._report(attrs.evolve(report, decision=Decision.CLIENT_REJECTED_CERTIFICATE, success=False,
@@ -537,8 +599,123 @@ class MitmProxy:
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
+class _UpstreamSessions:
+    """TLS sessions to offer upstream for resumption, one per (server name, upstream address, ALPN offer).
+
+    Resuming skips the upstream's certificate and its verification (about 40% of the handshake's CPU). Only a
+    session of a handshake made with the same context (so the same trust anchors and checks) to the same name
+    and address is offered, and only within :attr:`MAX_AGE` of the full handshake that verified the certificate
+    it carries. The server may always decline and make it a full, verified handshake, whose session then
+    replaces the old one.
+
+    TLS 1.3 tickets arrive after the handshake, so an entry first holds the connection's ``SSLObject`` and its
+    session is taken out when the next connection asks (once: Python copies a session by encoding and decoding
+    it, certificate included, which costs about as much as verifying it). That one session is then offered
+    again and again; servers with stateless tickets accept that, the others fall back to full handshakes.
+    """
+
+    #: Longest time a verified certificate is taken on trust through resumption, in seconds.
+    MAX_AGE = 3600.0
+    MAX_ENTRIES = 256
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[Any, _SessionEntry] = OrderedDict()
+
+    def get(self, key: Any, context: ssl.SSLContext) -> tuple[ssl.SSLSession | None, float | None]:
+        """A session to offer and when the certificate it carries was verified, or (None, None)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.context is not context or self._clock() - entry.verified_at > self.MAX_AGE:
+            return None, None
+        if entry.session is None and entry.connection is not None:
+            session = entry.connection.session
+            if session is None or not session.has_ticket:
+                return None, None  # no ticket (yet)
+            entry.session, entry.connection = session, None
+        session = entry.session
+        if session is None or session.time + session.timeout <= time.time():
+            return None, None
+        return session, entry.verified_at
+
+    def put(self, key: Any, context: ssl.SSLContext, connection: ssl.SSLObject, *, resumed: bool,
+            verified_at: float) -> None:
+        """Record a connection just established: a full handshake's session replaces the one kept for ``key``
+        (it is read later, tickets included); a resumed one leaves it."""
+        if resumed and key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = _SessionEntry(context, connection, None, verified_at)
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+
+
+@attrs.define
+class _SessionEntry:
+    context: ssl.SSLContext
+    connection: ssl.SSLObject | None
+    session: ssl.SSLSession | None
+    verified_at: float
+
+
+@attrs.frozen
+class _Connected:
+    """The outcome of connecting upstream: the stream, or why there is none."""
+
+    stream: SocketStream | None
+    error: str | None
+    connect_ms: float
+
+
+class _EarlyConnection:
+    """An upstream connection opened as soon as a CONNECT names an AI endpoint, before the ClientHello arrives.
+
+    The connection is used only if the proxy then connects to that same (host, port); otherwise, or when the
+    connection ends before it is used, :meth:`discard` closes it.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._done = anyio.Event()
+        self._result: _Connected | None = None
+        self._taken = False
+        self._scope = anyio.CancelScope()
+
+    async def run(self, connect: Callable[[str, int], Any]) -> None:
+        try:
+            with self._scope:
+                self._result = await connect(self.host, self.port)
+        finally:
+            self._done.set()
+
+    async def take(self, host: str, port: int) -> _Connected | None:
+        """The early connection if it goes to ``host:port`` (waiting for it to finish connecting), else None."""
+        if self._taken or (host.lower(), port) != (self.host.lower(), self.port):
+            return None
+        self._taken = True
+        await self._done.wait()
+        return self._result
+
+    async def discard(self) -> None:
+        """Close the connection if nobody took it (and stop connecting if it is still trying)."""
+        if self._taken:
+            return
+        self._taken = True
+        self._scope.cancel()
+        with anyio.CancelScope(shield=True):  # even while the connection's task is being cancelled
+            await self._done.wait()
+            if self._result is not None and self._result.stream is not None:
+                await self._result.stream.aclose()
+
+
 class _PendingAttribution:
-    """The process behind a connection, being looked up in a worker thread."""
+    """The process behind a connection, being looked up.
+
+    An attributor with a ``recall`` method (:meth:`oisp.attribution.Attributor.recall`) is first asked on the
+    event loop, which answers in a tenth of a millisecond for a client seen before; only when that has no
+    answer does the full lookup run, in a worker thread (it may search every process).
+    """
 
     #: Longest wait for an answer; a connection is never held longer for attribution.
     TIMEOUT = 2.0
@@ -550,7 +727,12 @@ class _PendingAttribution:
     async def run(self, attributor: Attributor, client: tuple[str, int], local: tuple[str, int],
                   pid_hint: int | None) -> None:
         try:
-            self.value = await anyio.to_thread.run_sync(attributor, client, local, pid_hint)
+            recall = getattr(attributor, "recall", None)
+            known: Attribution | None = recall(client, local, pid_hint) if recall is not None else None
+            if known is not None:
+                self.value = known
+            else:
+                self.value = await anyio.to_thread.run_sync(attributor, client, local, pid_hint)
         except Exception:
             logger.exception("process attribution failed for %s:%d", *client)
         finally:
@@ -560,6 +742,17 @@ class _PendingAttribution:
         with anyio.move_on_after(self.TIMEOUT):
             await self.done.wait()
         return self.value
+
+
+def _attach(report: ConnectionReport, who: Attribution | None) -> None:
+    """Put the process, actor and app into a report."""
+    if who is not None:
+        report.process, report.actor, report.app = who.process, who.actor, who.app
+
+
+def _process_key(report: ConnectionReport) -> str | None:
+    """What pinned clients are remembered by: the executable (None when unknown: then the host alone)."""
+    return report.process.exe if report.process is not None else None
 
 
 def _who(who: Attribution | None) -> dict[str, Any]:

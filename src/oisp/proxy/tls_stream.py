@@ -48,17 +48,21 @@ class TlsStream(ByteStream):
         server_side: bool,
         server_hostname: str | None = None,
         initial_data: bytes = b"",
+        session: ssl.SSLSession | None = None,
     ) -> TlsStream:
         """Run the TLS handshake over ``transport`` and return the established stream.
 
         ``initial_data`` is fed to TLS before anything is read from ``transport`` (a peeked ClientHello).
+        ``session`` (client side) is a session of an earlier connection made with the same ``context`` to
+        offer for resumption; the server may accept it or run a full handshake (see :attr:`resumed`).
         Raises ``ssl.SSLError`` (including ``SSLCertVerificationError``) or ``anyio.EndOfStream``.
         """
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         if initial_data:
             incoming.write(initial_data)
         ssl_object = context.wrap_bio(incoming, outgoing, server_side=server_side,
-                                      server_hostname=None if server_side else server_hostname)
+                                      server_hostname=None if server_side else server_hostname,
+                                      session=None if server_side else session)
         stream = cls(transport, ssl_object, incoming, outgoing)
         await stream._retry(ssl_object.do_handshake)
         return stream
@@ -79,6 +83,11 @@ class TlsStream(ByteStream):
         """The cipher suite name."""
         cipher = self.ssl_object.cipher()
         return cipher[0] if cipher else None
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed an earlier session (no certificate was sent or verified in it)."""
+        return self.ssl_object.session_reused
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's certificate in DER, if it sent one."""

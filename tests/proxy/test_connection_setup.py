@@ -1,0 +1,176 @@
+"""How the proxy sets a connection up: the upstream connection opened while the client sends its ClientHello,
+upstream TLS sessions resumed without weakening verification, and the process learnt while the handshakes run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from tests.proxy.clients import connect_tunnel, read_all, tls_tunnel
+from tests.stack import Stack, running_stack
+
+from oisp.attribution import Attributor
+from oisp.proxy import UpstreamOverride
+from oisp.proxy.pinning import PinnedClients
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[socket.socket]:
+    """A plain TCP listener standing in for an upstream, so a test sees exactly when the proxy connects."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+        yield server
+
+
+def _request(stack: Stack, host: str = "api.openai.com") -> bytes:
+    with tls_tunnel(stack.proxy_address, host, stack.client_context(), ["http/1.1"]) as sock:
+        sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return read_all(sock)
+
+
+def _connects(stack: Stack, count: int) -> list[object]:
+    return [e for e in stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "network.connect"]) >= count)
+            if e.event_type == "network.connect"]
+
+
+# --- the upstream connection is opened as soon as the CONNECT names an AI endpoint ---------------------------
+
+def test_an_ai_endpoint_is_connected_to_before_the_client_hello_and_closed_if_unused(
+        tmp_path: Path, test_ca: trustme.CA, raw_upstream: socket.socket) -> None:
+    port = raw_upstream.getsockname()[1]
+    overrides = (UpstreamOverride("api.openai.com", 443, "127.0.0.1", port),)
+    with running_stack(tmp_path, test_ca, config={"overrides": overrides}) as stack:
+        client = connect_tunnel(stack.proxy_address, "api.openai.com")
+        with client:
+            upstream, _ = raw_upstream.accept()  # the client has sent nothing after its CONNECT yet
+        with upstream:
+            upstream.settimeout(10)
+            assert upstream.recv(1) == b""  # the client left without a ClientHello: the connection is closed
+        assert stack.proxy.stats.errors == 0
+
+
+def test_the_early_connection_carries_the_intercepted_connection(stack: Stack) -> None:
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    assert len(stack.upstream.connections) == 1  # one connection upstream, not an early one and another
+    connect = _connects(stack, 1)[0]
+    assert connect.attrs["oisp.interception"] == "intercepted"  # type: ignore[attr-defined]
+    assert connect.data.latency_ms is not None  # type: ignore[attr-defined]
+
+
+def test_an_early_connection_to_another_host_than_the_sni_names_is_closed(
+        tmp_path: Path, test_ca: trustme.CA, raw_upstream: socket.socket) -> None:
+    with running_stack(tmp_path, test_ca) as stack:
+        _replace_override(stack, "api.openai.com", raw_upstream.getsockname()[1])
+        # CONNECT names api.openai.com, the ClientHello names api.anthropic.com: the proxy goes where the SNI says.
+        with stack.client_context().wrap_socket(connect_tunnel(stack.proxy_address, "api.openai.com"),
+                                                server_hostname="api.anthropic.com") as sock:
+            early, _ = raw_upstream.accept()
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")
+            assert read_all(sock).startswith(b"HTTP/1.1 200")
+        with early:
+            early.settimeout(10)
+            assert early.recv(1) == b""
+        assert len(stack.upstream.connections) == 1
+
+
+def _replace_override(stack: Stack, host: str, port: int) -> None:
+    import attrs
+
+    overrides = tuple(o for o in stack.proxy.config.overrides if o.host != host)
+    stack.proxy.config = attrs.evolve(stack.proxy.config,
+                                      overrides=(UpstreamOverride(host, 443, "127.0.0.1", port), *overrides))
+
+
+# --- upstream TLS sessions ------------------------------------------------------------------------------------
+
+def test_upstream_sessions_are_resumed_and_the_certificate_is_still_reported(stack: Stack) -> None:
+    assert stack.upstream.context is not None
+    before = stack.upstream.context.session_stats()["hits"]
+    for _ in range(3):
+        assert _request(stack).startswith(b"HTTP/1.1 200")
+    assert stack.upstream.context.session_stats()["hits"] - before == 2  # the second and third resumed
+    certificates = [e.data.tls.certificate for e in _connects(stack, 3)]  # type: ignore[attr-defined]
+    assert certificates[0] is not None and certificates[0].fingerprint_sha256
+    assert certificates[1] == certificates[0] and certificates[2] == certificates[0]
+
+
+def test_a_session_is_only_resumed_for_the_name_it_was_verified_for(stack: Stack) -> None:
+    assert stack.upstream.context is not None
+    before = stack.upstream.context.session_stats()["hits"]
+    assert _request(stack, "api.openai.com").startswith(b"HTTP/1.1 200")
+    assert _request(stack, "api.anthropic.com").startswith(b"HTTP/1.1 200")  # same upstream, other name
+    assert stack.upstream.context.session_stats()["hits"] == before
+
+
+def test_no_session_is_resumed_once_trust_changed(tmp_path: Path) -> None:
+    real_ca, unrelated_ca = trustme.CA(), trustme.CA()
+    with running_stack(tmp_path, real_ca) as stack:
+        assert _request(stack).startswith(b"HTTP/1.1 200")  # a verified session to resume
+        unrelated_ca.cert_pem.write_to_path(str(stack.upstream_ca_file))
+        stack.proxy._upstream_contexts.clear()  # the proxy now trusts another CA only
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE|handshake failure"):
+            _request(stack)
+        connects = _connects(stack, 2)
+        assert connects[1].attrs["oisp.interception"] == "upstream_verification_failed"  # type: ignore[attr-defined]
+        assert len(stack.upstream.connections) == 2 and not stack.upstream.connections[1].received
+
+
+def test_sessions_are_not_resumed_past_their_age(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oisp.proxy.server import _UpstreamSessions
+
+    monkeypatch.setattr(_UpstreamSessions, "MAX_AGE", -1.0)
+    assert stack.upstream.context is not None
+    before = stack.upstream.context.session_stats()["hits"]
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    assert stack.upstream.context.session_stats()["hits"] == before  # verified again, fully
+
+
+# --- the process ----------------------------------------------------------------------------------------------
+
+def test_the_process_is_in_the_report_and_events_though_nobody_waited_for_it(stack: Stack) -> None:
+    for _ in range(2):  # the first connection searches /proc, the second is recalled on the event loop
+        assert _request(stack).startswith(b"HTTP/1.1 200")
+    events = stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "ai.response"]) >= 2)
+    for event in events:
+        if event.event_type in ("network.connect", "ai.request", "ai.response"):
+            assert event.process is not None and event.process.pid == os.getpid(), event.event_type
+
+
+def test_recall_names_a_process_seen_before_without_a_search() -> None:
+    attributor = Attributor()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        local = server.getsockname()
+        first = socket.create_connection(local)
+        first_fd = first.fileno()
+        conn, first_addr = server.accept()
+        with first, conn:
+            assert attributor.recall(first_addr, local, None) is None  # never seen: needs the full lookup
+            found = attributor(first_addr, local, None)
+            assert found is not None and found.process.pid == os.getpid()
+        second = socket.create_connection(local)  # most likely the same descriptor number as the first
+        conn, second_addr = server.accept()
+        with second, conn:
+            # The lowest free descriptor: the first connection's, where recall looks first.
+            assert second.fileno() == first_fd
+            assert attributor.recall(second_addr, local, None) is found
+        assert attributor.recall(("127.0.0.1", 1), local, None) is None
+
+
+def test_pinned_clients_know_which_hosts_have_entries() -> None:
+    now = [0.0]
+    pinned = PinnedClients(ttl=10, max_entries=2, clock=lambda: now[0])
+    assert not pinned.knows("api.openai.com")
+    pinned.remember("API.openai.com", "/usr/bin/node")
+    pinned.remember("api.openai.com", None)
+    assert pinned.knows("api.openai.com") and not pinned.knows("api.anthropic.com")
+    pinned.remember("api.anthropic.com", "/usr/bin/node")  # evicts the oldest openai entry, not the host
+    assert pinned.knows("api.openai.com") and pinned.is_pinned("api.openai.com", "/bin/other")
+    now[0] = 11.0
+    assert not pinned.is_pinned("api.openai.com", "/usr/bin/node")  # expired entries are dropped...
+    assert not pinned.knows("api.openai.com")  # ...and the host with them
