@@ -1,30 +1,20 @@
-"""How the proxy sets a connection up: the upstream connection opened while the client sends its ClientHello,
-upstream TLS sessions resumed without weakening verification, and the process learnt while the handshakes run."""
+"""How the proxy sets a connection up: upstream TLS sessions resumed without weakening verification, and the
+process learnt while the handshakes run."""
 
 from __future__ import annotations
 
 import os
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
-from tests.proxy.clients import connect_tunnel, read_all, tls_tunnel
+from tests.proxy.clients import read_all, tls_tunnel
 from tests.stack import Stack, running_stack
 
 from oisp.attribution import Attributor
-from oisp.proxy import UpstreamOverride
 from oisp.proxy.pinning import PinnedClients
-
-
-@pytest.fixture
-def raw_upstream() -> Iterator[socket.socket]:
-    """A plain TCP listener standing in for an upstream, so a test sees exactly when the proxy connects."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.settimeout(10)
-        yield server
 
 
 def _request(stack: Stack, host: str = "api.openai.com") -> bytes:
@@ -36,54 +26,6 @@ def _request(stack: Stack, host: str = "api.openai.com") -> bytes:
 def _connects(stack: Stack, count: int) -> list[object]:
     return [e for e in stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "network.connect"]) >= count)
             if e.event_type == "network.connect"]
-
-
-# --- the upstream connection is opened as soon as the CONNECT names an AI endpoint ---------------------------
-
-def test_an_ai_endpoint_is_connected_to_before_the_client_hello_and_closed_if_unused(
-        tmp_path: Path, test_ca: trustme.CA, raw_upstream: socket.socket) -> None:
-    port = raw_upstream.getsockname()[1]
-    overrides = (UpstreamOverride("api.openai.com", 443, "127.0.0.1", port),)
-    with running_stack(tmp_path, test_ca, config={"overrides": overrides}) as stack:
-        client = connect_tunnel(stack.proxy_address, "api.openai.com")
-        with client:
-            upstream, _ = raw_upstream.accept()  # the client has sent nothing after its CONNECT yet
-        with upstream:
-            upstream.settimeout(10)
-            assert upstream.recv(1) == b""  # the client left without a ClientHello: the connection is closed
-        assert stack.proxy.stats.errors == 0
-
-
-def test_the_early_connection_carries_the_intercepted_connection(stack: Stack) -> None:
-    assert _request(stack).startswith(b"HTTP/1.1 200")
-    assert len(stack.upstream.connections) == 1  # one connection upstream, not an early one and another
-    connect = _connects(stack, 1)[0]
-    assert connect.attrs["oisp.interception"] == "intercepted"  # type: ignore[attr-defined]
-    assert connect.data.latency_ms is not None  # type: ignore[attr-defined]
-
-
-def test_an_early_connection_to_another_host_than_the_sni_names_is_closed(
-        tmp_path: Path, test_ca: trustme.CA, raw_upstream: socket.socket) -> None:
-    with running_stack(tmp_path, test_ca) as stack:
-        _replace_override(stack, "api.openai.com", raw_upstream.getsockname()[1])
-        # CONNECT names api.openai.com, the ClientHello names api.anthropic.com: the proxy goes where the SNI says.
-        with stack.client_context().wrap_socket(connect_tunnel(stack.proxy_address, "api.openai.com"),
-                                                server_hostname="api.anthropic.com") as sock:
-            early, _ = raw_upstream.accept()
-            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")
-            assert read_all(sock).startswith(b"HTTP/1.1 200")
-        with early:
-            early.settimeout(10)
-            assert early.recv(1) == b""
-        assert len(stack.upstream.connections) == 1
-
-
-def _replace_override(stack: Stack, host: str, port: int) -> None:
-    import attrs
-
-    overrides = tuple(o for o in stack.proxy.config.overrides if o.host != host)
-    stack.proxy.config = attrs.evolve(stack.proxy.config,
-                                      overrides=(UpstreamOverride(host, 443, "127.0.0.1", port), *overrides))
 
 
 # --- upstream TLS sessions ------------------------------------------------------------------------------------

@@ -252,20 +252,8 @@ class MitmProxy:
                 await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             except _NET_ERRORS:
                 return  # the client left
-            endpoint = self.endpoints.match(request.host, request.port)
-            early: _EarlyConnection | None = None
-            if endpoint is not None and endpoint.tls and self._tasks is not None:
-                # An AI endpoint: connect upstream while the client reads our answer and sends its ClientHello
-                # (a round trip); any other host is connected to only once it is passed through, as before.
-                early = _EarlyConnection(request.host, request.port)
-                self._tasks.start_soon(early.run, self._connect_early)
-            who = self._attribute(client_addr, local_addr, None)
-            try:
-                await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
-                                  request.port, who, None, early)
-            finally:
-                if early is not None:
-                    await early.discard()
+            await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
+                              request.port, self._attribute(client_addr, local_addr, None), None)
         else:
             endpoint = self.endpoints.match(request.host, request.port)
             await self._plain(client, buffer, connection_id, client_addr, request.host, request.port, endpoint,
@@ -308,8 +296,7 @@ class MitmProxy:
         return pending
 
     async def _route(self, client: SocketStream, initial: bytes, connection_id: str, client_addr: tuple[str, int],
-                     host: str, port: int, pending: _PendingAttribution, pid_hint: int | None,
-                     early: _EarlyConnection | None = None) -> None:
+                     host: str, port: int, pending: _PendingAttribution, pid_hint: int | None) -> None:
         """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
         buffer = initial
         hello: _ClientHello | None = None
@@ -346,7 +333,7 @@ class MitmProxy:
             except CertificateError:
                 pass  # passed through below
             else:
-                await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending, early)
+                await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending)
                 return
         who = await pending.get()
         _attach(report, who)
@@ -356,14 +343,14 @@ class MitmProxy:
                 await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, who,
                                   pid_hint)
                 return
-            await self._passthrough(client, buffer, host, port, report, early)
+            await self._passthrough(client, buffer, host, port, report)
             return
         if endpoint is None or not endpoint.tls:
-            await self._passthrough(client, buffer, host, port, report, early)
+            await self._passthrough(client, buffer, host, port, report)
             return
         if self.pinned.is_pinned(name, process_key):
             report.decision = Decision.PINNED_PASSTHROUGH
-            await self._passthrough(client, buffer, host, port, report, early)
+            await self._passthrough(client, buffer, host, port, report)
             return
         try:
             self.ca.leaf_for(name)  # cached; fails early for a host a name-constrained CA may not vouch for
@@ -371,40 +358,29 @@ class MitmProxy:
             logger.warning("connection %s: no certificate for %s (%s); passing it through untouched",
                            connection_id, name, exc)
             report.error = str(exc)
-            await self._passthrough(client, buffer, host, port, report, early)
+            await self._passthrough(client, buffer, host, port, report)
             return
-        await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending, early)
+        await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending)
 
-    async def _connect_early(self, host: str, port: int) -> _Connected:
+    async def _connect_upstream(self, host: str, port: int, report: ConnectionReport) -> SocketStream | None:
         address, address_port = self.config.override_for(host, port)
         started = time.perf_counter()
         try:
             upstream = await connect_tcp(address, address_port, before_connect=self.before_upstream_connect,
                                          timeout=self.config.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            return _Connected(None, f"connect to {address}:{address_port} failed: {exc}", 0.0)
-        return _Connected(upstream, None, round((time.perf_counter() - started) * 1000, 3))
-
-    async def _connect_upstream(self, host: str, port: int, report: ConnectionReport,
-                                early: _EarlyConnection | None = None) -> SocketStream | None:
-        """Connect to ``host:port`` (or take the connection opened early to it); on failure, say so in the
-        report and return None."""
-        connected = await early.take(host, port) if early is not None else None
-        if connected is None:
-            connected = await self._connect_early(host, port)
-        if connected.stream is None:
             report.decision = Decision.UPSTREAM_FAILED
             report.success = False
-            report.error = connected.error
+            report.error = f"connect to {address}:{address_port} failed: {exc}"
             logger.warning("connection %s: %s", report.connection_id, report.error)
             return None
-        report.connect_ms = connected.connect_ms
-        report.upstream_addr = _addr(connected.stream, SocketAttribute.remote_address)
-        return connected.stream
+        report.connect_ms = round((time.perf_counter() - started) * 1000, 3)
+        report.upstream_addr = _addr(upstream, SocketAttribute.remote_address)
+        return upstream
 
     async def _passthrough(self, client: SocketStream, buffer: bytes, host: str, port: int,
-                           report: ConnectionReport, early: _EarlyConnection | None = None) -> None:
-        upstream = await self._connect_upstream(host, port, report, early)
+                           report: ConnectionReport) -> None:
+        upstream = await self._connect_upstream(host, port, report)
         self._report(report)
         if upstream is None:
             return
@@ -507,8 +483,8 @@ class MitmProxy:
 
     async def _intercept(self, client: SocketStream, client_hello_bytes: bytes, hello: _ClientHello, name: str,
                          host: str, port: int, endpoint: EndpointSpec, report: ConnectionReport,
-                         pending: _PendingAttribution, early: _EarlyConnection | None = None) -> None:
-        upstream_tcp = await self._connect_upstream(host if _is_ip(host) else name, port, report, early)
+                         pending: _PendingAttribution) -> None:
+        upstream_tcp = await self._connect_upstream(host if _is_ip(host) else name, port, report)
         if upstream_tcp is None:
             _attach(report, await pending.get())
             self._report(report)
@@ -656,57 +632,6 @@ class _SessionEntry:
     connection: ssl.SSLObject | None
     session: ssl.SSLSession | None
     verified_at: float
-
-
-@attrs.frozen
-class _Connected:
-    """The outcome of connecting upstream: the stream, or why there is none."""
-
-    stream: SocketStream | None
-    error: str | None
-    connect_ms: float
-
-
-class _EarlyConnection:
-    """An upstream connection opened as soon as a CONNECT names an AI endpoint, before the ClientHello arrives.
-
-    The connection is used only if the proxy then connects to that same (host, port); otherwise, or when the
-    connection ends before it is used, :meth:`discard` closes it.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._done = anyio.Event()
-        self._result: _Connected | None = None
-        self._taken = False
-        self._scope = anyio.CancelScope()
-
-    async def run(self, connect: Callable[[str, int], Any]) -> None:
-        try:
-            with self._scope:
-                self._result = await connect(self.host, self.port)
-        finally:
-            self._done.set()
-
-    async def take(self, host: str, port: int) -> _Connected | None:
-        """The early connection if it goes to ``host:port`` (waiting for it to finish connecting), else None."""
-        if self._taken or (host.lower(), port) != (self.host.lower(), self.port):
-            return None
-        self._taken = True
-        await self._done.wait()
-        return self._result
-
-    async def discard(self) -> None:
-        """Close the connection if nobody took it (and stop connecting if it is still trying)."""
-        if self._taken:
-            return
-        self._taken = True
-        self._scope.cancel()
-        with anyio.CancelScope(shield=True):  # even while the connection's task is being cancelled
-            await self._done.wait()
-            if self._result is not None and self._result.stream is not None:
-                await self._result.stream.aclose()
 
 
 class _PendingAttribution:
