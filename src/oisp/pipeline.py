@@ -3,7 +3,17 @@ them out to every sink through a bounded queue per sink.
 
 Nothing on the capture side ever waits for a sink: :meth:`Pipeline.emit` never blocks. When a queue is full
 the event is dropped *for that sink only*, counted in :attr:`Pipeline.stats` and logged (rate-limited), never
-silently. Sinks run in worker threads, one batch at a time, so a slow or failing sink only affects itself.
+silently. Each sink runs in a worker thread of its own, one batch at a time, so a slow or failing sink only
+affects itself.
+
+A sink's batch is handed over once enough events wait for it (``batch_size``, less with a small queue), or
+``flush_interval`` seconds after the first of them arrived, whichever comes first (and at once when the
+pipeline closes): waking a thread costs tens of µs, so it is done for many events at a time. Handing a batch
+over, the event loop waits for the sink's thread briefly (:data:`SINK_HANDOFF_WAIT`; a sink that writes to a
+local file is done by then), so that thread never waits for the GIL while the loop is busy. Such a thread
+gets the GIL late: the loop lets go of it at every pass but takes it back at once, each time waking the
+waiting thread for nothing, which costs more CPU than the sink's work itself. A sink still busy after the
+wait is waited for without blocking the loop.
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ from __future__ import annotations
 import logging
 import platform
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -29,7 +41,7 @@ from oisp.events.spec_gaps import conform, map_values
 from oisp.hookspecs import Sink
 from oisp.redaction import SCANNED_KEYS, Redactor
 
-__all__ = ["Enricher", "Pipeline", "PipelineStats", "SinkStats", "local_host"]
+__all__ = ["SINK_HANDOFF_WAIT", "Enricher", "Pipeline", "PipelineStats", "SinkStats", "local_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +58,10 @@ _SHARED_RECORDS = frozenset({"host", "actor", "process", "app", "source"})
 _SCANNED_PER_EVENT = tuple(key for key in SCANNED_KEYS if key not in _SHARED_RECORDS)
 _EVENT_PLAN = Event._structure_plan()
 _BLOCK_CACHE_SIZE = 1024
+
+#: Seconds the event loop waits for a sink's thread to finish a batch it was just handed (see the module's
+#: documentation) before it waits without blocking.
+SINK_HANDOFF_WAIT = 0.005
 
 
 def local_host() -> Host:
@@ -101,6 +117,54 @@ class PipelineStats:
         return self.dropped_ingress + sum(s.dropped for s in self.sinks.values())
 
 
+class _SinkThread:
+    """The thread of one sink: runs the calls it is handed (``write``, then ``close``), one at a time."""
+
+    def __init__(self, name: str) -> None:
+        # Plain locks as signals, held while there is nothing to signal: the cheapest hand-over there is.
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._call: Callable[[], object] | None = None
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"oisp-sink-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.acquire()
+            call = self._call
+            if call is None:
+                return
+            try:
+                call()
+            except BaseException as exc:  # handed back to the loop, which decides
+                self._error = exc
+            self._call = None
+            self._done.release()
+
+    async def run(self, call: Callable[[], object]) -> None:
+        """Run ``call`` in the thread; raises what it raised."""
+        self._error = None
+        self._call = call
+        self._wake.release()
+        # Blocks the loop for at most SINK_HANDOFF_WAIT, letting the thread have the GIL right away.
+        if not self._done.acquire(timeout=SINK_HANDOFF_WAIT):
+            await anyio.to_thread.run_sync(self._done.acquire)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        """Let the thread end once it is idle (never waits)."""
+        if not self._stopped:
+            self._stopped = True
+            self._call = None
+            self._wake.release()
+
+
 @attrs.define
 class _SinkLane:
     name: str
@@ -108,6 +172,9 @@ class _SinkLane:
     send: MemoryObjectSendStream[Event]
     receive: MemoryObjectReceiveStream[Event]
     stats: SinkStats
+    thread: _SinkThread | None = None
+    #: Set while the lane waits for more events before handing a batch over; set to hand it over now.
+    flush: anyio.Event | None = None
 
 
 class Pipeline:
@@ -118,7 +185,8 @@ class Pipeline:
 
     ``sinks`` maps a name (used in stats and logs) to a :class:`~oisp.hookspecs.Sink`. ``enrichers`` run in
     order before redaction; by default the host context is added. ``redactor`` is on by default
-    (``Redactor()``, the ``default`` profile); secrets never reach a sink.
+    (``Redactor()``, the ``default`` profile); secrets never reach a sink. ``batch_size`` is the most events a sink
+    gets at a time; ``flush_interval`` the longest an event waits for more to go with it (0: none).
     """
 
     def __init__(
@@ -130,9 +198,15 @@ class Pipeline:
         host: Host | None = None,
         queue_size: int = 10_000,
         batch_size: int = 256,
+        flush_interval: float = 0.05,
     ) -> None:
         if queue_size <= 0 or batch_size <= 0:
             raise OispError(f"queue_size ({queue_size}) and batch_size ({batch_size}) must be positive")
+        if not flush_interval >= 0:
+            raise OispError(f"flush_interval ({flush_interval}) must be >= 0 seconds")
+        self._flush_interval = flush_interval
+        #: Events waiting in a sink's queue that make it hand its batch over before flush_interval.
+        self._flush_at = max(1, min(batch_size, queue_size // 4))
         self._host = host or local_host()
         self._enrichers: list[Enricher] = [self._add_host, *(enrichers or [])]
         self._redactor = redactor or Redactor()
@@ -312,8 +386,14 @@ class Pipeline:
                         break
                     self._handle(event)
                 self._maybe_room()
+                for lane in self._lanes:
+                    if (lane.flush is not None
+                            and lane.send.statistics().current_buffer_used + 1 >= self._flush_at):
+                        lane.flush.set()
         for lane in self._lanes:
             lane.send.close()
+            if lane.flush is not None:
+                lane.flush.set()
 
     def _handle(self, event: Event) -> None:
         """Process one event and hand it to the listeners and every sink's queue."""
@@ -338,29 +418,40 @@ class Pipeline:
                 self._log_drop(lane.name)
 
     async def _deliver(self, lane: _SinkLane) -> None:
-        async with lane.receive:
-            while True:
-                try:
-                    first = await lane.receive.receive()
-                except anyio.EndOfStream:
-                    break
-                batch = [first]
-                while len(batch) < self._batch_size:
-                    try:
-                        batch.append(lane.receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                self._maybe_room()
-                await self._write(lane, batch)
+        thread = lane.thread = _SinkThread(lane.name)
         try:
-            await anyio.to_thread.run_sync(lane.sink.close)
-        except Exception as exc:
-            lane.stats.last_error = f"close: {exc}"
-            logger.error("sink %s failed to close: %s", lane.name, exc, exc_info=True)
+            async with lane.receive:
+                while True:
+                    try:
+                        first = await lane.receive.receive()
+                    except anyio.EndOfStream:
+                        break
+                    if (self._flush_interval > 0 and not self._closed
+                            and lane.receive.statistics().current_buffer_used + 1 < self._flush_at):
+                        lane.flush = anyio.Event()
+                        with anyio.move_on_after(self._flush_interval):
+                            await lane.flush.wait()
+                        lane.flush = None
+                    batch = [first]
+                    while len(batch) < self._batch_size:
+                        try:
+                            batch.append(lane.receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    self._maybe_room()
+                    await self._write(lane, batch)
+            try:
+                await thread.run(lane.sink.close)
+            except Exception as exc:
+                lane.stats.last_error = f"close: {exc}"
+                logger.error("sink %s failed to close: %s", lane.name, exc, exc_info=True)
+        finally:
+            thread.stop()
 
     async def _write(self, lane: _SinkLane, batch: list[Event]) -> None:
+        assert lane.thread is not None
         try:
-            await anyio.to_thread.run_sync(lane.sink.write, batch)
+            await lane.thread.run(partial(lane.sink.write, batch))
         except Exception as exc:
             lane.stats.failed += len(batch)
             lane.stats.last_error = f"{type(exc).__name__}: {exc}"
