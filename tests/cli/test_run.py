@@ -89,6 +89,34 @@ def test_ctrl_c_on_the_terminal_stops_proxy_and_decoder_process_without_losing_e
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_stalled_decoder_process_never_stalls_the_apps(tmp_path: Path, upstream: RunningUpstream) -> None:
+    """The relay never waits for decoding: with the decoder process frozen, requests still go through, and once
+    it runs again every event is written."""
+    import psutil
+
+    events_file = tmp_path / "events.jsonl"
+    oisp = OispProcess(["run", "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf"), "--upstream-ca",
+                        str(upstream.ca_file), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream.port}",
+                        "--stdout", "none", "--output", str(events_file)])
+    (decoder,) = psutil.Process(oisp.proc.pid).children()
+    decoder.suspend()  # SIGSTOP: it cannot read a single copy
+    try:
+        with _client(oisp.address, tmp_path / "conf") as client:
+            for i in range(30):
+                r = client.post("https://api.openai.com/v1/chat/completions", json={
+                    "model": "gpt-4o", "messages": [{"role": "user", "content": f"question {i}"}]})
+                assert r.status_code == 200
+        assert not events_file.exists() or events_file.read_text() == ""
+    finally:
+        decoder.resume()
+    code, stderr = oisp.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    events = [Event.from_json(line) for line in events_file.read_text().splitlines()]
+    prompts = [e.data.messages[0].content for e in events if e.event_type == "ai.request"]  # type: ignore[attr-defined]
+    assert prompts == [f"question {i}" for i in range(30)]
+    assert sum(e.event_type == "ai.response" for e in events) == 30
+
+
 def test_flags_override_the_config_file_and_line_output_goes_to_stdout(
         tmp_path: Path, upstream: RunningUpstream) -> None:
     config = tmp_path / "oisp.toml"
