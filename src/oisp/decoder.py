@@ -43,9 +43,17 @@ Emit = Callable[[Event], None]
 _DECODER_TYPES: set[type] = set()
 
 
+#: capture point -> its Source; one (immutable) instance for every event, so that the pipeline's cache of
+#: shared records recognizes it.
+_SOURCES: dict[str, Source] = {}
+
+
 def _source(capture_point: str) -> Source:
-    return Source(collector=COLLECTOR, collector_version=__version__, capture_method="mitm_proxy",
-                  capture_point=capture_point)
+    source = _SOURCES.get(capture_point)
+    if source is None:
+        source = _SOURCES[capture_point] = Source(collector=COLLECTOR, collector_version=__version__,
+                                                  capture_method="mitm_proxy", capture_point=capture_point)
+    return source
 
 
 def _is_private(ip: str) -> bool | None:

@@ -19,6 +19,7 @@ wait is waited for without blocking the loop.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import socket
 import threading
@@ -58,6 +59,24 @@ _SHARED_RECORDS = frozenset({"host", "actor", "process", "app", "source"})
 _SCANNED_PER_EVENT = tuple(key for key in SCANNED_KEYS if key not in _SHARED_RECORDS)
 _EVENT_PLAN = Event._structure_plan()
 _BLOCK_CACHE_SIZE = 1024
+#: What stands in for a shared record in the dict that is encoded, its cached JSON text put in its place after:
+#: a string no event holds (a NUL, then 128 random bits), encoded as a JSON string.
+_PLACEHOLDER_NONCE = os.urandom(16).hex()
+_PLACEHOLDERS = {key: f"\x00oisp-{_PLACEHOLDER_NONCE}-{key}" for name, key, _ in _EVENT_PLAN if name in _SHARED_RECORDS}
+_PLACEHOLDER_TEXTS = {key: _COMPACT.encode(value) for key, value in _PLACEHOLDERS.items()}
+
+
+class _Block:
+    """A shared context record's dict form (only read, never changed or handed out), whether that holds nothing
+    to redact, and its JSON text once made."""
+
+    __slots__ = ("clean", "plain", "record", "text")
+
+    def __init__(self, record: Record, plain: dict[str, Any], clean: bool) -> None:
+        self.record = record
+        self.plain = plain
+        self.clean = clean
+        self.text: str | None = None
 
 #: Seconds the event loop waits for a sink's thread to finish a batch it was just handed (see the module's
 #: documentation) before it waits without blocking.
@@ -177,6 +196,23 @@ class _SinkLane:
     flush: anyio.Event | None = None
 
 
+def _encode_with(raw: dict[str, Any], shared: list[tuple[str, _Block]]) -> str:
+    """``_COMPACT.encode(raw)`` (``raw`` changed on the way), the JSON text of the shared blocks in it made once
+    per block: they are most of an event's text."""
+    if not shared:
+        return _COMPACT.encode(raw)
+    for key, block in shared:
+        if raw.get(key) is block.plain:
+            raw[key] = _PLACEHOLDERS[key]
+    text = _COMPACT.encode(raw)
+    for key, block in shared:
+        if raw.get(key) is _PLACEHOLDERS[key]:
+            if block.text is None:
+                block.text = _COMPACT.encode(block.plain)
+            text = text.replace(_PLACEHOLDER_TEXTS[key], block.text, 1)
+    return text
+
+
 class Pipeline:
     """Enrich → redact → conform → fan out to sinks.
 
@@ -225,9 +261,9 @@ class Pipeline:
         self._last_drop_log = 0.0
         self._listeners: list[Callable[[Event], None]] = []
         self._room = anyio.Event()
-        #: id -> (record, its dict form, whether that holds nothing to redact), for _SHARED_RECORDS; the record is
-        #: kept, so its id cannot be reused while the entry lives.
-        self._blocks: dict[int, tuple[Record, dict[str, Any], bool]] = {}
+        #: id -> its _Block, for records of _SHARED_RECORDS; the record is kept, so its id cannot be reused while
+        #: the entry lives.
+        self._blocks: dict[int, _Block] = {}
 
     # producer side ------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -319,7 +355,7 @@ class Pipeline:
         """:meth:`process` for the ``default`` profile without secrets in the event: the event is turned into its
         dict form once (context records many events share, like ``process``, from a cache), scanned, conformed
         and encoded; None when the event holds something to redact (the general way then does it)."""
-        raw, clean = self._event_dict(event, redactor)
+        raw, clean, shared = self._event_dict(event, redactor)
         if not clean:
             return None
         for key in _SCANNED_PER_EVENT:
@@ -330,18 +366,20 @@ class Pipeline:
         if original:
             payload = PAYLOAD_TYPES.get(event.event_type, UnknownPayload)
             event = event.with_context(data=payload.from_dict(raw["data"]), attrs=raw["attrs"])
-            raw, _ = self._event_dict(event, redactor)
+            raw, _, shared = self._event_dict(event, redactor)
         elif touched:  # conform() leaves such an event as it is
-            raw, _ = self._event_dict(event, redactor)
-        event.remember_json(_COMPACT.encode(raw))
+            raw, _, shared = self._event_dict(event, redactor)
+        event.remember_json(_encode_with(raw, shared))
         return event
 
-    def _event_dict(self, event: Event, redactor: Redactor) -> tuple[dict[str, Any], bool]:
+    def _event_dict(self, event: Event, redactor: Redactor) -> tuple[dict[str, Any], bool, list[tuple[str, _Block]]]:
         """``event.to_dict()``, with the dict forms of shared context records taken from (or put in) the cache;
-        and False when one of them holds something the redactor would change. The cached dicts are shared by
-        every event of a connection: they are only read (scanned, encoded), never changed or handed out."""
+        False when one of them holds something the redactor would change; and the cached blocks used, by key.
+        The cached dicts are shared by every event of a connection: they are only read (scanned, encoded), never
+        changed or handed out."""
         out: dict[str, Any] = {}
         clean = True
+        shared: list[tuple[str, _Block]] = []
         blocks = self._blocks
         for name, key, _ in _EVENT_PLAN:
             value = getattr(event, name)
@@ -349,14 +387,15 @@ class Pipeline:
                 continue
             if name in _SHARED_RECORDS and isinstance(value, Record):
                 entry = blocks.get(id(value))
-                if entry is None or entry[0] is not value:
+                if entry is None or entry.record is not value:
                     plain = value.to_dict()
                     scanned = redactor.scan(plain) if key in SCANNED_KEYS else plain
                     if len(blocks) >= _BLOCK_CACHE_SIZE:
                         blocks.clear()
-                    entry = blocks[id(value)] = (value, plain, scanned is plain)
-                out[key] = entry[1]
-                clean = clean and entry[2]
+                    entry = blocks[id(value)] = _Block(value, plain, scanned is plain)
+                out[key] = entry.plain
+                clean = clean and entry.clean
+                shared.append((key, entry))
             elif name == "ts":
                 out[key] = format_ts(value)
             else:
@@ -366,7 +405,7 @@ class Pipeline:
         for key, value in event.extra.items():
             if key not in out:
                 out[key] = unstructure(value)
-        return out, clean
+        return out, clean, shared
 
     async def _process(self) -> None:
         receive = self._ingress_receive
