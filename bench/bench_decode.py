@@ -61,7 +61,7 @@ from oisp.framing import EventStreamDecoder, EventStreamMessage, SseDecoder, Sse
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder
 from oisp.http.decoder import make_decoder
 from oisp.http.exchange import ConnectionInfo, Headers, HttpExchange, HttpRequest, HttpResponse
-from oisp.pipeline import Pipeline
+from oisp.pipeline import SINK_HANDOFF_WAIT, Pipeline
 from oisp.plugins import create_plugin_manager
 from oisp.providers import openai
 from oisp.sinks.jsonl import JsonlSink
@@ -372,7 +372,9 @@ def run_pipeline(alpn: str, traffic: list[tuple[bytes, bytes]], directory: Path)
 
     async def work() -> float:
         start = time.process_time()
-        async with Pipeline({"jsonl": sink}, host=_HOST, queue_size=4 * len(traffic) + 16) as pipeline:
+        # configured as in the decoder process (the sink's thread may be waited for briefly)
+        async with Pipeline({"jsonl": sink}, host=_HOST, queue_size=4 * len(traffic) + 16,
+                            sink_handoff_wait=SINK_HANDOFF_WAIT) as pipeline:
             observer = EventDecoder(create_plugin_manager(entrypoints=False), pipeline.emit)
             connection = bench_connection()
             decoder = make_decoder(alpn, connection, observer.exchange_listener(connection))

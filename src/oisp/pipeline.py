@@ -8,12 +8,15 @@ affects itself.
 
 A sink's batch is handed over once enough events wait for it (``batch_size``, less with a small queue), or
 ``flush_interval`` seconds after the first of them arrived, whichever comes first (and at once when the
-pipeline closes): waking a thread costs tens of µs, so it is done for many events at a time. Handing a batch
-over, the event loop waits for the sink's thread briefly (:data:`SINK_HANDOFF_WAIT`; a sink that writes to a
-local file is done by then), so that thread never waits for the GIL while the loop is busy. Such a thread
-gets the GIL late: the loop lets go of it at every pass but takes it back at once, each time waking the
-waiting thread for nothing, which costs more CPU than the sink's work itself. A sink still busy after the
-wait is waited for without blocking the loop.
+pipeline closes): waking a thread costs tens of µs, so it is done for many events at a time.
+
+A pipeline whose event loop does nothing else (the decoder process's) may also pass ``sink_handoff_wait``
+(:data:`SINK_HANDOFF_WAIT`): handing a batch over, the loop then waits for the sink's thread that long (a sink
+that writes to a local file is done by then), so the thread never waits for the GIL while the loop is busy.
+Such a thread gets the GIL late: the loop lets go of it at every pass but takes it back at once, each time
+waking the waiting thread for nothing, which costs more CPU than the sink's work itself. A sink still busy
+after the wait is waited for without blocking the loop. The default is 0, never blocking the loop: a proxy
+that decodes inline must not stall its relay on a sink.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ class PipelineStats:
 class _SinkThread:
     """The thread of one sink: runs the calls it is handed (``write``, then ``close``), one at a time."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, handoff_wait: float) -> None:
+        self._handoff_wait = handoff_wait
         # Plain locks as signals, held while there is nothing to signal: the cheapest hand-over there is.
         self._wake = threading.Lock()
         self._wake.acquire()
@@ -169,8 +173,9 @@ class _SinkThread:
         self._error = None
         self._call = call
         self._wake.release()
-        # Blocks the loop for at most SINK_HANDOFF_WAIT, letting the thread have the GIL right away.
-        if not self._done.acquire(timeout=SINK_HANDOFF_WAIT):
+        # Blocks the loop for at most handoff_wait (0: not at all), letting the thread have the GIL right away.
+        if not (self._done.acquire(timeout=self._handoff_wait) if self._handoff_wait > 0
+                else self._done.acquire(blocking=False)):
             await anyio.to_thread.run_sync(self._done.acquire)
         error, self._error = self._error, None
         if error is not None:
@@ -222,7 +227,8 @@ class Pipeline:
     ``sinks`` maps a name (used in stats and logs) to a :class:`~oisp.hookspecs.Sink`. ``enrichers`` run in
     order before redaction; by default the host context is added. ``redactor`` is on by default
     (``Redactor()``, the ``default`` profile); secrets never reach a sink. ``batch_size`` is the most events a sink
-    gets at a time; ``flush_interval`` the longest an event waits for more to go with it (0: none).
+    gets at a time; ``flush_interval`` the longest an event waits for more to go with it (0: none);
+    ``sink_handoff_wait`` how long the event loop may block handing a batch to a sink's thread (see above).
     """
 
     def __init__(
@@ -235,7 +241,11 @@ class Pipeline:
         queue_size: int = 10_000,
         batch_size: int = 256,
         flush_interval: float = 0.05,
+        sink_handoff_wait: float = 0.0,
     ) -> None:
+        if not 0 <= sink_handoff_wait <= 1:
+            raise OispError(f"sink_handoff_wait ({sink_handoff_wait}) must be between 0 and 1 second")
+        self._sink_handoff_wait = sink_handoff_wait
         if queue_size <= 0 or batch_size <= 0:
             raise OispError(f"queue_size ({queue_size}) and batch_size ({batch_size}) must be positive")
         if not flush_interval >= 0:
@@ -457,7 +467,7 @@ class Pipeline:
                 self._log_drop(lane.name)
 
     async def _deliver(self, lane: _SinkLane) -> None:
-        thread = lane.thread = _SinkThread(lane.name)
+        thread = lane.thread = _SinkThread(lane.name, self._sink_handoff_wait)
         try:
             async with lane.receive:
                 while True:

@@ -27,6 +27,7 @@ from oisp.decoder_process.launch import socket_from_handle
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
+from oisp.pipeline import SINK_HANDOFF_WAIT
 from oisp.proxy.relay import CopyDispatcher
 
 __all__ = ["WorkerSettings", "main"]
@@ -90,7 +91,8 @@ async def _serve(sock: socket.socket) -> None:
             settings = await _settings(frames)  # nothing else is sent before READY
             _configure_logging(settings)
             plugins = create_plugin_manager()
-            pipeline = build_pipeline(plugins, settings.config)
+            # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline)
+            pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT)
         except Exception as exc:
             channel.send(Kind.FAILED, 0, _pickled_error(exc), force=True)
             await channel.close_sending()
