@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 _wait_readable = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
 _wait_writable = getattr(anyio, "wait_writable", None) or anyio.wait_socket_writable
+#: With ``coalesce``, frames are sent at once when this many bytes wait, else after ``coalesce`` seconds.
+COALESCE_BYTES = 256 * 1024
 #: At most this many buffers per sendmsg() call (IOV_MAX is 1024 on Linux).
 _IOV = 512
 #: Kernel buffer asked for on each end (the kernel may grant less); it absorbs bursts before ours fills up.
@@ -41,7 +43,7 @@ class FrameChannel:
     returns False) unless it is forced (small control frames).
     """
 
-    def __init__(self, sock: socket.socket, *, limit: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, *, limit: int | None = None, coalesce: float = 0.0) -> None:
         sock.setblocking(False)
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
@@ -60,6 +62,8 @@ class FrameChannel:
         self._wake = anyio.Event()
         self._closing = False
         self._drained = anyio.Event()
+        self.coalesce = coalesce
+        self._urgent = anyio.Event()
 
     # sending ------------------------------------------------------------------------------------
     def send(self, kind: Kind, channel: int, payload: bytes = b"", timestamp: int = 0, *, force: bool = False) -> bool:
@@ -86,6 +90,8 @@ class FrameChannel:
                 self.buffered += len(part)
         self.peak_buffered = max(self.peak_buffered, self.buffered)
         self._wake.set()
+        if self.buffered >= COALESCE_BYTES:
+            self._urgent.set()
 
     def mark_broken(self, reason: str, *, log: bool = True) -> None:
         """The other end is gone: refuse every frame from now on, drop what is buffered (logged once)."""
@@ -109,6 +115,10 @@ class FrameChannel:
                     self._wake = anyio.Event()
                     await self._wake.wait()
                     continue
+                if self.coalesce and self.buffered < COALESCE_BYTES and not self._closing:
+                    self._urgent = anyio.Event()
+                    with anyio.move_on_after(self.coalesce):
+                        await self._urgent.wait()
                 self._flush_some()
                 if pending:
                     await _wait_writable(self.sock)
@@ -140,6 +150,7 @@ class FrameChannel:
         """Send what is buffered, then signal the end of the stream (the other end reads EOF)."""
         self._closing = True
         self._wake.set()
+        self._urgent.set()
         await self._drained.wait()
         try:
             self.sock.shutdown(socket.SHUT_WR)
