@@ -88,6 +88,8 @@ def network_connect_event(report: ConnectionReport) -> Event:
         attributes["oisp.provider"] = report.provider
     if report.pid_hint is not None:
         attributes["oisp.pid_hint"] = report.pid_hint
+    if report.preconnected:
+        attributes["oisp.preconnected"] = True
     if report.upstream_addr is not None and report.upstream_addr[1] != report.target_port:
         attributes["oisp.upstream_addr"] = f"{report.upstream_addr[0]}:{report.upstream_addr[1]}"
     return Event.create(

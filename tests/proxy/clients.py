@@ -8,6 +8,7 @@ import ssl
 import h2.config
 import h2.connection
 import h2.events
+from tests.upstream import Recording, Upstream
 
 
 def connect_tunnel(proxy: tuple[str, int], host: str, port: int = 443) -> socket.socket:
@@ -86,3 +87,9 @@ def h2_exchange(
     sent += out
     received += read_all(sock)
     return bytes(sent), bytes(received), bodies
+
+
+def served(upstream: Upstream) -> list[Recording]:
+    """The upstream connections that carried traffic, oldest first (without the idle spares the proxy opens in
+    advance: preconnect)."""
+    return [c for c in upstream.connections if c.received]

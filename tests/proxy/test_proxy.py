@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 import trustme
-from tests.proxy.clients import connect_tunnel, h2_exchange, read_all, tls_tunnel
+from tests.proxy.clients import connect_tunnel, h2_exchange, read_all, served, tls_tunnel
 from tests.stack import Stack, running_stack
 from tests.upstream import Request, Response
 
@@ -37,7 +37,7 @@ def test_http1_bytes_reach_upstream_and_client_unchanged(stack: Stack) -> None:
     with sock:
         sock.sendall(request)
         received = read_all(sock)
-    recording = stack.upstream.connections[-1]
+    recording = served(stack.upstream)[-1]
     assert recording.alpn == "http/1.1"
     assert bytes(recording.received) == request
     assert received == bytes(recording.sent)
@@ -49,7 +49,7 @@ def test_http2_bytes_reach_upstream_and_client_unchanged(stack: Stack) -> None:
     with sock:
         assert sock.selected_alpn_protocol() == "h2"
         sent, received, bodies = h2_exchange(sock, "api.openai.com", [("/v1/chat/completions", REQUEST)])
-    recording = stack.upstream.connections[-1]
+    recording = served(stack.upstream)[-1]
     assert recording.alpn == "h2"
     assert bytes(recording.received) == sent
     assert received == bytes(recording.sent)
@@ -62,7 +62,7 @@ def test_client_alpn_is_mirrored_upstream(stack: Stack, tmp_path: Path, test_ca:
     with sock:
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
         read_all(sock)
-    assert stack.upstream.connections[-1].alpn == "http/1.1"
+    assert served(stack.upstream)[-1].alpn == "http/1.1"
     # An upstream that only speaks HTTP/1.1 makes the client's h2 offer resolve to HTTP/1.1.
     with running_stack(tmp_path / "h1only", test_ca, upstream_alpn=("http/1.1",)) as h1only:
         sock = tls_tunnel(h1only.proxy_address, "api.openai.com", h1only.client_context(), ["h2", "http/1.1"])
@@ -93,7 +93,7 @@ def test_openai_sdk_through_https_proxy(stack: Stack) -> None:
         assert event.process is not None and event.process.pid == pid, event.event_type
         assert event.process.exe and event.process.cmdline and event.process.cmdline.startswith(_python())
         assert event.actor is not None and event.actor.uid is not None
-    assert stack.upstream.connections[-1].requests[0].header("authorization") == "Bearer sk-proj-" + "t" * 40
+    assert served(stack.upstream)[-1].requests[0].header("authorization") == "Bearer sk-proj-" + "t" * 40
     assert "t" * 40 not in "".join(e.to_json() for e in events)
 
 
@@ -123,8 +123,8 @@ def test_curl_through_explicit_proxy(stack: Stack, version: str) -> None:
     body, http_version = out.stdout.rsplit("\n", 1)
     assert json.loads(body)["path"] == "/v1/embeddings"
     assert http_version == ("2" if version == "--http2" else "1.1")
-    assert stack.upstream.connections[-1].alpn == ("h2" if version == "--http2" else "http/1.1")
-    assert stack.upstream.connections[-1].requests[0].body == REQUEST
+    assert served(stack.upstream)[-1].alpn == ("h2" if version == "--http2" else "http/1.1")
+    assert served(stack.upstream)[-1].requests[0].body == REQUEST
 
 
 def test_twenty_concurrent_http2_streams_on_one_connection_are_decoded_to_the_right_exchanges(
@@ -142,8 +142,8 @@ def test_twenty_concurrent_http2_streams_on_one_connection_are_decoded_to_the_ri
 
     responses = anyio.run(main)
     assert len(responses) == 20 and all(r.http_version == "HTTP/2" for r in responses)
-    assert len(stack.upstream.connections) == 1
-    assert sorted(r.body for r in stack.upstream.connections[0].requests[1:]) == sorted(
+    assert len(served(stack.upstream)) == 1
+    assert sorted(r.body for r in served(stack.upstream)[0].requests[1:]) == sorted(
         f"body-{i}".encode() for i in range(20))
     events = stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "ai.response"]) >= 21)
     requests = [e for e in events if e.event_type == "ai.request" and e.attrs and e.attrs["http.method"] == "POST"]
@@ -317,7 +317,7 @@ def test_malformed_http_inside_tls_is_relayed_and_marked_partial(stack: Stack) -
     with sock:
         sock.sendall(b"POST /v1/chat HTTP/1.1\r\nHost api.openai.com no colon\r\n\r\n")
         read_all(sock)
-    assert bytes(stack.upstream.connections[-1].received).startswith(b"POST /v1/chat")
+    assert bytes(served(stack.upstream)[-1].received).startswith(b"POST /v1/chat")
     _still_serves(stack)
 
 

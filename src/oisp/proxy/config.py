@@ -70,6 +70,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ConfigurationError(f"proxy.{attribute.name}: {value!r} must be positive")
 
 
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value < 0:
+        raise ConfigurationError(f"proxy.{attribute.name}: {value!r} must be 0 or more")
+
+
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """Everything the proxy needs to know; validated on construction."""
@@ -91,6 +96,11 @@ class ProxyConfig:
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Chunks queued for a connection's decoder before it is declared too slow (decoding stops, relay goes on).
     decode_queue: int = attrs.field(default=4096, validator=_positive)
+    #: Upstream preconnect (like Envoy's preconnect_policy): after a client connection to an AI endpoint is
+    #: served over a new upstream connection, one spare connection to the same upstream (same name, address and
+    #: ALPN offer), handshaken and verified, is opened in the background and kept this many seconds for the
+    #: next client connection. 0 disables it.
+    preconnect_idle: float = attrs.field(default=5.0, validator=_not_negative)
     #: Clamp TCP_MAXSEG of the listener (transparent mode on loopback needs <= 32000).
     listen_max_segment: int | None = None
 

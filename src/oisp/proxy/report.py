@@ -94,6 +94,8 @@ class ConnectionReport:
     app: App | None = None
     #: Process id the interceptor saw for the connection (FLOW/SOCKET layer), if any.
     pid_hint: int | None = None
+    #: The upstream connection was a spare opened in advance (preconnect); ``connect_ms`` is its connect time.
+    preconnected: bool = False
 
 
 class ProxyObserver(Protocol):

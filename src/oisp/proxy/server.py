@@ -30,7 +30,7 @@ from oisp.hookspecs import EndpointSpec
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
-from oisp.proxy.net import SocketHook, connect_tcp, create_listener
+from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener
 from oisp.proxy.pinning import PinnedClients
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
@@ -155,6 +155,8 @@ class MitmProxy:
         self._upstream_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._upstream_sessions = _UpstreamSessions()
         self._certificates: OrderedDict[bytes, UpstreamCertificate] = OrderedDict()
+        self._spares: dict[_UpstreamTarget, _Spare] = {}
+        self._spares_event: anyio.Event | None = None
         if config.upstream_insecure:
             logger.warning("UPSTREAM CERTIFICATES ARE NOT VERIFIED (upstream_insecure): anyone on the path "
                            "can impersonate AI providers to this machine's apps")
@@ -197,6 +199,8 @@ class MitmProxy:
         :meth:`serve` returns once that is done."""
         self._drain_timeout = drain_timeout
         self._draining = True
+        for spare in list(self._spares.values()):
+            spare.scope.cancel()  # each closes itself
         if self._listener is not None:
             await self._listener.aclose()
 
@@ -484,47 +488,29 @@ class MitmProxy:
     async def _intercept(self, client: SocketStream, client_hello_bytes: bytes, hello: _ClientHello, name: str,
                          host: str, port: int, endpoint: EndpointSpec, report: ConnectionReport,
                          pending: _PendingAttribution) -> None:
-        upstream_tcp = await self._connect_upstream(host if _is_ip(host) else name, port, report)
-        if upstream_tcp is None:
-            _attach(report, await pending.get())
-            self._report(report)
-            await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
-            return
         server_hostname = hello.sni or (None if _is_ip(name) else name)
-        context = self._upstream_context(tuple(hello.alpn_protocols))
-        session_key = (server_hostname or name, report.upstream_addr, tuple(hello.alpn_protocols))
-        session, verified_at = self._upstream_sessions.get(session_key, context)
-        try:
-            with anyio.fail_after(self.config.handshake_timeout):
-                upstream = await TlsStream.handshake(upstream_tcp, context, server_side=False,
-                                                     server_hostname=server_hostname or name, session=session)
-        except ssl.SSLCertVerificationError as exc:
-            report.decision = Decision.UPSTREAM_VERIFICATION_FAILED
-            report.success = False
-            report.error = f"upstream certificate verification failed: {exc.verify_message or exc}"
-            logger.warning("connection %s to %s: %s; the client got a TLS alert and nothing was sent",
-                           report.connection_id, name, report.error)
-            await upstream_tcp.aclose()
-            _attach(report, await pending.get())
-            self._report(report)
-            await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
-            return
-        except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
-            report.decision = Decision.UPSTREAM_FAILED
-            report.success = False
-            report.error = f"upstream TLS handshake failed: {exc or type(exc).__name__}"
-            logger.warning("connection %s to %s: %s", report.connection_id, name, report.error)
-            await upstream_tcp.aclose()
-            _attach(report, await pending.get())
-            self._report(report)
-            await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
-            return
-        # A resumed session was verified (for this name, with this context) when it was first established; the
-        # certificate it reports is the one verified then.
-        if not upstream.resumed or verified_at is None:
-            verified_at = None  # a full handshake: the certificate was verified just now
-        self._upstream_sessions.put(session_key, context, upstream.ssl_object, resumed=verified_at is not None,
-                                    verified_at=time.monotonic() if verified_at is None else verified_at)
+        alpn_offer = tuple(hello.alpn_protocols)
+        context = self._upstream_context(alpn_offer)
+        target = _UpstreamTarget(server_hostname or name, host if _is_ip(host) else name, port, alpn_offer, context)
+        spare = await self._take_spare(target)
+        if spare is not None:
+            upstream, prefix = spare.stream, bytes(spare.buffered)
+            assert upstream is not None and spare.report is not None
+            report.upstream_addr, report.connect_ms = spare.report.upstream_addr, spare.report.connect_ms
+            report.preconnected = True
+        else:
+            opened = await self._open_upstream(target, report)
+            if opened is None:
+                if report.decision is Decision.UPSTREAM_VERIFICATION_FAILED:
+                    logger.warning("connection %s to %s: %s; the client got a TLS alert and nothing was sent",
+                                   report.connection_id, name, report.error)
+                elif report.upstream_addr is not None:  # a failed connect was logged already
+                    logger.warning("connection %s to %s: %s", report.connection_id, name, report.error)
+                _attach(report, await pending.get())
+                self._report(report)
+                await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
+                return
+            upstream, prefix = opened, b""
         async with upstream:
             alpn = upstream.alpn
             report.alpn, report.tls_version, report.cipher = alpn, upstream.version, upstream.cipher
@@ -549,7 +535,9 @@ class MitmProxy:
                 mode=report.mode, sni=hello.sni, alpn=downstream.alpn, tls_version=downstream.version, tls=True,
                 process=report.process, actor=report.actor, app=report.app, provider=endpoint.provider,
             )
-            result = await self._relay_decoded(downstream, upstream, b"", info, downstream.alpn or "http/1.1")
+            self._preconnect(target)  # runs once this task yields: the relay has started
+            relayed: ByteStream = PrefixedStream(upstream, prefix) if prefix else upstream
+            result = await self._relay_decoded(downstream, relayed, b"", info, downstream.alpn or "http/1.1")
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
                 # A client that closes right after the handshake, before any request, distrusts the certificate.
                 self.pinned.remember(name, _process_key(report))
@@ -557,6 +545,121 @@ class MitmProxy:
                             "pinned: later connections are passed through", report.connection_id, name)
                 self._report(attrs.evolve(report, decision=Decision.CLIENT_REJECTED_CERTIFICATE, success=False,
                                           error="client closed the connection before sending any data"))
+
+    async def _open_upstream(self, target: _UpstreamTarget, report: ConnectionReport) -> TlsStream | None:
+        """Connect to ``target`` and run the upstream TLS handshake (resuming a verified session when one may be),
+        filling ``report``'s upstream address and connect time; None on failure, with ``report``'s decision and
+        error saying why (a failed TCP connect is logged here, the rest by the caller)."""
+        upstream_tcp = await self._connect_upstream(target.connect_host, target.port, report)
+        if upstream_tcp is None:
+            return None
+        session_key = (target.server_hostname, report.upstream_addr, target.alpn_offer)
+        session, verified_at = self._upstream_sessions.get(session_key, target.context)
+        try:
+            with anyio.fail_after(self.config.handshake_timeout):
+                upstream = await TlsStream.handshake(upstream_tcp, target.context, server_side=False,
+                                                     server_hostname=target.server_hostname, session=session)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await upstream_tcp.aclose()
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            report.decision = Decision.UPSTREAM_VERIFICATION_FAILED
+            report.success = False
+            report.error = f"upstream certificate verification failed: {exc.verify_message or exc}"
+            await upstream_tcp.aclose()
+            return None
+        except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
+            report.decision = Decision.UPSTREAM_FAILED
+            report.success = False
+            report.error = f"upstream TLS handshake failed: {exc or type(exc).__name__}"
+            await upstream_tcp.aclose()
+            return None
+        # A resumed session was verified (for this name, with this context) when it was first established; the
+        # certificate it reports is the one verified then.
+        if not upstream.resumed or verified_at is None:
+            verified_at = None  # a full handshake: the certificate was verified just now
+        self._upstream_sessions.put(session_key, target.context, upstream.ssl_object,
+                                    resumed=verified_at is not None,
+                                    verified_at=time.monotonic() if verified_at is None else verified_at)
+        return upstream
+
+    # preconnect ---------------------------------------------------------------------------------
+    def _preconnect(self, target: _UpstreamTarget) -> None:
+        """Open a spare upstream connection for ``target`` in the background, unless there is one (ready or
+        being made), preconnect is off, or the proxy is shutting down."""
+        if (self.config.preconnect_idle <= 0 or self._draining or self._tasks is None
+                or target in self._spares):
+            return
+        spare = _Spare()
+        self._spares[target] = spare
+        self._tasks.start_soon(self._keep_spare, target, spare)
+
+    async def _keep_spare(self, target: _UpstreamTarget, spare: _Spare) -> None:
+        """Make the spare connection, then hold it for up to ``preconnect_idle`` seconds: until a client
+        connection takes it (which cancels the wait), the server closes it, or it expires (then it is closed).
+
+        While waiting, it reads what the server sends unasked (TLS 1.3 session tickets are consumed by TLS; an
+        HTTP/2 server's SETTINGS are plaintext, kept and relayed to the client first, as they would have been on
+        a fresh connection); EOF, close_notify or an error mark it dead.
+        """
+        stream: TlsStream | None = None
+        try:
+            with spare.scope:
+                report = ConnectionReport(connection_id="preconnect", mode=str(self.config.mode),
+                                          client_addr=("", 0), target_host=target.server_hostname,
+                                          target_port=target.port, decision=Decision.INTERCEPTED, success=True)
+                stream = await self._open_upstream(target, report)
+                if stream is None:
+                    logger.info("preconnect to %s failed: %s", target.server_hostname, report.error)
+                    return
+                spare.stream, spare.report = stream, report
+                spare.scope.deadline = anyio.current_time() + self.config.preconnect_idle
+                self._spares_changed()
+                while len(spare.buffered) <= _MAX_SPARE_BUFFER:
+                    spare.buffered += await stream.receive()
+                spare.dead = True  # a server that talks this much unasked is not one to hand a client
+        except (anyio.EndOfStream, *_NET_ERRORS):
+            spare.dead = True
+            logger.debug("a spare connection to %s was closed by the server", target.server_hostname)
+        finally:
+            spare.closing = True
+            if self._spares.get(target) is spare:
+                del self._spares[target]
+            if stream is not None and not spare.taken:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+            spare.released.set()
+            self._spares_changed()
+
+    async def _take_spare(self, target: _UpstreamTarget) -> _Spare | None:
+        """The ready spare connection for ``target``, if there is one and it is still alive (the server has not
+        closed it); it is then this caller's to use and close."""
+        spare = self._spares.get(target)
+        if spare is None or spare.stream is None or spare.closing:
+            return None
+        del self._spares[target]
+        spare.taken = True
+        spare.scope.cancel()
+        await spare.released.wait()  # its keeper stopped reading (at once: it was waiting for data)
+        if spare.dead:
+            assert spare.stream is not None
+            with anyio.CancelScope(shield=True):
+                await spare.stream.aclose()
+            return None
+        return spare
+
+    def _spares_changed(self) -> None:
+        """Wake whoever waits for the set of spare connections to change (tests)."""
+        if self._spares_event is not None:
+            self._spares_event.set()
+            self._spares_event = None
+
+    async def wait_spares_changed(self) -> None:
+        """Wait until a spare upstream connection becomes ready or goes away."""
+        if self._spares_event is None:
+            self._spares_event = anyio.Event()
+        await self._spares_event.wait()
 
     def _client_rejected(self, report: ConnectionReport, name: str, process_key: str | None, error: str,
                          *, pinning: bool) -> None:
@@ -632,6 +735,37 @@ class _SessionEntry:
     connection: ssl.SSLObject | None
     session: ssl.SSLSession | None
     verified_at: float
+
+
+@attrs.frozen
+class _UpstreamTarget:
+    """What an upstream connection was made for; a spare serves only a connection with the same one."""
+
+    server_hostname: str
+    connect_host: str
+    port: int
+    alpn_offer: tuple[str, ...]
+    #: The same context object (SSLContext compares and hashes by identity): the same trust anchors and checks.
+    context: ssl.SSLContext
+
+
+#: Most plaintext a spare connection may receive unasked before it is dropped.
+_MAX_SPARE_BUFFER = 64 * 1024
+
+
+@attrs.define(eq=False)
+class _Spare:
+    """A spare upstream connection (preconnect), being made, held, or handed over."""
+
+    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    stream: TlsStream | None = None
+    #: The connect's upstream address and time.
+    report: ConnectionReport | None = None
+    buffered: bytearray = attrs.field(factory=bytearray)
+    released: anyio.Event = attrs.field(factory=anyio.Event)
+    taken: bool = False
+    closing: bool = False
+    dead: bool = False
 
 
 class _PendingAttribution:
