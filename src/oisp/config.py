@@ -8,6 +8,7 @@ is allowed. Command-line flags override the file. Example::
     listen = "127.0.0.1:8080"
     upstream_ca = "/etc/ssl/corp-ca.pem"
     resolve = ["api.openai.com:443:127.0.0.1:8443"]
+    preconnect_idle = 5             # seconds a spare upstream connection waits for the next client (0: off)
 
     [endpoints]
     add = [{ provider = "openai", host = "llm.corp.example", port = 443 }]
@@ -77,6 +78,8 @@ class Config:
     reverse_target: str | None = None
     drain_timeout: float = 5.0
     pinned_ttl: float = 3600.0
+    #: Seconds a spare upstream connection is kept ready for the next client of a host (0: none).
+    preconnect_idle: float = 5.0
     endpoints_add: tuple[EndpointSpec, ...] = ()
     endpoints_remove: tuple[str, ...] = ()
     interfaces: tuple[str, ...] = ()
@@ -133,13 +136,14 @@ class _Table:
             raise ConfigurationError(f"{self.key(key)}: {value!r} must be true or false")
         return value
 
-    def number(self, key: str, *, integer: bool = False) -> float | int | None:
+    def number(self, key: str, *, integer: bool = False, zero: bool = False) -> float | int | None:
         value: Any = self._get(key)
         if value is None:
             return None
         ok = isinstance(value, int) or (not integer and isinstance(value, float))
-        if isinstance(value, bool) or not ok or value <= 0:
-            what = "a positive integer" if integer else "a positive number"
+        if isinstance(value, bool) or not ok or value < 0 or (value == 0 and not zero):
+            kind = "integer" if integer else "number"
+            what = f"{'an' if integer else 'a'} {kind} >= 0" if zero else f"a positive {kind}"
             raise ConfigurationError(f"{self.key(key)}: {value!r} must be {what}")
         number: float | int = value
         return number
@@ -194,6 +198,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["reverse_target"] = proxy.string("reverse_target")
         values["drain_timeout"] = proxy.number("drain_timeout")
         values["pinned_ttl"] = proxy.number("pinned_ttl")
+        values["preconnect_idle"] = proxy.number("preconnect_idle", zero=True)
         proxy.finish()
     endpoints = root.table("endpoints")
     if endpoints is not None:

@@ -140,6 +140,7 @@ def test_flags_override_the_config_file_and_line_output_goes_to_stdout(
         ("[proxy]\nmode = 'sideways'\n", "proxy.mode: 'sideways' is not allowed; allowed: explicit, reverse"),
         ("[capture]\nbody_cap = -5\n", "capture.body_cap: -5 must be a positive integer"),
         ("[capture]\ndecoder = 'thread'\n", "capture.decoder: 'thread' is not allowed; allowed: process, inline"),
+        ("[proxy]\npreconnect_idle = -1\n", "proxy.preconnect_idle: -1 must be a number >= 0"),
         ("[capture]\ndecoder_buffer = 0\n", "capture.decoder_buffer: 0 must be a positive integer"),
         ("[[sinks]]\nkind = 'jsonl'\nrotate_bytes = 10\n", "path"),
         ("[[sinks]]\nkind = 'kafka'\n", "unknown sink kind 'kafka'"),

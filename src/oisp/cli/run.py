@@ -114,7 +114,7 @@ async def run(
         mode=config.mode, listen_host=host, listen_port=port, upstream_ca=config.upstream_ca,
         upstream_insecure=config.upstream_insecure,
         overrides=tuple(UpstreamOverride.parse(item) for item in config.resolve),
-        reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl,
+        reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl, preconnect_idle=config.preconnect_idle,
         listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
         **({"body_cap": config.body_cap} if config.body_cap is not None else {}),
     )
