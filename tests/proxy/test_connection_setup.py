@@ -8,6 +8,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import attrs
 import pytest
 import trustme
 from tests.proxy.clients import read_all, tls_tunnel
@@ -42,6 +43,8 @@ def test_upstream_sessions_are_resumed_and_the_certificate_is_still_reported(sta
 
 
 def test_a_session_is_only_resumed_for_the_name_it_was_verified_for(stack: Stack) -> None:
+    # no spare connections: a spare for the first name would (rightly) resume that name's session
+    stack.proxy.config = attrs.evolve(stack.proxy.config, preconnect_idle=0)
     assert stack.upstream.context is not None
     before = stack.upstream.context.session_stats()["hits"]
     assert _request(stack, "api.openai.com").startswith(b"HTTP/1.1 200")

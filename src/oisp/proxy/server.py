@@ -535,9 +535,13 @@ class MitmProxy:
                 mode=report.mode, sni=hello.sni, alpn=downstream.alpn, tls_version=downstream.version, tls=True,
                 process=report.process, actor=report.actor, app=report.app, provider=endpoint.provider,
             )
-            self._preconnect(target)  # runs once this task yields: the relay has started
+            relay_ended = anyio.Event()
+            self._preconnect(target, relay_ended)
             relayed: ByteStream = PrefixedStream(upstream, prefix) if prefix else upstream
-            result = await self._relay_decoded(downstream, relayed, b"", info, downstream.alpn or "http/1.1")
+            try:
+                result = await self._relay_decoded(downstream, relayed, b"", info, downstream.alpn or "http/1.1")
+            finally:
+                relay_ended.set()
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
                 # A client that closes right after the handshake, before any request, distrusts the certificate.
                 self.pinned.remember(name, _process_key(report))
@@ -585,17 +589,19 @@ class MitmProxy:
         return upstream
 
     # preconnect ---------------------------------------------------------------------------------
-    def _preconnect(self, target: _UpstreamTarget) -> None:
+    def _preconnect(self, target: _UpstreamTarget, prompted_by: anyio.Event) -> None:
         """Open a spare upstream connection for ``target`` in the background, unless there is one (ready or
-        being made), preconnect is off, or the proxy is shutting down."""
+        being made), preconnect is off, or the proxy is shutting down. It is opened once the connection that
+        prompted it (``prompted_by`` is set when it ends) has ended or run for :data:`PRECONNECT_DELAY`,
+        whichever comes first, so it never competes with that connection's first round trip."""
         if (self.config.preconnect_idle <= 0 or self._draining or self._tasks is None
                 or target in self._spares):
             return
         spare = _Spare()
         self._spares[target] = spare
-        self._tasks.start_soon(self._keep_spare, target, spare)
+        self._tasks.start_soon(self._keep_spare, target, spare, prompted_by)
 
-    async def _keep_spare(self, target: _UpstreamTarget, spare: _Spare) -> None:
+    async def _keep_spare(self, target: _UpstreamTarget, spare: _Spare, prompted_by: anyio.Event) -> None:
         """Make the spare connection, then hold it for up to ``preconnect_idle`` seconds: until a client
         connection takes it (which cancels the wait), the server closes it, or it expires (then it is closed).
 
@@ -606,6 +612,10 @@ class MitmProxy:
         stream: TlsStream | None = None
         try:
             with spare.scope:
+                with anyio.move_on_after(PRECONNECT_DELAY):
+                    await prompted_by.wait()
+                if self._draining:
+                    return
                 report = ConnectionReport(connection_id="preconnect", mode=str(self.config.mode),
                                           client_addr=("", 0), target_host=target.server_hostname,
                                           target_port=target.port, decision=Decision.INTERCEPTED, success=True)
@@ -676,6 +686,8 @@ class MitmProxy:
 
 
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+#: The longest a spare upstream connection waits for the connection that prompted it to end before it is made.
+PRECONNECT_DELAY = 0.05
 
 
 class _UpstreamSessions:
