@@ -186,3 +186,33 @@ async def test_without_restarts_left_the_proxy_goes_on_without_decoding(
             assert decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20) is None
     assert decoder.stats.exit_code == -signal.SIGKILL and decoder.stats.lost_connections == 1
     assert "the proxy goes on relaying without decoding" in caplog.text
+
+
+async def test_one_big_transfer_cannot_take_the_whole_buffer(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    big = b"x" * 65536
+    head = (b"POST /v1/files HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/octet-stream\r\n"
+            b"content-length: %d\r\n\r\n" % (len(big) * 64))
+    async with DecoderProcess(_config(out), buffer_limit=1 << 30, connection_limit=512 * 1024) as decoder:
+        upload = decoder.open_feed(_info(1), "http/1.1", body_cap=1 << 20)
+        chat = decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20)
+        assert upload is not None and chat is not None and decoder.pid is not None
+        os.kill(decoder.pid, signal.SIGSTOP)
+        try:
+            upload.push("client", head, _now())
+            for _ in range(64):  # 4 MiB, all of it waiting in the proxy's buffer (nothing is sent meanwhile)
+                upload.push("client", big, _now())
+            chat.push("client", REQUEST, _now())
+            chat.push("server", RESPONSE, _now())
+        finally:
+            os.kill(decoder.pid, signal.SIGCONT)
+        assert upload.failure is not None and "524288 bytes behind the relay on this connection" in upload.failure
+        assert chat.failure is None
+        assert decoder.channel.buffered <= 600 * 1024
+        upload.finish()
+        chat.finish()
+    events = _events(out)
+    # the chat completion on the other connection is whole; the upload's exchange says it was cut short
+    assert sorted(e.confidence.completeness for e in events if e.event_type == "ai.response") == ["full", "partial"]
+    partial = [e for e in events if e.event_type == "ai.request" and e.confidence.completeness == "partial"]
+    assert len(partial) == 1 and "on this connection" in " ".join(partial[0].confidence.limitations or [])

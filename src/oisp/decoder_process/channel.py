@@ -57,6 +57,8 @@ class FrameChannel:
         #: The most bytes ever waiting in the buffer.
         self.peak_buffered = 0
         self.bytes_sent = 0
+        #: Bytes handed to the kernel so far (frames are handed over in the order they were queued).
+        self.bytes_flushed = 0
         #: Why the channel can no longer send (the other end is gone), if it cannot.
         self.broken: str | None = None
         self._wake = anyio.Event()
@@ -137,6 +139,7 @@ class FrameChannel:
                 self.mark_broken(f"sending to the decoder process failed: {exc}")
                 return
             self.buffered -= sent
+            self.bytes_flushed += sent
             while sent:
                 first = pending[0]
                 if sent >= len(first):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -29,12 +30,16 @@ if TYPE_CHECKING:
     from oisp.http.exchange import ConnectionInfo
     from oisp.proxy.report import ConnectionReport
 
-__all__ = ["DEFAULT_BUFFER", "DecoderProcess", "DecoderProcessStats", "RemoteFeed"]
+__all__ = ["DEFAULT_BUFFER", "DEFAULT_CONNECTION_BUFFER", "DecoderProcess", "DecoderProcessStats",
+           "RemoteFeed"]
 
 logger = logging.getLogger(__name__)
 
 #: How far (bytes) the decoder process may fall behind the relay before decoding of a connection stops.
 DEFAULT_BUFFER = 32 * 1024 * 1024
+#: How far it may fall behind on any one connection (a big upload or download cannot take the whole buffer;
+#: with the 16 MiB body cap in the decoder process, one transfer costs at most about 24 MiB of memory).
+DEFAULT_CONNECTION_BUFFER = 8 * 1024 * 1024
 #: How long copies may wait to go to the decoder process together (a batch wakes it once; its work then
 #: does not land in the middle of every request on a busy machine). Events reach the sinks this much later.
 COALESCE = 0.02
@@ -73,6 +78,9 @@ class RemoteFeed:
         #: Why decoding of this connection stopped early, if it did.
         self.failure: str | None = None
         self._ended = False
+        #: (the channel's bytes_sent after each of this connection's copies still waiting, its size)
+        self._waiting: collections.deque[tuple[int, int]] = collections.deque()
+        self._waiting_bytes = 0
 
     def push(self, direction: Direction, data: bytes | None, now_ns: int) -> None:
         """Send a copy (``None`` data: that direction ended)."""
@@ -81,19 +89,31 @@ class RemoteFeed:
         channel = self._worker.channel
         if data is None:
             sent = channel.send(_EOF[direction], self._channel, b"", now_ns, force=True)
+        elif self._behind(channel) + len(data) > self._owner.connection_limit:
+            self._fail(f"{self._owner.connection_limit} bytes behind the relay on this connection")
+            return
         else:
             sent = channel.send(_DATA[direction], self._channel, data, now_ns)
+            if sent:
+                self._waiting.append((channel.bytes_sent, len(data)))
+                self._waiting_bytes += len(data)
         if not sent:
-            self._fail()
+            self._fail(f"{channel.limit} bytes behind the relay")
 
-    def _fail(self) -> None:
+    def _behind(self, channel: FrameChannel) -> int:
+        """This connection's bytes still waiting in the proxy's buffer."""
+        waiting, flushed = self._waiting, channel.bytes_flushed
+        while waiting and waiting[0][0] <= flushed:
+            self._waiting_bytes -= waiting.popleft()[1]
+        return self._waiting_bytes
+
+    def _fail(self, how_far: str) -> None:
         channel = self._worker.channel
         if channel.broken is not None:
             self.failure = "the decoder process is gone; decoding of this connection stopped"
             self._owner.stats.lost_connections += 1
             return
-        self.failure = (f"the decoder process fell more than {channel.limit} bytes behind the relay; decoding of "
-                        "this connection stopped")
+        self.failure = f"the decoder process fell more than {how_far}; decoding of this connection stopped"
         self._owner.stats.overflowed_connections += 1
         logger.warning("connection %s: %s", self.connection_id, self.failure)
         self._end(self.failure)
@@ -147,9 +167,10 @@ class DecoderProcess:
 
     It is the proxy's observer (:class:`~oisp.proxy.report.ProxyObserver`): the relay hands it copies of each
     decoded connection, which go to the decoder process over a socket pair as they are read. The relay never
-    waits for it: when the decoder process is more than ``buffer_limit`` bytes behind, decoding of the
-    connection whose copy did not fit stops there (its exchange is marked partial, and the count is in
-    :attr:`stats`). So decoding, events, redaction and sinks never share a core, or the GIL, with the relay.
+    waits for it: when the decoder process is more than ``buffer_limit`` bytes behind, or more than
+    ``connection_limit`` bytes on one connection, decoding of the connection whose copy did not fit stops there
+    (its exchange is marked partial, and the count is in :attr:`stats`). So decoding, events, redaction and
+    sinks never share a core, or the GIL, with the relay.
 
     A decoder process that dies is logged and replaced (at most ``max_restarts`` times): the connections it
     was decoding are lost to decoding (counted), the next ones are decoded by its successor; the relay never
@@ -162,12 +183,15 @@ class DecoderProcess:
     """
 
     def __init__(self, config: Config, *, buffer_limit: int = DEFAULT_BUFFER,
+                 connection_limit: int = DEFAULT_CONNECTION_BUFFER,
                  on_event: Callable[[Event], None] | None = None, start_timeout: float = 60.0,
                  finish_timeout: float = 300.0, max_restarts: int = 5) -> None:
-        if buffer_limit <= 0:
-            raise OispError(f"buffer_limit must be positive, not {buffer_limit}")
+        if buffer_limit <= 0 or connection_limit <= 0:
+            raise OispError(f"buffer_limit ({buffer_limit}) and connection_limit ({connection_limit}) must be "
+                            "positive")
         self.config = config
         self.buffer_limit = buffer_limit
+        self.connection_limit = min(connection_limit, buffer_limit)
         self.on_event = on_event
         self.start_timeout = start_timeout
         self.finish_timeout = finish_timeout
