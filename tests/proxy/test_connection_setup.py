@@ -69,9 +69,9 @@ def test_no_session_is_resumed_once_trust_changed(tmp_path: Path) -> None:
 
 
 def test_sessions_are_not_resumed_past_their_age(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    from oisp.proxy.server import _UpstreamSessions
+    from oisp.proxy.upstream import UpstreamSessions
 
-    monkeypatch.setattr(_UpstreamSessions, "MAX_AGE", -1.0)
+    monkeypatch.setattr(UpstreamSessions, "MAX_AGE", -1.0)
     assert stack.upstream.context is not None
     before = stack.upstream.context.session_stats()["hits"]
     assert _request(stack).startswith(b"HTTP/1.1 200")

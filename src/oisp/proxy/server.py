@@ -35,6 +35,7 @@ from oisp.proxy.pinning import PinnedClients
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
 from oisp.proxy.tls_stream import TlsStream
+from oisp.proxy.upstream import MAX_SPARE_BUFFER, PRECONNECT_DELAY, Spare, UpstreamSessions, UpstreamTarget
 
 __all__ = ["Attributor", "DecoderFactory", "MitmProxy", "OriginalDestinationLookup", "ProxyStats"]
 
@@ -153,9 +154,9 @@ class MitmProxy:
         self._drained = anyio.Event()
         self._drain_timeout = 5.0
         self._upstream_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
-        self._upstream_sessions = _UpstreamSessions()
+        self._upstream_sessions = UpstreamSessions()
         self._certificates: OrderedDict[bytes, UpstreamCertificate] = OrderedDict()
-        self._spares: dict[_UpstreamTarget, _Spare] = {}
+        self._spares: dict[UpstreamTarget, Spare] = {}
         self._spares_event: anyio.Event | None = None
         if config.upstream_insecure:
             logger.warning("UPSTREAM CERTIFICATES ARE NOT VERIFIED (upstream_insecure): anyone on the path "
@@ -491,7 +492,7 @@ class MitmProxy:
         server_hostname = hello.sni or (None if _is_ip(name) else name)
         alpn_offer = tuple(hello.alpn_protocols)
         context = self._upstream_context(alpn_offer)
-        target = _UpstreamTarget(server_hostname or name, host if _is_ip(host) else name, port, alpn_offer, context)
+        target = UpstreamTarget(server_hostname or name, host if _is_ip(host) else name, port, alpn_offer, context)
         spare = await self._take_spare(target)
         if spare is not None:
             upstream, prefix = spare.stream, bytes(spare.buffered)
@@ -550,7 +551,7 @@ class MitmProxy:
                 self._report(attrs.evolve(report, decision=Decision.CLIENT_REJECTED_CERTIFICATE, success=False,
                                           error="client closed the connection before sending any data"))
 
-    async def _open_upstream(self, target: _UpstreamTarget, report: ConnectionReport) -> TlsStream | None:
+    async def _open_upstream(self, target: UpstreamTarget, report: ConnectionReport) -> TlsStream | None:
         """Connect to ``target`` and run the upstream TLS handshake (resuming a verified session when one may be),
         filling ``report``'s upstream address and connect time; None on failure, with ``report``'s decision and
         error saying why (a failed TCP connect is logged here, the rest by the caller)."""
@@ -589,7 +590,7 @@ class MitmProxy:
         return upstream
 
     # preconnect ---------------------------------------------------------------------------------
-    def _preconnect(self, target: _UpstreamTarget, prompted_by: anyio.Event) -> None:
+    def _preconnect(self, target: UpstreamTarget, prompted_by: anyio.Event) -> None:
         """Open a spare upstream connection for ``target`` in the background, unless there is one (ready or
         being made), preconnect is off, or the proxy is shutting down. It is opened once the connection that
         prompted it (``prompted_by`` is set when it ends) has ended or run for :data:`PRECONNECT_DELAY`,
@@ -597,11 +598,11 @@ class MitmProxy:
         if (self.config.preconnect_idle <= 0 or self._draining or self._tasks is None
                 or target in self._spares):
             return
-        spare = _Spare()
+        spare = Spare()
         self._spares[target] = spare
         self._tasks.start_soon(self._keep_spare, target, spare, prompted_by)
 
-    async def _keep_spare(self, target: _UpstreamTarget, spare: _Spare, prompted_by: anyio.Event) -> None:
+    async def _keep_spare(self, target: UpstreamTarget, spare: Spare, prompted_by: anyio.Event) -> None:
         """Make the spare connection, then hold it for up to ``preconnect_idle`` seconds: until a client
         connection takes it (which cancels the wait), the server closes it, or it expires (then it is closed).
 
@@ -626,7 +627,7 @@ class MitmProxy:
                 spare.stream, spare.report = stream, report
                 spare.scope.deadline = anyio.current_time() + self.config.preconnect_idle
                 self._spares_changed()
-                while len(spare.buffered) <= _MAX_SPARE_BUFFER:
+                while len(spare.buffered) <= MAX_SPARE_BUFFER:
                     spare.buffered += await stream.receive()
                 spare.dead = True  # a server that talks this much unasked is not one to hand a client
         except (anyio.EndOfStream, *_NET_ERRORS):
@@ -642,7 +643,7 @@ class MitmProxy:
             spare.released.set()
             self._spares_changed()
 
-    async def _take_spare(self, target: _UpstreamTarget) -> _Spare | None:
+    async def _take_spare(self, target: UpstreamTarget) -> Spare | None:
         """The ready spare connection for ``target``, if there is one and it is still alive (the server has not
         closed it); it is then this caller's to use and close."""
         spare = self._spares.get(target)
@@ -686,98 +687,6 @@ class MitmProxy:
 
 
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-#: The longest a spare upstream connection waits for the connection that prompted it to end before it is made.
-PRECONNECT_DELAY = 0.05
-
-
-class _UpstreamSessions:
-    """TLS sessions to offer upstream for resumption, one per (server name, upstream address, ALPN offer).
-
-    Resuming skips the upstream's certificate and its verification (about 40% of the handshake's CPU). Only a
-    session of a handshake made with the same context (so the same trust anchors and checks) to the same name
-    and address is offered, and only within :attr:`MAX_AGE` of the full handshake that verified the certificate
-    it carries. The server may always decline and make it a full, verified handshake, whose session then
-    replaces the old one.
-
-    TLS 1.3 tickets arrive after the handshake, so an entry first holds the connection's ``SSLObject`` and its
-    session is taken out when the next connection asks (once: Python copies a session by encoding and decoding
-    it, certificate included, which costs about as much as verifying it). That one session is then offered
-    again and again; servers with stateless tickets accept that, the others fall back to full handshakes.
-    """
-
-    #: Longest time a verified certificate is taken on trust through resumption, in seconds.
-    MAX_AGE = 3600.0
-    MAX_ENTRIES = 256
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._entries: OrderedDict[Any, _SessionEntry] = OrderedDict()
-
-    def get(self, key: Any, context: ssl.SSLContext) -> tuple[ssl.SSLSession | None, float | None]:
-        """A session to offer and when the certificate it carries was verified, or (None, None)."""
-        entry = self._entries.get(key)
-        if entry is None or entry.context is not context or self._clock() - entry.verified_at > self.MAX_AGE:
-            return None, None
-        if entry.session is None and entry.connection is not None:
-            session = entry.connection.session
-            if session is None or not session.has_ticket:
-                return None, None  # no ticket (yet)
-            entry.session, entry.connection = session, None
-        session = entry.session
-        if session is None or session.time + session.timeout <= time.time():
-            return None, None
-        return session, entry.verified_at
-
-    def put(self, key: Any, context: ssl.SSLContext, connection: ssl.SSLObject, *, resumed: bool,
-            verified_at: float) -> None:
-        """Record a connection just established: a full handshake's session replaces the one kept for ``key``
-        (it is read later, tickets included); a resumed one leaves it."""
-        if resumed and key in self._entries:
-            self._entries.move_to_end(key)
-            return
-        self._entries.pop(key, None)
-        self._entries[key] = _SessionEntry(context, connection, None, verified_at)
-        while len(self._entries) > self.MAX_ENTRIES:
-            self._entries.popitem(last=False)
-
-
-@attrs.define
-class _SessionEntry:
-    context: ssl.SSLContext
-    connection: ssl.SSLObject | None
-    session: ssl.SSLSession | None
-    verified_at: float
-
-
-@attrs.frozen
-class _UpstreamTarget:
-    """What an upstream connection was made for; a spare serves only a connection with the same one."""
-
-    server_hostname: str
-    connect_host: str
-    port: int
-    alpn_offer: tuple[str, ...]
-    #: The same context object (SSLContext compares and hashes by identity): the same trust anchors and checks.
-    context: ssl.SSLContext
-
-
-#: Most plaintext a spare connection may receive unasked before it is dropped.
-_MAX_SPARE_BUFFER = 64 * 1024
-
-
-@attrs.define(eq=False)
-class _Spare:
-    """A spare upstream connection (preconnect), being made, held, or handed over."""
-
-    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
-    stream: TlsStream | None = None
-    #: The connect's upstream address and time.
-    report: ConnectionReport | None = None
-    buffered: bytearray = attrs.field(factory=bytearray)
-    released: anyio.Event = attrs.field(factory=anyio.Event)
-    taken: bool = False
-    closing: bool = False
-    dead: bool = False
 
 
 class _PendingAttribution:
