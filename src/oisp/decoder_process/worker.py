@@ -130,7 +130,10 @@ async def _serve(sock: socket.socket) -> None:
                         if ended is not None:
                             ended.close(payload.decode("utf-8", "replace") or None)
                     elif kind is Kind.REPORT:
-                        decoder.connection(load_object(payload))
+                        try:
+                            decoder.connection(load_object(payload))
+                        except Exception:  # one bad report must not end the decoder process
+                            logger.exception("could not make the network.connect event of a connection")
                 await pipeline.wait_for_room()  # the proxy buffers meanwhile, and is the one to count
             for dispatcher in connections.values():
                 dispatcher.close("the proxy stopped before the connection ended")
