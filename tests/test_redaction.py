@@ -123,8 +123,17 @@ def test_every_builtin_detector_is_reached_by_the_literal_prefilter() -> None:
         "github_token": "ghp_" + "a" * 36, "slack_token": "xoxb-" + "1" * 12, "huggingface_token": "hf_" + "a" * 30,
         "groq_api_key": "gsk_" + "a" * 40, "xai_api_key": "xai-" + "a" * 40, "replicate_token": "r8_" + "a" * 30,
         "perplexity_api_key": "pplx-" + "a" * 40, "jwt": "eyJ" + "a" * 12 + ".eyJ" + "b" * 12 + "." + "c" * 12,
-        "bearer_token": "BEARER " + "z" * 20,
+        "bearer_token": "BeArEr " + "z" * 20,
     }
+    from oisp.redaction import _DETECTORS
+
+    assert set(samples) == {name for name, _ in _DETECTORS}  # a new detector needs a sample here
     for detector, secret in samples.items():
         _, found = Redactor().redact_text(f"prefix {secret} suffix")
         assert [f["type"] for f in found] == [detector], detector
+
+
+def test_custom_patterns_with_group_references_still_match() -> None:
+    redactor = Redactor(extra_patterns={"a": r"(x)AAA\1", "quoted": r"([\"'])TOKEN-\d+\1"})
+    _, found = redactor.redact_text('config "TOKEN-1234" here')
+    assert [f["type"] for f in found] == ["quoted"]

@@ -127,12 +127,23 @@ SCANNED_KEYS: tuple[str, ...] = ("data", "attrs", "ext", "process", "web_context
 _CLEAN_MAX_LENGTH = 4096
 _CLEAN_MAX_ENTRIES = 4096
 
-#: Every built-in detector's match contains one of these; a string with none of them holds no built-in secret,
-#: which a few substring searches (fast, in C) establish without running any regular expression.
+#: Every built-in detector's match contains one of these (the bearer detector: "bearer" in any case, which
+#: _BEARER looks for); a string with none of them holds no built-in secret, which a few substring searches
+#: (fast, in C) establish without running the detectors.
 _LITERALS = (
     "-----BEGIN", "sk-", "AIza", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
-    "xoxa-", "xoxb-", "xoxp-", "xoxr-", "xoxs-", "hf_", "gsk_", "xai-", "r8_", "pplx-", "eyJ", "earer", "EARER",
+    "xoxa-", "xoxb-", "xoxp-", "xoxr-", "xoxs-", "hf_", "gsk_", "xai-", "r8_", "pplx-", "eyJ",
 )
+_BEARER = re.compile("bearer", re.IGNORECASE)
+#: All built-in detectors in one pattern (none of them has groups): one search says whether any matches.
+_ANY_BUILTIN = re.compile("|".join(f"(?:{regex.pattern})" for _, regex in _DETECTORS))
+
+
+def _maybe_builtin_secret(text: str) -> bool:
+    """False when no built-in detector can match ``text`` (cheap checks first)."""
+    if not any(literal in text for literal in _LITERALS) and _BEARER.search(text) is None:
+        return False
+    return _ANY_BUILTIN.search(text) is not None
 
 
 def sha256_text(value: str | bytes) -> str:
@@ -222,7 +233,7 @@ class Redactor:
     _detectors: tuple[tuple[str, re.Pattern[str]], ...] = attrs.field(init=False)
     #: One pass that tells whether any detector could match: most strings hold no secret, and then this
     #: single search is all the work done for them.
-    _any_secret: re.Pattern[str] | None = attrs.field(init=False)
+    _custom: tuple[re.Pattern[str], ...] = attrs.field(init=False)
     #: Strings :meth:`scan` found nothing in, recently: the same command lines, paths and names come back in
     #: every event of a connection, and a lookup is all they cost the next time.
     _clean: dict[str, None] = attrs.field(init=False, factory=dict, eq=False, repr=False)
@@ -239,16 +250,13 @@ class Redactor:
             except re.error as exc:
                 raise ConfigurationError(f"redaction.patterns.{name}: {pattern!r} is not a regex: {exc}") from None
         self._detectors = (*_DETECTORS, *extra)
-        try:
-            self._any_secret = re.compile("|".join(f"(?:{regex.pattern})" for _, regex in self._detectors))
-        except re.error:  # a custom pattern with global inline flags cannot be combined: scan one by one
-            self._any_secret = None
+        # Custom patterns always run on their own: combined with others, their group references would point
+        # at the wrong groups.
+        self._custom = tuple(regex for _, regex in extra)
 
     def redact_text(self, text: str) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
         """Scan one string: the whole-secret marker, or the text with secrets replaced, plus findings."""
-        if not self.extra_patterns and not any(literal in text for literal in _LITERALS):
-            return text, []
-        if self._any_secret is not None and self._any_secret.search(text) is None:
+        if not _maybe_builtin_secret(text) and not any(regex.search(text) for regex in self._custom):
             return text, []
         findings: dict[str, int] = {}
         spans: list[tuple[int, int, str]] = []
