@@ -94,7 +94,7 @@ async def test_a_decoder_process_too_far_behind_stops_decoding_that_connection_n
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "events.jsonl"
     big = b"x" * 65536
-    pushes = 1024  # 64 MiB: more than the kernel's socket buffer and ours together
+    pushes = 1024  # 64 MiB: more than the kernel's socket buffer (a few MiB at most) and ours together
     head = (b"POST /v1/files HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/octet-stream\r\n"
             b"content-length: %d\r\n\r\n" % (len(big) * pushes))
     with caplog.at_level(logging.WARNING, logger="oisp.decoder_process"):
@@ -108,7 +108,8 @@ async def test_a_decoder_process_too_far_behind_stops_decoding_that_connection_n
                     feed.push("client", big, _now())  # never blocks
                     if feed.failure is not None:
                         break
-                assert decoder.channel.buffered <= 256 * 1024
+                    await anyio.sleep(0)  # the writer fills the kernel's socket buffer first, then ours
+                assert 0 < decoder.channel.buffered <= 256 * 1024
             finally:
                 os.kill(decoder.pid, signal.SIGCONT)
             assert feed.failure is not None and "fell more than 262144 bytes behind" in feed.failure
@@ -216,3 +217,35 @@ async def test_one_big_transfer_cannot_take_the_whole_buffer(tmp_path: Path) -> 
     assert sorted(e.confidence.completeness for e in events if e.event_type == "ai.response") == ["full", "partial"]
     partial = [e for e in events if e.event_type == "ai.request" and e.confidence.completeness == "partial"]
     assert len(partial) == 1 and "on this connection" in " ".join(partial[0].confidence.limitations or [])
+
+
+async def test_the_buffer_limit_applies_to_all_connections_together(tmp_path: Path) -> None:
+    chunk = b"y" * 65536
+    async with DecoderProcess(_config(tmp_path / "events.jsonl"), buffer_limit=256 * 1024) as decoder:
+        first = decoder.open_feed(_info(1), "http/1.1", body_cap=1 << 20)
+        second = decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20)
+        assert first is not None and second is not None
+        for _ in range(3):  # 192 KiB queued (nothing is written before this task yields)
+            first.push("client", chunk, _now())
+        second.push("client", chunk, _now())  # fits its own share, not the whole buffer
+        assert first.failure is None
+        assert second.failure is not None and "262144 bytes behind the relay;" in second.failure
+        first.finish()
+        second.finish()
+    assert decoder.stats.overflowed_connections == 1
+
+
+async def test_leaving_never_hangs_on_a_decoder_process_that_stopped_reading(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    chunk = b"z" * 65536
+    with caplog.at_level(logging.ERROR, logger="oisp.decoder_process"):
+        with anyio.fail_after(30):
+            async with DecoderProcess(_config(tmp_path / "events.jsonl"), finish_timeout=0.5) as decoder:
+                feed = decoder.open_feed(_info(), "http/1.1", body_cap=1 << 20)
+                assert feed is not None and decoder.pid is not None
+                os.kill(decoder.pid, signal.SIGSTOP)  # never reads again; never resumed
+                while decoder.channel.buffered == 0 and feed.failure is None:  # until the kernel's buffer is full
+                    feed.push("client", chunk, _now())
+                    await anyio.sleep(0)
+    assert decoder.stats.exit_code == -signal.SIGKILL
+    assert "did not finish within 0.5 s" in caplog.text

@@ -71,9 +71,9 @@ class FrameChannel:
     def send(self, kind: Kind, channel: int, payload: bytes = b"", timestamp: int = 0, *, force: bool = False) -> bool:
         """Queue one frame; False when it was refused (buffer limit reached, or the channel is broken).
 
-        Nothing is written here: the writer task sends everything queued in one system call once the caller
-        yields to the event loop, so the relay's own send goes first and a request's copies wake the other
-        process once, not once per frame.
+        Nothing is written here: the writer task sends what is queued once the caller yields to the event loop
+        (after ``coalesce`` seconds, or at once when much is waiting), so the relay's own send goes first and
+        many copies wake the other process once.
         """
         if self.broken is not None or self._closing:
             return False
@@ -122,8 +122,9 @@ class FrameChannel:
                     with anyio.move_on_after(self.coalesce):
                         await self._urgent.wait()
                 self._flush_some()
-                if pending:
+                while pending and self.broken is None:  # the kernel's buffer is full: no coalescing wait now
                     await _wait_writable(self.sock)
+                    self._flush_some()
         finally:
             self._drained.set()
 

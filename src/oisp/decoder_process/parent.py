@@ -121,6 +121,8 @@ class RemoteFeed:
     def finish(self, reason: str | None = None) -> None:
         """No more copies; ``reason`` marks an abnormal end (reset, error)."""
         if not self._ended:
+            if self.failure is None and self._worker.channel.broken is not None:
+                self._fail("")  # its decoder process died with it: counted as lost
             self._end(reason)
 
     def _end(self, reason: str | None) -> None:
@@ -151,11 +153,9 @@ class _Worker:
             return None
 
     def reap(self) -> int:
-        """Wait for the process to end; terminate, then kill it if it does not."""
+        """Wait for the process to end (its socket is closed by then, so it sees EOF); kill it if it does not
+        (it ignores SIGINT and SIGTERM, which are the proxy's to act on)."""
         code = self.exit_code(5.0)
-        if code is None:
-            self.process.terminate()
-            code = self.exit_code(5.0)
         if code is None:
             self.process.kill()
             code = int(self.process.wait())
@@ -235,8 +235,9 @@ class DecoderProcess:
     # ProxyObserver ------------------------------------------------------------------------------
     def connection(self, report: ConnectionReport) -> None:
         """Forward a connection's report (its ``network.connect`` event is made in the decoder process)."""
-        if self._worker is not None:
-            self._worker.channel.send(Kind.REPORT, 0, dump_object(report), force=True)
+        worker = self._worker
+        if worker is not None and worker.ready.is_set():
+            worker.channel.send(Kind.REPORT, 0, dump_object(report), force=True)
 
     def exchange_listener(self, connection: ConnectionInfo) -> None:
         """Exchanges are decoded in the decoder process (see :meth:`open_feed`), never here."""
@@ -303,20 +304,23 @@ class DecoderProcess:
                         tb: TracebackType | None) -> bool | None:
         assert self._tasks is not None
         self._closing = True
-        worker = self._worker
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.start_timeout):
+                await self._settled.wait()  # a replacement being started: finish with it
+            worker = self._worker
             if worker is not None and worker.channel.broken is None:
                 worker.closing = True
                 if worker.channel.buffered:
                     logger.info("waiting for the decoder process to take the last %d bytes", worker.channel.buffered)
-                await worker.channel.close_sending()
                 with anyio.move_on_after(self.finish_timeout):
+                    await worker.channel.close_sending()
                     await worker.finished.wait()
                 if not worker.finished.is_set():
                     logger.error("the decoder process did not finish within %g s; stopping it (events it still "
                                  "held are lost)", self.finish_timeout)
         self._tasks.cancel_scope.cancel()
         await self._tasks.__aexit__(None, None, None)
+        worker = self._worker
         if worker is not None:
             with anyio.CancelScope(shield=True):
                 await self._reap(worker)
@@ -327,25 +331,29 @@ class DecoderProcess:
         if worker.reaped:
             return
         worker.reaped = True
-        self.stats.exit_code = await anyio.to_thread.run_sync(worker.reap)
         channel = worker.channel
-        self.stats.peak_buffered = max(self.stats.peak_buffered, channel.peak_buffered)
-        self.stats.bytes_sent = self._bytes_sent_before + channel.bytes_sent
-        self._bytes_sent_before = self.stats.bytes_sent
         channel.sock.close()
+        self.stats.exit_code = await anyio.to_thread.run_sync(worker.reap)
+        self.stats.peak_buffered = max(self.stats.peak_buffered, channel.peak_buffered)
+        self.stats.bytes_sent = self._bytes_sent_before + channel.bytes_flushed
+        self._bytes_sent_before = self.stats.bytes_sent
 
     async def _read(self, worker: _Worker) -> None:
-        async for frames in worker.channel.frames():
-            for kind, _channel, _timestamp, payload in frames:
-                if kind is Kind.EVENT:
-                    self._deliver(payload)
-                elif kind is Kind.READY:
-                    worker.ready.set()
-                elif kind is Kind.FAILED:
-                    worker.start_error = _error_from(payload)
-                    worker.ready.set()
-                elif kind is Kind.SUMMARY:
-                    worker.summary = load_object(payload)
+        try:
+            async for frames in worker.channel.frames():
+                for kind, _channel, _timestamp, payload in frames:
+                    if kind is Kind.EVENT:
+                        self._deliver(payload)
+                    elif kind is Kind.READY:
+                        worker.ready.set()
+                    elif kind is Kind.FAILED:
+                        worker.start_error = _error_from(payload)
+                        worker.ready.set()
+                    elif kind is Kind.SUMMARY:
+                        worker.summary = load_object(payload)
+        except Exception:  # a corrupt stream: handled like a decoder process that died
+            logger.exception("reading from the decoder process failed")
+            worker.summary = None
         unexpected = worker.summary is None and not worker.closing
         restart = unexpected and worker.ready.is_set() and not self._closing and self.stats.restarts < self.max_restarts
         if unexpected:  # before anyone waiting for the end can ask wait_ready()

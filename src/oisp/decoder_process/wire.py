@@ -49,7 +49,7 @@ class Kind(enum.IntEnum):
     # decoder process → proxy
     #: Set up and listening; the payload is empty.
     READY = 16
-    #: Could not start; payload: the error (UTF-8).
+    #: Could not start; payload: the pickled exception (or its text, when it cannot be pickled).
     FAILED = 17
     #: A processed event as JSON, for listeners in the proxy's process (the live view).
     EVENT = 18

@@ -167,7 +167,9 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
                     data = rewrite(data)
                 except ProtocolError as exc:
                     result.error = result.error or f"client sent malformed HTTP: {exc}"
-                    logger.info("relay: %s", result.error)
+                    # the message quotes the client's bytes (a URL can hold a key): only at DEBUG
+                    logger.info("relay: client sent malformed HTTP; connection closed")
+                    logger.debug("relay: %s", result.error)
                     scope.cancel()
                     return
                 if not data:

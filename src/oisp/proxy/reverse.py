@@ -19,7 +19,7 @@ from oisp.attribution import Attribution
 from oisp.errors import ConfigurationError, ProtocolError
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.relay import RelayResult, relay
-from oisp.proxy.report import ConnectionReport, Decision, UpstreamCertificate
+from oisp.proxy.report import ConnectionReport, Decision
 from oisp.proxy.tls_stream import TlsStream
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: s
         report.alpn, report.tls_version, report.cipher = tls.alpn, tls.version, tls.cipher
         der = tls.peer_certificate_der()
         if der:
-            report.upstream_certificate = UpstreamCertificate.from_der(der)
+            report.upstream_certificate = proxy._certificate_summary(der)  # cached; never raises
         upstream = tls
     proxy._report(report)
     info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
