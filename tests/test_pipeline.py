@@ -191,3 +191,24 @@ def test_a_producer_that_can_wait_never_makes_the_pipeline_drop() -> None:
     anyio.run(main)
     assert [e.data.request_id for e in sink.events] == [f"r{i}" for i in range(200)]  # type: ignore[attr-defined]
     assert max(backlogs) <= 4
+
+
+@pytest.mark.parametrize("profile", ["default", "metadata-only"])
+@pytest.mark.parametrize("name", sorted(__import__("tests.events.samples", fromlist=["ALL"]).ALL))
+def test_the_fast_path_gives_what_redact_then_conform_gives(name: str, profile: str) -> None:
+    """Pipeline.process encodes each event once, on its own dict path; it must say exactly what the plain steps
+    (redaction on the event, then conformance, then to_json) say."""
+    import json
+
+    from tests.events.samples import ALL
+
+    from oisp.events.spec_gaps import conform
+    from oisp.redaction import Redactor
+
+    event = ALL[name]()
+    event = event.with_context(process=event.process, attrs={**(event.attrs or {}), "token": KEY})
+    pipeline = Pipeline({}, redactor=Redactor(profile=profile), host=local_host())
+    fast = pipeline.process(event)
+    plain = conform(Redactor(profile=profile)(event.with_context(host=local_host())))
+    assert json.loads(fast.to_json()) == json.loads(plain.to_json())
+    assert KEY not in fast.to_json()
