@@ -340,12 +340,11 @@ class MitmProxy:
             else:
                 await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending)
                 return
-        who = await pending.get()
-        _attach(report, who)
-        process_key = who.process.exe if who is not None else None
+        _attach(report, await pending.get())
+        process_key = _process_key(report)
         if hello is None:
             if endpoint is not None and not endpoint.tls:
-                await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, who,
+                await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, pending,
                                   pid_hint)
                 return
             await self._passthrough(client, buffer, host, port, report)
@@ -399,10 +398,9 @@ class MitmProxy:
 
     async def _plain(self, client: SocketStream, buffer: bytes, connection_id: str, client_addr: tuple[str, int],
                      host: str, port: int, endpoint: EndpointSpec | None,
-                     who: Attribution | _PendingAttribution | None, pid_hint: int | None) -> None:
+                     pending: _PendingAttribution, pid_hint: int | None) -> None:
         """Plain HTTP: decoded when it goes to an AI endpoint, relayed untouched either way."""
-        if isinstance(who, _PendingAttribution):
-            who = await who.get()
+        who = await pending.get()
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=host,
             target_port=port, decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
