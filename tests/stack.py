@@ -109,7 +109,7 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
     with anyio.from_thread.start_blocking_portal() as portal:
         upstream = Upstream(server_context(test_ca.issue_cert(*upstream_cert_hosts), upstream_alpn), handler)
         upstream_future, port = portal.start_task(upstream.serve)
-        plain_upstream = Upstream(None, handler)
+        plain_upstream = Upstream(None, handler, strict=True)  # an origin server: rejects absolute-form targets
         plain_future, plain_port = portal.start_task(plain_upstream.serve)
         overrides = tuple(UpstreamOverride(h, 443, "127.0.0.1", port) for h in UPSTREAM_HOSTS) + tuple(
             UpstreamOverride(h, p, "127.0.0.1", plain_port) for h in UPSTREAM_HOSTS for p in (80, 1234, 11434))

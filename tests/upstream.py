@@ -75,11 +75,31 @@ class _RecordingStream:
             await self.stream.send(data)
 
 
+_HOP_BY_HOP_FOR_PROXIES = ("proxy-connection", "proxy-authorization")
+
+
+def strict_origin_violation(req: Request) -> str | None:
+    """Why a strict origin server (Express, most Python frameworks) would refuse ``req``: an origin server takes
+    origin-form targets only, exactly one Host, and never sees headers meant for a proxy (RFC 9112 §3.2)."""
+    if not (req.target.startswith("/") or (req.method == "OPTIONS" and req.target == "*")):
+        return f"request target {req.target!r} is not in origin form"
+    hosts = [v for k, v in req.headers if k.lower() == "host"]
+    if len(hosts) != 1:
+        return f"{len(hosts)} Host headers"
+    leaked = [k for k, _ in req.headers if k.lower() in _HOP_BY_HOP_FOR_PROXIES]
+    if leaked:
+        return f"proxy-hop headers reached the origin: {leaked}"
+    return None
+
+
 class Upstream:
-    def __init__(self, context: ssl.SSLContext | None, handler: Handler = json_ok) -> None:
-        """``context`` None serves plain HTTP/1.1 (like Ollama)."""
+    def __init__(self, context: ssl.SSLContext | None, handler: Handler = json_ok, *, strict: bool = False) -> None:
+        """``context`` None serves plain HTTP/1.1 (like Ollama). ``strict`` answers 400 to requests an origin
+        server must not get (see :func:`strict_origin_violation`), and records them in :attr:`refused`."""
         self.context = context
         self.handler = handler
+        self.strict = strict
+        self.refused: list[tuple[Request, str]] = []
         self.connections: list[Recording] = []
         self.port = 0
 
@@ -152,7 +172,12 @@ class Upstream:
                           [(k.decode(), v.decode()) for k, v in request.headers.raw_items()], bytes(body),
                           "1.1")
             recording.requests.append(req)
-            response = await self.handler(req)
+            violation = strict_origin_violation(req) if self.strict else None
+            if violation is not None:
+                self.refused.append((req, violation))
+                response = Response(status=400, headers=[("content-type", "text/plain")], body=violation.encode())
+            else:
+                response = await self.handler(req)
             streaming = not isinstance(response.body, bytes)
             headers = list(response.headers)
             if isinstance(response.body, bytes):

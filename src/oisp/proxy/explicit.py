@@ -18,7 +18,8 @@ MAX_HEAD = 64 * 1024
 @attrs.frozen
 class ProxyRequest:
     """The target of a proxy request. ``tunnel`` is True for CONNECT; ``head_length`` is the size of the
-    CONNECT head (the bytes after it are tunnel payload); absolute-form requests are forwarded whole."""
+    CONNECT head (the bytes after it are tunnel payload); absolute-form requests are forwarded in origin form
+    (:mod:`oisp.proxy.forward`)."""
 
     method: str
     host: str

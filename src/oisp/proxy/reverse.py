@@ -18,6 +18,7 @@ from anyio.abc import ByteStream, SocketStream
 from oisp.attribution import Attribution
 from oisp.errors import ConfigurationError, ProtocolError
 from oisp.http.exchange import ConnectionInfo
+from oisp.proxy.h1_framing import MessageFramer, header_lines, request_body
 from oisp.proxy.relay import RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision
 from oisp.proxy.tls_stream import TlsStream
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["RequestRewriter", "ReverseTarget", "serve_reverse"]
 
 logger = logging.getLogger(__name__)
-_MAX_HEAD = 64 * 1024
 
 
 class ReverseTarget:
@@ -54,95 +54,28 @@ class RequestRewriter:
     def __init__(self, authority: str, base_path: str = "") -> None:
         self.authority = authority.encode("ascii")
         self.base_path = base_path.encode("ascii")
-        self._buffer = bytearray()
-        self._state = "head"
-        self._remaining = 0
+        self._framer = MessageFramer()
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to send upstream for ``data`` (may hold back an incomplete head or chunk-size line)."""
-        self._buffer += data
         out = bytearray()
-        while self._buffer:
-            if self._state == "raw":
-                out += self._buffer
-                self._buffer.clear()
-            elif self._state == "head":
-                end = self._buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buffer) > _MAX_HEAD:
-                        raise ProtocolError(f"request head longer than {_MAX_HEAD} bytes")
-                    break
-                head = bytes(self._buffer[: end + 4])
-                del self._buffer[: end + 4]
-                out += self._rewrite_head(head)
-            elif self._state in ("body", "chunk-data"):
-                take = min(self._remaining, len(self._buffer))
-                out += self._buffer[:take]
-                del self._buffer[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = "head" if self._state == "body" else "chunk-size"
-            elif self._state in ("chunk-size", "trailers"):
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    if len(self._buffer) > _MAX_HEAD:
-                        raise ProtocolError("chunk-size or trailer line too long")
-                    break
-                line = bytes(self._buffer[: end + 2])
-                del self._buffer[: end + 2]
-                out += line
-                self._chunk_line(line)
+        for kind, piece in self._framer.feed(data):
+            out += self._rewrite_head(piece) if kind == "head" else piece
         return bytes(out)
 
-    def _chunk_line(self, line: bytes) -> None:
-        text = line.strip()
-        if self._state == "trailers":
-            if not text:
-                self._state = "head"
-            return
-        if not text:  # the CRLF that ends a chunk's data
-            return
-        try:
-            size = int(text.split(b";", 1)[0], 16)
-        except ValueError:
-            raise ProtocolError(f"invalid chunk size line {text[:40]!r}") from None
-        if size == 0:
-            self._state = "trailers"
-        else:
-            self._state, self._remaining = "chunk-data", size
-
     def _rewrite_head(self, head: bytes) -> bytes:
-        lines = head[:-4].split(b"\r\n")
-        request_line = lines[0].split(b" ")
+        start, lines = header_lines(head)
+        request_line = start.split(b" ")
         if len(request_line) != 3:
-            raise ProtocolError(f"malformed request line {lines[0][:100]!r}")
+            raise ProtocolError(f"malformed request line {start[:100]!r}")
         method, target, version = request_line
         if self.base_path and target.startswith(b"/"):
             target = self.base_path + target
         out = [b" ".join((method, target, version))]
-        length = 0
-        chunked = upgrade = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            lname = name.strip().lower()
-            if lname == b"host":
-                line = name + b": " + self.authority
-            elif lname == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    raise ProtocolError("invalid Content-Length") from None
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-            elif lname == b"upgrade":
-                upgrade = True
-            out.append(line)
-        if method.upper() == b"CONNECT" or upgrade:
-            self._state = "raw"
-        elif chunked:
-            self._state = "chunk-size"
-        elif length:
-            self._state, self._remaining = "body", length
+        for line in lines:
+            name = line.partition(b":")[0]
+            out.append(name + b": " + self.authority if name.strip().lower() == b"host" else line)
+        self._framer.frame(request_body(method, lines))
         return b"\r\n".join(out) + b"\r\n\r\n"
 
 

@@ -30,6 +30,7 @@ from oisp.hookspecs import EndpointSpec
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
+from oisp.proxy.forward import serve_forward
 from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener
 from oisp.proxy.pinning import PinnedClients
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
@@ -260,9 +261,8 @@ class MitmProxy:
             await self._route(client, buffer[request.head_length:], connection_id, client_addr, request.host,
                               request.port, self._attribute(client_addr, local_addr, None), None)
         else:
-            endpoint = self.endpoints.match(request.host, request.port)
-            await self._plain(client, buffer, connection_id, client_addr, request.host, request.port, endpoint,
-                              self._attribute(client_addr, local_addr, None), None)
+            who = await self._attribute(client_addr, local_addr, None).get()
+            await serve_forward(self, client, buffer, connection_id, client_addr, who, None)
 
     async def _transparent(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
                            local_addr: tuple[str, int]) -> None:
