@@ -1,7 +1,15 @@
 """oisp: see every AI API call a machine makes, as OISP v0.1 events.
 
-The public API is what this module exports; everything under a leading underscore is private.
+The public API is what this module exports; everything under a leading underscore is private. The composable
+parts (:class:`MitmProxy`, :class:`Interceptor`, :class:`Attributor`, :class:`EventDecoder`,
+:class:`DecoderProcess`, :class:`Pipeline`, :class:`CertificateAuthority`) are imported on first use, so
+``import oisp`` stays cheap for plugins and scripts that only need events.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from oisp._version import __version__
 from oisp.errors import (
@@ -14,15 +22,75 @@ from oisp.errors import (
     ProtocolError,
 )
 from oisp.events import Event
+from oisp.hookspecs import ExchangeDecoder, Sink, SinkFactory, hookimpl
+
+if TYPE_CHECKING:
+    from oisp.attribution import Attribution, Attributor
+    from oisp.config import Config
+    from oisp.decoder import EventDecoder
+    from oisp.decoder_process import DecoderProcess
+    from oisp.interception import Interceptor, InterceptorConfig
+    from oisp.pipeline import Pipeline
+    from oisp.plugins import create_plugin_manager
+    from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode
+    from oisp.tls import CertificateAuthority
+
+#: Public name -> the module that defines it (imported when the name is first used).
+_LAZY = {
+    "Attribution": "oisp.attribution",
+    "Attributor": "oisp.attribution",
+    "CertificateAuthority": "oisp.tls",
+    "Config": "oisp.config",
+    "DecoderProcess": "oisp.decoder_process",
+    "EventDecoder": "oisp.decoder",
+    "Interceptor": "oisp.interception",
+    "InterceptorConfig": "oisp.interception",
+    "MitmProxy": "oisp.proxy",
+    "Pipeline": "oisp.pipeline",
+    "ProxyConfig": "oisp.proxy",
+    "ProxyMode": "oisp.proxy",
+    "create_plugin_manager": "oisp.plugins",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oisp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
+    "Attribution",
+    "Attributor",
+    "CertificateAuthority",
     "CertificateError",
+    "Config",
     "ConfigurationError",
+    "DecoderProcess",
     "Event",
+    "EventDecoder",
     "EventValidationError",
+    "ExchangeDecoder",
     "InterceptionError",
+    "Interceptor",
+    "InterceptorConfig",
+    "MitmProxy",
     "OispError",
+    "Pipeline",
     "PluginError",
     "ProtocolError",
+    "ProxyConfig",
+    "ProxyMode",
+    "Sink",
+    "SinkFactory",
     "__version__",
+    "create_plugin_manager",
+    "hookimpl",
 ]
