@@ -219,7 +219,7 @@ def _parses(argv: list[str]) -> str | None:
     sink = io.StringIO()
     with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(io.StringIO()):
         try:
-            _parser().parse_args(argv)
+            _parser()[0].parse_args(argv)
         except SystemExit as exc:
             if exc.code not in (0, None):  # --help and --version exit 0
                 return sink.getvalue().strip().splitlines()[-1] if sink.getvalue().strip() else f"exit {exc.code}"
@@ -253,7 +253,7 @@ def _check_command(text: str, *, inline: bool = False) -> str | None:
 
 def _all_options(parser: argparse.ArgumentParser | None = None) -> set[str]:
     """Every option string of oisp's parser and of all its subcommands (``oisp ca env --shell`` included)."""
-    parser = parser or _parser()
+    parser = parser or _parser()[0]
     options = set(parser._option_string_actions)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -483,7 +483,7 @@ def test_configuration_reference_lists_every_key() -> None:
 
 def test_configuration_reference_names_every_run_flag() -> None:
     text = (DOCS / "configuration.md").read_text(encoding="utf-8")
-    run = _parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    run = _parser()[1]["run"]
     flags = {s for s in run._option_string_actions if s.startswith("--") and s != "--help"}
     missing = sorted(f for f in flags if f"`{f}" not in text)
     assert not missing, f"`oisp run` flags missing from docs/configuration.md: {missing}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -155,6 +155,13 @@ class OispPluginManager:
                     continue
                 kinds[kind] = (name, factory)
         return kinds
+
+    def check_sink_kinds(self, kinds: Iterable[str]) -> None:
+        """Raise PluginError for the first kind no plugin offers (before anything is created or written)."""
+        offered = self.sink_types()
+        for kind in kinds:
+            if kind not in offered:
+                raise PluginError(f"unknown sink kind {kind!r}; available: {', '.join(sorted(offered)) or 'none'}")
 
     def create_sink(self, kind: str, options: Mapping[str, Any] | None = None) -> Sink:
         """Build a sink of ``kind`` from its options; unknown kinds and failing factories raise PluginError."""

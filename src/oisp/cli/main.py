@@ -25,19 +25,27 @@ __all__ = ["main"]
 logger = logging.getLogger("oisp.cli")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's own (whose usage a mistake in its flags should show)."""
     parser = argparse.ArgumentParser(prog="oisp", description="See every AI API call this machine makes.")
     parser.add_argument("--version", action="version", version=f"oisp {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    # -v is accepted after the subcommand too (oisp run -v), adding to any given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output (-vv: debug)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the proxy and write events",
+    run = commands.add_parser("run", help="run the proxy and write events", parents=[common],
                               description="Flags override the configuration file (oisp.toml).")
     run.add_argument("--config", type=Path, help="configuration file (default: oisp.toml in the config directory)")
     run.add_argument("--mode", choices=[m.value for m in ProxyMode])
     run.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
     run.add_argument("--confdir", type=Path, help="where the CA lives (default: the per-user config directory)")
     run.add_argument("--output", type=Path, help="append events to this JSONL file (created 0600)")
+    run.add_argument("--sink", action="append", metavar="KIND[:KEY=VALUE,...]",
+                     help="also send events to a sink, as a [[sinks]] table would (repeatable), e.g. "
+                          "--sink jsonl:path=events.jsonl,rotate_bytes=1000000")
     run.add_argument("--stdout", choices=["live", "line", "json", "none"],
                      help="terminal output: a live view (default on a terminal), one line per event (default "
                           "otherwise), JSON lines, or nothing")
@@ -61,23 +69,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name-constrained-ca", action="store_true", default=None,
                      help="use a CA that can only vouch for the AI endpoints (install it instead of the full one)")
 
-    replay = commands.add_parser("replay", help="re-emit recorded events (JSONL) to sinks")
+    replay = commands.add_parser("replay", help="re-emit recorded events (JSONL) to sinks", parents=[common])
     replay.add_argument("file", type=Path)
     replay.add_argument("--config", type=Path, help="configuration file whose [[sinks]] receive the events")
     replay.add_argument("--output", type=Path, help="write the events to this JSONL file")
     replay.add_argument("--stdout", choices=["line", "json", "none"], default=None)
 
-    plugins = commands.add_parser("plugins", help="list the loaded provider and sink plugins")
+    plugins = commands.add_parser("plugins", help="list the loaded provider and sink plugins", parents=[common])
     plugins.add_argument("--json", action="store_true")
 
-    demo = commands.add_parser("demo", help="prove the pipeline offline: real proxy, local provider, real SDKs")
+    demo = commands.add_parser("demo", help="prove the pipeline offline: real proxy, local provider, real SDKs",
+                               parents=[common])
     demo.add_argument("--output", type=Path, help="also write the demo's events to this JSONL file")
     demo.add_argument("--json", action="store_true", help="print events as JSON lines")
 
     from oisp.cli.ca import configure_parser as configure_ca
 
-    configure_ca(commands.add_parser("ca", help="the oisp CA: show, export, install into trust stores, client env"))
-    return parser
+    ca = commands.add_parser("ca", help="the oisp CA: show, export, install into trust stores, client env",
+                             parents=[common])
+    configure_ca(ca)
+    return parser, {"run": run, "replay": replay, "plugins": plugins, "demo": demo, "ca": ca}
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -111,6 +122,7 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
     if args.body_cap is not None and args.body_cap <= 0:
         raise ConfigurationError(f"--body-cap: {args.body_cap} must be a positive number of bytes")
     sinks = list(config.sinks)
+    sinks += (_sink_flag(text) for text in getattr(args, "sink", None) or ())
     if args.output is not None:
         sinks.append({"kind": "jsonl", "path": str(args.output)})
     if args.stdout in ("line", "json", "live", "none"):  # the flag replaces any stdout sink of the file
@@ -119,6 +131,26 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
         sinks.append({"kind": "stdout", "format": args.stdout})
     changes["sinks"] = tuple(sinks)
     return attrs.evolve(config, **changes)
+
+
+def _sink_flag(text: str) -> dict[str, Any]:
+    """``--sink KIND[:KEY=VALUE,...]`` as the ``[[sinks]]`` table it stands for; values are read as TOML values
+    where they parse as one (numbers, true/false, quoted strings), else taken as plain strings."""
+    import tomllib
+
+    kind, _, rest = text.partition(":")
+    if not kind:
+        raise ConfigurationError(f"--sink: {text!r} is not KIND[:KEY=VALUE,...]")
+    table: dict[str, Any] = {"kind": kind}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"--sink {kind}: {item!r} is not KEY=VALUE")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = value
+    return table
 
 
 def _endpoint_flag(text: str) -> EndpointSpec:
@@ -214,7 +246,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oisp`` command."""
-    args = _parser().parse_args(argv)
+    parser, subcommands = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # shown with the subcommand's usage, whose flags the user was after
+        subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _configure_logging(args.verbose)
     try:
         if args.command == "run":

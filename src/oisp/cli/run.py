@@ -99,8 +99,8 @@ async def run(
     if transparent:
         _require_privileges()
     plugins = create_plugin_manager()
+    plugins.check_sink_kinds(str(sink.get("kind")) for sink in config.sinks)  # before the CA is written
     endpoints = endpoint_table(plugins, config)
-    ca = load_ca(config, endpoints)
     host, port = parse_listen(config.listen)
     if transparent and config.listen == Config().listen:
         host, port = "::", 0  # diverted connections arrive addressed to the original destination
@@ -118,6 +118,7 @@ async def run(
         listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
         **({"body_cap": config.body_cap} if config.body_cap is not None else {}),
     )
+    ca = load_ca(config, endpoints)  # after every check that could refuse the configuration
     stop = stop or anyio.Event()
     lookup = _LateLookup()
 
@@ -141,7 +142,8 @@ async def run(
         return proxy
 
     if config.decoder == "process" and not extra_sinks:
-        async with DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event) as decoder_process:
+        async with DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event,
+                                  cpu=config.decoder_cpu) as decoder_process:
             proxy = await serve(decoder_process, None, decoder_process)
         pipeline_summary = decoder_process.pipeline_summary or {}
         summary = {"pipeline": pipeline_summary, "proxy": attrs.asdict(proxy.stats),

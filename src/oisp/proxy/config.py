@@ -109,6 +109,10 @@ class ProxyConfig:
             raise ConfigurationError(f"proxy.listen_port: {self.listen_port!r} must be 0-65535")
         if self.mode is ProxyMode.REVERSE and not self.reverse_target:
             raise ConfigurationError("proxy.reverse_target: reverse mode needs the upstream URL it stands in for")
+        if self.reverse_target:
+            from oisp.proxy.reverse import ReverseTarget
+
+            ReverseTarget(self.reverse_target)  # a URL it cannot use is an error now, not on every connection
         if self.upstream_ca is not None and not Path(self.upstream_ca).is_file():
             raise ConfigurationError(f"proxy.upstream_ca: {str(self.upstream_ca)!r} is not a readable file")
 
