@@ -14,6 +14,11 @@ view of the system for everything run inside it:
   ``/sys/fs/cgroup``: libebpfdivert attaches its FLOW/SOCKET programs to the first cgroup2 mount it finds in
   ``/proc/self/mountinfo``, which in here is this cgroup, so they only ever see the lab's own processes.
 
+``Lab(cgroup2=False)`` makes namespaces with *no* cgroup2 mount at all in their mount namespace (the holder
+unmounts any it inherited, in its private copy), as on a cgroup v1 host or under a bare ``ip netns exec``: there
+pydivert's FLOW/SOCKET layers cannot open. Such a lab still keeps each namespace's processes in a cgroup of the
+machine's cgroup2 hierarchy when there is one (seen only from outside, for teardown), else in a process group.
+
 Commands run inside with :meth:`Namespace.run` / :meth:`Namespace.popen`: each one joins the cgroup, then the
 holder's network, mount and cgroup namespaces (``nsenter``). Addresses come from the benchmarking range
 198.18.0.0/15 (RFC 2544) and a unique-local IPv6 prefix, assigned only to the lab's own veths.
@@ -56,8 +61,18 @@ _HOLDER = r"""
 import os, subprocess, sys
 def sh(*a):
     subprocess.run(a, check=True, timeout=20)
+def cgroup2_mounts():
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if " - cgroup2 " in line]
 sh("mount", "-t", "tmpfs", "-o", "mode=755", "oisp-run", "/run")
-sh("mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup")
+if sys.argv[1] == "cgroup2":
+    sh("mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup")
+else:
+    # This mount namespace is a private (slave) copy: unmounting here never touches the machine's mounts.
+    for mount in reversed(cgroup2_mounts()):
+        sh("umount", "-l", mount)
+    if cgroup2_mounts():
+        sys.exit("cgroup2 mounts remain: " + " ".join(cgroup2_mounts()))
 sh("ip", "link", "set", "lo", "up")
 print("ready", flush=True)
 sys.stdin.read()
@@ -115,8 +130,9 @@ def _cgroup2_root() -> Path | None:
     return None
 
 
-def lab_unavailable_reason() -> str | None:
-    """Why the lab cannot run here (not root, a missing tool, no cgroup2, no eBPF), or None when it can."""
+def lab_unavailable_reason(*, cgroup2: bool = True) -> str | None:
+    """Why the lab cannot run here (not root, a missing tool, no cgroup2 when ``cgroup2`` is wanted, no eBPF),
+    or None when it can."""
     if sys.platform != "linux":
         return "network-namespace tests need Linux"
     if os.geteuid() != 0:
@@ -124,7 +140,7 @@ def lab_unavailable_reason() -> str | None:
     for tool in ("ip", "nsenter", "unshare", "tc", "mount"):
         if shutil.which(tool) is None:
             return f"network-namespace tests need the {tool!r} command"
-    if _cgroup2_root() is None:
+    if cgroup2 and _cgroup2_root() is None:
         return "network-namespace tests need a cgroup2 mount (the FLOW/SOCKET layers attach to cgroup2)"
     try:
         from pydivert.bpf import libebpfdivert
@@ -151,19 +167,27 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class Namespace:
-    """One network namespace of the lab, with its holder process, cgroup and the processes started in it."""
+    """One network namespace of the lab, with its holder process, cgroup and the processes started in it.
+
+    ``cgroup`` is None when the machine has no cgroup2 hierarchy (then each process gets a process group);
+    ``cgroup2`` says whether cgroup2 is mounted inside (and a cgroup namespace made).
+    """
 
     name: str
     lab: Lab
-    cgroup: Path
+    cgroup: Path | None
+    cgroup2: bool = True
     holder: subprocess.Popen[str] | None = None
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     def command(self, argv: Sequence[str], *, cwd: str | os.PathLike[str] = REPO) -> list[str]:
         """``argv`` wrapped so that it runs inside this namespace (cgroup, network, mounts, cgroup namespace)."""
         assert self.holder is not None, "namespace is not started"
-        script = 'p=$1; d=$2; shift 2; echo $$ > "$0" && exec nsenter -t "$p" -n -m -C -- env -C "$d" "$@"'
-        return ["sh", "-c", script, str(self.cgroup / "cgroup.procs"), str(self.holder.pid), str(cwd), *argv]
+        join = 'echo $$ > "$0" && ' if self.cgroup is not None else ""
+        namespaces = "-n -m -C" if self.cgroup2 else "-n -m"
+        script = f'p=$1; d=$2; shift 2; {join}exec nsenter -t "$p" {namespaces} -- env -C "$d" "$@"'
+        procs = str(self.cgroup / "cgroup.procs") if self.cgroup is not None else "-"
+        return ["sh", "-c", script, procs, str(self.holder.pid), str(cwd), *argv]
 
     def run(self, argv: Sequence[str], *, timeout: float = 30, check: bool = True,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -174,6 +198,8 @@ class Namespace:
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside; the lab stops it (by its process id) on close if it is still running."""
         kwargs.setdefault("env", self.lab.env)
+        if self.cgroup is None:
+            kwargs["start_new_session"] = True  # its process group is what teardown stops
         proc: subprocess.Popen[Any] = subprocess.Popen(self.command(argv), **kwargs)
         self.procs.append(proc)
         return proc
@@ -192,7 +218,10 @@ class Namespace:
             f.write("\n".join(lines) + "\n")
 
     def pids(self) -> list[int]:
-        """The processes currently in this namespace's cgroup (all started by this lab)."""
+        """The processes currently in this namespace's cgroup (all started by this lab); without a cgroup, the
+        ones :meth:`popen` started that are still running."""
+        if self.cgroup is None:
+            return [proc.pid for proc in self.procs if proc.poll() is None]
         try:
             text = (self.cgroup / "cgroup.procs").read_text()
         except FileNotFoundError:
@@ -210,6 +239,9 @@ class Namespace:
 
     def _stop_procs(self) -> None:
         for proc in self.procs:
+            if self.cgroup is None:  # no cgroup: the process group it leads (its own session) goes with it
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -239,13 +271,14 @@ class Link:
 class Lab:
     """Creates namespaces and links; :meth:`close` (or leaving the ``with`` block) removes all of them."""
 
-    def __init__(self) -> None:
-        reason = lab_unavailable_reason()
+    def __init__(self, *, cgroup2: bool = True) -> None:
+        """``cgroup2`` False: namespaces without any cgroup2 mount inside (pydivert's FLOW/SOCKET layers are
+        unavailable there)."""
+        reason = lab_unavailable_reason(cgroup2=cgroup2)
         if reason is not None:
             raise RuntimeError(reason)
-        root = _cgroup2_root()
-        assert root is not None
-        self.cgroup_root = root
+        self.cgroup2 = cgroup2
+        self.cgroup_root = _cgroup2_root()
         self.namespaces: list[Namespace] = []
         self.links: list[Link] = []
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),
@@ -264,8 +297,8 @@ class Lab:
     def namespace(self, *, hosts: Mapping[str, Sequence[str]] | None = None) -> Namespace:
         """A new namespace with ``lo`` up; ``hosts`` maps host names to addresses for its ``/etc/hosts``."""
         name = f"{PREFIX}{secrets.token_hex(3)}"
-        cgroup = self.cgroup_root / name
-        ns = Namespace(name=name, lab=self, cgroup=cgroup)
+        cgroup = self.cgroup_root / name if self.cgroup_root is not None else None
+        ns = Namespace(name=name, lab=self, cgroup=cgroup, cgroup2=self.cgroup2)
         self.namespaces.append(ns)  # registered first: close() cleans up whatever part was made
         (OWNER_DIR / name).write_text(str(os.getpid()))
         etc = Path("/etc/netns") / name
@@ -275,11 +308,16 @@ class Lab:
             lines += [f"{addr} {host}" for addr in addrs]
         (etc / "hosts").write_text("\n".join(lines) + "\n")
         _run(["ip", "netns", "add", name])
-        cgroup.mkdir()
-        script = 'echo $$ > "$0" && exec ip netns exec "$1" unshare --cgroup -- "$2" -c "$3"'
+        if cgroup is not None:
+            cgroup.mkdir()
+        join = 'echo $$ > "$0" && ' if cgroup is not None else ""
+        unshare = "unshare --cgroup -- " if self.cgroup2 else ""
+        script = f'{join}exec ip netns exec "$1" {unshare}"$2" -c "$3" "$4"'
         ns.holder = subprocess.Popen(
-            ["sh", "-c", script, str(cgroup / "cgroup.procs"), name, sys.executable, _HOLDER],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            ["sh", "-c", script, str(cgroup / "cgroup.procs") if cgroup is not None else "-", name,
+             sys.executable, _HOLDER, "cgroup2" if self.cgroup2 else "none"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=cgroup is None)
         try:
             line = read_line(ns.holder, timeout=20)
         except AssertionError:
@@ -346,7 +384,8 @@ class Lab:
             for stream in (ns.holder.stdout, ns.holder.stderr):
                 if stream is not None:
                     stream.close()
-        _remove_cgroup(ns.cgroup)
+        if ns.cgroup is not None:
+            _remove_cgroup(ns.cgroup)
         if Path(f"/run/netns/{ns.name}").exists():
             _run(["ip", "netns", "del", ns.name], check=False)
         shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
@@ -362,7 +401,8 @@ class Lab:
                 pid = 0
             if pid and _pid_alive(pid):
                 continue
-            stale = Namespace(name=owner.name, lab=self, cgroup=self.cgroup_root / owner.name)
+            cgroup = self.cgroup_root / owner.name if self.cgroup_root is not None else None
+            stale = Namespace(name=owner.name, lab=self, cgroup=cgroup)
             with contextlib.suppress(Exception):
                 self._remove_namespace(stale)
 
@@ -399,7 +439,7 @@ def _try_rmdir(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def lab() -> Iterator[Lab]:
+def lab(*, cgroup2: bool = True) -> Iterator[Lab]:
     """A :class:`Lab` that is closed on exit."""
-    with Lab() as the_lab:
+    with Lab(cgroup2=cgroup2) as the_lab:
         yield the_lab

@@ -123,3 +123,117 @@ def test_without_sock_diag_the_socket_is_found_through_proc_net(monkeypatch: pyt
             found = attributor(client_addr, server.getsockname(), None)
     assert found is not None and found.process.pid == os.getpid()
     assert attributor._netlink is False  # asked once, then /proc/net/tcp only
+
+
+_CONNECTED_CHILD = (
+    "import json, socket, sys\n"
+    "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+    "print(json.dumps({'local': s.getsockname()[:2], 'remote': s.getpeername()[:2], 'fd': s.fileno()}),"
+    " flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def _address(item: list[object]) -> tuple[str, int]:
+    return str(item[0]), int(str(item[1]))
+
+
+def _rewritten(client: tuple[str, int], original: tuple[str, int]) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The (peer, local) addresses the proxy sees for a connection the interceptor's NAT diverted: the original
+    destination's address with the client's port, and the client's address with the proxy's port."""
+    return (original[0], client[1]), (client[0], 1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="socket lookups through /proc are Linux")
+@pytest.mark.parametrize("lookup", ["sock_diag", "proc_net"])
+def test_a_diverted_clients_socket_is_found_by_its_original_tuple(lookup: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import oisp.attribution as attribution_module
+    from oisp.attribution import ClientSocket, PidSource
+
+    if lookup == "proc_net":
+        def unavailable(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+            raise PermissionError(13, "netlink refused")
+
+        monkeypatch.setattr(attribution_module, "_diag_inode", unavailable)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        child = subprocess.Popen([sys.executable, "-c", _CONNECTED_CHILD, "127.0.0.1", str(server.getsockname()[1])],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            made = json.loads(child.stdout.readline())
+            own, original = _address(made["local"]), _address(made["remote"])
+            peer, local = _rewritten(own, original)
+            attributor = Attributor()
+            assert attributor(peer, local, None) is None  # by what the proxy sees: nothing, the NAT rewrote it
+            found = attributor(peer, local, None, original=ClientSocket(own, original))
+            assert found is not None and found.process.pid == child.pid
+            assert found.process.exe == psutil.Process(child.pid).exe()
+            expected = PidSource.SOCK_DIAG_ORIGINAL if lookup == "sock_diag" else PidSource.PROC_NET_ORIGINAL
+            assert found.pid_source is expected
+            assert found.actor is not None and found.actor.uid == os.getuid()
+            # A pid from the interceptor wins, and says so; a plain description says nothing of a lookup.
+            hinted = attributor(peer, local, child.pid, original=ClientSocket(own, original))
+            assert hinted is not None and hinted.pid_source is PidSource.FLOW_LAYER
+            assert hinted.process == found.process
+            assert attributor.describe(child.pid).pid_source is None
+            if lookup == "sock_diag":  # the client seen before is recalled on the event loop, same answer
+                assert attributor.recall(peer, local, None,
+                                         original=ClientSocket(own, original)) is found
+        finally:
+            child.communicate("")
+
+
+def test_a_namespace_file_that_names_another_namespace_is_refused() -> None:
+    from oisp.netns import NetworkNamespace, run_inside
+
+    if not os.path.exists("/proc/self/ns/net"):
+        pytest.skip("no network namespace files here (Linux only)")
+    stale = NetworkNamespace("/proc/self/ns/net", (0, 0))  # not the identity that file has
+    with pytest.raises(OSError, match="no longer names"):
+        run_inside(stale, lambda: None)
+
+
+@pytest.mark.root
+def test_a_client_in_another_network_namespace_is_found_there() -> None:
+    import json
+    import shutil
+
+    from oisp.attribution import ClientSocket, PidSource
+    from oisp.netns import NetworkNamespace, current_identity
+    from oisp.sockdiag import NamespaceSockDiag, diag_inode
+
+    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs Linux, root and unshare(1) to make a network namespace")
+    # A new network namespace with only its own loopback: a server and a client connected to it, in there.
+    inside = ("import socket, subprocess, sys\n"
+              "subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)\n"
+              "server = socket.create_server(('127.0.0.1', 0))\n"
+              "sys.argv[1:] = ['127.0.0.1', str(server.getsockname()[1])]\n" + _CONNECTED_CHILD)
+    child = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-c", inside], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        made = json.loads(child.stdout.readline())
+        own, original = _address(made["local"]), _address(made["remote"])
+        stat = os.stat(f"/proc/{child.pid}/ns/net")
+        namespace = NetworkNamespace(f"/proc/{child.pid}/ns/net", (stat.st_dev, stat.st_ino))
+        before = current_identity()
+        assert namespace.identity != before
+        assert diag_inode(own, original) is None  # not a socket of this namespace
+        diag = NamespaceSockDiag(namespace)
+        try:
+            socket_inode = os.stat(f"/proc/{child.pid}/fd/{made['fd']}").st_ino
+            assert diag.inode(own, original) == socket_inode
+        finally:
+            diag.close()
+        peer, local = _rewritten(own, original)
+        found = Attributor()(peer, local, None,
+                             original=ClientSocket(own, original, namespace))
+        assert found is not None and found.process.pid == child.pid
+        assert found.pid_source is PidSource.SOCK_DIAG_ORIGINAL
+        assert current_identity() == before  # no thread of this process but the short-lived one changed namespace
+    finally:
+        child.communicate("")

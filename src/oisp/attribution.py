@@ -1,20 +1,28 @@
 """Which process is behind a connection: pid, executable, command line, user, start time, parent chain, and
 the app (IDE, agent, CLI) at the top of that chain.
 
-The pid comes from the interceptor when it knows it (FLOW/SOCKET layer), otherwise from the operating
-system's socket table via ``psutil`` (the client side of the connection's 4-tuple). Descriptions are cached by
-(pid, create time), so a reused pid is never mistaken for the process that had it before; a process that
-exited before it could be described is reported as exited, never guessed.
+The pid is found, in this order (:class:`PidSource` names each way, and the attribution says which one found it):
+
+1. from the interceptor, when its FLOW/SOCKET layers saw the connection open (``flow_layer``);
+2. for a diverted connection, from the client's own socket, looked up by the connection's original 4-tuple (the
+   client's address and the original destination, from the interceptor's NAT table) in the network namespace
+   the client is in: with sock_diag (``sock_diag_original``), else in ``/proc/net/tcp`` (``proc_net_original``);
+   the socket's inode then leads to the process holding it;
+3. from the addresses the proxy sees on its accepted socket, which are the client's own unless a NAT rewrote
+   them (explicit and reverse modes): sock_diag (``sock_diag``), ``/proc/net/tcp`` (``proc_net``), or the
+   socket table of ``psutil`` (``socket_table``).
+
+Descriptions are cached by (pid, start time), so a reused pid is never mistaken for the process that had it
+before; a process that exited before it could be described is reported as exited, never guessed.
 """
 
 from __future__ import annotations
 
-import errno
+import enum
 import ipaddress
 import logging
 import os
 import socket
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,9 +33,12 @@ from typing import Any
 import attrs
 import psutil
 
+from oisp import netns
 from oisp.events import Actor, App, ParentProcess, ProcessInfo, format_ts
+from oisp.sockdiag import NamespaceSockDiag
+from oisp.sockdiag import diag_inode as _diag_inode
 
-__all__ = ["KNOWN_APPS", "Attribution", "Attributor"]
+__all__ = ["KNOWN_APPS", "Attribution", "Attributor", "ClientSocket", "PidSource"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +65,58 @@ CMDLINE_LIMIT = 4096
 PARENT_CMDLINE_LIMIT = 512
 
 
+class PidSource(enum.StrEnum):
+    """How the pid behind a connection was found (``attrs["oisp.pid_source"]`` of ``network.connect``)."""
+
+    #: The interceptor's FLOW/SOCKET layers reported the process that opened the connection.
+    FLOW_LAYER = "flow_layer"
+    #: The client's socket, found with sock_diag by the original 4-tuple the interceptor's NAT table kept.
+    SOCK_DIAG_ORIGINAL = "sock_diag_original"
+    #: The same, found in ``/proc/net/tcp{,6}`` (no sock_diag here).
+    PROC_NET_ORIGINAL = "proc_net_original"
+    #: The client's socket, found with sock_diag by the addresses the proxy sees.
+    SOCK_DIAG = "sock_diag"
+    #: The same, found in ``/proc/net/tcp{,6}``.
+    PROC_NET = "proc_net"
+    #: The same, found in the system's socket table (``psutil.net_connections``; other platforms).
+    SOCKET_TABLE = "socket_table"
+
+
+@attrs.frozen
+class ClientSocket:
+    """The client's end of a diverted connection as the client's own socket has it (the NAT rewrote what the
+    proxy sees): its own address, the address it connected to (the original destination), and the network
+    namespace it is in (None: the one this process's lookups run in)."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    namespace: netns.NetworkNamespace | None = None
+
+
 @attrs.frozen
 class Attribution:
-    """The process behind a connection, its user, and the app it belongs to (if known)."""
+    """The process behind a connection, its user, the app it belongs to (if known), and how its pid was found
+    (None for a description asked for by pid)."""
 
     process: ProcessInfo
     actor: Actor | None = None
     app: App | None = None
+    pid_source: PidSource | None = None
 
 
 @attrs.define
 class _Cached:
     attribution: Attribution
+    #: The same attribution with each pid source it was found through (built once each).
+    sourced: dict[PidSource, Attribution] = attrs.field(factory=dict)
+
+    def found_by(self, source: PidSource | None) -> Attribution:
+        if source is None:
+            return self.attribution
+        known = self.sourced.get(source)
+        if known is None:
+            known = self.sourced[source] = attrs.evolve(self.attribution, pid_source=source)
+        return known
 
 
 class Attributor:
@@ -88,26 +139,35 @@ class Attributor:
         self._netlink = self._procfs and hasattr(socket, "AF_NETLINK")
         #: Processes found behind earlier connections (most recent last), with the descriptor the socket had.
         self._recent: OrderedDict[int, str | None] = OrderedDict()
+        #: sock_diag sockets of other network namespaces (by namespace identity); None where one failed.
+        self._namespaces: dict[tuple[int, int], NamespaceSockDiag | None] = {}
+        self._own_namespace = netns.current_identity() if self._procfs else None
 
-    def __call__(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None) -> Attribution | None:
-        pid = pid_hint if pid_hint else self.pid_for(client, local)
-        if pid is None:
+    def __call__(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None, *,
+                 original: ClientSocket | None = None) -> Attribution | None:
+        found = self.locate(client, local, pid_hint, original=original)
+        if found is None:
             return None
-        return self.describe(pid)
+        pid, source = found
+        return self.describe(pid, source=source)
 
-    def recall(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None) -> Attribution | None:
+    def recall(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None, *,
+               original: ClientSocket | None = None) -> Attribution | None:
         """The attribution when it costs a few system calls: a process described before, found through the
         kernel's socket lookup and the descriptor its last connection had (a client opening connection after
         connection). None when finding it would take the full search of :meth:`__call__` (or it is not here).
 
         Cheap enough to run on an event loop, where ``__call__`` belongs in a worker thread.
         """
-        pid = pid_hint
+        pid, source = pid_hint, PidSource.FLOW_LAYER
         if not pid:
             if not self._netlink:
                 return None
             try:
-                inode = _diag_inode(client, local)
+                if original is not None:
+                    inode, source = self._original_inode(original, proc_net=False)
+                else:
+                    inode, source = _diag_inode(client, local), PidSource.SOCK_DIAG
             except (OSError, ValueError):
                 return None
             if inode is None:
@@ -126,16 +186,36 @@ class Attributor:
             if cached is None:
                 return None
             self._cache.move_to_end((pid, started))
-            return cached.attribution
+            return cached.found_by(source)
 
     def pid_for(self, client: tuple[str, int], local: tuple[str, int]) -> int | None:
         """The pid owning the client end of a TCP connection to ``local`` (None when not on this machine)."""
-        if self._procfs:
-            inode = self._inode(client, local)
+        found = self.locate(client, local, None)
+        return found[0] if found is not None else None
+
+    def locate(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None, *,
+               original: ClientSocket | None = None) -> tuple[int, PidSource] | None:
+        """The pid behind a connection and how it was found (see the module's description for the order), or
+        None when it is not on this machine. ``client``/``local`` are the addresses the proxy sees;
+        ``original`` the client's own socket, when the interceptor's NAT table knows it."""
+        if pid_hint:
+            return pid_hint, PidSource.FLOW_LAYER
+        if original is not None and self._procfs:
+            try:
+                inode, source = self._original_inode(original, proc_net=True)
+            except (OSError, ValueError) as exc:
+                logger.debug("original-tuple lookup of %s:%d failed: %s", *original.local, exc)
+                inode = None
             if inode is not None:
                 pid = self._pid_owning(inode)
                 if pid is not None:
-                    return pid
+                    return pid, source
+        if self._procfs:
+            inode, source = self._inode(client, local)
+            if inode is not None:
+                pid = self._pid_owning(inode)
+                if pid is not None:
+                    return pid, source
         try:
             table = self._connections()
         except (psutil.Error, OSError) as exc:
@@ -146,17 +226,49 @@ class Attributor:
             if not laddr or not raddr or conn.pid is None:
                 continue
             if _same(laddr, client) and _same(raddr, local):
-                return int(conn.pid)
+                return int(conn.pid), PidSource.SOCKET_TABLE
         return None
 
-    def _inode(self, client: tuple[str, int], local: tuple[str, int]) -> int | None:
+    def _original_inode(self, original: ClientSocket, *, proc_net: bool) -> tuple[int | None, PidSource]:
+        """The inode of the client's own socket, looked up in its network namespace by its own 4-tuple.
+        ``/proc/net`` (of this namespace only) is read when sock_diag is unavailable and ``proc_net`` allows."""
+        namespace = original.namespace
+        if namespace is not None and namespace.identity != self._own_namespace:
+            diag = self._namespace_diag(namespace)
+            if diag is None:
+                return None, PidSource.SOCK_DIAG_ORIGINAL
+            return diag.inode(original.local, original.remote), PidSource.SOCK_DIAG_ORIGINAL
+        inode, source = self._inode(original.local, original.remote, allow_proc_net=proc_net)
+        return inode, (PidSource.SOCK_DIAG_ORIGINAL if source is PidSource.SOCK_DIAG
+                       else PidSource.PROC_NET_ORIGINAL)
+
+    def _namespace_diag(self, namespace: netns.NetworkNamespace) -> NamespaceSockDiag | None:
+        with self._lock:
+            if namespace.identity in self._namespaces:
+                return self._namespaces[namespace.identity]
+        try:
+            diag: NamespaceSockDiag | None = NamespaceSockDiag(namespace)
+        except OSError as exc:
+            logger.warning("cannot look sockets up in the network namespace of %s (%s): connections from there "
+                           "are attributed by the addresses the proxy sees", namespace.path, exc)
+            diag = None
+        with self._lock:
+            known = self._namespaces.setdefault(namespace.identity, diag)
+        if known is not diag and diag is not None:
+            diag.close()  # another thread opened one first
+        return known
+
+    def _inode(self, client: tuple[str, int], local: tuple[str, int], *,
+               allow_proc_net: bool = True) -> tuple[int | None, PidSource]:
         if self._netlink:
             try:
-                return _diag_inode(client, local)
+                return _diag_inode(client, local), PidSource.SOCK_DIAG
             except (OSError, ValueError) as exc:  # no sock_diag here (a sandbox, an old kernel): stop asking it
                 logger.debug("sock_diag unavailable (%s); reading /proc/net/tcp instead", exc)
                 self._netlink = False
-        return _socket_inode(client, local)
+        if not allow_proc_net:
+            return None, PidSource.PROC_NET
+        return _socket_inode(client, local), PidSource.PROC_NET
 
     def _pid_owning(self, inode: int) -> int | None:
         target = f"socket:[{inode}]"
@@ -183,8 +295,8 @@ class Attributor:
             while len(self._recent) > 64:
                 self._recent.popitem(last=False)
 
-    def describe(self, pid: int) -> Attribution:
-        """Describe a process (cached by pid and start time)."""
+    def describe(self, pid: int, *, source: PidSource | None = None) -> Attribution:
+        """Describe a process (cached by pid and start time); ``source`` says how its pid was found."""
         started = _start_ticks(pid) if self._procfs else None
         if started is not None:  # Linux: the start time straight from /proc/PID/stat, a third of psutil's cost
             key: tuple[int, float] = (pid, started)
@@ -192,28 +304,29 @@ class Attributor:
                 cached = self._cache.get(key)
                 if cached is not None:
                     self._cache.move_to_end(key)
-                    return cached.attribution
+                    return cached.found_by(source)
         try:
             proc = psutil.Process(pid)
             if started is None:
                 key = (pid, proc.create_time())
         except psutil.NoSuchProcess:
-            return Attribution(ProcessInfo(pid=pid, extra={"state": "exited"}))
+            return Attribution(ProcessInfo(pid=pid, extra={"state": "exited"}), pid_source=source)
         except psutil.Error as exc:
-            return Attribution(ProcessInfo(pid=pid, extra={"state": f"inaccessible: {type(exc).__name__}"}))
+            return Attribution(ProcessInfo(pid=pid, extra={"state": f"inaccessible: {type(exc).__name__}"}),
+                               pid_source=source)
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
-                return cached.attribution
-        attribution = self._describe(proc)
+                return cached.found_by(source)
+        entry = _Cached(self._describe_process(proc))
         with self._lock:
-            self._cache[key] = _Cached(attribution)
+            entry = self._cache.setdefault(key, entry)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return attribution
+            return entry.found_by(source)
 
-    def _describe(self, proc: psutil.Process) -> Attribution:
+    def _describe_process(self, proc: psutil.Process) -> Attribution:
         try:
             with proc.oneshot():
                 info = proc.as_dict(["ppid", "exe", "name", "cmdline", "cwd", "username", "uids", "gids",
@@ -278,50 +391,6 @@ def _socket_inode(client: tuple[str, int], local: tuple[str, int]) -> int | None
         except OSError:
             continue
     return None
-
-
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
-_NLMSG_HEADER = struct.Struct("=IHHII")
-#: inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid: source and destination
-#: port (network order), source and destination address (16 bytes each), interface, cookie (two words).
-_DIAG_REQUEST = struct.Struct("=BBBBIHH16s16sIII")
-#: inet_diag_msg: family, state, timer, retransmits, the sockid (48 bytes), expires, rqueue, wqueue, uid, inode.
-_DIAG_MESSAGE = struct.Struct("=BBBB48sIIIII")
-_NO_COOKIE = 0xFFFFFFFF
-
-
-def _diag_inode(client: tuple[str, int], local: tuple[str, int]) -> int | None:
-    """The inode of the TCP socket whose local end is ``client`` and remote end ``local``, asked of the kernel
-    with one exact sock_diag lookup (Linux; cost independent of how many sockets exist). None when no such socket
-    exists (not on this machine); raises ``OSError`` when the interface is not available."""
-    source, destination = ipaddress.ip_address(_norm_ip(client[0])), ipaddress.ip_address(_norm_ip(local[0]))
-    if source.version != destination.version:
-        return None
-    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
-    request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, socket.htons(client[1]),
-                                 socket.htons(local[1]),
-                                 source.packed.ljust(16, b"\0"), destination.packed.ljust(16, b"\0"), 0,
-                                 _NO_COOKIE, _NO_COOKIE)
-    message = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
-        sock.settimeout(1.0)
-        sock.sendto(message + request, (0, 0))
-        reply = sock.recv(8192)
-    if len(reply) < _NLMSG_HEADER.size:
-        raise ValueError("short sock_diag reply")
-    _, kind, _, _, _ = _NLMSG_HEADER.unpack_from(reply)
-    if kind == _NLMSG_ERROR:
-        error = -struct.unpack_from("=i", reply, _NLMSG_HEADER.size)[0]
-        if error == errno.ENOENT:
-            return None  # no such socket: the client is not on this machine
-        raise OSError(error, os.strerror(error))
-    if kind != _SOCK_DIAG_BY_FAMILY or len(reply) < _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
-        raise ValueError(f"unexpected sock_diag reply (type {kind})")
-    inode: int = _DIAG_MESSAGE.unpack_from(reply, _NLMSG_HEADER.size)[-1]
-    return inode or None
 
 
 def _start_ticks(pid: int) -> int | None:

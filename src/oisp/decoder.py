@@ -63,6 +63,16 @@ def _is_private(ip: str) -> bool | None:
         return None
 
 
+def _process_attribution(report: ConnectionReport) -> str:
+    """The OISP confidence value for how the process was found: ``direct`` when the interceptor reported it
+    (or how is not known), ``socket_inode`` when it was found through the client's socket."""
+    if report.process is None:
+        return "unknown"
+    if report.pid_source is None or report.pid_source == "flow_layer":
+        return "direct"
+    return "socket_inode"
+
+
 def network_connect_event(report: ConnectionReport) -> Event:
     """The ``network.connect`` event of one proxied connection."""
     domain = None
@@ -88,6 +98,8 @@ def network_connect_event(report: ConnectionReport) -> Event:
         attributes["oisp.provider"] = report.provider
     if report.pid_hint is not None:
         attributes["oisp.pid_hint"] = report.pid_hint
+    if report.pid_source is not None:
+        attributes["oisp.pid_source"] = report.pid_source
     if report.preconnected:
         attributes["oisp.preconnected"] = True
     if report.upstream_addr is not None and report.upstream_addr[1] != report.target_port:
@@ -102,7 +114,7 @@ def network_connect_event(report: ConnectionReport) -> Event:
         confidence=Confidence(
             level="high", completeness="metadata_only",
             reasons=["proxy_connection"],
-            process_attribution="direct" if report.process is not None else "unknown",
+            process_attribution=_process_attribution(report),
             content_source="none",
             ai_detection_method="known_endpoint" if report.provider else None,
         ),

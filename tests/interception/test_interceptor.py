@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from tests.netns import poll_until
 from oisp.errors import ConfigurationError
 from oisp.interception import Interceptor, InterceptorConfig, OriginalDestinationSource, TargetSet
 from oisp.interception.dns import TYPE_A
+from oisp.netns import current_identity
 
 pydivert = pytest.importorskip("pydivert")
 from pydivert import Packet  # noqa: E402
@@ -204,6 +206,10 @@ def test_a_diverted_connection_is_looked_up_with_the_pid_from_socket_and_flow_ev
     assert dest is not None
     assert (dest.ip, dest.port, dest.pid, dest.interface, dest.client, dest.loopback) == (
         SERVER, 443, 4242, "if7", (CLIENT, 40000), False)
+    if sys.platform == "linux":  # the client's socket is in the namespace diverted in, named for lookups there
+        assert dest.netns is not None and dest.netns.identity == current_identity()
+        stat = os.stat(dest.netns.path)
+        assert (stat.st_dev, stat.st_ino) == dest.netns.identity
     assert interceptor.original_destination((SERVER, 40001), (CLIENT, PROXY)) is None
     # FLOW DELETED closes the entry (it lingers for the connection's last packets)
     backend.push(flow, event(FLOW, 2, pid=0, endpoint=9, local=(CLIENT, 40000), remote=(SERVER, 443)))
@@ -271,10 +277,19 @@ def test_stop_closes_every_handle_and_is_idempotent(backend: FakeBackend) -> Non
     it = Interceptor(InterceptorConfig(proxy_port=PROXY), [f"{SERVER}:443"], backend=backend)
     it.start()
     assert it.wait_diverting(5)
+    held = it._namespace
     it.stop()
     it.stop()
     assert backend.handles and all(h.closed for h in backend.handles)
     assert not it.diverting
+    if sys.platform == "linux":  # the namespace it held open for lookups is let go too
+        assert held is not None and it._namespace is None
+        try:
+            stat = os.stat(held.namespace.path)
+        except OSError:
+            pass  # the descriptor is closed
+        else:  # or its number was reused, for some other file
+            assert (stat.st_dev, stat.st_ino) != held.namespace.identity
 
 
 def test_own_flows_are_excluded_by_pid_where_sockets_cannot_be_marked(backend: FakeBackend) -> None:

@@ -7,11 +7,14 @@ standing in for api.openai.com on IPv4 and api.anthropic.com on IPv6, and a non-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +86,9 @@ class Workstation:
         return self.client.run(argv_env, timeout=timeout, check=False)
 
 
-@pytest.fixture
-def workstation(tmp_path: Path) -> Iterator[Workstation]:
-    reason = lab_unavailable_reason()
+@contextlib.contextmanager
+def _workstation(tmp_path: Path, *, cgroup2: bool) -> Iterator[Workstation]:
+    reason = lab_unavailable_reason(cgroup2=cgroup2)
     if reason is not None:
         pytest.skip(reason)
     tmp_path.chmod(0o755)
@@ -95,7 +98,7 @@ def workstation(tmp_path: Path) -> Iterator[Workstation]:
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
-    with Lab() as lab:
+    with Lab(cgroup2=cgroup2) as lab:
         client, upstream = lab.namespace(), lab.namespace()
         link = lab.link(client, upstream)
         other_ip = link.ip4_b.rsplit(".", 1)[0] + ".3"
@@ -114,6 +117,20 @@ def workstation(tmp_path: Path) -> Iterator[Workstation]:
         if ws.oisp is not None and ws.oisp.poll() is None:
             ws.oisp.send_signal(signal.SIGTERM)
             ws.oisp.wait(timeout=30)
+
+
+@pytest.fixture
+def workstation(tmp_path: Path) -> Iterator[Workstation]:
+    with _workstation(tmp_path, cgroup2=True) as ws:
+        yield ws
+
+
+@pytest.fixture
+def workstation_without_cgroup2(tmp_path: Path) -> Iterator[Workstation]:
+    """The workstation on a machine without cgroup2 (a cgroup v1 host, a bare ``ip netns exec``): pydivert's
+    FLOW/SOCKET layers cannot open there, so no pid comes from the interceptor."""
+    with _workstation(tmp_path, cgroup2=False) as ws:
+        yield ws
 
 
 OPENAI_CLIENT = """
@@ -149,6 +166,8 @@ def test_unconfigured_openai_sdk_and_curl_are_intercepted_decoded_and_attributed
     assert connects and all(e.attrs and e.attrs["oisp.interception"] == "intercepted" for e in connects)
     assert {e.data.dest.ip for e in connects} == {ws.ip4}  # type: ignore[attr-defined]
     assert all(e.attrs and e.attrs.get("oisp.pid_hint") for e in connects)  # pids from the FLOW/SOCKET layers
+    assert all(e.attrs and e.attrs["oisp.pid_source"] == "flow_layer" for e in connects)
+    assert all(e.confidence.process_attribution == "direct" for e in connects)
 
 
 def test_ipv6_endpoint_is_intercepted(workstation: Workstation) -> None:
@@ -221,3 +240,68 @@ def test_fails_open_when_the_proxy_is_killed(workstation: Workstation) -> None:
                      "https://api.openai.com/v1/models", timeout=10)
         return out.returncode == 0
     poll_until(direct, timeout=15, interval=0.5, what="connections to go direct after the proxy died")
+
+
+IDENTIFIED_OPENAI_CLIENT = """
+import json, os, pwd, sys
+import openai
+client = openai.OpenAI(api_key="sk-proj-" + "e" * 40, max_retries=0)
+r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}])
+assert r.choices[0].message.content == "Hello from upstream", r
+print(json.dumps({"pid": os.getpid(), "exe": os.path.realpath(sys.executable),
+                  "user": pwd.getpwuid(os.getuid()).pw_name}))
+"""
+#: Prints the shell's pid, then becomes the command (the same pid): how a curl call says which process it is.
+_SAY_PID = 'echo "$$"; exec "$@"'
+
+
+def test_without_cgroup2_every_ai_call_is_attributed_by_the_original_tuple(
+        workstation_without_cgroup2: Workstation, request: pytest.FixtureRequest) -> None:
+    ws = workstation_without_cgroup2
+    log = ws.log.read_text()
+    assert "FLOW/SOCKET layers are unavailable" in log, log[-3000:]  # really no pids from the interceptor here
+    calls: dict[int, tuple[str, str]] = {}  # pid -> (exe, user) of each client that made an AI call
+
+    sdk = ws.run(sys.executable, "-c", IDENTIFIED_OPENAI_CLIENT, env={"SSL_CERT_FILE": str(ws.oisp_ca)})
+    assert sdk.returncode == 0, sdk.stderr[-3000:] + ws.log.read_text()[-3000:]
+    made = json.loads(sdk.stdout)
+    calls[made["pid"]] = (made["exe"], made["user"])
+
+    def curl(*args: str, user: str | None = None) -> None:
+        become = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if user == "nobody" else []
+        out = ws.run(*become, "sh", "-c", _SAY_PID, "sh", "curl", "-sS", "--fail", *args)
+        assert out.returncode == 0, out.stderr + ws.log.read_text()[-3000:]
+        pid = int(out.stdout.split("\n", 1)[0])
+        calls[pid] = ("/usr/bin/curl", user or "root")
+
+    # pytest's temporary directories are root's own: the CA is copied where any user can read it.
+    shared = Path(tempfile.mkdtemp(prefix="oisp-ca-"))
+    request.addfinalizer(lambda: shutil.rmtree(shared, ignore_errors=True))
+    shared.chmod(0o755)
+    ca = shared / "oisp-ca.pem"
+    ca.write_bytes(ws.oisp_ca.read_bytes())
+    ca.chmod(0o644)
+    # Another user over IPv4, IPv6, and the loopback NAT (ports rewritten only) to a local Ollama.
+    curl("--cacert", str(ca), "https://api.openai.com/v1/chat/completions", "-H", "content-type: application/json",
+         "-d", '{"model": "gpt-4o", "messages": []}', user="nobody")
+    curl("-6", "--cacert", str(ca), "https://api.anthropic.com/v1/messages",
+         "-d", '{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}')
+    curl("http://127.0.0.1:11434/api/chat", "-d", '{"model": "llama3", "messages": []}')
+    assert len(calls) == 4
+
+    events = ws.wait_events(lambda ev: len([e for e in ev if e.event_type == "ai.response"]) >= len(calls),
+                            f"{len(calls)} ai.response events")
+    connects = [e for e in events if e.event_type == "network.connect"]
+    assert len(connects) == len(calls)
+    for connect in connects:
+        assert connect.attrs is not None and "oisp.pid_hint" not in connect.attrs
+        assert connect.attrs["oisp.pid_source"] == "sock_diag_original", connect.attrs
+        assert connect.confidence.process_attribution == "socket_inode"
+    ai = [e for e in events if e.event_type.startswith("ai.")]
+    assert {e.event_type for e in ai} >= {"ai.request", "ai.response"}
+    for event in [*connects, *ai]:
+        assert event.process is not None and event.actor is not None, event.event_type
+        assert event.process.pid in calls, (event.event_type, event.process.pid, calls)
+        exe, user = calls[event.process.pid]
+        assert (event.process.exe, event.actor.user) == (exe, user), event.event_type
+    assert {e.process.pid for e in ai if e.process is not None and e.event_type == "ai.request"} == set(calls)

@@ -36,6 +36,7 @@ from typing import Any
 
 import attrs
 
+from oisp import netns
 from oisp.errors import ConfigurationError, InterceptionError, ProtocolError
 from oisp.interception._backend import Backend, Poller, current_backend
 from oisp.interception._filter import DivertFilter, build_filter
@@ -176,6 +177,8 @@ class Interceptor:
         self._last_rebuild = 0.0
         self._loop_warned = False
         self._failure: BaseException | None = None
+        #: The network namespace diverted in (this thread's at start), held open for socket lookups in it.
+        self._namespace: netns.HeldNamespace | None = None
         self._previous_handlers: dict[int, Any] = {}
         self.swaps = 0
         self.dns_answers = 0
@@ -199,6 +202,9 @@ class Interceptor:
         if not backend.uses_socket_marks:
             self._translator.is_own_flow = self._is_own_flow
         backend.prepare(mount_bpffs=self.config.mount_bpffs)
+        # The diversion attaches to the interfaces of this thread's network namespace (its packet thread, made
+        # here, inherits it): the diverted clients' sockets are in there.
+        self._namespace = netns.hold_current()
         self._interfaces = self._choose_interfaces(backend)
         self._poller = backend.poller()
         try:
@@ -272,8 +278,10 @@ class Interceptor:
         interface = backend.interface_name(entry.ifindex) if backend is not None and entry.ifindex else None
         c_ip, c_port = entry.client_key[0], entry.client_key[1]
         o_ip, o_port = entry.original
+        held = self._namespace
         return OriginalDestination(ip=_text(o_ip), port=o_port, pid=entry.pid, interface=interface,
-                                   client=(_text(c_ip), c_port), loopback=entry.loopback)
+                                   client=(_text(c_ip), c_port), loopback=entry.loopback,
+                                   netns=held.namespace if held is not None else None)
 
     # -- statistics -----------------------------------------------------------------------------------------
 
@@ -323,7 +331,9 @@ class Interceptor:
                 with contextlib.suppress(Exception):
                     handle.close()
             self._events = []
-            logger.warning("process attribution unavailable (%s): connections are diverted without pids", exc)
+            logger.warning("the FLOW/SOCKET layers are unavailable (%s): connections are diverted without pids "
+                           "from them; processes are found by looking each client's socket up by its original "
+                           "addresses instead", exc)
             return
         self._events = [flow, sock]
         assert self._poller is not None
@@ -390,6 +400,9 @@ class Interceptor:
             self._events, self._dns = [], None
             if self._poller is not None:
                 self._poller.close()
+            if self._namespace is not None:
+                self._namespace.close()
+                self._namespace = None
 
     # -- the packet thread ----------------------------------------------------------------------------------
 

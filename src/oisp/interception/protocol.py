@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from oisp.netns import NetworkNamespace
+
 __all__ = ["Address", "OriginalDestination", "OriginalDestinationSource"]
 
 #: An ``(ip, port)`` pair as sockets report it; the ip is text (``"198.51.100.7"``, ``"2001:db8::1"``).
@@ -44,6 +46,8 @@ class OriginalDestination:
     ``interface``: the name of the interface the connection left through (``"lo"``-like loopback included),
     or None when unknown.
     ``loopback``: True when client and destination are on this machine (local endpoints such as Ollama).
+    ``netns``: the network namespace the client's socket is in (the one the interceptor diverts in), so that
+    the socket can be looked up by ``client`` and the original destination; None where namespaces do not exist.
     """
 
     ip: str
@@ -52,6 +56,7 @@ class OriginalDestination:
     interface: str | None = None
     client: Address | None = None
     loopback: bool = False
+    netns: NetworkNamespace | None = None
 
 
 @runtime_checkable

@@ -94,6 +94,8 @@ class ConnectionReport:
     app: App | None = None
     #: Process id the interceptor saw for the connection (FLOW/SOCKET layer), if any.
     pid_hint: int | None = None
+    #: How the process's pid was found (an :class:`oisp.attribution.PidSource` value), None without a process.
+    pid_source: str | None = None
     #: The upstream connection was a spare opened in advance (preconnect); ``connect_ms`` is its connect time.
     preconnected: bool = False
 

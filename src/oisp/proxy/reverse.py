@@ -90,7 +90,7 @@ async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: s
         target_port=target.port, decision=Decision.INTERCEPTED if target.tls else Decision.PLAIN_HTTP,
         success=True, provider=spec.provider if spec else None,
         process=who.process if who else None, actor=who.actor if who else None, app=who.app if who else None,
-        sni=target.host if target.tls else None,
+        pid_source=str(who.pid_source) if who and who.pid_source else None, sni=target.host if target.tls else None,
     )
     upstream_tcp = await proxy._connect_upstream(target.host, target.port, report)
     if upstream_tcp is None:

@@ -9,6 +9,7 @@ SNI that selects exactly the upstream's ALPN. Then relay bytes both ways, verbat
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import logging
@@ -23,7 +24,7 @@ import anyio
 import attrs
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskStatus
 
-from oisp.attribution import Attribution
+from oisp.attribution import Attribution, ClientSocket
 from oisp.endpoints import EndpointTable
 from oisp.errors import CertificateError, ProtocolError
 from oisp.hookspecs import EndpointSpec
@@ -78,8 +79,14 @@ class OriginalDestinationLookup(Protocol):
     def original_destination(self, client: tuple[str, int], local: tuple[str, int]) -> Any: ...
 
 
-#: Names the process behind a connection: (client address, local address, pid hint) -> attribution or None.
-Attributor = Callable[[tuple[str, int], tuple[str, int], int | None], Attribution | None]
+class Attributor(Protocol):
+    """Names the process behind a connection: (client address, local address, pid hint) as the proxy sees
+    them, and for a diverted connection the client's own socket (``original``) -> attribution or None."""
+
+    def __call__(self, client: tuple[str, int], local: tuple[str, int], pid_hint: int | None, /, *,
+                 original: ClientSocket | None = None) -> Attribution | None: ...
+
+
 #: Builds the passive decoder of a connection: (alpn, connection, listener, body_cap) -> decoder.
 DecoderFactory = Callable[..., PassiveDecoderLike]
 
@@ -277,7 +284,7 @@ class MitmProxy:
                            connection_id, *client_addr)
             return
         pid_hint = getattr(original, "pid", None)
-        who = self._attribute(client_addr, local_addr, pid_hint)
+        who = self._attribute(client_addr, local_addr, pid_hint, _client_socket(original))
         await self._route(client, b"", connection_id, client_addr, str(original.ip), int(original.port), who,
                           pid_hint)
 
@@ -289,15 +296,16 @@ class MitmProxy:
         await serve_reverse(self, client, connection_id, client_addr, who)
 
     def _attribute(self, client_addr: tuple[str, int], local_addr: tuple[str, int],
-                   pid_hint: int | None) -> _PendingAttribution:
+                   pid_hint: int | None, original: ClientSocket | None = None) -> _PendingAttribution:
         """Start naming the connection's process (see :class:`_PendingAttribution`); the proxy reads the
         ClientHello and connects meanwhile, and waits for the answer only where it needs it: for a decision that
-        depends on the process (a pinning client), and before reporting the connection."""
+        depends on the process (a pinning client), and before reporting the connection. ``original`` is the
+        client's own socket of a diverted connection, as the interceptor's NAT table knows it."""
         pending = _PendingAttribution()
         if self.attributor is None or self._tasks is None:
             pending.done.set()
         else:
-            self._tasks.start_soon(pending.run, self.attributor, client_addr, local_addr, pid_hint)
+            self._tasks.start_soon(pending.run, self.attributor, client_addr, local_addr, pid_hint, original)
         return pending
 
     async def _route(self, client: SocketStream, initial: bytes, connection_id: str, client_addr: tuple[str, int],
@@ -404,8 +412,9 @@ class MitmProxy:
         report = ConnectionReport(
             connection_id=connection_id, mode=str(self.config.mode), client_addr=client_addr, target_host=host,
             target_port=port, decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
-            pid_hint=pid_hint, provider=endpoint.provider if endpoint else None, **_who(who),
+            pid_hint=pid_hint, provider=endpoint.provider if endpoint else None,
         )
+        _attach(report, who)
         upstream = await self._connect_upstream(host, port, report)
         self._report(report)
         if upstream is None:
@@ -703,14 +712,17 @@ class _PendingAttribution:
         self.value: Attribution | None = None
 
     async def run(self, attributor: Attributor, client: tuple[str, int], local: tuple[str, int],
-                  pid_hint: int | None) -> None:
+                  pid_hint: int | None, original: ClientSocket | None) -> None:
+        # The client's own socket is passed only when known, so a plain three-argument attributor still works.
+        extra: dict[str, Any] = {"original": original} if original is not None else {}
         try:
             recall = getattr(attributor, "recall", None)
-            known: Attribution | None = recall(client, local, pid_hint) if recall is not None else None
+            known: Attribution | None = recall(client, local, pid_hint, **extra) if recall is not None else None
             if known is not None:
                 self.value = known
             else:
-                self.value = await anyio.to_thread.run_sync(attributor, client, local, pid_hint)
+                self.value = await anyio.to_thread.run_sync(functools.partial(attributor, client, local, pid_hint,
+                                                                              **extra))
         except Exception:
             logger.exception("process attribution failed for %s:%d", *client)
         finally:
@@ -723,9 +735,20 @@ class _PendingAttribution:
 
 
 def _attach(report: ConnectionReport, who: Attribution | None) -> None:
-    """Put the process, actor and app into a report."""
+    """Put the process, actor and app, and how the pid was found, into a report."""
     if who is not None:
         report.process, report.actor, report.app = who.process, who.actor, who.app
+        report.pid_source = str(who.pid_source) if who.pid_source is not None else None
+
+
+def _client_socket(original: Any) -> ClientSocket | None:
+    """The client's own socket of a diverted connection, from the interceptor's answer (None when the answer
+    does not say where the client is)."""
+    client = getattr(original, "client", None)
+    if client is None:
+        return None
+    return ClientSocket(local=(str(client[0]), int(client[1])), remote=(str(original.ip), int(original.port)),
+                        namespace=getattr(original, "netns", None))
 
 
 def _process_key(report: ConnectionReport) -> str | None:
