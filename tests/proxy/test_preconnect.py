@@ -27,8 +27,8 @@ class _Tracking(Upstream):
     """The test upstream, also recording which connections (by index) have ended, and closing the connections
     listed in ``close_at`` right after their TLS handshake."""
 
-    def __init__(self, context: Any, handler: Handler = json_ok) -> None:
-        super().__init__(context, handler)
+    def __init__(self, context: Any, handler: Handler = json_ok, *, strict: bool = False) -> None:
+        super().__init__(context, handler, strict=strict)
         self.closed: set[int] = set()
         self.close_at: set[int] = set()
         self.changed = threading.Condition()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import anyio
@@ -181,13 +181,13 @@ async def serve_forward(proxy: MitmProxy, client: SocketStream, buffer: bytes, c
     origin = first.origin
     while True:
         endpoint = proxy.endpoints.match(origin.host, origin.port)
-        process: dict[str, Any] = {"process": who.process, "actor": who.actor, "app": who.app} if who else {}
         report = ConnectionReport(
             connection_id=connection_id, mode=str(proxy.config.mode), client_addr=client_addr,
             target_host=origin.host, target_port=origin.port,
             decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True, pid_hint=pid_hint,
-            provider=endpoint.provider if endpoint else None, **process,
+            provider=endpoint.provider if endpoint else None,
         )
+        report.attach(who)
         upstream = await proxy._connect_upstream(origin.host, origin.port, report)
         proxy._report(report)
         if upstream is None:
@@ -195,7 +195,8 @@ async def serve_forward(proxy: MitmProxy, client: SocketStream, buffer: bytes, c
             return
         info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
                               server_addr=(origin.host, origin.port), mode=str(proxy.config.mode), tls=False,
-                              provider=endpoint.provider if endpoint else None, **process)
+                              provider=endpoint.provider if endpoint else None, process=report.process,
+                              actor=report.actor, app=report.app)
         feed = proxy._feed_for(info, "http/1.1" if endpoint else None)
         async with upstream:
             leg = _OriginLeg(client, upstream, rewriter, pending, origin, feed, connection_id)

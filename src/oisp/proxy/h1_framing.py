@@ -188,7 +188,11 @@ class MessageFramer:
                     raise ProtocolError(f"HTTP head or chunk line longer than {self.max_head} bytes")
                 return
             if state == "head":
-                yield from self._head(piece)
+                head = piece.lstrip(b"\r\n")  # stray CRLFs that straddled two feeds
+                if len(head) < len(piece):
+                    yield "data", piece[:len(piece) - len(head)]
+                if head:
+                    yield from self._head(head)
             else:
                 yield "data", piece
                 self._line(piece)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 if TYPE_CHECKING:
+    from oisp.attribution import Attribution
     from oisp.events import Actor, App, ProcessInfo
     from oisp.http.exchange import ConnectionInfo, ExchangeListener
 
@@ -98,6 +99,12 @@ class ConnectionReport:
     pid_source: str | None = None
     #: The upstream connection was a spare opened in advance (preconnect); ``connect_ms`` is its connect time.
     preconnected: bool = False
+
+    def attach(self, who: Attribution | None) -> None:
+        """Put the process, actor and app, and how the pid was found, into the report."""
+        if who is not None:
+            self.process, self.actor, self.app = who.process, who.actor, who.app
+            self.pid_source = str(who.pid_source) if who.pid_source is not None else None
 
 
 class ProxyObserver(Protocol):

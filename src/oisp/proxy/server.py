@@ -348,7 +348,7 @@ class MitmProxy:
             else:
                 await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending)
                 return
-        _attach(report, await pending.get())
+        report.attach(await pending.get())
         process_key = _process_key(report)
         if hello is None:
             if endpoint is not None and not endpoint.tls:
@@ -414,7 +414,7 @@ class MitmProxy:
             target_port=port, decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
             pid_hint=pid_hint, provider=endpoint.provider if endpoint else None,
         )
-        _attach(report, who)
+        report.attach(who)
         upstream = await self._connect_upstream(host, port, report)
         self._report(report)
         if upstream is None:
@@ -514,7 +514,7 @@ class MitmProxy:
                                    report.connection_id, name, report.error)
                 elif report.upstream_addr is not None:  # a failed connect was logged already
                     logger.warning("connection %s to %s: %s", report.connection_id, name, report.error)
-                _attach(report, await pending.get())
+                report.attach(await pending.get())
                 self._report(report)
                 await _send_quietly(client, _HANDSHAKE_FAILURE_ALERT)
                 return
@@ -531,12 +531,12 @@ class MitmProxy:
                         client, self.ca.server_context(name, [alpn] if alpn else None), server_side=True,
                         initial_data=client_hello_bytes)
             except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
-                _attach(report, await pending.get())
+                report.attach(await pending.get())
                 self._client_rejected(report, name, _process_key(report), f"client aborted the TLS handshake: {exc}",
                                       pinning=_looks_like_pinning(exc))
                 return
             report.decision = Decision.INTERCEPTED
-            _attach(report, await pending.get())
+            report.attach(await pending.get())
             self._report(report)
             info = ConnectionInfo(
                 connection_id=report.connection_id, client_addr=report.client_addr, server_addr=(name, port),
@@ -732,13 +732,6 @@ class _PendingAttribution:
         with anyio.move_on_after(self.TIMEOUT):
             await self.done.wait()
         return self.value
-
-
-def _attach(report: ConnectionReport, who: Attribution | None) -> None:
-    """Put the process, actor and app, and how the pid was found, into a report."""
-    if who is not None:
-        report.process, report.actor, report.app = who.process, who.actor, who.app
-        report.pid_source = str(who.pid_source) if who.pid_source is not None else None
 
 
 def _client_socket(original: Any) -> ClientSocket | None:
