@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -297,6 +298,8 @@ def _diag_inode(client: tuple[str, int], local: tuple[str, int]) -> int | None:
     """The inode of the TCP socket whose local end is ``client`` and remote end ``local``, asked of the kernel
     with one exact sock_diag lookup (Linux; cost independent of how many sockets exist). None when no such socket
     exists (not on this machine); raises ``OSError`` when the interface is not available."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.EAFNOSUPPORT, "sock_diag is Linux-only")
     source, destination = ipaddress.ip_address(_norm_ip(client[0])), ipaddress.ip_address(_norm_ip(local[0]))
     if source.version != destination.version:
         return None
