@@ -62,10 +62,14 @@ class HeldNamespace:
             os.close(fd)
 
 
+#: O_CLOEXEC where the platform has it (namespace files exist on Linux only; elsewhere the open fails first).
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
 def hold_current() -> HeldNamespace | None:
     """Hold the calling thread's network namespace open; None where there are no namespace files."""
     try:
-        fd = os.open(_THREAD_SELF, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(_THREAD_SELF, os.O_RDONLY | _CLOEXEC)
     except OSError:
         return None
     st = os.fstat(fd)
@@ -92,7 +96,7 @@ def run_inside(namespace: NetworkNamespace, make: Callable[[], _T], *, timeout: 
 
     def inside() -> None:
         try:
-            fd = os.open(namespace.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(namespace.path, os.O_RDONLY | _CLOEXEC)
             try:
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != namespace.identity:

@@ -14,6 +14,7 @@ import itertools
 import os
 import socket
 import struct
+import sys
 import threading
 
 from oisp.netns import NetworkNamespace, run_inside
@@ -83,6 +84,8 @@ def _ask(sock: socket.socket, local: tuple[str, int], remote: tuple[str, int]) -
 
 
 def _netlink_socket() -> socket.socket:
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.EAFNOSUPPORT, "sock_diag is Linux-only")  # callers fall back to other lookups
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
     sock.settimeout(_TIMEOUT)
     return sock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,16 +215,16 @@ def _require_privileges() -> None:
             raise InterceptionError("transparent mode diverts packets and needs root: run it with sudo "
                                     "(or use --mode explicit, which needs no privileges)")
         return
-    if hasattr(os, "geteuid"):
-        if os.geteuid() != 0:
-            raise InterceptionError("transparent mode diverts packets and needs root: run it with sudo "
-                                    "(or use --mode explicit, which needs no privileges)")
-        return
-    import ctypes
+    if sys.platform == "win32":
+        import ctypes
 
-    if not ctypes.windll.shell32.IsUserAnAdmin():  # type: ignore[attr-defined]
-        raise InterceptionError("transparent mode diverts packets and needs Administrator rights: run the "
-                                "terminal as Administrator (or use --mode explicit)")
+        if not ctypes.windll.shell32.IsUserAnAdmin():
+            raise InterceptionError("transparent mode diverts packets and needs Administrator rights: run the "
+                                    "terminal as Administrator (or use --mode explicit)")
+        return
+    if os.geteuid() != 0:
+        raise InterceptionError("transparent mode diverts packets and needs root: run it with sudo "
+                                "(or use --mode explicit, which needs no privileges)")
 
 
 async def _stop_on_signal(stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

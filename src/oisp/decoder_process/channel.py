@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterable
 
 import anyio
@@ -29,7 +30,7 @@ Frame = tuple[Kind, int, int, bytes]
 
 def _sendv(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
     """Send buffers in one system call where the platform has ``sendmsg`` (not Windows)."""
-    if hasattr(sock, "sendmsg"):
+    if sys.platform != "win32":
         return sock.sendmsg(parts)
     return sock.send(b"".join(parts))
 

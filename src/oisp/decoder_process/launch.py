@@ -22,10 +22,10 @@ def spawn_worker(sock: socket.socket) -> subprocess.Popen[bytes]:
     if root is not None:  # oisp imported from a source tree, not an installation: the child must find it too
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     command = [sys.executable, "-m", "oisp.decoder_process"]
-    if os.name == "nt":  # pragma: no cover - Windows
+    if sys.platform == "win32":  # pragma: no cover - Windows (a check mypy evaluates: its win32 pass checks this)
         process = subprocess.Popen([*command, "--shared"], stdin=subprocess.PIPE, env=env)
         assert process.stdin is not None
-        process.stdin.write(sock.share(process.pid))  # type: ignore[attr-defined,unused-ignore]
+        process.stdin.write(sock.share(process.pid))
         process.stdin.close()
         return process
     return subprocess.Popen([*command, "--fd", str(sock.fileno())], pass_fds=(sock.fileno(),), env=env,
@@ -35,8 +35,9 @@ def spawn_worker(sock: socket.socket) -> subprocess.Popen[bytes]:
 def socket_from_handle(fd: int | None, shared: bool) -> socket.socket:
     """The decoder process's end of the socket pair, as :func:`spawn_worker` handed it over."""
     if shared:  # pragma: no cover - Windows
-        shared_socket: socket.socket = socket.fromshare(sys.stdin.buffer.read())  # type: ignore[attr-defined,unused-ignore]
-        return shared_socket
+        if sys.platform != "win32":
+            raise ValueError("--shared is for Windows; use --fd")
+        return socket.fromshare(sys.stdin.buffer.read())
     if fd is None:
         raise ValueError("--fd or --shared is required")
     return socket.socket(fileno=fd)

@@ -26,11 +26,16 @@ import logging
 import os
 import select
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from oisp.errors import InterceptionError
+
+# Imported only on Linux (see _backend.py). A top-level platform assert also makes mypy skip the rest of this
+# module in its --platform win32/darwin passes, where select.poll and os.geteuid do not exist.
+assert sys.platform.startswith("linux"), "oisp.interception._linux is the Linux backend"
 
 __all__ = ["BPFFS", "UPSTREAM_MARK", "LinuxBackend", "set_socket_mark"]
 

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -288,7 +289,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _tighten(fd: int, path: Path) -> None:
-    if not _POSIX_MODES:
+    if sys.platform == "win32" or not _POSIX_MODES:  # no os.fchmod on Windows (before 3.13)
         return
     mode = os.fstat(fd).st_mode & 0o777
     if mode & 0o077:

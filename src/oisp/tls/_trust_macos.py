@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _login_keychain() -> Path:
 
 
 def _is_root() -> bool:
-    return os.geteuid() == 0
+    return sys.platform != "win32" and os.geteuid() == 0  # this store is macOS-only; Windows has no euid
 
 
 class MacKeychainStore:
