@@ -7,11 +7,15 @@ import json
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import trustme
+from tests.netns import poll_until
 from tests.proxy.clients import read_all
-from tests.stack import Stack
+from tests.stack import Stack, running_stack
+from tests.upstream import Request, Response, json_ok
 
 
 def _curl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -116,3 +120,27 @@ def test_a_request_oisp_cannot_forward_gets_a_clear_answer(stack: Stack) -> None
         assert read_all(sock).startswith(b"HTTP/1.1 400")
     with httpx.Client(proxy=stack.proxy_url, trust_env=False) as client:
         assert client.get("http://localhost:11434/api/tags").status_code == 200
+
+
+async def _big_at_big(request: Request) -> Response:
+    """A 4 MiB answer for /big (more than the sockets between proxy and client hold), JSON otherwise."""
+    if request.target == "/big":
+        return Response(headers=[("content-type", "application/octet-stream")], body=b"x" * (4 << 20))
+    return await json_ok(request)
+
+
+def test_a_change_of_origin_never_cuts_the_answer_the_client_is_still_reading(tmp_path: Path,
+                                                                             test_ca: trustme.CA) -> None:
+    with running_stack(tmp_path, test_ca, handler=_big_at_big) as stack:
+        sock = socket.create_connection(stack.proxy_address, timeout=10)
+        with sock:
+            sock.sendall(b"GET http://localhost:11434/big HTTP/1.1\r\nHost: localhost:11434\r\n\r\n")
+            # the whole answer has left the origin server, and most of it waits in socket buffers, unread
+            poll_until(lambda: sum(len(c.sent) for c in stack.plain_upstream.connections) > 4 << 20, timeout=10,
+                       what="the origin sent the big answer")
+            sock.sendall(b"GET http://example.com/after HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+            answer = read_all(sock)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert b"content-length: 4194304" in head.lower()
+        assert rest[:4 << 20] == b"x" * (4 << 20)
+        assert rest[4 << 20:].startswith(b"HTTP/1.1 200") and rest.endswith(b'"/after"}')

@@ -317,19 +317,19 @@ class _OriginLeg:
                 self._fail(f"server side: {exc or type(exc).__name__}", scope)
                 return
             self._push("server", data)
-            tracker = self.tracker
-            if tracker is not None:
-                try:
-                    tracker.feed(data)
-                except ProtocolError as exc:
-                    logger.debug("connection %s: responses cannot be followed (%s)", self.connection_id, exc)
-                    self.tracker = None  # relaying goes on; only a change of origin is no longer possible
             try:
                 await self.client.send(data)
             except _ERRORS as exc:
                 self._fail(f"client side: {exc or type(exc).__name__}", scope)
                 return
             self.result.bytes_from_server += len(data)
+            tracker = self.tracker
+            if tracker is not None:  # fed once the bytes were delivered: idle means the client has it all
+                try:
+                    tracker.feed(data)
+                except ProtocolError as exc:
+                    logger.debug("connection %s: responses cannot be followed (%s)", self.connection_id, exc)
+                    self.tracker = None  # relaying goes on; only a change of origin is no longer possible
             if self._switch_ready is not None and (self.tracker is None or self.tracker.idle):
                 self._switch_ready.set()
         self.server_ended = True
