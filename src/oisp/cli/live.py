@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from oisp.events import Event
+from oisp.events.spec_gaps import provider_name
 
 __all__ = ["CallRow", "LiveView", "Totals"]
 
@@ -41,9 +42,12 @@ class Totals:
     errors: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    cost_usd: float = 0.0
+    #: Total cost of the calls that had one; None until a call had one (no pricing loaded: no cost shown).
+    cost_usd: float | None = None
     tool_calls: int = 0
     by_provider: dict[str, int] = attrs.field(factory=dict)
+    #: Connections that failed (upstream unreachable, its certificate not verified, ...): no call came of them.
+    failed_connections: int = 0
 
 
 def _get(obj: Any, *names: str) -> Any:
@@ -82,7 +86,7 @@ class LiveView:
             process = event.process
             who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
             row = CallRow(time=event.ts.astimezone().strftime("%H:%M:%S"), process=who,
-                          provider=str(_get(data, "provider", "name") or "?"),
+                          provider=provider_name(event) or "?",
                           model=str(_get(data, "model", "id") or "?"),
                           request_type=str(getattr(data, "request_type", "") or ""))
             request_id = getattr(data, "request_id", None)
@@ -111,8 +115,11 @@ class LiveView:
             self.totals.errors += success is False
             self.totals.tokens_in += row.tokens_in or 0
             self.totals.tokens_out += row.tokens_out or 0
-            self.totals.cost_usd += row.cost_usd or 0.0
+            if row.cost_usd is not None:
+                self.totals.cost_usd = (self.totals.cost_usd or 0.0) + row.cost_usd
             self.totals.tool_calls += len(row.tools)
+        elif event.event_type == "network.connect" and getattr(data, "success", None) is False:
+            self.totals.failed_connections += 1
         else:
             return
         if self._live is not None:
@@ -133,9 +140,13 @@ class LiveView:
             )
         t = self.totals
         providers = ", ".join(f"{name} {count}" for name, count in sorted(t.by_provider.items()))
-        footer = Text(f"calls {t.calls} ({providers or 'none yet'})  errors {t.errors}  tokens in {t.tokens_in} "
-                      f"out {t.tokens_out}  tool calls {t.tool_calls}  cost ${t.cost_usd:.5f}")
-        return Group(table, footer)
+        footer = (f"calls {t.calls} ({providers or 'none yet'})  errors {t.errors}  tokens in {t.tokens_in} "
+                  f"out {t.tokens_out}  tool calls {t.tool_calls}")
+        if t.cost_usd is not None:
+            footer += f"  cost ${t.cost_usd:.5f}"
+        if t.failed_connections:
+            footer += f"  failed connections {t.failed_connections}"
+        return Group(table, Text(footer, style="red" if t.failed_connections and not t.calls else ""))
 
 
 def _num(value: int | None) -> str:

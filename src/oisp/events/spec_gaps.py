@@ -17,9 +17,12 @@ from typing import Any
 
 from oisp.events.envelope import Event
 
-__all__ = ["ORIGINAL_KEY", "conform", "map_values"]
+__all__ = ["ORIGINAL_KEY", "PROVIDER_KEY", "conform", "map_values", "provider_name"]
 
 ORIGINAL_KEY = "oisp.original"
+#: ``attrs`` key with the provider's own name when the schema's enum has no place for it (``data.provider.name``
+#: is then ``"other"``): a plugin's ``example-llm``, ``deepseek``, ``openrouter``.
+PROVIDER_KEY = "oisp.provider"
 
 PROVIDER_NAMES = frozenset({
     "openai", "anthropic", "google", "azure_openai", "aws_bedrock", "cohere", "mistral", "groq", "together",
@@ -195,5 +198,18 @@ def map_values(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
     attrs_ = dict(raw.get("attrs") or {})
     previous = attrs_.get(ORIGINAL_KEY)
     attrs_[ORIGINAL_KEY] = {**(previous if isinstance(previous, dict) else {}), **mapper.original}
+    if "data.provider.name" in mapper.original:
+        attrs_[PROVIDER_KEY] = mapper.original["data.provider.name"]
     raw["attrs"] = attrs_
     return mapper.original, mapper.touched
+
+
+def provider_name(event: Event) -> str | None:
+    """The provider's own name for an event: ``attrs["oisp.provider"]`` where the schema's enum had no place for it,
+    else ``data.provider.name`` (None for events without a provider)."""
+    own = (event.attrs or {}).get(PROVIDER_KEY)
+    if isinstance(own, str):
+        return own
+    provider = getattr(event.data, "provider", None)
+    name = getattr(provider, "name", None)
+    return name if isinstance(name, str) else None

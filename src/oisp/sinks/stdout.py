@@ -39,9 +39,9 @@ from oisp.events import (
     NetworkDns,
     ProcessExec,
     ProcessExit,
-    ProviderInfo,
     Record,
 )
+from oisp.events.spec_gaps import provider_name
 
 __all__ = ["StdoutSink", "format_line"]
 
@@ -188,10 +188,6 @@ def _process(event: Event) -> _Parts:
     return [f"pid={process.pid}" if process.pid is not None else None, name]
 
 
-def _provider(provider: ProviderInfo | None) -> str | None:
-    return provider.name if provider is not None else None
-
-
 def _model(model: ModelInfo | None) -> str | None:
     return (model.id or model.name) if model is not None else None
 
@@ -213,7 +209,7 @@ def _usd(value: float | None) -> str | None:
 def _ai_request(event: Event) -> _Parts:
     data = event.data
     assert isinstance(data, AiRequest)
-    return [_provider(data.provider), _model(data.model), data.request_type, "stream" if data.streaming else None,
+    return [provider_name(event), _model(data.model), data.request_type, "stream" if data.streaming else None,
             *_process(event), _count("msgs", data.messages_count, data.messages),
             _count("tools", data.tools_count, data.tools)]
 
@@ -229,7 +225,7 @@ def _ai_response(event: Event) -> _Parts:
     finish = data.finish_reason or next((c.finish_reason for c in data.choices or [] if c.finish_reason), None)
     usage = data.usage
     cost = usage.total_cost_usd if usage is not None else None
-    return [_provider(data.provider), _model(data.model),
+    return [provider_name(event), _model(data.model),
             str(data.status_code) if data.status_code is not None else None, outcome, error,
             f"in={usage.prompt_tokens}" if usage is not None and usage.prompt_tokens is not None else None,
             f"out={usage.completion_tokens}" if usage is not None and usage.completion_tokens is not None else None,
@@ -253,7 +249,7 @@ def _ai_streaming_chunk(event: Event) -> _Parts:
 def _ai_embedding(event: Event) -> _Parts:
     data = event.data
     assert isinstance(data, AiEmbedding)
-    return [_provider(data.provider), _model(data.model),
+    return [provider_name(event), _model(data.model),
             f"inputs={data.input_count}" if data.input_count is not None else None,
             f"tokens={data.total_tokens}" if data.total_tokens is not None else None,
             f"dims={data.dimensions}" if data.dimensions is not None else None,
