@@ -185,3 +185,12 @@ def test_third_party_provider_claims_its_endpoint_and_decodes_real_traffic(tmp_p
     assert request.data.messages[0].content == "Say hello"  # type: ignore[attr-defined]
     assert response.data.choices[0].message.content == "Hello, world"  # type: ignore[attr-defined]
     assert response.data.usage.prompt_tokens == 3 and response.data.usage.completion_tokens == 2  # type: ignore[attr-defined]
+
+
+def test_a_proxy_without_an_endpoint_table_knows_the_plugins_hosts(tmp_path: Path) -> None:
+    from oisp.proxy import MitmProxy, ProxyConfig
+    from oisp.tls import CertificateAuthority
+
+    proxy = MitmProxy(ProxyConfig(listen_port=0), ca=CertificateAuthority.load_or_create(tmp_path))
+    assert proxy.endpoints.match("api.acme-llm.example", 443) is not None  # the example provider plugin's host
+    assert proxy.endpoints.match("api.openai.com", 443) is not None

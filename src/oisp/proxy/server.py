@@ -118,7 +118,11 @@ def _addr(stream: SocketStream, attribute: Any) -> tuple[str, int]:
 
 
 class MitmProxy:
-    """The proxy. Start it with ``await task_group.start(proxy.serve)``, which returns the bound address."""
+    """The TLS-intercepting proxy: relays every byte unchanged and hands copies of AI traffic to ``observer``.
+
+    Start it with ``await task_group.start(proxy.serve)``, which returns the bound address. ``endpoints`` says
+    which hosts are AI endpoints (default: every installed provider plugin's, as ``oisp run`` uses).
+    """
 
     def __init__(
         self,
@@ -137,7 +141,11 @@ class MitmProxy:
             raise ValueError("transparent mode needs an original-destination lookup (an interceptor)")
         self.config = config
         self.ca = ca
-        self.endpoints = endpoints or EndpointTable()
+        if endpoints is None:
+            from oisp.plugins import create_plugin_manager
+
+            endpoints = EndpointTable(create_plugin_manager().endpoints())
+        self.endpoints = endpoints
         self.observer = observer
         if decoder_factory is None:
             from oisp.http.decoder import make_decoder
