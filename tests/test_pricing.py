@@ -165,3 +165,36 @@ def test_a_small_bundle_without_the_spec() -> None:
     assert len(book) == 1 and book.lookup("openai", "free") is None
     cost = book.cost("openai", "gpt-x-2025-01-01", Usage(prompt_tokens=1000, completion_tokens=1000))
     assert cost is not None and (cost.input_usd, cost.output_usd, cost.total_usd) == (0.001, 0.002, 0.003)
+
+
+def test_the_shipped_prices_are_the_spec_bundles_and_price_calls_out_of_the_box() -> None:
+    shipped = PriceBook.packaged()
+    assert len(shipped) > 1000
+    usage = Usage(prompt_tokens=1000, completion_tokens=1000)
+    cost = shipped.cost("openai", "gpt-4o-2024-08-06", usage)
+    assert cost is not None and cost.input_usd > 0 and cost.output_usd > cost.input_usd
+    event = PricingEnricher.load()(_response("anthropic", "claude-3-5-haiku-20241022", usage))
+    assert event.data.usage.total_cost_usd  # type: ignore[attr-defined]
+    site_bundle = BUNDLE.parent.parent.parent / "site" / "spec" / "v0.1" / "bundle.json"
+    if site_bundle.is_file():  # the shipped table is the site bundle's, prices only
+        models = json.loads(site_bundle.read_text())["models"]
+        entry = models["openai/gpt-4o"]
+        assert shipped.lookup("openai", "gpt-4o").input == entry["input_cost_per_1k"]  # type: ignore[union-attr]
+
+
+def test_runs_price_calls_unless_pricing_is_turned_off(tmp_path: Path) -> None:
+    from oisp.config import load_config
+    from oisp.decoding import build_pipeline
+    from oisp.plugins import create_plugin_manager
+
+    plugins = create_plugin_manager()
+    config = tmp_path / "oisp.toml"
+    config.write_text("")
+    pipeline = build_pipeline(plugins, load_config(config))
+    assert any(isinstance(e, PricingEnricher) for e in pipeline._enrichers)
+    config.write_text("[pricing]\nenabled = false\n")
+    pipeline = build_pipeline(plugins, load_config(config))
+    assert not any(isinstance(e, PricingEnricher) for e in pipeline._enrichers)
+    config.write_text('[pricing]\nenabled = "yes"\n')
+    with pytest.raises(ConfigurationError, match="pricing.enabled"):
+        load_config(config)

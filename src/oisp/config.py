@@ -26,9 +26,11 @@ is allowed. Command-line flags override the file. Example::
     streaming_chunks = false
     decoder = "process"            # process (a separate decoder process) | inline (in the proxy's event loop)
     decoder_buffer = 33554432      # bytes the decoder process may fall behind the relay
+    decoder_cpu = "any"            # any (wherever the scheduler puts it) | last (a CPU of its own, as a batch task)
 
     [pricing]
-    bundle = "/path/to/oisp-spec/bundle.json"
+    enabled = true                 # costs in USD, from the prices oisp ships
+    bundle = "/path/to/oisp-spec/bundle.json"   # optional: a newer bundle's prices instead
 
     [ca]
     name_constrained = true        # the CA can only vouch for AI endpoints
@@ -56,6 +58,7 @@ __all__ = ["Config", "default_config_path", "load_config"]
 MODES = ("explicit", "reverse", "transparent")
 PROFILES = ("default", "metadata-only")
 DECODERS = ("process", "inline")
+DECODER_CPUS = ("last", "any")
 
 
 def default_config_path() -> Path:
@@ -92,6 +95,11 @@ class Config:
     decoder: str = "process"
     #: How many bytes the decoder process may fall behind the relay before decoding of a connection stops.
     decoder_buffer: int = 32 * 1024 * 1024
+    #: Where the decoder process runs: ``last`` (the last CPU oisp may use, as a batch task, away from the relay)
+    #: or ``any`` (wherever the scheduler puts it).
+    decoder_cpu: str = "any"
+    #: Price AI calls (``usage.*_cost_usd``): with ``pricing_bundle``, else with the prices oisp ships.
+    pricing: bool = True
     pricing_bundle: Path | None = None
     #: Use a name-constrained CA that can only vouch for the AI endpoints (and ``ca_extra_domains``).
     ca_name_constrained: bool = False
@@ -226,6 +234,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["streaming_chunks"] = capture.boolean("streaming_chunks")
         values["decoder"] = capture.string("decoder", choices=DECODERS)
         values["decoder_buffer"] = capture.number("decoder_buffer", integer=True)
+        values["decoder_cpu"] = capture.string("decoder_cpu", choices=DECODER_CPUS)
         capture.finish()
     ca = root.table("ca")
     if ca is not None:
@@ -234,6 +243,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         ca.finish()
     pricing = root.table("pricing")
     if pricing is not None:
+        values["pricing"] = pricing.boolean("enabled")
         values["pricing_bundle"] = pricing.path("bundle")
         pricing.finish()
     sinks = root._get("sinks")

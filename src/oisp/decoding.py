@@ -32,14 +32,14 @@ def build_sinks(plugins: OispPluginManager, config: Config) -> dict[str, Sink]:
 
 def build_pipeline(plugins: OispPluginManager, config: Config, extra_sinks: dict[str, Sink] | None = None, *,
                    sink_handoff_wait: float = 0.0) -> Pipeline:
-    """The pipeline of ``config``: its sinks (plus ``extra_sinks``), pricing when configured, its redaction.
+    """The pipeline of ``config``: its sinks (plus ``extra_sinks``), pricing (unless turned off), its redaction.
     ``sink_handoff_wait``: see :class:`~oisp.pipeline.Pipeline` (only for a loop that does nothing else)."""
     sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
     enrichers: list[Enricher] = []
-    if config.pricing_bundle is not None:
-        from oisp.pricing import PricingEnricher  # type: ignore[import-not-found,unused-ignore]
+    if config.pricing:
+        from oisp.pricing import PricingEnricher
 
-        enrichers.append(PricingEnricher.load(config.pricing_bundle))
+        enrichers.append(PricingEnricher.load(config.pricing_bundle))  # None: the prices oisp ships
     return Pipeline(sinks, enrichers=enrichers, sink_handoff_wait=sink_handoff_wait,
                     redactor=Redactor(profile=config.redaction_profile, extra_patterns=config.redaction_patterns))
 

@@ -1,5 +1,9 @@
 """Cost in USD of AI calls, from the model prices in an OISP spec bundle.
 
+oisp ships the prices of the OISP spec bundle's ``models`` table as package data (``oisp/data/model_prices.json``,
+Apache-2.0, see its NOTICE), so costs work out of the box (:meth:`PriceBook.packaged`); a newer bundle given with
+``--pricing`` or ``[pricing] bundle`` replaces them.
+
 The OISP spec publishes a bundle (``spec/v0.1/bundle.json``; the website's newer bundle has the same
 ``models`` table) whose ``models`` map ``provider/model`` to prices per 1,000 tokens: ``input_cost_per_1k``,
 ``output_cost_per_1k`` and, for some models, ``cache_read_cost_per_1k``, ``cache_write_cost_per_1k`` and
@@ -154,6 +158,11 @@ class PriceBook:
         logger.info("pricing: %d priced models from %s", len(book), path)
         return book
 
+    @classmethod
+    def packaged(cls) -> PriceBook:
+        """The prices oisp ships (the spec bundle's ``models`` table, prices only)."""
+        return _packaged_book()
+
     def __len__(self) -> int:
         return len({p.key for p in self._prices.values()})
 
@@ -204,9 +213,9 @@ class PricingEnricher:
         self.book = book
 
     @classmethod
-    def load(cls, path: str | Path) -> PricingEnricher:
-        """An enricher with the prices of the bundle at ``path``."""
-        return cls(PriceBook.load(path))
+    def load(cls, path: str | Path | None = None) -> PricingEnricher:
+        """An enricher with the prices of the bundle at ``path`` (None: the prices oisp ships)."""
+        return cls(PriceBook.packaged() if path is None else PriceBook.load(path))
 
     def __call__(self, event: Event) -> Event:
         data = event.data
@@ -238,3 +247,11 @@ class PricingEnricher:
             return event
         return attrs.evolve(event, data=attrs.evolve(data, extra={**data.extra, "total_cost_usd": cost.total_usd}),
                             attrs={**(event.attrs or {}), "oisp.pricing.model": cost.price.key})
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_book() -> PriceBook:
+    from importlib.resources import files
+
+    text = files("oisp").joinpath("data/model_prices.json").read_text(encoding="utf-8")
+    return PriceBook(json.loads(text)["models"])

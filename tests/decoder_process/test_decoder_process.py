@@ -249,3 +249,20 @@ async def test_leaving_never_hangs_on_a_decoder_process_that_stopped_reading(tmp
                     await anyio.sleep(0)
     assert decoder.stats.exit_code == -signal.SIGKILL
     assert "did not finish within 0.5 s" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="CPU placement needs Linux and at least two CPUs")
+async def test_the_decoder_process_runs_on_a_cpu_of_its_own_as_a_batch_task(tmp_path: Path) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    async with DecoderProcess(_config(tmp_path / "events.jsonl"), cpu="last") as decoder:
+        assert decoder.pid is not None
+        assert os.sched_getaffinity(decoder.pid) == {allowed[-1]}
+        assert os.sched_getscheduler(decoder.pid) == os.SCHED_BATCH
+    assert os.sched_getaffinity(0) == set(allowed)  # the proxy itself is left where it was
+    async with DecoderProcess(_config(tmp_path / "events.jsonl")) as decoder:  # the default
+        assert decoder.pid is not None
+        assert os.sched_getaffinity(decoder.pid) == set(allowed)
+        assert os.sched_getscheduler(decoder.pid) == os.SCHED_OTHER
+    with pytest.raises(OispError, match="cpu must be one of last, any"):
+        DecoderProcess(_config(tmp_path / "events.jsonl"), cpu="first")

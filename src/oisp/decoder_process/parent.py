@@ -19,6 +19,7 @@ import attrs
 from oisp.config import Config
 from oisp.decoder_process.channel import FrameChannel
 from oisp.decoder_process.launch import spawn_worker
+from oisp.decoder_process.placement import CPU_CHOICES, place_decoder_process
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -185,7 +186,7 @@ class DecoderProcess:
     def __init__(self, config: Config, *, buffer_limit: int = DEFAULT_BUFFER,
                  connection_limit: int = DEFAULT_CONNECTION_BUFFER,
                  on_event: Callable[[Event], None] | None = None, start_timeout: float = 60.0,
-                 finish_timeout: float = 300.0, max_restarts: int = 5) -> None:
+                 finish_timeout: float = 300.0, max_restarts: int = 5, cpu: str = "any") -> None:
         if buffer_limit <= 0 or connection_limit <= 0:
             raise OispError(f"buffer_limit ({buffer_limit}) and connection_limit ({connection_limit}) must be "
                             "positive")
@@ -196,6 +197,9 @@ class DecoderProcess:
         self.start_timeout = start_timeout
         self.finish_timeout = finish_timeout
         self.max_restarts = max_restarts
+        if cpu not in CPU_CHOICES:
+            raise OispError(f"cpu must be one of {', '.join(CPU_CHOICES)}, not {cpu!r}")
+        self.cpu = cpu
         self.stats = DecoderProcessStats()
         #: The decoder process's pipeline summary, once it has finished.
         self.pipeline_summary: dict[str, Any] | None = None
@@ -285,6 +289,9 @@ class DecoderProcess:
             raise OispError(f"could not start the decoder process ({sys.executable}): {exc}") from exc
         finally:
             theirs.close()
+        placed = place_decoder_process(process.pid, self.cpu)
+        if placed:
+            logger.debug("decoder process %d placed on %s", process.pid, placed)
         worker = _Worker(process, FrameChannel(ours, limit=self.buffer_limit, coalesce=COALESCE))
         worker.channel.send(Kind.SETTINGS, 0, dump_object(settings), force=True)
         self._worker = worker
