@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tests.netns import poll_until
 
 from oisp.attribution import Attributor
 
@@ -36,10 +37,14 @@ def test_the_client_process_of_a_loopback_connection_is_named(tmp_path: Path) ->
             assert process.pid == child.pid
             assert process.ppid == os.getpid()
             assert process.exe == psutil.Process(child.pid).exe()
-            assert process.cmdline_args == [sys.executable, str(script), "--task", "fix"]
+            # plain arguments: the command line says it all, the list is not repeated
+            assert process.cmdline == " ".join([sys.executable, str(script), "--task", "fix"])
+            assert process.cmdline_args is None
             assert process.cwd == str(tmp_path)
             assert process.parent is not None and process.parent.pid == os.getpid()
+            assert process.parent.cmdline  # the parent in full ...
             assert process.ancestors and process.ancestors[0].pid == os.getpid()
+            assert process.ancestors[0].cmdline is None  # ... and not repeated in the chain
             assert process.start_time and process.start_time.endswith("Z")
             assert attribution.actor is not None and attribution.actor.uid == os.getuid()
     finally:
@@ -235,5 +240,16 @@ def test_a_client_in_another_network_namespace_is_found_there() -> None:
         assert found is not None and found.process.pid == child.pid
         assert found.pid_source is PidSource.SOCK_DIAG_ORIGINAL
         assert current_identity() == before  # no thread of this process but the short-lived one changed namespace
+    finally:
+        child.communicate("")
+
+
+def test_arguments_the_command_line_cannot_say_are_kept_as_a_list(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "two words", ""],
+                             stdin=subprocess.PIPE, text=True)
+    try:
+        process = poll_until(lambda: Attributor().describe(child.pid).process if psutil.Process(child.pid).cmdline()
+                             [-2:] == ["two words", ""] else None, timeout=10, what="the child's command line")
+        assert process.cmdline_args == [sys.executable, "-c", "import sys; sys.stdin.read()", "two words", ""]
     finally:
         child.communicate("")

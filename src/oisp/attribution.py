@@ -337,12 +337,14 @@ class Attributor:
         ancestors = _ancestors(proc)
         process = ProcessInfo(
             pid=proc.pid, ppid=info.get("ppid"), exe=info.get("exe") or None, name=info.get("name") or None,
-            cmdline=_cmdline_text(cmdline, CMDLINE_LIMIT),
-            cmdline_args=list(cmdline) if cmdline and len(" ".join(cmdline)) <= CMDLINE_LIMIT else None,
+            cmdline=_cmdline_text(cmdline, CMDLINE_LIMIT), cmdline_args=_args_unless_plain(cmdline),
             cwd=info.get("cwd") or None,
             start_time=format_ts(datetime.fromtimestamp(info["create_time"], UTC)) if info.get("create_time")
             else None,
-            parent=ancestors[0] if ancestors else None, ancestors=ancestors or None,
+            # The parent in full (with its command line); the chain by pid, exe and name only, as the schema's
+            # ancestors are (the parent's command line is not repeated there).
+            parent=ancestors[0] if ancestors else None,
+            ancestors=[attrs.evolve(a, cmdline=None) for a in ancestors] or None,
         )
         uids = info.get("uids")
         gids = info.get("gids")
@@ -468,6 +470,16 @@ def _ancestors(proc: psutil.Process) -> list[ParentProcess]:
             break
         current = parent
     return chain
+
+
+def _args_unless_plain(args: list[str] | None) -> list[str] | None:
+    """The argument list, where the command line does not already say it: when an argument is empty or holds
+    whitespace (``sh -c "a b"``), joining loses where arguments begin; otherwise ``cmdline`` says it all."""
+    if not args or len(" ".join(args)) > CMDLINE_LIMIT:
+        return None
+    if all(arg and not any(c.isspace() for c in arg) for arg in args):
+        return None
+    return list(args)
 
 
 def _cmdline_text(args: list[str] | None, limit: int) -> str | None:
