@@ -27,6 +27,7 @@ from oisp.hookspecs import ExchangeDecoder, Sink, SinkFactory, hookimpl
 if TYPE_CHECKING:
     from oisp.attribution import Attribution, Attributor
     from oisp.config import Config
+    from oisp.conversations import Call, Conversation, calls, conversations, read_events
     from oisp.decoder import EventDecoder
     from oisp.decoder_process import DecoderProcess
     from oisp.interception import Interceptor, InterceptorConfig
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 _LAZY = {
     "Attribution": "oisp.attribution",
     "Attributor": "oisp.attribution",
+    "Call": "oisp.conversations",
+    "Conversation": "oisp.conversations",
+    "calls": "oisp.conversations",
+    "conversations": "oisp.conversations",
+    "read_events": "oisp.conversations",
     "CertificateAuthority": "oisp.tls",
     "Config": "oisp.config",
     "DecoderProcess": "oisp.decoder_process",
@@ -69,10 +75,12 @@ def __dir__() -> list[str]:
 __all__ = [
     "Attribution",
     "Attributor",
+    "Call",
     "CertificateAuthority",
     "CertificateError",
     "Config",
     "ConfigurationError",
+    "Conversation",
     "DecoderProcess",
     "Event",
     "EventDecoder",
@@ -91,6 +99,9 @@ __all__ = [
     "Sink",
     "SinkFactory",
     "__version__",
+    "calls",
+    "conversations",
     "create_plugin_manager",
     "hookimpl",
+    "read_events",
 ]

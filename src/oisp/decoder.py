@@ -25,6 +25,7 @@ from oisp.events import (
     NetworkConnect,
     Source,
     TlsInfo,
+    TraceContext,
 )
 from oisp.events.envelope import COLLECTOR
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder
@@ -33,7 +34,7 @@ from oisp.plugins import OispPluginManager
 from oisp.providers.metadata import MetadataDecoder
 from oisp.proxy.report import ConnectionReport, Decision
 
-__all__ = ["EventDecoder", "network_connect_event"]
+__all__ = ["EventDecoder", "network_connect_event", "trace_context_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +123,31 @@ def network_connect_event(report: ConnectionReport) -> Event:
     )
 
 
+def trace_context_of(traceparent: str | None) -> TraceContext | None:
+    """The W3C trace context of a ``traceparent`` header (``00-<trace id>-<parent id>-<flags>``), so that an
+    exchange's events join the app's own trace; None when absent or malformed (all-zero ids, version ff)."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().lower().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff" or (parts[0] == "00" and len(parts) != 4):
+        return None
+    version, trace_id, span_id, flags = parts[:4]
+    try:
+        if len(trace_id) != 32 or len(span_id) != 16 or len(flags) != 2 or not int(trace_id, 16) \
+                or not int(span_id, 16):
+            return None
+        int(version, 16)
+        return TraceContext(trace_id=trace_id, span_id=span_id, trace_flags=int(flags, 16))
+    except ValueError:
+        return None
+
+
 @attrs.define
 class _Active:
     decoder: ExchangeDecoder
     plugin: str
+    #: From the request's ``traceparent`` header, for every event of the exchange.
+    trace: TraceContext | None = None
 
 
 class _ConnectionListener:
@@ -138,7 +160,8 @@ class _ConnectionListener:
 
     def request(self, exchange: HttpExchange) -> None:
         plugin, decoder = self.owner.decoder_for(exchange)
-        self.active[exchange.exchange_id] = _Active(decoder, plugin)
+        self.active[exchange.exchange_id] = _Active(decoder, plugin,
+                                                    trace_context_of(exchange.request.headers.get("traceparent")))
         self._run(exchange, "on_request")
 
     def response_start(self, exchange: HttpExchange) -> None:
@@ -162,11 +185,11 @@ class _ConnectionListener:
                          active.plugin, method, exchange.request.method, exchange.request.path, exc, exc_info=True)
             events = self._fall_back(exchange, active, method)
         for event in events:
-            self.owner.emit_for(self.connection, event)
+            self.owner.emit_for(self.connection, event, active.trace)
 
     def _fall_back(self, exchange: HttpExchange, active: _Active, method: str) -> list[Event]:
         fallback = MetadataDecoder()
-        self.active[exchange.exchange_id] = _Active(fallback, "oisp.providers.metadata")
+        self.active[exchange.exchange_id] = _Active(fallback, "oisp.providers.metadata", active.trace)
         if method == "on_request":
             return list(fallback.on_request(exchange))
         if method == "on_end":
@@ -206,9 +229,11 @@ class EventDecoder:
             logger.error("plugin %s returned %r from oisp_exchange_decoder, not an ExchangeDecoder", name, decoder)
         return "oisp.providers.metadata", MetadataDecoder()
 
-    def emit_for(self, connection: ConnectionInfo, event: Event) -> None:
-        """Add the connection's context to a provider's event and emit it."""
+    def emit_for(self, connection: ConnectionInfo, event: Event, trace: TraceContext | None = None) -> None:
+        """Add the connection's context (and the exchange's trace context) to a provider's event and emit it."""
         fields: dict[str, Any] = {}
+        if trace is not None and event.trace_context is None:
+            fields["trace_context"] = trace
         if event.process is None and connection.process is not None:
             fields["process"] = connection.process
         if event.actor is None and connection.actor is not None:

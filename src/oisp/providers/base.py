@@ -715,7 +715,8 @@ class ApiDecoder:
                 confidence=Confidence(level="high", completeness="full", reasons=["tool_result_in_request"],
                                       content_source="mitm_decryption" if exchange.connection.tls
                                       else "plaintext_capture"),
-                related_events=related, attrs={"oisp.connection_id": exchange.connection.connection_id},
+                related_events=related, attrs={"oisp.connection_id": exchange.connection.connection_id,
+                                               "oisp.request_id": request_id_for(exchange)},  # the carrying request
             ))
         return out
 
