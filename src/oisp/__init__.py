@@ -26,28 +26,35 @@ from oisp.hookspecs import ExchangeDecoder, Sink, SinkFactory, hookimpl
 
 if TYPE_CHECKING:
     from oisp.attribution import Attribution, Attributor
+    from oisp.capture import AICapture, capture_ai
     from oisp.config import Config
-    from oisp.conversations import Call, Conversation, calls, conversations, read_events
+    from oisp.conversation import Call, Conversation, calls, conversations, read_events
     from oisp.decoder import EventDecoder
     from oisp.decoder_process import DecoderProcess
-    from oisp.interception import Interceptor, InterceptorConfig
+    from oisp.endpoints import EndpointTable
+    from oisp.interception import Interceptor, InterceptorConfig, TargetSet
     from oisp.pipeline import Pipeline
     from oisp.plugins import create_plugin_manager
-    from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode
+    from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode, UpstreamOverride
     from oisp.tls import CertificateAuthority
 
 #: Public name -> the module that defines it (imported when the name is first used).
 _LAZY = {
+    "AICapture": "oisp.capture",
+    "capture_ai": "oisp.capture",
     "Attribution": "oisp.attribution",
     "Attributor": "oisp.attribution",
-    "Call": "oisp.conversations",
-    "Conversation": "oisp.conversations",
-    "calls": "oisp.conversations",
-    "conversations": "oisp.conversations",
-    "read_events": "oisp.conversations",
+    "Call": "oisp.conversation",
+    "Conversation": "oisp.conversation",
+    "calls": "oisp.conversation",
+    "conversations": "oisp.conversation",
+    "read_events": "oisp.conversation",
     "CertificateAuthority": "oisp.tls",
     "Config": "oisp.config",
     "DecoderProcess": "oisp.decoder_process",
+    "EndpointTable": "oisp.endpoints",
+    "TargetSet": "oisp.interception",
+    "UpstreamOverride": "oisp.proxy",
     "EventDecoder": "oisp.decoder",
     "Interceptor": "oisp.interception",
     "InterceptorConfig": "oisp.interception",
@@ -73,6 +80,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AICapture",
     "Attribution",
     "Attributor",
     "Call",
@@ -82,6 +90,7 @@ __all__ = [
     "ConfigurationError",
     "Conversation",
     "DecoderProcess",
+    "EndpointTable",
     "Event",
     "EventDecoder",
     "EventValidationError",
@@ -98,8 +107,11 @@ __all__ = [
     "ProxyMode",
     "Sink",
     "SinkFactory",
+    "TargetSet",
+    "UpstreamOverride",
     "__version__",
     "calls",
+    "capture_ai",
     "conversations",
     "create_plugin_manager",
     "hookimpl",

@@ -20,6 +20,7 @@ import anyio
 
 from oisp.cli.run import Running, run
 from oisp.config import Config
+from oisp.demo import HOSTS, stand_in_context
 from oisp.demo.provider import DemoProvider
 from oisp.errors import OispError
 from oisp.sinks.memory import MemorySink
@@ -27,7 +28,6 @@ from oisp.tls import CertificateAuthority
 
 __all__ = ["run_demo"]
 
-HOSTS = ("api.openai.com", "api.anthropic.com")
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "Current weather for a city",
@@ -54,14 +54,7 @@ def run_demo(*, output: Path | None = None, json_lines: bool = False) -> int:
 async def _demo(sink: MemorySink, output: Path | None, json_lines: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="oisp-demo-") as tmp:
         provider_ca = CertificateAuthority.load_or_create(Path(tmp) / "provider-ca")
-        context = provider_ca.server_context(HOSTS[0], ["http/1.1"])
-
-        def by_sni(ssl_object: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-            if name:
-                ssl_object.context = provider_ca.server_context(name, ["http/1.1"])
-
-        context.sni_callback = by_sni
-        provider = DemoProvider(context)
+        provider = DemoProvider(stand_in_context(provider_ca))
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             port = await tg.start(provider.serve)

@@ -121,20 +121,17 @@ async def run(
     )
     ca = load_ca(config, endpoints)  # after every check that could refuse the configuration
     stop = stop or anyio.Event()
-    lookup = _LateLookup()
 
     async def serve(observer: Any, pipeline: Pipeline | None, decoder_process: DecoderProcess | None) -> MitmProxy:
         nonlocal interceptor
         proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer, attributor=Attributor(),
-                          original_destinations=lookup if transparent else None,
                           before_upstream_connect=before_connect)
         async with anyio.create_task_group() as tg:
             if handle_signals:  # before anything can be announced, so an early Ctrl+C stops gracefully too
                 await tg.start(_stop_on_signal, stop)
             address = await tg.start(_serve, proxy, tg.cancel_scope)
-            if transparent:
-                interceptor = await _start_interceptor(config, endpoints, address[1])
-                lookup.source = interceptor
+            if transparent:  # the interceptor needs the port to divert to: it joins once the proxy listens
+                interceptor = await _start_interceptor(config, endpoints, address[1], proxy)
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
             logger.info("oisp %s proxy listening on %s:%d (CA: %s; decoding %s)", config.mode, address[0],
                         address[1], ca.cert_path,
@@ -179,22 +176,12 @@ async def _shutdown_when(stop: anyio.Event, proxy: MitmProxy, drain_timeout: flo
     await proxy.shutdown(drain_timeout)
 
 
-class _LateLookup:
-    """The proxy's original-destination lookup, answered by the interceptor once it has started (the proxy
-    must be listening first, so the interceptor knows which port to divert to)."""
-
-    def __init__(self) -> None:
-        self.source: Any = None
-
-    def original_destination(self, client: tuple[str, int], local: tuple[str, int]) -> Any:
-        return None if self.source is None else self.source.original_destination(client, local)
-
-
-async def _start_interceptor(config: Config, endpoints: EndpointTable, proxy_port: int) -> Any:
+async def _start_interceptor(config: Config, endpoints: EndpointTable, proxy_port: int, proxy: MitmProxy) -> Any:
     from oisp.interception import Interceptor, InterceptorConfig, TargetSet
 
     interceptor = Interceptor(InterceptorConfig(proxy_port=proxy_port, interfaces=config.interfaces or None),
                               TargetSet.from_endpoints(endpoints))
+    proxy.original_destinations = interceptor  # before the first connection is diverted
     await anyio.to_thread.run_sync(interceptor.start)
     logger.info("diverting connections to %d AI endpoint(s) on %s", len(endpoints),
                 ", ".join(config.interfaces) if config.interfaces else "the machine's interfaces")

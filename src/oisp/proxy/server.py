@@ -121,7 +121,9 @@ class MitmProxy:
     """The TLS-intercepting proxy: relays every byte unchanged and hands copies of AI traffic to ``observer``.
 
     Start it with ``await task_group.start(proxy.serve)``, which returns the bound address. ``endpoints`` says
-    which hosts are AI endpoints (default: every installed provider plugin's, as ``oisp run`` uses).
+    which hosts are AI endpoints (default: every installed provider plugin's, as ``oisp run`` uses). In
+    transparent mode, ``original_destinations`` (the interceptor) may be set after ``serve`` has started, since
+    the interceptor needs the port it diverts to; until then diverted connections are closed.
     """
 
     def __init__(
@@ -137,8 +139,6 @@ class MitmProxy:
         before_upstream_connect: SocketHook | None = None,
         parse_client_hello: Callable[[bytes], _ClientHello | None] | None = None,
     ) -> None:
-        if config.mode is ProxyMode.TRANSPARENT and original_destinations is None:
-            raise ValueError("transparent mode needs an original-destination lookup (an interceptor)")
         self.config = config
         self.ca = ca
         if endpoints is None:
@@ -281,9 +281,9 @@ class MitmProxy:
 
     async def _transparent(self, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
                            local_addr: tuple[str, int]) -> None:
-        assert self.original_destinations is not None
+        lookup = self.original_destinations  # may be set after serve() started: the interceptor needs its port
         try:
-            original = self.original_destinations.original_destination(client_addr, local_addr)
+            original = lookup.original_destination(client_addr, local_addr) if lookup is not None else None
         except Exception:
             logger.exception("connection %s: original-destination lookup failed", connection_id)
             original = None

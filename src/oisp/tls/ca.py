@@ -191,7 +191,7 @@ class CertificateAuthority:
     @classmethod
     def load_or_create(
         cls,
-        confdir: Path | None = None,
+        confdir: str | os.PathLike[str] | None = None,
         *,
         permitted_domains: Sequence[str] | None = None,
         clock: Callable[[], datetime] | None = None,
@@ -208,7 +208,7 @@ class CertificateAuthority:
         accessible by other users, the pair is corrupt, incomplete or mismatched, or the CA has expired;
         :class:`~oisp.errors.ConfigurationError` when a permitted domain is not a DNS name.
         """
-        directory = confdir if confdir is not None else default_confdir()
+        directory = Path(confdir) if confdir is not None else default_confdir()
         domains = _normalize_permitted(permitted_domains) if permitted_domains is not None else None
         cert_path, key_path = _pair_paths(directory, domains)
         _ensure_private_dir(directory)
