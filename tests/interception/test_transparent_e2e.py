@@ -71,7 +71,9 @@ class Workstation:
     def events(self) -> list[Event]:
         if not self.events_file.exists():
             return []
-        return [Event.from_json(line) for line in self.events_file.read_text().splitlines() if line.strip()]
+        # only whole lines: the sink may be writing the last one right now
+        complete = self.events_file.read_text().split("\n")[:-1]
+        return [Event.from_json(line) for line in complete if line.strip()]
 
     def wait_events(self, predicate: Callable[[list[Event]], bool], what: str) -> list[Event]:
         def ready() -> list[Event] | None:
