@@ -181,6 +181,7 @@ def test_plugins_lists_builtin_and_installed_plugins() -> None:
     assert names["oisp.providers.openai"]["builtin"] is True
     text = subprocess.run([*OISP, "plugins"], capture_output=True, text=True, timeout=30).stdout
     assert "sink kinds:" in text and "jsonl" in text
+    assert "kafka" in text and "webhook" in text
 
 
 def test_transparent_mode_without_root_says_clearly_what_it_needs(tmp_path: Path) -> None:
