@@ -115,13 +115,13 @@ class WebhookSink:
             self._ssl = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
             if ca_file is not None:
                 try:
-                    self._ssl.load_verify_locations(cafile=os.fspath(ca_file))
+                    self._ssl.load_verify_locations(cafile=os.path.expanduser(os.fspath(ca_file)))
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigurationError(f"sinks.webhook.ca_file: cannot load {ca_file}: {exc}") from exc
         elif ca_file is not None:
             raise ConfigurationError("sinks.webhook.ca_file: only meaningful with an https:// url")
 
-        self.spool_dir = Path(spool_dir)
+        self.spool_dir = Path(spool_dir).expanduser()
         self._index = SpoolIndex(max_bytes=spool_max_bytes)
         self._lock_fd: int | None = None
         self._open_spool()
