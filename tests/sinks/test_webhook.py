@@ -353,3 +353,28 @@ def test_pipeline_reports_the_sinks_own_counters(receiver: Receiver, tmp_path: P
     reported = summary["sinks"]["hook"]["reported"]
     assert reported["spooled"] == 120 and reported["delivered"] == 120 and reported["pending"] == 0
     assert len(set(receiver.event_ids())) == 120
+
+
+def test_a_write_that_fails_spools_nothing(receiver: Receiver, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """All or nothing: the pipeline counts a failed write as failed, so none of its batches may be sent later."""
+    receiver.stop()
+    spool = tmp_path / "spool"
+    sink = make_sink(receiver, spool, batch_size=2, close_timeout=0)
+    real = os.replace
+    calls = []
+
+    def failing_replace(src: Any, dst: Any) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        sink.write(make_events(0, 5))
+    monkeypatch.setattr(os, "replace", real)
+    assert list(spool.iterdir()) == [spool / ".lock"]
+    sink.write(make_events(5, 1))
+    assert sink.stats()["spooled"] == 1 and sink.stats()["pending"] == 1
+    sink.close()

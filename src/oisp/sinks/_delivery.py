@@ -114,12 +114,15 @@ class SpoolIndex:
     max_bytes: int
     entries: list[SpoolEntry] = attrs.field(factory=list)
     total_bytes: int = 0
+    #: Events in the spooled batches.
+    events: int = 0
     next_seq: int = 0
 
     def load(self, found: Iterable[SpoolEntry]) -> None:
         """Take the batches found on disk (any order) at start."""
         self.entries = sorted(found, key=lambda e: e.seq)
         self.total_bytes = sum(e.size for e in self.entries)
+        self.events = sum(e.count for e in self.entries)
         self.next_seq = self.entries[-1].seq + 1 if self.entries else 0
 
     def allocate(self) -> int:
@@ -130,6 +133,7 @@ class SpoolIndex:
     def add(self, entry: SpoolEntry) -> None:
         self.entries.append(entry)
         self.total_bytes += entry.size
+        self.events += entry.count
 
     def oldest(self) -> SpoolEntry | None:
         return self.entries[0] if self.entries else None
@@ -141,6 +145,7 @@ class SpoolIndex:
         except ValueError:
             return False
         self.total_bytes -= entry.size
+        self.events -= entry.count
         return True
 
     def over_bound(self, busy: SpoolEntry | None) -> list[SpoolEntry]:
@@ -155,9 +160,6 @@ class SpoolIndex:
                 continue
             del self.entries[index]
             self.total_bytes -= entry.size
+            self.events -= entry.count
             dropped.append(entry)
         return dropped
-
-    @property
-    def events(self) -> int:
-        return sum(e.count for e in self.entries)

@@ -171,13 +171,19 @@ class WebhookSink:
         if not lines:
             return
         added: list[SpoolEntry] = []
-        for start in range(0, len(lines), self.batch_size):
-            chunk = lines[start:start + self.batch_size]
-            with self._cond:
-                seq = self._index.allocate()
-            added.append(self._spool(seq, b"".join(chunk), len(chunk)))
-        if self.fsync:
-            _fsync_directory(self.spool_dir)
+        try:
+            for start in range(0, len(lines), self.batch_size):
+                chunk = lines[start:start + self.batch_size]
+                with self._cond:
+                    seq = self._index.allocate()
+                added.append(self._spool(seq, b"".join(chunk), len(chunk)))
+            if self.fsync:
+                _fsync_directory(self.spool_dir)
+        except BaseException:
+            # All or nothing: the pipeline counts the whole batch as failed, so none of it may be sent later.
+            for entry in added:
+                _unlink(self.spool_dir / entry.name)
+            raise
         with self._cond:
             for entry in added:
                 self._index.add(entry)
@@ -257,17 +263,18 @@ class WebhookSink:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         fd = os.open(temporary, flags, _FILE_MODE)
         try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.fsync:
-                os.fsync(fd)
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.spool_dir / entry.name)
         except BaseException:
-            os.close(fd)
             _unlink(temporary)
             raise
-        os.close(fd)
-        os.replace(temporary, self.spool_dir / entry.name)
         return entry
 
     # delivery -----------------------------------------------------------------------------------
@@ -339,8 +346,10 @@ class WebhookSink:
             conn.request("POST", self._target, body=body, headers=headers)
             response = conn.getresponse()
             response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except Exception as exc:  # OSError, HTTPException, and anything else: the delivery thread must go on
             self._drop_connection()
+            if not isinstance(exc, OSError | http.client.HTTPException):
+                logger.error("sinks.webhook: unexpected error posting to %s", self.url, exc_info=True)
             return Outcome.RETRY, None, f"{type(exc).__name__}: {exc}"
         if response.will_close:
             self._drop_connection()
