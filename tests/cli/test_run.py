@@ -98,6 +98,55 @@ spool_dir = "{tmp_path / 'spool'}"
     assert f"oisp: sink webhook: spooled {count}, delivered {count}, dropped 0, rejected 0" in stderr
 
 
+def test_run_exports_to_kafka(tmp_path: Path, upstream: RunningUpstream) -> None:
+    """The kafka sink as a user configures it, to librdkafka's mock cluster (running in this test's process):
+    the exchange's events are consumed back, and the exit summary reports them delivered."""
+    confluent_kafka = pytest.importorskip("confluent_kafka", reason="the kafka extra: pip install 'oisp[kafka]'")
+    from tests.sinks.kafka_mock import MockCluster
+
+    with MockCluster() as cluster:
+        cluster.create_topic("ai-traffic")
+        config = tmp_path / "oisp.toml"
+        config.write_text(f'''
+[proxy]
+listen = "127.0.0.1:0"
+confdir = "{tmp_path / 'conf'}"
+upstream_ca = "{upstream.ca_file}"
+resolve = ["api.openai.com:443:127.0.0.1:{upstream.port}"]
+
+[[sinks]]
+kind = "kafka"
+bootstrap_servers = "{cluster.bootstrap_servers}"
+topic = "ai-traffic"
+''')
+        oisp = OispProcess(["run", "--config", str(config), "--stdout", "none"])
+        with _client(oisp.address, tmp_path / "conf") as client:
+            r = client.post("https://api.openai.com/v1/chat/completions",
+                            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        code, stderr = oisp.stop(signal.SIGTERM)
+        assert code == 0, stderr
+        consumer = confluent_kafka.Consumer({"bootstrap.servers": cluster.bootstrap_servers, "group.id": "t",
+                                             "auto.offset.reset": "earliest"})
+        consumer.subscribe(["ai-traffic"])
+        events: list[Event] = []
+
+        def consumed_both() -> bool:
+            message = consumer.poll(0.1)
+            if message is not None and message.error() is None:
+                events.append(Event.from_json(message.value()))
+            return {"ai.request", "ai.response"} <= {e.event_type for e in events}
+
+        wait_until(consumed_both, timeout=20, what="the events consumed back")
+        consumer.close()
+    assert "Traceback" not in stderr
+    delivered = int(stderr.split("oisp: sink kafka: queued ", 1)[1].split(",", 1)[0])
+    assert f"oisp: sink kafka: queued {delivered}, delivered {delivered}, failed 0, dropped 0" in stderr
+    assert delivered >= 3  # network.connect, ai.request, ai.response
+    request = next(e for e in events if e.event_type == "ai.request")
+    assert request.process is not None and request.process.pid == os.getpid()
+
+
 @pytest.mark.parametrize("decoder", ["process", "inline"])
 def test_ctrl_c_on_the_terminal_stops_proxy_and_decoder_process_without_losing_events(
         tmp_path: Path, upstream: RunningUpstream, decoder: str) -> None:
