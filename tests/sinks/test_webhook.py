@@ -171,6 +171,17 @@ def test_receiver_failing_for_a_while_then_recovering_gets_every_event(
     assert stats["delivered"] == 65 and stats["pending"] == 0 and stats["dropped"] == 0
 
 
+def test_a_kept_alive_connection_the_receiver_closed_is_replaced_without_a_retry(
+        receiver: Receiver, tmp_path: Path) -> None:
+    receiver.hang_up_after_each = True
+    sink = make_sink(receiver, tmp_path / "spool", retry_base=5.0, retry_max=5.0)  # a retry would take 2.5 s+
+    for i in range(3):
+        sink.write([make_event(i)])
+        wait_until(lambda i=i: len(receiver.events) == i + 1, timeout=2, what=f"event {i}")
+    sink.close()
+    assert sink.stats()["retries"] == 0 and sink.stats()["delivered"] == 3
+
+
 def test_retry_after_is_honoured(receiver: Receiver, tmp_path: Path) -> None:
     receiver.failure = (429, {"Retry-After": "1"})
     sink = make_sink(receiver, tmp_path / "spool")

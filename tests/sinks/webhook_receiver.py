@@ -49,6 +49,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
+        if receiver.hang_up_after_each:
+            self.close_connection = True  # without saying so (no Connection: close), as idle timeouts do
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -70,6 +72,8 @@ class Receiver:
             self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ca.issue_cert("127.0.0.1", "localhost").configure_cert(self.context)
         self.failure: tuple[int, dict[str, str]] | None = None
+        #: Close every connection after its answer, unannounced: the client finds out on its next request.
+        self.hang_up_after_each = False
         self.lock = threading.Lock()
         self.events: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.monotonic() of each event's arrival

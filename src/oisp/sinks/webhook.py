@@ -341,16 +341,21 @@ class WebhookSink:
         headers = dict(self._headers)
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
-        try:
-            conn = self._connection()
-            conn.request("POST", self._target, body=body, headers=headers)
-            response = conn.getresponse()
-            response.read()
-        except Exception as exc:  # OSError, HTTPException, and anything else: the delivery thread must go on
-            self._drop_connection()
-            if not isinstance(exc, OSError | http.client.HTTPException):
-                logger.error("sinks.webhook: unexpected error posting to %s", self.url, exc_info=True)
-            return Outcome.RETRY, None, f"{type(exc).__name__}: {exc}"
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            try:
+                conn = self._connection()
+                conn.request("POST", self._target, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                break
+            except Exception as exc:  # OSError, HTTPException, and anything else: the delivery thread must go on
+                self._drop_connection()
+                if reused and attempt == 1 and isinstance(exc, OSError | http.client.HTTPException):
+                    continue  # a kept-alive connection the receiver had closed meanwhile: once more on a new one
+                if not isinstance(exc, OSError | http.client.HTTPException):
+                    logger.error("sinks.webhook: unexpected error posting to %s", self.url, exc_info=True)
+                return Outcome.RETRY, None, f"{type(exc).__name__}: {exc}"
         if response.will_close:
             self._drop_connection()
         outcome = classify_status(response.status)
