@@ -16,6 +16,7 @@ import pytest
 from tests.sinks.helpers import make_event, make_events, wait_until
 
 from oisp.errors import ConfigurationError
+from oisp.events import AiRequest, Confidence, Event, Message
 from oisp.pipeline import Pipeline
 from oisp.plugins import create_plugin_manager
 from oisp.sinks.kafka import DEFAULT_CONFIG, KafkaSink, message_key, producer_config
@@ -123,6 +124,17 @@ def test_messages_that_cannot_be_delivered_in_time_are_counted_failed(cluster: M
     wait_until(lambda: sink.stats()["failed"] == 5, what="delivery reports of failure")
     sink.close()
     assert sink.stats()["delivered"] == 0 and sink.last_error is not None
+
+
+def test_an_event_larger_than_the_brokers_allow_is_counted_failed(cluster: MockCluster) -> None:
+    sink = KafkaSink(cluster.bootstrap_servers, config={"message.max.bytes": 1000})
+    big = Event.create(AiRequest(messages=[Message(role="user", content="x" * 2000)]),
+                       confidence=Confidence(level="high", completeness="full"))
+    sink.write([make_event(0), big])
+    sink.close()
+    stats = sink.stats()
+    assert stats["failed"] == 1 and stats["delivered"] == stats["queued"] == 1
+    assert "size" in (sink.last_error or "").lower()
 
 
 def test_pipeline_reports_delivery_counts(cluster: MockCluster) -> None:
