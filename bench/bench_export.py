@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # tests.sinks.kafka_mock: the mock cluster, drive
 
 from oisp.events import AiRequest, Confidence, Event, Host, Message, ModelInfo, ProcessInfo, ProviderInfo  # noqa: E402
 from oisp.hookspecs import Sink  # noqa: E402
-from oisp.pipeline import Pipeline  # noqa: E402
+from oisp.pipeline import SINK_HANDOFF_WAIT, Pipeline  # noqa: E402
 from oisp.sinks.jsonl import JsonlSink  # noqa: E402
 from oisp.sinks.webhook import WebhookSink  # noqa: E402
 
@@ -243,7 +243,8 @@ def latency(target: Target, events: list[Event], rate: float) -> tuple[float, fl
     emitted: dict[str, float] = {}
 
     async def run() -> None:
-        async with Pipeline({target.name: sink}) as pipeline:
+        # As oisp run's decoder process builds it (the default, decoder = "process").
+        async with Pipeline({target.name: sink}, sink_handoff_wait=SINK_HANDOFF_WAIT) as pipeline:
             started = time.monotonic()
             i = 0
             while i < len(events):
