@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,9 @@ def test_close_leaves_the_spool_for_the_next_start(receiver: Receiver, tmp_path:
     sink.close()
     assert time.monotonic() - started < 5
     assert sink.stats()["pending"] == 8 and len(spooled_files(spool)) == 2
+    if os.name == "posix":  # events hold prompts: the spool is private
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in spool.iterdir()} == {0o600}
     with pytest.raises(Exception, match="closed"):
         sink.write(events)
     receiver.failure = None
@@ -253,6 +257,18 @@ def test_close_leaves_the_spool_for_the_next_start(receiver: Receiver, tmp_path:
     wait_until(lambda: len(set(receiver.event_ids())) == 10, what="all events")
     again.close()
     assert list(dict.fromkeys(receiver.event_ids())) == [e.event_id for e in events + later]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_the_spool_is_private(receiver: Receiver, tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    make_sink(receiver, open_dir).close()
+    assert stat.S_IMODE(open_dir.stat().st_mode) == 0o700
+    nested = tmp_path / "a" / "b" / "spool"
+    make_sink(receiver, nested).close()
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a", nested.parent, nested)} == {0o700}
 
 
 def test_a_spool_dir_is_used_by_one_sink_at_a_time(receiver: Receiver, tmp_path: Path) -> None:

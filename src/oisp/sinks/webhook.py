@@ -42,6 +42,7 @@ from oisp.errors import ConfigurationError, OispError
 from oisp.events import Event
 from oisp.sinks._delivery import Outcome, RetryPolicy, SpoolEntry, SpoolIndex, classify_status, parse_retry_after
 from oisp.sinks._options import Options
+from oisp.sinks.jsonl import _make_private_dirs
 
 __all__ = ["SIGNATURE_HEADER", "WebhookSink", "sign"]
 
@@ -229,8 +230,13 @@ class WebhookSink:
     # spool --------------------------------------------------------------------------------------
     def _open_spool(self) -> None:
         try:
-            self.spool_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            _make_private_dirs(self.spool_dir)
             if os.name == "posix":
+                mode = self.spool_dir.stat().st_mode & 0o777
+                if mode & 0o077:
+                    os.chmod(self.spool_dir, _DIR_MODE)
+                    logger.warning("%s was open to other users (mode %04o); changed to 0700 because it holds "
+                                   "prompts", self.spool_dir, mode)
                 import fcntl
 
                 fd = os.open(self.spool_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
