@@ -23,7 +23,6 @@ for the next start, which delivers it before anything newer.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import http.client
@@ -386,8 +385,14 @@ class WebhookSink:
 
 
 def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Delete ``path``; a failure is logged, never raised (a delivered batch left behind is sent again after the
+    next start: at least once)."""
+    try:
         path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("sinks.webhook: could not delete %s: %s", path, exc)
 
 
 def _fsync_directory(path: Path) -> None:
