@@ -212,3 +212,39 @@ def test_the_fast_path_gives_what_redact_then_conform_gives(name: str, profile: 
     plain = conform(Redactor(profile=profile)(event.with_context(host=local_host())))
     assert json.loads(fast.to_json()) == json.loads(plain.to_json())
     assert KEY not in fast.to_json()
+
+
+class CountingSink:
+    """Reports its own counters through the optional stats(), as sinks that deliver in the background do."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.seen = 0
+        self.closed = False
+
+    def write(self, events: Sequence[Event]) -> None:
+        self.seen += len(events)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def stats(self) -> dict[str, int]:
+        if self.broken:
+            raise RuntimeError("no stats today")
+        return {"seen": self.seen, "closed": int(self.closed)}
+
+
+def test_a_sinks_own_counters_are_reported_and_a_failing_stats_costs_nothing() -> None:
+    counting, broken, plain = CountingSink(), CountingSink(broken=True), MemorySink()
+
+    async def main() -> Pipeline:
+        async with Pipeline({"counting": counting, "broken": broken, "plain": plain}) as pipeline:
+            for i in range(30):
+                pipeline.emit(request(i))
+        return pipeline
+
+    pipeline = anyio.run(main)
+    assert pipeline.stats.sinks["counting"].reported == {"seen": 30, "closed": 1}  # refreshed after close too
+    assert pipeline.stats.sinks["broken"].reported == {} and pipeline.stats.sinks["broken"].delivered == 30
+    assert pipeline.stats.sinks["plain"].reported == {}
+    assert pipeline.summary()["sinks"]["counting"]["reported"] == {"seen": 30, "closed": 1}

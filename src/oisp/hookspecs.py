@@ -96,6 +96,11 @@ class Sink(Protocol):
 
     ``write`` may block (files, network); a slow sink only fills its own bounded queue. ``close`` flushes and
     releases resources; it is called once, after the last ``write``.
+
+    Optionally, a sink may also have ``stats() -> Mapping[str, int]``: its own counters (what a sink that
+    delivers in the background really delivered, dropped...). The pipeline copies them into
+    ``SinkStats.reported`` after every batch and at close; it is called from another thread than ``write``, so it
+    must be quick and thread-safe.
     """
 
     def write(self, events: Sequence[Event]) -> None: ...

@@ -119,6 +119,10 @@ class SinkStats:
     failed: int = 0
     batches: int = 0
     last_error: str | None = None
+    #: The sink's own counters, from its optional ``stats()`` method (refreshed after every batch and at close):
+    #: a sink that delivers later than ``write`` returns (a Kafka producer, a webhook's spool) reports there what
+    #: actually reached its destination. Empty for sinks without ``stats()``.
+    reported: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -216,6 +220,18 @@ def _encode_with(raw: dict[str, Any], shared: list[tuple[str, _Block]]) -> str:
                 block.text = _COMPACT.encode(block.plain)
             text = text.replace(_PLACEHOLDER_TEXTS[key], block.text, 1)
     return text
+
+
+def _refresh_reported(lane: _SinkLane) -> None:
+    """Copy the counters a sink reports through its optional ``stats()`` into its :class:`SinkStats`."""
+    report = getattr(lane.sink, "stats", None)
+    if not callable(report):
+        return
+    try:
+        counters = report()
+        lane.stats.reported = {str(key): int(value) for key, value in dict(counters).items()}
+    except Exception as exc:  # a sink's statistics must never cost its events
+        logger.debug("sink %s: stats() failed: %s", lane.name, exc, exc_info=True)
 
 
 class Pipeline:
@@ -494,6 +510,7 @@ class Pipeline:
             except Exception as exc:
                 lane.stats.last_error = f"close: {exc}"
                 logger.error("sink %s failed to close: %s", lane.name, exc, exc_info=True)
+            _refresh_reported(lane)
         finally:
             thread.stop()
 
@@ -508,6 +525,7 @@ class Pipeline:
             return
         lane.stats.delivered += len(batch)
         lane.stats.batches += 1
+        _refresh_reported(lane)
 
     def _log_drop(self, where: str) -> None:
         now = time.monotonic()
@@ -516,8 +534,14 @@ class Pipeline:
             logger.warning("pipeline queue %s is full (%d events); events are being dropped (total %d)",
                            where, self._queue_size, self.stats.dropped)
 
+    def refresh_sink_stats(self) -> None:
+        """Read every sink's own counters (``stats()``) into :attr:`stats` now."""
+        for lane in self._lanes:
+            _refresh_reported(lane)
+
     def summary(self) -> dict[str, Any]:
         """The stats as a plain dict (for logs and the runner's exit summary)."""
+        self.refresh_sink_stats()
         return attrs.asdict(self.stats) | {"dropped_total": self.stats.dropped}
 
 

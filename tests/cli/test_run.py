@@ -15,6 +15,8 @@ import httpx
 import pytest
 from tests.cli.conftest import OISP, OispProcess, RunningUpstream
 from tests.events.samples import ALL
+from tests.sinks.helpers import wait_until
+from tests.sinks.webhook_receiver import Receiver
 
 from oisp.events import Event
 
@@ -58,6 +60,91 @@ path = "{events_file}"
     assert request.process is not None and request.process.pid == os.getpid()
     assert "s" * 40 not in events_file.read_text()
     assert stat.S_IMODE(events_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("decoder", ["process", "inline"])
+def test_run_exports_to_a_webhook_and_reports_what_arrived(tmp_path: Path, upstream: RunningUpstream,
+                                                           decoder: str) -> None:
+    """The webhook sink as a user configures it: built in the decoder process (or inline), events signed and
+    delivered to an HTTPS receiver, its counters in the summary printed at exit."""
+    with Receiver(tmp_path, secret="run-secret") as receiver:
+        receiver.start()
+        config = tmp_path / "oisp.toml"
+        config.write_text(f'''
+[proxy]
+listen = "127.0.0.1:0"
+confdir = "{tmp_path / 'conf'}"
+upstream_ca = "{upstream.ca_file}"
+resolve = ["api.openai.com:443:127.0.0.1:{upstream.port}"]
+
+[[sinks]]
+kind = "webhook"
+url = "{receiver.url}"
+secret = "run-secret"
+ca_file = "{receiver.ca_file}"
+spool_dir = "{tmp_path / 'spool'}"
+''')
+        oisp = OispProcess(["run", "--config", str(config), "--stdout", "none", "--decoder", decoder])
+        with _client(oisp.address, tmp_path / "conf") as client:
+            r = client.post("https://api.openai.com/v1/chat/completions",
+                            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        wait_until(lambda: {"ai.request", "ai.response"} <= {e["event_type"] for e in receiver.events},
+                   what="the exchange's events at the receiver")
+        code, stderr = oisp.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and receiver.bad_signatures == 0
+    count = len(receiver.events)
+    assert f"oisp: sink webhook: spooled {count}, delivered {count}, dropped 0, rejected 0" in stderr
+
+
+def test_run_exports_to_kafka(tmp_path: Path, upstream: RunningUpstream) -> None:
+    """The kafka sink as a user configures it, to librdkafka's mock cluster (running in this test's process):
+    the exchange's events are consumed back, and the exit summary reports them delivered."""
+    confluent_kafka = pytest.importorskip("confluent_kafka", reason="the kafka extra: pip install 'oisp[kafka]'")
+    from tests.sinks.kafka_mock import MockCluster
+
+    with MockCluster() as cluster:
+        cluster.create_topic("ai-traffic")
+        config = tmp_path / "oisp.toml"
+        config.write_text(f'''
+[proxy]
+listen = "127.0.0.1:0"
+confdir = "{tmp_path / 'conf'}"
+upstream_ca = "{upstream.ca_file}"
+resolve = ["api.openai.com:443:127.0.0.1:{upstream.port}"]
+
+[[sinks]]
+kind = "kafka"
+bootstrap_servers = "{cluster.bootstrap_servers}"
+topic = "ai-traffic"
+''')
+        oisp = OispProcess(["run", "--config", str(config), "--stdout", "none"])
+        with _client(oisp.address, tmp_path / "conf") as client:
+            r = client.post("https://api.openai.com/v1/chat/completions",
+                            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        code, stderr = oisp.stop(signal.SIGTERM)
+        assert code == 0, stderr
+        consumer = confluent_kafka.Consumer({"bootstrap.servers": cluster.bootstrap_servers, "group.id": "t",
+                                             "auto.offset.reset": "earliest"})
+        consumer.subscribe(["ai-traffic"])
+        events: list[Event] = []
+
+        def consumed_both() -> bool:
+            message = consumer.poll(0.1)
+            if message is not None and message.error() is None:
+                events.append(Event.from_json(message.value()))
+            return {"ai.request", "ai.response"} <= {e.event_type for e in events}
+
+        wait_until(consumed_both, timeout=20, what="the events consumed back")
+        consumer.close()
+    assert "Traceback" not in stderr
+    delivered = int(stderr.split("oisp: sink kafka: queued ", 1)[1].split(",", 1)[0])
+    assert f"oisp: sink kafka: queued {delivered}, delivered {delivered}, failed 0, dropped 0" in stderr
+    assert delivered >= 3  # network.connect, ai.request, ai.response
+    request = next(e for e in events if e.event_type == "ai.request")
+    assert request.process is not None and request.process.pid == os.getpid()
 
 
 @pytest.mark.parametrize("decoder", ["process", "inline"])
@@ -143,7 +230,14 @@ def test_flags_override_the_config_file_and_line_output_goes_to_stdout(
         ("[proxy]\npreconnect_idle = -1\n", "proxy.preconnect_idle: -1 must be a number >= 0"),
         ("[capture]\ndecoder_buffer = 0\n", "capture.decoder_buffer: 0 must be a positive integer"),
         ("[[sinks]]\nkind = 'jsonl'\nrotate_bytes = 10\n", "path"),
-        ("[[sinks]]\nkind = 'kafka'\n", "unknown sink kind 'kafka'"),
+        ("[[sinks]]\nkind = 'carrier-pigeon'\n", "unknown sink kind 'carrier-pigeon'"),
+        ("[[sinks]]\nkind = 'kafka'\n", "sinks.kafka.bootstrap_servers: required"),
+        ("[[sinks]]\nkind = 'kafka'\nbootstrap_servers = 'k:9092'\ntopik = 'x'\n", "unknown option(s) ['topik']"),
+        ("[[sinks]]\nkind = 'kafka'\nbootstrap_servers = 'k:9092'\nconfig = { 'acks' = 'maybe' }\n",
+         "sinks.kafka.config: librdkafka refused the configuration"),
+        ("[[sinks]]\nkind = 'webhook'\nurl = 'https://x.test/'\nspool_dir = 's'\nbatch_size = 'big'\n",
+         "sinks.webhook.batch_size: 'big' must be an integer >= 1"),
+        ("[[sinks]]\nkind = 'webhook'\nspool_dir = 's'\n", "sinks.webhook.url: required"),
         ("[endpoints]\nremove = ['nope.example']\n", "endpoints.remove: 'nope.example' is not in the endpoint table"),
         ("not toml = = =", "is not valid TOML"),
     ],
@@ -181,6 +275,7 @@ def test_plugins_lists_builtin_and_installed_plugins() -> None:
     assert names["oisp.providers.openai"]["builtin"] is True
     text = subprocess.run([*OISP, "plugins"], capture_output=True, text=True, timeout=30).stdout
     assert "sink kinds:" in text and "jsonl" in text
+    assert "kafka" in text and "webhook" in text
 
 
 def test_transparent_mode_without_root_says_clearly_what_it_needs(tmp_path: Path) -> None:

@@ -195,6 +195,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if not pipeline:
             line += f"; the decoder process ended without a summary (exit code {decoder['exit_code']})"
     print(line, file=sys.stderr)
+    for name, stats in (pipeline.get("sinks") or {}).items():
+        reported = stats.get("reported") if isinstance(stats, dict) else None
+        if reported:  # what sinks that deliver in the background (kafka, webhook) really delivered
+            print(f"oisp: sink {name}: " + ", ".join(f"{key} {value}" for key, value in reported.items()),
+                  file=sys.stderr)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

@@ -6,14 +6,18 @@ from collections.abc import Mapping
 
 from oisp.hookspecs import SinkFactory, hookimpl
 from oisp.sinks.jsonl import JsonlSink
+from oisp.sinks.kafka import KafkaSink
 from oisp.sinks.memory import MemorySink
 from oisp.sinks.stdout import StdoutSink
+from oisp.sinks.webhook import WebhookSink
 
 
 @hookimpl
 def oisp_sink_types() -> Mapping[str, SinkFactory]:
     return {
         "jsonl": JsonlSink.from_options,
+        "kafka": KafkaSink.from_options,  # confluent-kafka is imported only when one is created
         "memory": MemorySink.from_options,
         "stdout": StdoutSink.from_options,
+        "webhook": WebhookSink.from_options,
     }
