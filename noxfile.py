@@ -29,7 +29,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the library."""
-    session.install("-e", ".[demo,validate]", "certifi", "mypy>=1.11")
+    session.install("-e", ".[demo,validate,otlp]", "certifi", "mypy>=1.11")
     session.run("mypy", "--strict", "src/oisp")
 
 

@@ -1,4 +1,8 @@
-"""Registers the built-in sinks through the same ``oisp_sink_types`` hook a third-party plugin implements."""
+"""Registers the built-in sinks through the same ``oisp_sink_types`` hook a third-party plugin implements.
+
+``otlp`` is registered here like the others, but its factory imports the OpenTelemetry SDK only when an ``otlp``
+sink is created (the ``oisp[otlp]`` extra): listing or using the other sinks never needs it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Mapping
 from oisp.hookspecs import SinkFactory, hookimpl
 from oisp.sinks.jsonl import JsonlSink
 from oisp.sinks.memory import MemorySink
+from oisp.sinks.otlp import create_sink as create_otlp_sink
 from oisp.sinks.stdout import StdoutSink
 
 
@@ -15,5 +20,6 @@ def oisp_sink_types() -> Mapping[str, SinkFactory]:
     return {
         "jsonl": JsonlSink.from_options,
         "memory": MemorySink.from_options,
+        "otlp": create_otlp_sink,
         "stdout": StdoutSink.from_options,
     }

@@ -1,0 +1,349 @@
+"""The ``otlp`` sink's I/O: OpenTelemetry SDK providers, batch processors and OTLP exporters (gRPC or HTTP).
+
+Imported only when an ``otlp`` sink is created (``oisp[otlp]`` installs the SDK and its exporters).
+
+* Traces: the spans :class:`~oisp.sinks.otlp.spans.SpanBuilder` pairs up, made through the SDK's tracers with
+  their real start and end times. Their resource is the agent process (``service.name``, ``host.name``,
+  ``process.*``): one tracer provider per process (a bounded cache), all sharing one batch processor.
+* Logs: every event, one log record each: ``event_name`` is the event type, the body is the event as a map
+  (``Event.to_dict()``: what a JSONL line holds), timestamp the event's time; AI and tool events carry the
+  trace and span id of their span.
+* Metrics: ``gen_ai.client.token.usage``, ``gen_ai.client.operation.duration`` and
+  ``gen_ai.client.operation.time_to_first_chunk`` histograms with the conventions' buckets and attributes.
+
+The SDK's batch processors send in the background. :meth:`OtlpSink.write` gives the pipeline backpressure:
+when more than half a processor's queue waits, it exports in the caller's thread before it adds more, so
+nothing is dropped by the SDK for a full queue (the pipeline's own queue counts drops).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry._logs import LogRecord, SeverityNumber
+from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from oisp._version import __version__
+from oisp.errors import OispError
+from oisp.events import Event
+from oisp.sinks.otlp import mapping
+from oisp.sinks.otlp.options import OtlpOptions
+from oisp.sinks.otlp.spans import CLIENT, SpanBuilder, SpanSpec
+
+__all__ = ["OtlpSink"]
+
+logger = logging.getLogger(__name__)
+
+SCOPE = "oisp"
+_QUEUE = 65_536
+_BATCH = 2_048
+_PROVIDERS = 256  # resources (agent processes) whose providers are kept
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+class _StagedIds(IdGenerator):
+    """Hands the tracer the ids the span builder chose (deterministic trace ids, span ids known to the logs)."""
+
+    def __init__(self) -> None:
+        self.trace_id = 0
+        self.span_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.span_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+class _CountingSpanExporter(SpanExporter):
+    def __init__(self, inner: SpanExporter, stats: _Stats) -> None:
+        self.inner, self.stats = inner, stats
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self.inner.export(spans)
+        self.stats.exported("spans", len(spans), result is SpanExportResult.SUCCESS)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _CountingLogExporter(LogRecordExporter):
+    def __init__(self, inner: LogRecordExporter, stats: _Stats) -> None:
+        self.inner, self.stats = inner, stats
+
+    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
+        result = self.inner.export(batch)
+        self.stats.exported("logs", len(batch), result is LogRecordExportResult.SUCCESS)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _Stats:
+    """Items handed to the SDK and items its exporters sent (or failed to), per signal."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.emitted = {"spans": 0, "logs": 0}
+        self.sent = {"spans": 0, "logs": 0}
+        self.failed = {"spans": 0, "logs": 0}
+
+    def exported(self, signal: str, count: int, ok: bool) -> None:
+        with self._lock:
+            (self.sent if ok else self.failed)[signal] += count
+        if not ok:
+            logger.warning("sinks.otlp: %d %s could not be exported (see the OpenTelemetry exporter's log)",
+                           count, signal)
+
+    def waiting(self, signal: str) -> int:
+        with self._lock:
+            return self.emitted[signal] - self.sent[signal] - self.failed[signal]
+
+
+def _exporters(options: OtlpOptions) -> tuple[SpanExporter, LogRecordExporter, MetricExporter]:
+    if options.protocol == "grpc":
+        import grpc
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogs
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetrics
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpans
+
+        grpc_kwargs: dict[str, Any] = {
+            "endpoint": options.grpc_target, "insecure": options.insecure, "timeout": options.timeout,
+            "headers": tuple(options.headers.items()) or None,
+            "compression": grpc.Compression.Gzip if options.compression == "gzip" else grpc.Compression.NoCompression,
+        }
+        return GrpcSpans(**grpc_kwargs), GrpcLogs(**grpc_kwargs), GrpcMetrics(**grpc_kwargs)
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogs
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
+
+    http_kwargs: dict[str, Any] = {
+        "headers": dict(options.headers) or None, "timeout": options.timeout,
+        "compression": Compression.Gzip if options.compression == "gzip" else Compression.NoCompression,
+    }
+    return (HttpSpans(endpoint=options.signal_url("traces"), **http_kwargs),
+            HttpLogs(endpoint=options.signal_url("logs"), **http_kwargs),
+            HttpMetrics(endpoint=options.signal_url("metrics"), **http_kwargs))
+
+
+class OtlpSink:
+    """Exports events as OTLP traces, logs and metrics (see the module)."""
+
+    def __init__(self, options: OtlpOptions) -> None:
+        self.options = options
+        self.stats = _Stats()
+        self.builder = SpanBuilder(content=options.content, pending_timeout=options.pending_timeout,
+                                   max_pending=options.max_pending)
+        self._closed = False
+        span_exporter, log_exporter, metric_exporter = _exporters(options)
+        delay_ms = options.batch_delay * 1000
+        timeout_ms = options.timeout * 1000
+        self._span_processor = BatchSpanProcessor(
+            _CountingSpanExporter(span_exporter, self.stats), max_queue_size=_QUEUE, schedule_delay_millis=delay_ms,
+            max_export_batch_size=_BATCH, export_timeout_millis=timeout_ms) if options.traces else None
+        self._log_processor = BatchLogRecordProcessor(
+            _CountingLogExporter(log_exporter, self.stats), max_queue_size=_QUEUE, schedule_delay_millis=delay_ms,
+            max_export_batch_size=_BATCH, export_timeout_millis=timeout_ms) if options.logs else None
+        if not options.traces:
+            span_exporter.shutdown()
+        if not options.logs:
+            log_exporter.shutdown()  # type: ignore[no-untyped-call]
+        self._ids = _StagedIds()
+        self._tracers: OrderedDict[tuple[tuple[str, Any], ...], trace_api.Tracer] = OrderedDict()
+        self._loggers: OrderedDict[tuple[tuple[str, Any], ...], Any] = OrderedDict()
+        self._resources: OrderedDict[tuple[tuple[str, Any], ...], Resource] = OrderedDict()
+        self._meter_provider: MeterProvider | None = None
+        if options.metrics:
+            reader = PeriodicExportingMetricReader(metric_exporter,
+                                                   export_interval_millis=options.export_interval * 1000,
+                                                   export_timeout_millis=timeout_ms)
+            self._meter_provider = MeterProvider(
+                metric_readers=[reader], shutdown_on_exit=False,
+                resource=Resource.create({"service.name": options.service_name, "host.name": socket.gethostname()}),
+            )
+            meter = self._meter_provider.get_meter(SCOPE, __version__)
+            self._token_usage = meter.create_histogram(
+                "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used.",
+                explicit_bucket_boundaries_advisory=list(mapping.TOKEN_BUCKETS))
+            self._duration = meter.create_histogram(
+                "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration.",
+                explicit_bucket_boundaries_advisory=list(mapping.DURATION_BUCKETS))
+            self._first_chunk = meter.create_histogram(
+                "gen_ai.client.operation.time_to_first_chunk", unit="s",
+                description="Time to receive the first chunk of a streamed response.",
+                explicit_bucket_boundaries_advisory=list(mapping.DURATION_BUCKETS))
+        else:
+            metric_exporter.shutdown()
+        logger.info("sinks.otlp: exporting to %s over %s (traces %s, logs %s, metrics %s, content %s)",
+                    options.endpoint, options.protocol, options.traces, options.logs, options.metrics,
+                    options.content)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> OtlpSink:
+        return cls(OtlpOptions.from_mapping(options))
+
+    # Sink ---------------------------------------------------------------------------------------
+    def write(self, events: Sequence[Event]) -> None:
+        """Hand ``events`` to the SDK's batch processors (spans as their pairs complete, one log record each)."""
+        if self._closed:
+            raise OispError("sinks.otlp: write() was called after close()")
+        self._make_room(len(events))
+        spans: list[SpanSpec] = []
+        for event in events:
+            completed, context = self.builder.feed(event)
+            spans += completed
+            if self._log_processor is not None:
+                self._emit_log(event, context.trace_id if context else None, context.span_id if context else None)
+        spans += self.builder.expire()
+        self._export_spans(spans)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Export everything handed over so far (spans, log records, metrics); True when all went out."""
+        ok = True
+        if self._span_processor is not None:
+            ok = self._span_processor.force_flush(int(timeout * 1000)) and ok
+        if self._log_processor is not None:
+            ok = self._log_processor.force_flush(int(timeout * 1000)) and ok
+        if self._meter_provider is not None:
+            ok = self._meter_provider.force_flush(int(timeout * 1000)) and ok
+        return ok
+
+    def close(self) -> None:
+        """End waiting requests as incomplete spans, export everything, shut the exporters down."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._export_spans(self.builder.drain())
+        finally:
+            timeout_ms = int(self.options.timeout * 1000)
+            if self._span_processor is not None:
+                self._span_processor.shutdown()  # type: ignore[no-untyped-call]
+            if self._log_processor is not None:
+                self._log_processor.shutdown()  # type: ignore[no-untyped-call]
+            if self._meter_provider is not None:
+                self._meter_provider.shutdown(timeout_millis=timeout_ms)
+
+    # internals ----------------------------------------------------------------------------------
+    def _make_room(self, incoming: int) -> None:
+        """Backpressure: export in this thread while a processor's queue is more than half full."""
+        for signal, processor in (("logs", self._log_processor), ("spans", self._span_processor)):
+            if processor is not None and self.stats.waiting(signal) + incoming > _QUEUE // 2:
+                processor.force_flush()
+
+    def _resource_key(self, event: Event) -> tuple[tuple[str, Any], ...]:
+        attributes = mapping.resource_attributes(event, self.options.service_name)
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in attributes.items())
+
+    def _cached(self, cache: OrderedDict[tuple[tuple[str, Any], ...], Any], key: tuple[tuple[str, Any], ...],
+                make: Any) -> Any:
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = make(self._resource(key))
+            while len(cache) > _PROVIDERS:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return value
+
+    def _resource(self, key: tuple[tuple[str, Any], ...]) -> Resource:
+        resource = self._resources.get(key)
+        if resource is None:
+            resource = self._resources[key] = Resource({k: list(v) if isinstance(v, tuple) else v for k, v in key})
+            while len(self._resources) > _PROVIDERS:
+                self._resources.popitem(last=False)
+        return resource
+
+    def _tracer(self, event: Event) -> trace_api.Tracer:
+        def make(resource: Resource) -> trace_api.Tracer:
+            provider = TracerProvider(resource=resource, id_generator=self._ids, sampler=ALWAYS_ON,
+                                      shutdown_on_exit=False)
+            assert self._span_processor is not None
+            provider.add_span_processor(self._span_processor)
+            return provider.get_tracer(SCOPE, __version__)
+
+        tracer: trace_api.Tracer = self._cached(self._tracers, self._resource_key(event), make)
+        return tracer
+
+    def _logger(self, event: Event) -> Any:
+        def make(resource: Resource) -> Any:
+            provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+            assert self._log_processor is not None
+            provider.add_log_record_processor(self._log_processor)
+            return provider.get_logger(SCOPE, __version__)
+
+        return self._cached(self._loggers, self._resource_key(event), make)
+
+    def _emit_log(self, event: Event, trace_id: int | None, span_id: int | None) -> None:
+        context = None
+        if trace_id is not None and span_id is not None:
+            context = trace_api.set_span_in_context(NonRecordingSpan(SpanContext(
+                trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)))
+        attributes: dict[str, Any] = {"oisp.event_id": event.event_id}
+        record = LogRecord(
+            timestamp=mapping.ts_ns(event.ts), context=context, severity_number=SeverityNumber.INFO,
+            severity_text="INFO", body=event.to_dict(), attributes=attributes,
+            event_name=event.event_type,
+        )
+        self._logger(event).emit(record)
+        self.stats.emitted["logs"] += 1
+
+    def _export_spans(self, spans: Sequence[SpanSpec]) -> None:
+        for spec in spans:
+            if self._span_processor is not None:
+                self._export_span(spec)
+            if spec.operation and self._meter_provider is not None and spec.kind == CLIENT:
+                self._record_metrics(spec)
+
+    def _export_span(self, spec: SpanSpec) -> None:
+        tracer = self._tracer(spec.resource_event)
+        parent = None
+        if spec.parent_span_id is not None:
+            parent = trace_api.set_span_in_context(NonRecordingSpan(SpanContext(
+                spec.trace_id, spec.parent_span_id, is_remote=True, trace_flags=_SAMPLED)))
+        self._ids.trace_id, self._ids.span_id = spec.trace_id, spec.span_id
+        links = [Link(SpanContext(t, s, is_remote=False, trace_flags=_SAMPLED)) for t, s in spec.links]
+        span = tracer.start_span(spec.name, context=parent, kind=SpanKind.CLIENT if spec.kind == CLIENT
+                                 else SpanKind.INTERNAL, attributes=spec.attributes, links=links,
+                                 start_time=spec.start_ns, record_exception=False, set_status_on_exception=False)
+        if spec.error_type is not None:
+            span.set_status(Status(StatusCode.ERROR, spec.error_description or spec.error_type))
+        span.end(end_time=spec.end_ns)
+        self.stats.emitted["spans"] += 1
+
+    def _record_metrics(self, spec: SpanSpec) -> None:
+        attributes = mapping.metric_attributes(spec.attributes)
+        self._duration.record((spec.end_ns - spec.start_ns) / 1e9, attributes)
+        if spec.error_type is None:
+            for key, token_type in (("gen_ai.usage.input_tokens", "input"), ("gen_ai.usage.output_tokens", "output")):
+                value = spec.attributes.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self._token_usage.record(value, {**attributes, "gen_ai.token.type": token_type})
+        first = spec.attributes.get("gen_ai.response.time_to_first_chunk")
+        if isinstance(first, int | float) and not isinstance(first, bool):
+            self._first_chunk.record(float(first), attributes)
+
