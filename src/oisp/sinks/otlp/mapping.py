@@ -338,10 +338,11 @@ def process_key(event: Event) -> str:
     return f"process:{host}:{process.pid}:{process.start_time or ''}"
 
 
-def trace_id_for(event: Event, conversation_id: str | None = None) -> int | None:
+def trace_id_for(event: Event, conversation_id: str | None = None, *, run: str = "") -> int | None:
     """The trace an event's spans belong to: the event's own W3C trace context when it carries one, else one
-    derived from the conversation id, else from the agent process (host, pid, start time); None when oisp
-    cannot tell (the span gets a trace of its own)."""
+    derived from the conversation id, else from the agent process (host, pid, start time), else from the client
+    connection (one process's too; its id is unique within one run of oisp only, so ``run`` tells runs
+    apart); None when oisp cannot tell (the span gets a trace of its own)."""
     context = event.trace_context
     if context is not None and context.trace_id and _HEX32.match(context.trace_id.lower()):
         value = int(context.trace_id, 16)
@@ -351,6 +352,10 @@ def trace_id_for(event: Event, conversation_id: str | None = None) -> int | None
         key = f"conversation:{conversation_id}"
     else:
         key = process_key(event)
+        connection = (event.attrs or {}).get("oisp.connection_id")
+        if not key and isinstance(connection, str) and connection:
+            host = event.host.hostname if event.host is not None and event.host.hostname else ""
+            key = f"connection:{run}:{host}:{connection}"
         if not key:
             return None
     value = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:16])

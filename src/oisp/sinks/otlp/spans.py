@@ -78,6 +78,8 @@ class SpanBuilder:
         self.max_pending = max_pending
         self._clock = clock
         self._bits = random_bits
+        # Connection ids restart with oisp: a run id keeps one run's connection traces apart from the next's.
+        self._run = f"{random_bits(64):016x}"
         self._requests: OrderedDict[tuple[str, str], _Open] = OrderedDict()
         self._request_keys: dict[str, tuple[str, str]] = {}  # request event id -> key
         self._tools: OrderedDict[tuple[str, str], _Open] = OrderedDict()
@@ -96,7 +98,7 @@ class SpanBuilder:
         return self._bits(64) or 1
 
     def _trace_id(self, event: Event, conversation_id: str | None = None) -> int:
-        return mapping.trace_id_for(event, conversation_id) or self._bits(128) or 1
+        return mapping.trace_id_for(event, conversation_id, run=self._run) or self._bits(128) or 1
 
     # feeding ------------------------------------------------------------------------------------
     def feed(self, event: Event) -> tuple[list[SpanSpec], LogContext | None]:
