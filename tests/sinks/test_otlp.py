@@ -231,9 +231,11 @@ def test_a_request_without_response_ends_as_an_incomplete_span_at_close(receiver
 
 
 # --- logs ----------------------------------------------------------------------------------------
-def test_every_event_of_every_type_is_one_log_record_with_the_event_as_body(receiver: Receiver) -> None:
+@pytest.mark.parametrize("log_body", ["json", "map"])
+def test_every_event_of_every_type_is_one_log_record_with_the_event_as_body(receiver: Receiver,
+                                                                           log_body: str) -> None:
     events = [on_host(make()) for make in samples.ALL.values()]
-    sink = sink_for(receiver)
+    sink = sink_for(receiver, log_body=log_body)
     sink.write(events)
     sink.close()
     records = receiver.logs()
@@ -244,7 +246,11 @@ def test_every_event_of_every_type_is_one_log_record_with_the_event_as_body(rece
         resource, record = by_id[event.event_id]
         assert record.event_name == event.event_type
         assert record.time_unix_nano == ts_ns(event.ts)
-        assert decode_value(record.body) == event.to_dict()  # nothing the JSONL line has is missing
+        body = decode_value(record.body)
+        if log_body == "json":
+            assert body == event.to_json()  # the line a JSONL file holds
+        else:
+            assert body == event.to_dict()  # the same, field by field
         assert resource["host.name"] == "dev-box"
         if event.process is not None:
             assert resource["process.pid"] == event.process.pid
@@ -252,6 +258,20 @@ def test_every_event_of_every_type_is_one_log_record_with_the_event_as_body(rece
     request_record = next(r for _, r in records if r.event_name == "ai.request")
     assert len(request_record.trace_id) == 16
     assert len(request_record.span_id) == 8
+
+
+def test_undecodable_text_in_an_event_is_escaped_not_a_failed_export(receiver: Receiver) -> None:
+    request, response = exchange()
+    broken = request.with_context(data=AiRequest(request_id="req_01", model=ModelInfo(id="gpt-\udcff"),
+                                                 request_type="chat"))
+    sink = sink_for(receiver, content=True)
+    sink.write([broken, response])
+    sink.close()
+    [(_, record), _] = receiver.logs()
+    assert json.loads(decode_value(record.body)) == broken.to_dict()
+    [(_, span)] = receiver.spans()
+    assert span.name == "chat gpt-\\udcff"
+    assert sink.stats.failed == {"spans": 0, "logs": 0}
 
 
 def test_log_records_of_a_call_carry_its_span(receiver: Receiver) -> None:

@@ -48,7 +48,7 @@ def test_real_sdk_traffic_becomes_genai_spans_log_records_and_metrics(traffic: l
     # logs: every event, once, as it is in the JSONL file
     records = receiver.logs()
     assert sorted(r.event_name for _, r in records) == sorted(e.event_type for e in traffic)
-    bodies = {attributes(r.attributes)["oisp.event_id"]: decode_value(r.body) for _, r in records}
+    bodies = {attributes(r.attributes)["oisp.event_id"]: json.loads(decode_value(r.body)) for _, r in records}
     assert bodies == {e.event_id: json.loads(e.to_json()) for e in traffic}
 
     # traces: two chat spans with the real times, two execute_tool spans from call to result

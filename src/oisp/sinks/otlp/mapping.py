@@ -43,6 +43,8 @@ __all__ = [
     "request_attributes",
     "resource_attributes",
     "response_attributes",
+    "safe_attributes",
+    "safe_text",
     "server_attributes",
     "span_name",
     "tool_call_attributes",
@@ -370,9 +372,39 @@ def parent_span_id(event: Event) -> int | None:
     return int(context.span_id, 16) or None
 
 
+# --- valid UTF-8 ---------------------------------------------------------------------------------
+def safe_text(text: str) -> str:
+    """``text``, with lone surrogates (undecodable bytes a decoder kept) written as ``\\udcff``: protobuf strings
+    must be valid UTF-8, and one bad string would fail the whole export batch."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def safe_attributes(attributes: Mapping[str, Any]) -> Attributes:
+    """``attributes`` with every string (and string in a list) made valid UTF-8 by :func:`safe_text`."""
+    out: Attributes = {}
+    for key, value in attributes.items():
+        if isinstance(value, str):
+            value = safe_text(value)
+        elif isinstance(value, list | tuple) and value and isinstance(value[0], str):
+            value = [safe_text(v) for v in value]
+        out[safe_text(key)] = value
+    return out
+
+
 # --- content -------------------------------------------------------------------------------------
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (undecodable bytes kept): escaped, it is valid UTF-8 again
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return text
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,7 @@ __all__ = ["PROTOCOLS", "OtlpOptions"]
 
 PROTOCOLS = ("grpc", "http/protobuf")
 COMPRESSIONS = ("none", "gzip")
+LOG_BODIES = ("json", "map")
 _PREFIX = "sinks.otlp"
 
 
@@ -25,7 +26,9 @@ class OtlpOptions:
     ``endpoint``: ``http://HOST:PORT`` (``https://`` for TLS) of an OTLP receiver; with ``http/protobuf`` the
     signal paths ``/v1/traces``, ``/v1/logs`` and ``/v1/metrics`` are appended to it (after any path it has).
     ``content``: message content, system instructions and tool definitions in spans (off by default; events
-    reach sinks redacted). ``pending_timeout`` / ``max_pending``: how long, and how many, requests wait for their
+    reach sinks redacted). ``log_body``: a log record's body is the event's JSON text (``json``, the line a JSONL
+    file holds) or the event as an OTLP map (``map``: queryable field by field, several times the CPU).
+    ``pending_timeout`` / ``max_pending``: how long, and how many, requests wait for their
     response before they end as a span marked incomplete. ``export_interval``: seconds between metric exports
     (and the longest a span or log record waits in its batch). ``timeout``: seconds one export may take.
     """
@@ -36,6 +39,7 @@ class OtlpOptions:
     content: bool = False
     service_name: str = "oisp"
     compression: str = "none"
+    log_body: str = "json"
     timeout: float = 10.0
     export_interval: float = 10.0
     batch_delay: float = 0.2
@@ -59,6 +63,8 @@ class OtlpOptions:
             values["protocol"] = _choice("protocol", options["protocol"], PROTOCOLS)
         if "compression" in options:
             values["compression"] = _choice("compression", options["compression"], COMPRESSIONS)
+        if "log_body" in options:
+            values["log_body"] = _choice("log_body", options["log_body"], LOG_BODIES)
         if "headers" in options:
             values["headers"] = _headers(options["headers"])
         if "service_name" in options:

@@ -2,12 +2,12 @@
 
 Imported only when an ``otlp`` sink is created (``oisp[otlp]`` installs the SDK and its exporters).
 
-* Traces: the spans :class:`~oisp.sinks.otlp.spans.SpanBuilder` pairs up, made through the SDK's tracers with
-  their real start and end times. Their resource is the agent process (``service.name``, ``host.name``,
-  ``process.*``): one tracer provider per process (a bounded cache), all sharing one batch processor.
-* Logs: every event, one log record each: ``event_name`` is the event type, the body is the event as a map
-  (``Event.to_dict()``: what a JSONL line holds), timestamp the event's time; AI and tool events carry the
-  trace and span id of their span.
+* Traces: the spans :class:`~oisp.sinks.otlp.spans.SpanBuilder` pairs up, with their real start and end times,
+  handed finished to the SDK's batch span processor. Their resource is the agent process (``service.name``,
+  ``host.name``, ``process.*``; a bounded cache of them).
+* Logs: every event, one log record each: ``event_name`` is the event type, the body is the event (its JSON
+  text, what a JSONL line holds, or with ``log_body = "map"`` the same as an OTLP map), timestamp the event's
+  time; AI and tool events carry the trace and span id of their span.
 * Metrics: ``gen_ai.client.token.usage``, ``gen_ai.client.operation.duration`` and
   ``gen_ai.client.operation.time_to_first_chunk`` histograms with the conventions' buckets and attributes.
 
@@ -18,6 +18,7 @@ nothing is dropped by the SDK for a full queue (the pipeline's own queue counts 
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -25,18 +26,16 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry import trace as trace_api
 from opentelemetry._logs import LogRecord, SeverityNumber
-from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
+from opentelemetry.sdk._logs import LogRecordLimits, ReadableLogRecord, ReadWriteLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from oisp._version import __version__
 from oisp.errors import OispError
@@ -56,18 +55,20 @@ _PROVIDERS = 256  # resources (agent processes) whose providers are kept
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
-class _StagedIds(IdGenerator):
-    """Hands the tracer the ids the span builder chose (deterministic trace ids, span ids known to the logs)."""
+class _Resource(Resource):
+    """A resource whose hash is computed once: the OTLP encoders group every span and log record by resource,
+    and ``Resource.__hash__`` serializes all its attributes to JSON each time (a third of encoding a log
+    record). Resources are immutable, so the hash never changes."""
 
-    def __init__(self) -> None:
-        self.trace_id = 0
-        self.span_id = 0
+    _hash: int | None = None
 
-    def generate_span_id(self) -> int:
-        return self.span_id
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = super().__hash__()
+        return self._hash
 
-    def generate_trace_id(self) -> int:
-        return self.trace_id
+    def __eq__(self, other: object) -> bool:
+        return self is other or super().__eq__(other)
 
 
 class _CountingSpanExporter(SpanExporter):
@@ -172,10 +173,9 @@ class OtlpSink:
             span_exporter.shutdown()
         if not options.logs:
             log_exporter.shutdown()  # type: ignore[no-untyped-call]
-        self._ids = _StagedIds()
-        self._tracers: OrderedDict[tuple[tuple[str, Any], ...], trace_api.Tracer] = OrderedDict()
-        self._loggers: OrderedDict[tuple[tuple[str, Any], ...], Any] = OrderedDict()
-        self._resources: OrderedDict[tuple[tuple[str, Any], ...], Resource] = OrderedDict()
+        self._scope = InstrumentationScope(SCOPE, __version__)
+        self._log_limits = LogRecordLimits()  # once: each instance reads the environment
+        self._resources: OrderedDict[tuple[Any, ...], Resource] = OrderedDict()
         self._meter_provider: MeterProvider | None = None
         if options.metrics:
             reader = PeriodicExportingMetricReader(metric_exporter,
@@ -255,62 +255,50 @@ class OtlpSink:
             if processor is not None and self.stats.waiting(signal) + incoming > _QUEUE // 2:
                 processor.force_flush()
 
-    def _resource_key(self, event: Event) -> tuple[tuple[str, Any], ...]:
-        attributes = mapping.resource_attributes(event, self.options.service_name)
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in attributes.items())
+    @staticmethod
+    def _resource_key(event: Event) -> tuple[Any, ...]:
+        """What tells agent processes apart, cheaply: the resource's attributes are made only for a new one."""
+        host, process, actor = event.host, event.process, event.actor
+        return (host.hostname if host is not None else None, host.arch if host is not None else None,
+                process.pid if process is not None else None, process.start_time if process is not None else None,
+                process.exe if process is not None else None, process.cmdline if process is not None else None,
+                actor.user if actor is not None else None)
 
-    def _cached(self, cache: OrderedDict[tuple[tuple[str, Any], ...], Any], key: tuple[tuple[str, Any], ...],
-                make: Any) -> Any:
-        value = cache.get(key)
-        if value is None:
-            value = cache[key] = make(self._resource(key))
-            while len(cache) > _PROVIDERS:
-                cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
-        return value
-
-    def _resource(self, key: tuple[tuple[str, Any], ...]) -> Resource:
+    def _resource(self, event: Event) -> Resource:
+        """The resource of the agent process ``event`` belongs to (a bounded cache of them)."""
+        key = self._resource_key(event)
         resource = self._resources.get(key)
         if resource is None:
-            resource = self._resources[key] = Resource({k: list(v) if isinstance(v, tuple) else v for k, v in key})
+            attributes = mapping.safe_attributes(mapping.resource_attributes(event, self.options.service_name))
+            resource = self._resources[key] = _Resource(attributes)
             while len(self._resources) > _PROVIDERS:
                 self._resources.popitem(last=False)
+        else:
+            self._resources.move_to_end(key)
         return resource
 
-    def _tracer(self, event: Event) -> trace_api.Tracer:
-        def make(resource: Resource) -> trace_api.Tracer:
-            provider = TracerProvider(resource=resource, id_generator=self._ids, sampler=ALWAYS_ON,
-                                      shutdown_on_exit=False)
-            assert self._span_processor is not None
-            provider.add_span_processor(self._span_processor)
-            return provider.get_tracer(SCOPE, __version__)
-
-        tracer: trace_api.Tracer = self._cached(self._tracers, self._resource_key(event), make)
-        return tracer
-
-    def _logger(self, event: Event) -> Any:
-        def make(resource: Resource) -> Any:
-            provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
-            assert self._log_processor is not None
-            provider.add_log_record_processor(self._log_processor)
-            return provider.get_logger(SCOPE, __version__)
-
-        return self._cached(self._loggers, self._resource_key(event), make)
-
     def _emit_log(self, event: Event, trace_id: int | None, span_id: int | None) -> None:
-        context = None
-        if trace_id is not None and span_id is not None:
-            context = trace_api.set_span_in_context(NonRecordingSpan(SpanContext(
-                trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)))
-        attributes: dict[str, Any] = {"oisp.event_id": event.event_id}
         record = LogRecord(
-            timestamp=mapping.ts_ns(event.ts), context=context, severity_number=SeverityNumber.INFO,
-            severity_text="INFO", body=event.to_dict(), attributes=attributes,
-            event_name=event.event_type,
+            timestamp=mapping.ts_ns(event.ts), severity_number=SeverityNumber.INFO, severity_text="INFO",
+            body=self._body(event), attributes={"oisp.event_id": event.event_id}, event_name=event.event_type,
         )
-        self._logger(event).emit(record)
+        if trace_id is not None and span_id is not None:
+            record.trace_id, record.span_id, record.trace_flags = trace_id, span_id, _SAMPLED
+        assert self._log_processor is not None
+        # Straight to the batch processor, with the agent process's resource: a LoggerProvider per process would
+        # only add its per-record overhead (this sink emits every event, and must keep up with them).
+        self._log_processor.on_emit(ReadWriteLogRecord(record, resource=self._resource(event),
+                                                       instrumentation_scope=self._scope, limits=self._log_limits))
         self.stats.emitted["logs"] += 1
+
+    def _body(self, event: Event) -> Any:
+        text = event.to_json()  # made once by the pipeline for every sink
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Undecodable bytes a decoder kept (lone surrogates) are no valid protobuf string: escaped they are.
+            return json.dumps(event.to_dict(), separators=(",", ":"))
+        return json.loads(text) if self.options.log_body == "map" else text
 
     def _export_spans(self, spans: Sequence[SpanSpec]) -> None:
         for spec in spans:
@@ -320,23 +308,27 @@ class OtlpSink:
                 self._record_metrics(spec)
 
     def _export_span(self, spec: SpanSpec) -> None:
-        tracer = self._tracer(spec.resource_event)
-        parent = None
-        if spec.parent_span_id is not None:
-            parent = trace_api.set_span_in_context(NonRecordingSpan(SpanContext(
-                spec.trace_id, spec.parent_span_id, is_remote=True, trace_flags=_SAMPLED)))
-        self._ids.trace_id, self._ids.span_id = spec.trace_id, spec.span_id
-        links = [Link(SpanContext(t, s, is_remote=False, trace_flags=_SAMPLED)) for t, s in spec.links]
-        span = tracer.start_span(spec.name, context=parent, kind=SpanKind.CLIENT if spec.kind == CLIENT
-                                 else SpanKind.INTERNAL, attributes=spec.attributes, links=links,
-                                 start_time=spec.start_ns, record_exception=False, set_status_on_exception=False)
-        if spec.error_type is not None:
-            span.set_status(Status(StatusCode.ERROR, spec.error_description or spec.error_type))
-        span.end(end_time=spec.end_ns)
+        # A finished span, with the ids, times and resource the span builder determined, handed to the batch
+        # processor as a tracer would hand it (spans are made after the fact here, never "current").
+        parent = SpanContext(spec.trace_id, spec.parent_span_id, is_remote=True, trace_flags=_SAMPLED) \
+            if spec.parent_span_id is not None else None
+        status = Status(StatusCode.ERROR, mapping.safe_text(spec.error_description or spec.error_type)) \
+            if spec.error_type is not None else Status(StatusCode.UNSET)
+        span = ReadableSpan(
+            name=mapping.safe_text(spec.name),
+            context=SpanContext(spec.trace_id, spec.span_id, is_remote=False, trace_flags=_SAMPLED),
+            parent=parent, resource=self._resource(spec.resource_event),
+            attributes=mapping.safe_attributes(spec.attributes),
+            links=[Link(SpanContext(t, s, is_remote=False, trace_flags=_SAMPLED)) for t, s in spec.links],
+            kind=SpanKind.CLIENT if spec.kind == CLIENT else SpanKind.INTERNAL, status=status,
+            start_time=spec.start_ns, end_time=spec.end_ns, instrumentation_scope=self._scope,
+        )
+        assert self._span_processor is not None
+        self._span_processor.on_end(span)
         self.stats.emitted["spans"] += 1
 
     def _record_metrics(self, spec: SpanSpec) -> None:
-        attributes = mapping.metric_attributes(spec.attributes)
+        attributes = mapping.safe_attributes(mapping.metric_attributes(spec.attributes))
         self._duration.record((spec.end_ns - spec.start_ns) / 1e9, attributes)
         if spec.error_type is None:
             for key, token_type in (("gen_ai.usage.input_tokens", "input"), ("gen_ai.usage.output_tokens", "output")):
