@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -414,3 +416,20 @@ def test_agent_tool_call_without_call_id_or_result_is_bounded() -> None:
     assert sink.builder.pending == 2
     assert sink.builder.incomplete == 3
     sink.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_missing_collector_is_reported_at_start_up(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    caplog.set_level(logging.WARNING, logger="oisp.sinks.otlp")
+    sink = create_sink({"endpoint": f"http://127.0.0.1:{port}", "protocol": protocol, "timeout": 0.5})
+    sink.close()
+    assert any("nothing answers at" in r.getMessage() and str(port) in r.getMessage() for r in caplog.records)
+
+
+def test_a_listening_collector_gives_no_start_up_warning(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="oisp.sinks.otlp")
+    sink_for(receiver).close()
+    assert not [r for r in caplog.records if "nothing answers" in r.getMessage()]

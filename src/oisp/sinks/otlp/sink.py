@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.sdk._logs import LogRecordLimits, ReadableLogRecord, ReadWriteLogRecord
@@ -151,6 +152,20 @@ def _exporters(options: OtlpOptions) -> tuple[SpanExporter, LogRecordExporter, M
             HttpMetrics(endpoint=options.signal_url("metrics"), **http_kwargs))
 
 
+def _probe(options: OtlpOptions) -> None:
+    """Say at start-up when nothing listens at the endpoint (oisp starts anyway: the exporters retry, and a
+    Collector may come up later)."""
+    parts = urlsplit(options.endpoint)
+    default = 4317 if options.protocol == "grpc" else 443 if parts.scheme == "https" else 80
+    port = parts.port or default
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=1.0):
+            pass
+    except OSError as exc:
+        logger.warning("sinks.otlp: nothing answers at %s (%s:%d: %s); starting anyway, exports will be retried",
+                       options.endpoint, parts.hostname, port, exc)
+
+
 class OtlpSink:
     """Exports events as OTLP traces, logs and metrics (see the module)."""
 
@@ -198,6 +213,7 @@ class OtlpSink:
                 explicit_bucket_boundaries_advisory=list(mapping.DURATION_BUCKETS))
         else:
             metric_exporter.shutdown()
+        _probe(options)
         logger.info("sinks.otlp: exporting to %s over %s (traces %s, logs %s, metrics %s, content %s)",
                     options.endpoint, options.protocol, options.traces, options.logs, options.metrics,
                     options.content)
