@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.sdk._logs import LogRecordLimits, ReadableLogRecord, ReadWriteLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -197,7 +197,8 @@ class OtlpSink:
                                                    export_interval_millis=options.export_interval * 1000,
                                                    export_timeout_millis=timeout_ms)
             self._meter_provider = MeterProvider(
-                metric_readers=[reader], shutdown_on_exit=False,
+                # No exemplars: oisp records after the fact, there is never a current span to sample from.
+                metric_readers=[reader], shutdown_on_exit=False, exemplar_filter=AlwaysOffExemplarFilter(),
                 resource=Resource.create({"service.name": options.service_name, "host.name": socket.gethostname()}),
             )
             meter = self._meter_provider.get_meter(SCOPE, __version__)
