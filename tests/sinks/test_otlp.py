@@ -433,3 +433,18 @@ def test_a_listening_collector_gives_no_start_up_warning(receiver: Receiver, cap
     caplog.set_level(logging.WARNING, logger="oisp.sinks.otlp")
     sink_for(receiver).close()
     assert not [r for r in caplog.records if "nothing answers" in r.getMessage()]
+
+
+def test_failed_exports_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="oisp.sinks.otlp")
+    sink = create_sink({"endpoint": f"http://127.0.0.1:{port}", "timeout": 0.5, "metrics": False})
+    assert isinstance(sink, OtlpSink)
+    request, response = exchange()
+    sink.write([request, response, on_host(samples.network_connect())])
+    sink.close()
+    assert sink.stats.failed == {"spans": 1, "logs": 3}
+    assert sink.stats.sent == {"spans": 0, "logs": 0}
+    assert any("3 logs could not be exported" in r.getMessage() for r in caplog.records)
