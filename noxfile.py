@@ -39,7 +39,7 @@ TYPECHECK_PLATFORMS = {
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the library, for Linux, Windows (--platform win32) and the macOS trust store."""
-    session.install("-e", ".[demo,validate]", "certifi", "pytest>=8", "mypy>=1.11")  # pytest: oisp.testing
+    session.install("-e", ".[demo,validate,otlp,kafka]", "certifi", "pytest>=8", "mypy>=1.11")  # pytest: oisp.testing
     for platform, paths in TYPECHECK_PLATFORMS.items():
         # One cache per platform: the platform is part of mypy's cache key, so a shared one is rebuilt every pass.
         session.run("mypy", "--strict", "--platform", platform, "--cache-dir", f".mypy_cache/{platform}", *paths)

@@ -141,7 +141,7 @@ class WebhookSink:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> WebhookSink:
-        """Build from configuration (see the module and ``docs/export-kafka-webhook.md`` for the options)."""
+        """Build from configuration (see the module and ``docs/export.md`` for the options)."""
         o = Options("webhook", options, _OPTIONS)
         url = o.string("url", required="the https:// URL batches are POSTed to")
         spool_dir = o.string("spool_dir", required="a directory for undelivered batches, kept across restarts")
