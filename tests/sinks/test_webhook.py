@@ -5,6 +5,7 @@ drops are counted; and its decisions (retry schedule, Retry-After, spool bound) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import stat
@@ -405,3 +406,16 @@ def test_a_write_that_fails_spools_nothing(receiver: Receiver, tmp_path: Path,
     sink.write(make_events(5, 1))
     assert sink.stats()["spooled"] == 1 and sink.stats()["pending"] == 1
     sink.close()
+
+
+def test_the_webhook_urls_secret_path_and_query_never_reach_the_log(
+        receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Webhook URLs often are the credential (``/services/T0/B0/SECRET``): logs show scheme, host and port only."""
+    caplog.set_level(logging.DEBUG, logger="oisp")
+    url = receiver.url.rstrip("/") + "/services/T000/B000/SECRETPATH?token=SECRETQUERY"
+    sink = WebhookSink(url, spool_dir=tmp_path / "spool", **{**FAST, "close_timeout": 0.2})  # untrusted: fails
+    sink.write(make_events(0, 2))
+    wait_until(lambda: sink.stats()["retries"] >= 2, what="failed attempts")
+    sink.close()
+    assert "SECRET" not in caplog.text and "SECRET" not in (sink.last_error or "")
+    assert "sinks.webhook: delivery to https://127.0.0.1:" in caplog.text

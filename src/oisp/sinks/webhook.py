@@ -90,9 +90,11 @@ class WebhookSink:
             port = parts.port
         except ValueError as exc:
             raise ConfigurationError(f"sinks.webhook.url: {url!r}: {exc}") from exc
-        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
-            logger.warning("sinks.webhook.url %s is plain HTTP: events travel unencrypted", url)
         self.url = url
+        #: The URL as logs show it: scheme, host and port only (webhook paths and queries often are the secret).
+        self.shown_url = f"{parts.scheme}://{parts.hostname}{f':{port}' if port else ''}/..."
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning("sinks.webhook.url %s is plain HTTP: events travel unencrypted", self.shown_url)
         self._scheme = parts.scheme
         self._host = parts.hostname
         self._port = port
@@ -166,7 +168,7 @@ class WebhookSink:
     def write(self, events: Sequence[Event]) -> None:
         """Spool ``events`` durably (in batches of ``batch_size``); returns once they are on disk."""
         if self._closed:
-            raise OispError(f"sinks.webhook: {self.url} is closed; write() was called after close()")
+            raise OispError(f"sinks.webhook: {self.shown_url} is closed; write() was called after close()")
         lines = [event.to_json().encode("utf-8") + b"\n" for event in events]
         if not lines:
             return
@@ -214,7 +216,7 @@ class WebhookSink:
             left = self._index.events
         if left:
             logger.warning("sinks.webhook: %d event(s) not yet delivered to %s stay in %s for the next start",
-                           left, self.url, self.spool_dir)
+                           left, self.shown_url, self.spool_dir)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -315,11 +317,11 @@ class WebhookSink:
                     self._counters["retries"] += 1
             if outcome is Outcome.REJECTED:
                 self.last_error = detail
-                logger.error("sinks.webhook: %s rejected a batch of %d event(s) (%s); it is not retried", self.url,
-                             entry.count, detail)
+                logger.error("sinks.webhook: %s rejected a batch of %d event(s) (%s); it is not retried",
+                             self.shown_url, entry.count, detail)
             if outcome is not Outcome.RETRY:
                 if self._failing_since is not None:
-                    logger.warning("sinks.webhook: %s reachable again after %.1f s", self.url,
+                    logger.warning("sinks.webhook: %s reachable again after %.1f s", self.shown_url,
                                    time.monotonic() - self._failing_since)
                     self._failing_since = None
                 attempt = 0
@@ -330,7 +332,7 @@ class WebhookSink:
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
                 logger.warning("sinks.webhook: delivery to %s failed (%s); retrying with backoff, events wait in %s",
-                               self.url, detail, self.spool_dir)
+                               self.shown_url, detail, self.spool_dir)
             else:
                 logger.debug("sinks.webhook: attempt %d failed (%s); next in %.2f s", attempt, detail, delay)
             with self._cond:
@@ -359,7 +361,7 @@ class WebhookSink:
                 if reused and attempt == 1 and isinstance(exc, OSError | http.client.HTTPException):
                     continue  # a kept-alive connection the receiver had closed meanwhile: once more on a new one
                 if not isinstance(exc, OSError | http.client.HTTPException):
-                    logger.error("sinks.webhook: unexpected error posting to %s", self.url, exc_info=True)
+                    logger.error("sinks.webhook: unexpected error posting to %s", self.shown_url, exc_info=True)
                 return Outcome.RETRY, None, f"{type(exc).__name__}: {exc}"
         if response.will_close:
             self._drop_connection()
