@@ -77,7 +77,7 @@ class Config:
     resolve: tuple[str, ...] = ()
     reverse_target: str | None = None
     drain_timeout: float = 5.0
-    pinned_ttl: float = 3600.0
+    pinned_ttl: float = 300.0
     #: Seconds a spare upstream connection is kept ready for the next client of a host (0: none).
     preconnect_idle: float = 5.0
     endpoints_add: tuple[EndpointSpec, ...] = ()

@@ -62,6 +62,8 @@ class LiveView:
         self.rows: deque[CallRow] = deque(maxlen=max_rows)
         self.totals = Totals()
         self._by_request: dict[str, CallRow] = {}
+        #: Hosts passed through uninspected because a process pinned them: "host by process" -> connections.
+        self.pinned: dict[str, int] = {}
         self._live: Live | None = None
 
     def __enter__(self) -> LiveView:
@@ -78,7 +80,15 @@ class LiveView:
     def __call__(self, event: Event) -> None:
         """Take one processed event (register with ``Pipeline.add_listener``)."""
         data = event.data
-        if event.event_type == "ai.request":
+        if event.event_type == "network.connect":
+            if (event.attrs or {}).get("oisp.interception") != "pinned_passthrough":
+                return
+            process = event.process
+            who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
+            host = _get(data, "dest", "domain") or _get(data, "dest", "ip") or "?"
+            key = f"{host} by {who}"
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+        elif event.event_type == "ai.request":
             process = event.process
             who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
             row = CallRow(time=event.ts.astimezone().strftime("%H:%M:%S"), process=who,
@@ -135,7 +145,11 @@ class LiveView:
         providers = ", ".join(f"{name} {count}" for name, count in sorted(t.by_provider.items()))
         footer = Text(f"calls {t.calls} ({providers or 'none yet'})  errors {t.errors}  tokens in {t.tokens_in} "
                       f"out {t.tokens_out}  tool calls {t.tool_calls}  cost ${t.cost_usd:.5f}")
-        return Group(table, footer)
+        if not self.pinned:
+            return Group(table, footer)
+        pinned = Text("pinned, passed through UNINSPECTED: " + ", ".join(
+            f"{key} ({count})" for key, count in sorted(self.pinned.items())), style="bold yellow")
+        return Group(table, footer, pinned)
 
 
 def _num(value: int | None) -> str:

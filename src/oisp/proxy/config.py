@@ -91,7 +91,7 @@ class ProxyConfig:
     #: Reverse mode: the upstream base URL the proxy stands in for (``https://api.openai.com``).
     reverse_target: str | None = None
     body_cap: int = attrs.field(default=DEFAULT_BODY_CAP, validator=_positive)
-    pinned_ttl: float = attrs.field(default=3600.0, validator=_positive)
+    pinned_ttl: float = attrs.field(default=300.0, validator=_positive)
     handshake_timeout: float = attrs.field(default=15.0, validator=_positive)
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Chunks queued for a connection's decoder before it is declared too slow (decoding stops, relay goes on).

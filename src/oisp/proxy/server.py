@@ -33,7 +33,7 @@ from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
 from oisp.proxy.forward import serve_forward
 from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener
-from oisp.proxy.pinning import PinnedClients
+from oisp.proxy.pinning import PinnedClients, ProcessKey
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
 from oisp.proxy.tls_stream import TlsStream
@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: A fatal TLS alert (handshake_failure) sent to a client whose upstream could not be trusted or reached.
 _HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
-_PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE",
-               "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED", "DECRYPT_ERROR")
+#: The TLS alerts (as OpenSSL names them) by which a client says it refuses oisp's certificate: the only evidence
+#: of pinning. An EOF or a reset during or right after the handshake is not: any process can do that.
+_PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE")
 _MAX_CLIENT_HELLO = 64 * 1024
 _ids = itertools.count(1)
 #: Distinguishes this process's connection ids (and so request ids) from those of earlier runs.
@@ -99,6 +100,8 @@ class ProxyStats:
     active: int = 0
     decisions: dict[str, int] = attrs.field(factory=dict)
     errors: int = 0
+    #: Each (host, process) pair pinned during the run, as "host by exe[pid]" (at most 100).
+    pinned: list[str] = attrs.field(factory=list)
 
 
 def _is_ip(host: str) -> bool:
@@ -551,12 +554,10 @@ class MitmProxy:
             finally:
                 relay_ended.set()
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
-                # A client that closes right after the handshake, before any request, distrusts the certificate.
-                self.pinned.remember(name, _process_key(report))
-                logger.info("connection %s: client closed before sending any request to %s; treating it as "
-                            "pinned: later connections are passed through", report.connection_id, name)
-                self._report(attrs.evolve(report, decision=Decision.CLIENT_REJECTED_CERTIFICATE, success=False,
-                                          error="client closed the connection before sending any data"))
+                # Closing right after the handshake is no evidence of pinning (any process can do it), so it
+                # changes nothing for later connections.
+                logger.info("connection %s: client closed before sending any request to %s",
+                            report.connection_id, name)
 
     async def _open_upstream(self, target: UpstreamTarget, report: ConnectionReport) -> TlsStream | None:
         """Connect to ``target`` and run the upstream TLS handshake (resuming a verified session when one may be),
@@ -679,15 +680,22 @@ class MitmProxy:
             self._spares_event = anyio.Event()
         await self._spares_event.wait()
 
-    def _client_rejected(self, report: ConnectionReport, name: str, process_key: str | None, error: str,
+    def _client_rejected(self, report: ConnectionReport, name: str, process_key: ProcessKey | None, error: str,
                          *, pinning: bool) -> None:
         report.decision = Decision.CLIENT_REJECTED_CERTIFICATE
         report.success = False
         report.error = error
-        if pinning:
-            self.pinned.remember(name, process_key)
-            logger.info("connection %s: %s; %s is passed through for this client from now on",
-                        report.connection_id, error, name)
+        if pinning and self.pinned.evidence(name, process_key):
+            assert process_key is not None
+            pair = f"{name} by {process_key.label()}"
+            if len(self.stats.pinned) < 100:
+                self.stats.pinned.append(pair)
+            logger.warning("connection %s: %s; pinned: %s's connections to %s are passed through UNINSPECTED for "
+                           "%.0f s (%s)", report.connection_id, error, process_key.label(), name, self.pinned.ttl,
+                           process_key.cmdline[:200])
+        elif pinning:
+            logger.info("connection %s: %s (evidence of pinning, %s)", report.connection_id, error,
+                        "process unknown: never pinned" if process_key is None else "not pinned yet")
         else:
             logger.info("connection %s: %s", report.connection_id, error)
         self._report(report)
@@ -744,9 +752,13 @@ def _client_socket(original: Any) -> ClientSocket | None:
                         namespace=getattr(original, "netns", None))
 
 
-def _process_key(report: ConnectionReport) -> str | None:
-    """What pinned clients are remembered by: the executable (None when unknown: then the host alone)."""
-    return report.process.exe if report.process is not None else None
+def _process_key(report: ConnectionReport) -> ProcessKey | None:
+    """What pinned clients are remembered by: the process (executable, command line, pid and start time); None
+    when that is not known (such a client is never pinned)."""
+    process = report.process
+    if process is None or process.pid is None or not process.exe:
+        return None
+    return ProcessKey(process.exe, process.cmdline or "", process.pid, process.start_time)
 
 
 def _who(who: Attribution | None) -> dict[str, Any]:
@@ -757,9 +769,7 @@ def _who(who: Attribution | None) -> dict[str, Any]:
 
 
 def _looks_like_pinning(exc: BaseException) -> bool:
-    """A handshake that the client broke off after seeing our certificate."""
-    if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError | ConnectionError | ssl.SSLEOFError):
-        return True
+    """A handshake that the client broke off with an alert about our certificate (not an EOF or a reset)."""
     text = str(exc).upper()
     return isinstance(exc, ssl.SSLError) and any(alert in text for alert in _PIN_ALERTS)
 
