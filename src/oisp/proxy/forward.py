@@ -27,6 +27,7 @@ from anyio.abc import ByteStream, SocketStream
 from oisp.errors import ProtocolError
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.h1_framing import MessageFramer, ResponseTracker, header_lines, request_body
+from oisp.proxy.loop import loop_response
 from oisp.proxy.relay import CHUNK, CopyFeed, RelayResult
 from oisp.proxy.report import ConnectionReport, Decision
 
@@ -180,6 +181,12 @@ async def serve_forward(proxy: MitmProxy, client: SocketStream, buffer: bytes, c
     assert isinstance(first, ForwardedRequest) and first.origin is not None
     origin = first.origin
     while True:
+        if await proxy.targets_self(origin.host, origin.port, connection_id, client_addr):
+            try:
+                await client.send(loop_response(f"{origin.host}:{origin.port}"))
+            except _ERRORS:
+                pass
+            return
         endpoint = proxy.endpoints.match(origin.host, origin.port)
         report = ConnectionReport(
             connection_id=connection_id, mode=str(proxy.config.mode), client_addr=client_addr,

@@ -32,12 +32,14 @@ from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
 from oisp.proxy.forward import serve_forward
+from oisp.proxy.loop import SelfAddresses, loop_response
 from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener
 from oisp.proxy.pinning import PinnedClients, ProcessKey
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
 from oisp.proxy.tls_stream import TlsStream
 from oisp.proxy.upstream import MAX_SPARE_BUFFER, PRECONNECT_DELAY, Spare, UpstreamSessions, UpstreamTarget
+from oisp.ratelog import Throttled
 
 __all__ = ["Attributor", "DecoderFactory", "MitmProxy", "OriginalDestinationLookup", "ProxyStats"]
 
@@ -158,6 +160,9 @@ class MitmProxy:
         self.pinned = PinnedClients(config.pinned_ttl)
         self.stats = ProxyStats()
         self.address: tuple[str, int] | None = None
+        #: The proxy's own listening addresses, once it listens: requests addressed there are refused (a loop).
+        self._self_addresses: SelfAddresses | None = None
+        self._loop_log = Throttled(logger, 60.0)
         self._listener: SocketListener | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._connections_scope: anyio.CancelScope | None = None
@@ -188,6 +193,7 @@ class MitmProxy:
             self._tasks = connections
             bound = listener.extra(SocketAttribute.local_address)
             self.address = (str(bound[0]), int(bound[1]))
+            self._self_addresses = SelfAddresses(self.address)
             logger.info("oisp proxy (%s mode) listening on %s:%d", self.config.mode, *self.address)
             task_status.started(self.address)
             while True:
@@ -262,6 +268,9 @@ class MitmProxy:
             await _send_quietly(client, b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             return
         except (TimeoutError, anyio.EndOfStream, *_NET_ERRORS):
+            return
+        if await self.targets_self(request.host, request.port, connection_id, client_addr):
+            await _send_quietly(client, loop_response(f"{request.host}:{request.port}"))
             return
         if request.tunnel:
             try:
@@ -377,7 +386,22 @@ class MitmProxy:
             return
         await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending)
 
+    async def targets_self(self, host: str, port: int, connection_id: str, client_addr: tuple[str, int]) -> bool:
+        """Whether ``host:port`` is (where the overrides send it) one of the proxy's own listening addresses:
+        forwarding there would loop back to the proxy. Logged at WARNING, at most once a minute."""
+        address, address_port = self.config.override_for(host, port)
+        if self._self_addresses is None or not await self._self_addresses.targets_self(address, address_port):
+            return False
+        self._loop_log.log(logging.WARNING, "connection %s from %s:%d: refused a request for %s:%d, oisp's own "
+                           "listening address (it would loop back to oisp)", connection_id, *client_addr, host, port)
+        return True
+
     async def _connect_upstream(self, host: str, port: int, report: ConnectionReport) -> SocketStream | None:
+        if await self.targets_self(host, port, report.connection_id, report.client_addr):
+            report.decision = Decision.UPSTREAM_FAILED
+            report.success = False
+            report.error = f"refused: {host}:{port} is oisp's own listening address (a loop)"
+            return None
         address, address_port = self.config.override_for(host, port)
         started = time.perf_counter()
         try:
