@@ -76,3 +76,80 @@ def test_throttled_logs_once_per_interval_with_counts(caplog: pytest.LogCaptureF
         assert throttled.log(logging.WARNING, "boom %s", 4)
     assert [r.getMessage() for r in caplog.records] == ["boom 1", "boom 4 (2 more like it in the last 60 s)"]
     assert throttled.total == 4
+
+
+_PROXY_WITH_FEW_DESCRIPTORS = """
+import logging, resource, sys, tempfile
+from pathlib import Path
+import anyio
+from oisp.attribution import Attributor
+from oisp.proxy import MitmProxy, ProxyConfig
+from oisp.tls import CertificateAuthority
+
+limit = int(sys.argv[1])
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+
+async def main():
+    ca = CertificateAuthority.load_or_create(Path(tempfile.mkdtemp()))
+    proxy = MitmProxy(ProxyConfig(listen_port=0, handshake_timeout=60), ca=ca, attributor=Attributor())
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(proxy.serve)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        print(address[1], flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes stdin
+        tg.cancel_scope.cancel()
+
+anyio.run(main)
+"""
+
+
+def test_running_out_of_descriptors_backs_off_logs_once_and_recovers(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _PROXY_WITH_FEW_DESCRIPTORS, "64"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr", "wb"))  # noqa: SIM115
+    held: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        # Tunnels that send nothing after their CONNECT hold a descriptor each in the proxy (and have their process
+        # looked up); 150 are far more than it has.
+        for _ in range(150):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            held[-1].sendall(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+        log = tmp_path / "stderr"
+        deadline = time.monotonic() + 10
+        while "descriptors" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the log file for the condition, with a deadline
+        # While the proxy is out of descriptors the backlog keeps being retried; give it 2 s of that.
+        retry_until = time.monotonic() + 2
+        while time.monotonic() < retry_until:
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        accept_lines = [line for line in text.splitlines() if "accept" in line]
+        assert 1 <= len(accept_lines) <= 3, text[-3000:]
+        for sock in held:
+            sock.close()
+        held.clear()
+        # Descriptors free up: the proxy serves again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n")
+                    answer = read_all(sock)
+                if answer.startswith(b"HTTP/1.1 502"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the proxy did not serve again"
+        assert "Traceback" not in log.read_text()
+    finally:
+        for sock in held:
+            sock.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=20)

@@ -51,6 +51,8 @@ _HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
 #: of pinning. An EOF or a reset during or right after the handshake is not: any process can do that.
 _PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE")
 _MAX_CLIENT_HELLO = 64 * 1024
+#: Shortest and longest wait after a failed accept (out of descriptors): doubled at each failure in a row.
+_ACCEPT_BACKOFF = (0.01, 1.0)
 _ids = itertools.count(1)
 #: Distinguishes this process's connection ids (and so request ids) from those of earlier runs.
 _RUN = secrets.token_hex(3)
@@ -163,6 +165,7 @@ class MitmProxy:
         #: The proxy's own listening addresses, once it listens: requests addressed there are refused (a loop).
         self._self_addresses: SelfAddresses | None = None
         self._loop_log = Throttled(logger, 60.0)
+        self._accept_log = Throttled(logger, 30.0)
         self._listener: SocketListener | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._connections_scope: anyio.CancelScope | None = None
@@ -196,15 +199,24 @@ class MitmProxy:
             self._self_addresses = SelfAddresses(self.address)
             logger.info("oisp proxy (%s mode) listening on %s:%d", self.config.mode, *self.address)
             task_status.started(self.address)
+            backoff = 0.0
             while True:
                 try:
                     client = await listener.accept()
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     break  # shutdown() closed the listener
                 except OSError as exc:  # EMFILE and friends: keep serving the connections we have
-                    logger.error("accepting a connection failed: %s", exc)
-                    await anyio.sleep(0.1)
+                    # Waiting lets connections end and free descriptors; the client waits in the backlog.
+                    backoff = min(max(backoff * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+                    self._accept_log.log(logging.ERROR, "accepting connections failed (%s: out of file descriptors "
+                                         "or memory?); retrying with a backoff of up to %.0f s; %d connection(s) "
+                                         "open", exc.strerror or exc, _ACCEPT_BACKOFF[1], self.stats.active)
+                    await anyio.sleep(backoff)
                     continue
+                if backoff:
+                    backoff = 0.0
+                    logger.info("accepting connections again (%d failed attempts)", self._accept_log.total)
+                    self._accept_log.total = 0
                 connections.start_soon(self._handle, client)
             if self.stats.active:
                 logger.info("draining %d connection(s) for up to %.1f s", self.stats.active, self._drain_timeout)
@@ -726,6 +738,7 @@ class MitmProxy:
 
 
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+_ATTRIBUTION_LOG = Throttled(logger, 60.0)
 
 
 class _PendingAttribution:
@@ -755,6 +768,8 @@ class _PendingAttribution:
             else:
                 self.value = await anyio.to_thread.run_sync(functools.partial(attributor, client, local, pid_hint,
                                                                               **extra))
+        except OSError as exc:  # out of file descriptors, mostly: no traceback, at most once a minute
+            _ATTRIBUTION_LOG.log(logging.WARNING, "process attribution failed for %s:%d: %s", *client, exc)
         except Exception:
             logger.exception("process attribution failed for %s:%d", *client)
         finally:
