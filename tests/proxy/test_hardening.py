@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,38 @@ def test_running_out_of_descriptors_backs_off_logs_once_and_recovers(tmp_path: P
         if proc.stdin is not None:
             proc.stdin.close()
         proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("host", ["example.com", "api.openai.com", "localhost:11434"])
+def test_a_silent_connection_is_closed(tmp_path: Path, test_ca: trustme.CA, host: str) -> None:
+    import time
+
+    # The client never sends a ClientHello: after handshake_timeout it is passed through raw (fail-open), and the
+    # test upstream tolerates silence forever; the whole silent lifetime is still bounded.
+    config = {"handshake_timeout": 0.5, "silent_lifetime": 1.5}
+    with running_stack(tmp_path, test_ca, config=config) as stack:
+        target = host if ":" in host else f"{host}:443"
+        with socket.create_connection(stack.proxy_address, timeout=10) as sock:
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+            started = time.monotonic()
+            assert read_all(sock).startswith(b"HTTP/1.1 200")  # read_all returns at EOF (or fails at 10 s)
+            assert time.monotonic() - started < 5
+        if host != "example.com":
+            return
+        # A client that speaks late (after handshake_timeout, so its bytes are passed through raw) is not silent:
+        # its connection outlives silent_lifetime.
+        context = ssl.create_default_context()
+        test_ca.configure_trust(context)
+        sock = socket.create_connection(stack.proxy_address, timeout=10)
+        sock.sendall(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        deadline = started + 5
+        while not stack.proxy.stats.decisions.get("passthrough"):  # the proxy gave up waiting for a ClientHello
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with context.wrap_socket(sock, server_hostname="example.com") as tls:
+            while time.monotonic() < started + 2.0:  # past silent_lifetime (time itself is the condition)
+                time.sleep(0.05)
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+            assert read_all(tls).startswith(b"HTTP/1.1 200")

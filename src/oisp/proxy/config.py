@@ -93,6 +93,10 @@ class ProxyConfig:
     body_cap: int = attrs.field(default=DEFAULT_BODY_CAP, validator=_positive)
     pinned_ttl: float = attrs.field(default=300.0, validator=_positive)
     handshake_timeout: float = attrs.field(default=15.0, validator=_positive)
+    #: The longest a connection that has not carried a byte of data either way is kept, from its start: a client
+    #: that never sends a ClientHello is passed through after ``handshake_timeout`` (fail-open), then closed if
+    #: still nothing has been said by either side.
+    silent_lifetime: float = attrs.field(default=60.0, validator=_positive)
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Chunks queued for a connection's decoder before it is declared too slow (decoding stops, relay goes on).
     decode_queue: int = attrs.field(default=4096, validator=_positive)

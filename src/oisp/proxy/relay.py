@@ -8,6 +8,7 @@ than its queue, decoding of that connection stops (the exchange is marked partia
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Literal, Protocol
@@ -143,13 +144,18 @@ class RelayResult:
 
 
 async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = None, *,
-                rewrite_client: Callable[[bytes], bytes] | None = None) -> RelayResult:
+                rewrite_client: Callable[[bytes], bytes] | None = None,
+                silent_deadline: float | None = None) -> RelayResult:
     """Relay both directions until both have ended (EOF propagated as half-close) or one fails.
 
     ``rewrite_client`` transforms the client's bytes before they go on (reverse mode rewrites request heads);
     it may hold bytes back and raise ``ProtocolError`` on input it cannot follow, which ends the connection.
+
+    ``silent_deadline`` (``anyio.current_time()`` based): the connection is closed then unless a byte has been
+    received from either side by that time.
     """
     result = RelayResult()
+    silence = anyio.CancelScope(deadline=math.inf if silent_deadline is None else silent_deadline)
 
     async def pump(src: ByteStream, dst: ByteStream, direction: Direction, scope: anyio.CancelScope) -> None:
         rewrite = rewrite_client if direction == "client" else None
@@ -162,6 +168,7 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
                 result.error = result.error or f"{direction} side: {exc or type(exc).__name__}"
                 scope.cancel()
                 return
+            silence.deadline = math.inf
             if rewrite is not None:
                 try:
                     data = rewrite(data)
@@ -198,7 +205,10 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
         except (*_ERRORS, NotImplementedError):
             pass
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(pump, client, server, "client", tg.cancel_scope)
-        tg.start_soon(pump, server, client, "server", tg.cancel_scope)
+    with silence:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, client, server, "client", tg.cancel_scope)
+            tg.start_soon(pump, server, client, "server", tg.cancel_scope)
+    if silence.cancelled_caught:
+        result.error = result.error or "neither side sent anything; closed"
     return result

@@ -337,6 +337,8 @@ class MitmProxy:
         """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
         buffer = initial
         hello: _ClientHello | None = None
+        silent_deadline: float | None = None
+        started = anyio.current_time()
         try:
             with anyio.fail_after(self.config.handshake_timeout):
                 if not buffer:
@@ -353,6 +355,8 @@ class MitmProxy:
                     buffer += await client.receive()
         except TimeoutError:
             logger.info("connection %s: client sent no ClientHello in time; passing through", connection_id)
+            if not buffer:  # nothing said yet: if neither side ever says anything, the connection ends
+                silent_deadline = started + self.config.silent_lifetime
         except (anyio.EndOfStream, *_NET_ERRORS):
             return
         name = hello.sni if hello is not None and hello.sni else host
@@ -377,9 +381,9 @@ class MitmProxy:
         if hello is None:
             if endpoint is not None and not endpoint.tls:
                 await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, pending,
-                                  pid_hint)
+                                  pid_hint, silent_deadline)
                 return
-            await self._passthrough(client, buffer, host, port, report)
+            await self._passthrough(client, buffer, host, port, report, silent_deadline)
             return
         if endpoint is None or not endpoint.tls:
             await self._passthrough(client, buffer, host, port, report)
@@ -430,7 +434,7 @@ class MitmProxy:
         return upstream
 
     async def _passthrough(self, client: SocketStream, buffer: bytes, host: str, port: int,
-                           report: ConnectionReport) -> None:
+                           report: ConnectionReport, silent_deadline: float | None = None) -> None:
         upstream = await self._connect_upstream(host, port, report)
         self._report(report)
         if upstream is None:
@@ -441,11 +445,14 @@ class MitmProxy:
                     await upstream.send(buffer)
                 except _NET_ERRORS:
                     return
-            await relay(client, upstream)
-
+            result = await relay(client, upstream, silent_deadline=silent_deadline)
+            if silent_deadline is not None and not result.bytes_from_client and not result.bytes_from_server:
+                logger.info("connection %s to %s:%d: %s after %.0f s", report.connection_id, host, port, result.error,
+                            self.config.silent_lifetime)
     async def _plain(self, client: SocketStream, buffer: bytes, connection_id: str, client_addr: tuple[str, int],
                      host: str, port: int, endpoint: EndpointSpec | None,
-                     pending: _PendingAttribution, pid_hint: int | None) -> None:
+                     pending: _PendingAttribution, pid_hint: int | None,
+                     silent_deadline: float | None = None) -> None:
         """Plain HTTP: decoded when it goes to an AI endpoint, relayed untouched either way."""
         who = await pending.get()
         report = ConnectionReport(
@@ -463,10 +470,12 @@ class MitmProxy:
                               mode=str(self.config.mode), tls=False, provider=endpoint.provider if endpoint else None,
                               **_who(who))
         async with upstream:
-            await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None)
+            await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None,
+                                      silent_deadline)
 
     async def _relay_decoded(self, client: ByteStream, upstream: ByteStream, client_prefix: bytes,
-                             info: ConnectionInfo, alpn: str | None) -> RelayResult:
+                             info: ConnectionInfo, alpn: str | None,
+                             silent_deadline: float | None = None) -> RelayResult:
         feed = self._feed_for(info, alpn)
         result = RelayResult(error="relay cancelled")
         async with anyio.create_task_group() as tg:
@@ -477,7 +486,7 @@ class MitmProxy:
                     await upstream.send(client_prefix)
                     if feed is not None:
                         feed.push("client", client_prefix, time.monotonic_ns())
-                result = await relay(client, upstream, feed)
+                result = await relay(client, upstream, feed, silent_deadline=silent_deadline)
             except _NET_ERRORS as exc:
                 result = RelayResult(error=str(exc))
             finally:
