@@ -92,6 +92,9 @@ class Config:
     decoder: str = "process"
     #: How many bytes the decoder process may fall behind the relay before decoding of a connection stops.
     decoder_buffer: int = 32 * 1024 * 1024
+    #: Bytes of HPACK dynamic table mirrored per direction of an HTTP/2 connection (a sender using more stops the
+    #: decoding of that connection).
+    hpack_table_cap: int = 256 * 1024
     pricing_bundle: Path | None = None
     #: Use a name-constrained CA that can only vouch for the AI endpoints (and ``ca_extra_domains``).
     ca_name_constrained: bool = False
@@ -226,6 +229,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["streaming_chunks"] = capture.boolean("streaming_chunks")
         values["decoder"] = capture.string("decoder", choices=DECODERS)
         values["decoder_buffer"] = capture.number("decoder_buffer", integer=True)
+        values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)
         capture.finish()
     ca = root.table("ca")
     if ca is not None:

@@ -116,6 +116,7 @@ async def run(
         upstream_insecure=config.upstream_insecure,
         overrides=tuple(UpstreamOverride.parse(item) for item in config.resolve),
         reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl, preconnect_idle=config.preconnect_idle,
+        hpack_table_cap=config.hpack_table_cap,
         listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
         **({"body_cap": config.body_cap} if config.body_cap is not None else {}),
     )

@@ -507,7 +507,8 @@ class MitmProxy:
             listener = self.observer.exchange_listener(info)
             if listener is None:
                 return None
-            decoder = self._make_decoder(alpn, info, listener, body_cap=self.config.body_cap)
+            decoder = self._make_decoder(alpn, info, listener, body_cap=self.config.body_cap,
+                                         max_table_size=self.config.hpack_table_cap)
         except Exception:
             logger.exception("connection %s: could not set up decoding; relaying without it", info.connection_id)
             return None
