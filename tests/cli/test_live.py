@@ -62,7 +62,7 @@ def test_live_view_shows_each_call_and_totals_in_a_terminal(tmp_path: Path, upst
         os.close(master)
 
 
-def test_live_view_and_exit_summary_show_pinned_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_view_and_exit_summary_show_pinned_hosts_and_decoding_off(capsys: pytest.CaptureFixture[str]) -> None:
     from rich.console import Console
 
     from oisp.cli.live import LiveView
@@ -83,3 +83,10 @@ def test_live_view_and_exit_summary_show_pinned_hosts(capsys: pytest.CaptureFixt
     _print_summary({"pipeline": {}, "proxy": {"connections": 2, "decisions": {},
                                               "pinned": ["api.openai.com by node[42]"]}})
     assert "pinned (passed through uninspected): api.openai.com by node[42]" in capsys.readouterr().err
+    view.set_status("DECODING IS OFF: the decoder process ended")
+    view.console.print(view.render())
+    assert "DECODING IS OFF: the decoder process ended" in view.console.export_text()
+    _print_summary({"pipeline": {"processed": 1}, "proxy": {"connections": 0, "decisions": {}},
+                    "decoder_process": {"overflowed_connections": 0, "lost_connections": 1, "exit_code": -9,
+                                        "gave_up": "no restarts are left (5 of 5 used)"}})
+    assert "DECODING WAS OFF from some point on: no restarts are left (5 of 5 used)" in capsys.readouterr().err

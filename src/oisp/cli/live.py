@@ -62,6 +62,8 @@ class LiveView:
         self.rows: deque[CallRow] = deque(maxlen=max_rows)
         self.totals = Totals()
         self._by_request: dict[str, CallRow] = {}
+        #: A warning shown above everything (decoding given up for good), None when all is well.
+        self.status: str | None = None
         #: Hosts passed through uninspected because a process pinned them: "host by process" -> connections.
         self.pinned: dict[str, int] = {}
         self._live: Live | None = None
@@ -76,6 +78,12 @@ class LiveView:
             self._live.update(self.render())
             self._live.__exit__(None, None, None)
             self._live = None
+
+    def set_status(self, text: str) -> None:
+        """Show ``text`` as a warning line (the decoder process's give-up)."""
+        self.status = text
+        if self._live is not None:
+            self._live.update(self.render())
 
     def __call__(self, event: Event) -> None:
         """Take one processed event (register with ``Pipeline.add_listener``)."""
@@ -145,11 +153,13 @@ class LiveView:
         providers = ", ".join(f"{name} {count}" for name, count in sorted(t.by_provider.items()))
         footer = Text(f"calls {t.calls} ({providers or 'none yet'})  errors {t.errors}  tokens in {t.tokens_in} "
                       f"out {t.tokens_out}  tool calls {t.tool_calls}  cost ${t.cost_usd:.5f}")
-        if not self.pinned:
-            return Group(table, footer)
-        pinned = Text("pinned, passed through UNINSPECTED: " + ", ".join(
-            f"{key} ({count})" for key, count in sorted(self.pinned.items())), style="bold yellow")
-        return Group(table, footer, pinned)
+        parts: list[Table | Text] = [table, footer]
+        if self.pinned:
+            parts.append(Text("pinned, passed through UNINSPECTED: " + ", ".join(
+                f"{key} ({count})" for key, count in sorted(self.pinned.items())), style="bold yellow"))
+        if self.status:
+            parts.insert(0, Text(self.status, style="bold red"))
+        return Group(*parts)
 
 
 def _num(value: int | None) -> str:
