@@ -189,3 +189,44 @@ def test_a_silent_connection_is_closed(tmp_path: Path, test_ca: trustme.CA, host
                 time.sleep(0.05)
             tls.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
             assert read_all(tls).startswith(b"HTTP/1.1 200")
+
+
+async def _relay_into_a_broken_upstream() -> str | None:
+    import anyio
+    from anyio.streams.stapled import StapledByteStream
+
+    from oisp.proxy.relay import relay
+
+    class Broken(anyio.abc.ByteStream):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def send(self, item: bytes) -> None:
+            raise anyio.BrokenResourceError  # what anyio raises for a peer that reset the connection: no message
+
+        async def send_eof(self) -> None:
+            pass
+
+        async def aclose(self) -> None:
+            pass
+
+    send, receive = anyio.create_memory_object_stream[bytes](1)
+    await send.send(b"GET / HTTP/1.1\r\n\r\n")
+    client = StapledByteStream(Broken(), _BytesFromObjects(receive))
+    result = await relay(client, Broken())
+    return result.error
+
+
+class _BytesFromObjects:
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.stream.receive()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_reset_reason_names_the_error_when_it_has_no_message() -> None:
+    import anyio
+
+    assert anyio.run(_relay_into_a_broken_upstream) == "server side: BrokenResourceError"

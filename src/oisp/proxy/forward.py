@@ -28,6 +28,7 @@ from oisp.errors import ProtocolError
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.h1_framing import MessageFramer, ResponseTracker, header_lines, request_body
 from oisp.proxy.loop import loop_response
+from oisp.proxy.net import describe
 from oisp.proxy.relay import CHUNK, CopyFeed, RelayResult
 from oisp.proxy.report import ConnectionReport, Decision
 
@@ -271,7 +272,7 @@ class _OriginLeg:
                 try:
                     await self.upstream.send(item)
                 except _ERRORS as exc:
-                    self._fail(f"server side: {exc or type(exc).__name__}", scope)
+                    self._fail(f"server side: {describe(exc)}", scope)
                     return
                 self.result.bytes_from_client += len(item)
             try:
@@ -279,7 +280,7 @@ class _OriginLeg:
             except anyio.EndOfStream:
                 break
             except _ERRORS as exc:
-                self._fail(f"client side: {exc or type(exc).__name__}", scope)
+                self._fail(f"client side: {describe(exc)}", scope)
                 return
             try:
                 pending.extend(self.rewriter.feed(data))
@@ -321,13 +322,13 @@ class _OriginLeg:
             except anyio.EndOfStream:
                 break
             except _ERRORS as exc:
-                self._fail(f"server side: {exc or type(exc).__name__}", scope)
+                self._fail(f"server side: {describe(exc)}", scope)
                 return
             self._push("server", data)
             try:
                 await self.client.send(data)
             except _ERRORS as exc:
-                self._fail(f"client side: {exc or type(exc).__name__}", scope)
+                self._fail(f"client side: {describe(exc)}", scope)
                 return
             self.result.bytes_from_server += len(data)
             tracker = self.tracker

@@ -19,6 +19,7 @@ from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from oisp.errors import ProtocolError
+from oisp.proxy.net import describe
 
 __all__ = ["CopyDispatcher", "CopyFeed", "DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
 
@@ -165,7 +166,7 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
             except anyio.EndOfStream:
                 break
             except _ERRORS as exc:
-                result.error = result.error or f"{direction} side: {exc or type(exc).__name__}"
+                result.error = result.error or f"{direction} side: {describe(exc)}"
                 scope.cancel()
                 return
             silence.deadline = math.inf
@@ -189,7 +190,7 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
                 await dst.send(data)
             except _ERRORS as exc:
                 other = "server" if direction == "client" else "client"
-                result.error = result.error or f"{other} side: {exc or type(exc).__name__}"
+                result.error = result.error or f"{other} side: {describe(exc)}"
                 scope.cancel()
                 return
             if direction == "client":

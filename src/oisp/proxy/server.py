@@ -33,7 +33,7 @@ from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
 from oisp.proxy.forward import serve_forward
 from oisp.proxy.loop import SelfAddresses, loop_response
-from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener
+from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener, describe
 from oisp.proxy.pinning import PinnedClients, ProcessKey
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
@@ -631,7 +631,7 @@ class MitmProxy:
         except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
             report.decision = Decision.UPSTREAM_FAILED
             report.success = False
-            report.error = f"upstream TLS handshake failed: {exc or type(exc).__name__}"
+            report.error = f"upstream TLS handshake failed: {describe(exc)}"
             await upstream_tcp.aclose()
             return None
         # A resumed session was verified (for this name, with this context) when it was first established; the
