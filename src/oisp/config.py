@@ -80,7 +80,7 @@ class Config:
     resolve: tuple[str, ...] = ()
     reverse_target: str | None = None
     drain_timeout: float = 5.0
-    pinned_ttl: float = 3600.0
+    pinned_ttl: float = 300.0
     #: Seconds a spare upstream connection is kept ready for the next client of a host (0: none).
     preconnect_idle: float = 5.0
     endpoints_add: tuple[EndpointSpec, ...] = ()
@@ -100,6 +100,9 @@ class Config:
     decoder_cpu: str = "any"
     #: Price AI calls (``usage.*_cost_usd``): with ``pricing_bundle``, else with the prices oisp ships.
     pricing: bool = True
+    #: Bytes of HPACK dynamic table mirrored per direction of an HTTP/2 connection (a sender using more stops the
+    #: decoding of that connection).
+    hpack_table_cap: int = 256 * 1024
     pricing_bundle: Path | None = None
     #: Use a name-constrained CA that can only vouch for the AI endpoints (and ``ca_extra_domains``).
     ca_name_constrained: bool = False
@@ -235,6 +238,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["decoder"] = capture.string("decoder", choices=DECODERS)
         values["decoder_buffer"] = capture.number("decoder_buffer", integer=True)
         values["decoder_cpu"] = capture.string("decoder_cpu", choices=DECODER_CPUS)
+        values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)
         capture.finish()
     ca = root.table("ca")
     if ca is not None:

@@ -17,6 +17,7 @@ Three layers, all on by default:
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -118,7 +119,54 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("perplexity_api_key", re.compile(r"\bpplx-[A-Za-z0-9]{40,}")),
     ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")),
     ("bearer_token", re.compile(r"(?i:\bbearer\s+[A-Za-z0-9._~+/=-]{16,})")),
+    # Detectors with a group named ``secret`` redact that group only (the name it is assigned to stays readable).
+    ("aws_secret_access_key", re.compile(
+        r"(?i:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key)[\"']?\s*(?:[:=]|=>)\s*[\"']?"
+        r"(?P<secret>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+    )),
+    # A 40-character secret key shortly after its access key id (credentials files, CSV exports, prose).
+    ("aws_secret_access_key", re.compile(
+        r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b[^\n]{0,100}?(?<![A-Za-z0-9/+=])"
+        r"(?P<secret>(?=[A-Za-z0-9/+=]{0,39}[A-Z])(?=[A-Za-z0-9/+=]{0,39}[a-z])(?=[A-Za-z0-9/+=]{0,39}[0-9/+])"
+        r"[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+    )),
+    ("gcp_service_account_key", re.compile(r"\"private_key_id\"\s*:\s*\"(?P<secret>[0-9a-f]{40})\"")),
+    ("azure_connection_string", re.compile(
+        r"\b(?:AccountKey|SharedAccessKey|SharedAccessSignature|sig)=(?P<secret>[A-Za-z0-9+/%=]{20,})"
+    )),
+    ("slack_token", re.compile(r"\bxox(?:e\.xox[bp]|e|[abposr])-[A-Za-z0-9-]{10,}")),
+    ("slack_webhook", re.compile(r"\bhooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_-]{20,}")),
+    ("stripe_key", re.compile(r"\b(?:[sr]k_(?:live|test)|whsec)_[0-9A-Za-z]{20,}")),
+    ("npm_token", re.compile(r"\bnpm_[A-Za-z0-9]{36}\b")),
+    ("pypi_token", re.compile(r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}")),
+    ("huggingface_token", re.compile(r"\bapi_org_[A-Za-z0-9]{34}\b")),
+    ("database_url_password", re.compile(
+        r"(?i:(?:postgres(?:ql)?|mysql|mariadb|mongodb(?:\+srv)?|rediss?|amqps?|mssql|sqlserver|oracle|"
+        r"cockroachdb|clickhouse)(?:\+[a-z0-9]+)?)://[^\s:/@]*:(?P<secret>[^\s@/]+)@"
+    )),
+    # A value assigned to a name ending in secret, password or token; kept only when it looks random (see
+    # _VALIDATORS), so prose and placeholders stay.
+    ("generic_secret_assignment", re.compile(
+        r"(?i:secret|password|passwd|pwd|token)[\"']?\s*(?:[:=]|=>)\s*[\"']?"
+        r"(?P<secret>[A-Za-z0-9_\-+/=.~!@#%^&*]{8,})"
+    )),
 )
+
+
+def _looks_random(value: str) -> bool:
+    """High Shannon entropy (at least 3 bits a character) and more than letters alone: a generated secret, not
+    a word or a placeholder."""
+    if value.isalpha() or len(set(value)) < 6:
+        return False
+    counts: dict[str, int] = {}
+    for char in value:
+        counts[char] = counts.get(char, 0) + 1
+    entropy = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+    return entropy >= 3.0
+
+
+#: Checks a detector's finding must pass (the ``secret`` group, else the whole match).
+_VALIDATORS: dict[str, Callable[[str], bool]] = {"generic_secret_assignment": _looks_random}
 
 
 #: The parts of an event's dict form that :class:`Redactor` scans for secrets.
@@ -127,23 +175,108 @@ SCANNED_KEYS: tuple[str, ...] = ("data", "attrs", "ext", "process", "web_context
 _CLEAN_MAX_LENGTH = 4096
 _CLEAN_MAX_ENTRIES = 4096
 
-#: Every built-in detector's match contains one of these (the bearer detector: "bearer" in any case, which
-#: _BEARER looks for); a string with none of them holds no built-in secret, which a few substring searches
-#: (fast, in C) establish without running the detectors.
-_LITERALS = (
-    "-----BEGIN", "sk-", "AIza", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
-    "xoxa-", "xoxb-", "xoxp-", "xoxr-", "xoxs-", "hf_", "gsk_", "xai-", "r8_", "pplx-", "eyJ",
+#: What every built-in detector's match contains, in the order of _DETECTORS: (case-sensitive substrings,
+#: substrings of the lower-cased text). A string with none of them holds no built-in secret, which a few
+#: substring searches (fast, in C) establish; a string with some runs only the detectors they belong to.
+_TRIGGERS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("-----BEGIN",), ()),
+    (("sk-ant-",), ()),
+    (("sk-",), ()),
+    (("AIza",), ()),
+    (("AKIA", "ASIA"), ()),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"), ()),
+    (("xox",), ()),
+    (("hf_",), ()),
+    (("gsk_",), ()),
+    (("xai-",), ()),
+    (("r8_",), ()),
+    (("pplx-",), ()),
+    (("eyJ",), ()),
+    ((), ("bearer",)),
+    ((), ("secret",)),  # an assignment: see _gate
+    (("AKIA", "ASIA"), ()),
+    (("private_key_id",), ()),
+    (("AccountKey=", "SharedAccess", "sig="), ()),
+    (("xox",), ()),
+    (("hooks.slack.com",), ()),
+    (("k_live_", "k_test_", "whsec_"), ()),
+    (("npm_",), ()),
+    (("pypi-",), ()),
+    (("api_org_",), ()),
+    ((), ("postgres", "mysql", "mariadb", "mongodb", "redis", "amqp", "mssql", "sqlserver", "oracle",
+          "cockroachdb", "clickhouse")),  # a URL with a password: see _gate
+    ((), ("secret", "passw", "pwd", "token")),  # an assignment: see _gate
 )
-_BEARER = re.compile("bearer", re.IGNORECASE)
-#: All built-in detectors in one pattern (none of them has groups): one search says whether any matches.
-_ANY_BUILTIN = re.compile("|".join(f"(?:{regex.pattern})" for _, regex in _DETECTORS))
+assert len(_TRIGGERS) == len(_DETECTORS)
 
 
-def _maybe_builtin_secret(text: str) -> bool:
-    """False when no built-in detector can match ``text`` (cheap checks first)."""
-    if not any(literal in text for literal in _LITERALS) and _BEARER.search(text) is None:
-        return False
-    return _ANY_BUILTIN.search(text) is not None
+def _index(pairs: Iterable[tuple[int, tuple[str, ...]]]) -> tuple[tuple[str, frozenset[int]], ...]:
+    found: dict[str, set[int]] = {}
+    for index, literals in pairs:
+        for literal in literals:
+            found.setdefault(literal, set()).add(index)
+    return tuple((literal, frozenset(indexes)) for literal, indexes in found.items())
+
+
+_CASED = _index((i, cased) for i, (cased, _) in enumerate(_TRIGGERS))
+_LOWER = _index((i, lower) for i, (_, lower) in enumerate(_TRIGGERS))
+
+#: What must also be in a text for a literal to be worth searching for. Most literals share a character ("_",
+#: "-", "="), so a text without it skips them all at once; assignments need ":" or "=", URL passwords "://" and
+#: "@". Each gate is one cheap test of the text, named for grouping.
+_Gate = tuple[str, Callable[[str], bool]]
+_ALWAYS: _Gate = ("", lambda text: True)
+_DATABASE_SCHEMES = frozenset(_TRIGGERS[-2][1])
+
+
+def _gate(literal: str, lower: bool) -> _Gate:
+    if lower:
+        if literal == "bearer":
+            return _ALWAYS
+        if literal in _DATABASE_SCHEMES:
+            return ("url", lambda text: "@" in text and "://" in text)
+        return ("assignment", lambda text: "=" in text or ":" in text)
+    if literal.startswith("gh") and literal.endswith("_"):
+        return ("gh", lambda text: "gh" in text)
+    if "_" in literal:
+        return ("_", lambda text: "_" in text)
+    if "=" in literal or literal == "SharedAccess":
+        return ("=", lambda text: "=" in text)
+    if "-" in literal:
+        return ("-", lambda text: "-" in text)
+    return _ALWAYS
+
+
+_Literals = tuple[tuple[str, frozenset[int]], ...]
+
+
+def _group(entries: _Literals, lower: bool) -> tuple[tuple[Callable[[str], bool], _Literals], ...]:
+    groups: dict[str, tuple[Callable[[str], bool], list[tuple[str, frozenset[int]]]]] = {}
+    for literal, indexes in entries:
+        name, test = _gate(literal, lower)
+        groups.setdefault(name, (test, []))[1].append((literal, indexes))
+    return tuple((test, tuple(items)) for test, items in groups.values())
+
+
+_CASED_GROUPS = _group(_CASED, lower=False)
+_LOWER_GROUPS = _group(_LOWER, lower=True)
+
+
+def _candidate_detectors(text: str) -> set[int]:
+    """The indexes (in _DETECTORS) of the built-in detectors that may match ``text``: usually none."""
+    candidates: set[int] = set()
+    for test, literals in _CASED_GROUPS:
+        if test(text):
+            for literal, indexes in literals:
+                if literal in text:
+                    candidates |= indexes
+    lowered = text.lower()
+    for test, literals in _LOWER_GROUPS:
+        if test(text):
+            for literal, indexes in literals:
+                if literal in lowered:
+                    candidates |= indexes
+    return candidates
 
 
 def sha256_text(value: str | bytes) -> str:
@@ -256,15 +389,24 @@ class Redactor:
 
     def redact_text(self, text: str) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
         """Scan one string: the whole-secret marker, or the text with secrets replaced, plus findings."""
-        if not _maybe_builtin_secret(text) and not any(regex.search(text) for regex in self._custom):
+        candidates = _candidate_detectors(text)
+        if not candidates and not any(regex.search(text) for regex in self._custom):
             return text, []
         findings: dict[str, int] = {}
         spans: list[tuple[int, int, str]] = []
-        for name, regex in self._detectors:
+        builtin = len(_DETECTORS)
+        for index, (name, regex) in enumerate(self._detectors):
+            if index < builtin and index not in candidates:
+                continue
+            grouped = "secret" in regex.groupindex
+            validate = _VALIDATORS.get(name)
             for m in regex.finditer(text):
-                if any(s < m.end() and m.start() < e for s, e, _ in spans):
+                start, end = m.span("secret") if grouped else m.span()
+                if any(s < end and start < e for s, e, _ in spans):
                     continue
-                spans.append((m.start(), m.end(), name))
+                if validate is not None and not validate(text[start:end]):
+                    continue
+                spans.append((start, end, name))
                 findings[name] = findings.get(name, 0) + 1
         if not spans:
             return text, []

@@ -14,7 +14,9 @@ import termios
 import time
 from pathlib import Path
 
+import attrs
 import httpx
+import pytest
 from tests.cli.conftest import OispProcess, RunningUpstream
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
@@ -58,3 +60,33 @@ def test_live_view_shows_each_call_and_totals_in_a_terminal(tmp_path: Path, upst
         if oisp.proc.poll() is None:
             oisp.proc.kill()
         os.close(master)
+
+
+def test_live_view_and_exit_summary_show_pinned_hosts_and_decoding_off(capsys: pytest.CaptureFixture[str]) -> None:
+    from rich.console import Console
+
+    from oisp.cli.live import LiveView
+    from oisp.cli.main import _print_summary
+    from oisp.decoder import network_connect_event
+    from oisp.events.context import ProcessInfo
+    from oisp.proxy.report import ConnectionReport, Decision
+
+    view = LiveView(Console(width=200, record=True))
+    report = ConnectionReport(connection_id="c1", mode="explicit", client_addr=("127.0.0.1", 5),
+                              target_host="api.openai.com", target_port=443, decision=Decision.PINNED_PASSTHROUGH,
+                              success=True,
+                              process=ProcessInfo(pid=42, name="node", exe="/usr/bin/node"))
+    view(network_connect_event(report))
+    view(network_connect_event(attrs.evolve(report, decision=Decision.INTERCEPTED)))
+    view.console.print(view.render())
+    assert "pinned, passed through UNINSPECTED: api.openai.com by node[42] (1)" in view.console.export_text()
+    _print_summary({"pipeline": {}, "proxy": {"connections": 2, "decisions": {},
+                                              "pinned": ["api.openai.com by node[42]"]}})
+    assert "pinned (passed through uninspected): api.openai.com by node[42]" in capsys.readouterr().err
+    view.set_status("DECODING IS OFF: the decoder process ended")
+    view.console.print(view.render())
+    assert "DECODING IS OFF: the decoder process ended" in view.console.export_text()
+    _print_summary({"pipeline": {"processed": 1}, "proxy": {"connections": 0, "decisions": {}},
+                    "decoder_process": {"overflowed_connections": 0, "lost_connections": 1, "exit_code": -9,
+                                        "gave_up": "no restarts are left (5 of 5 used)"}})
+    assert "DECODING WAS OFF from some point on: no restarts are left (5 of 5 used)" in capsys.readouterr().err

@@ -266,3 +266,57 @@ async def test_the_decoder_process_runs_on_a_cpu_of_its_own_as_a_batch_task(tmp_
         assert os.sched_getscheduler(decoder.pid) == os.SCHED_OTHER
     with pytest.raises(OispError, match="cpu must be one of last, any"):
         DecoderProcess(_config(tmp_path / "events.jsonl"), cpu="first")
+
+
+async def _kill_the_replacement_while_it_starts(decoder: DecoderProcess, previous: int) -> int:
+    """Wait (polling, with a deadline) for a replacement of ``previous`` to be spawned, and kill it before it is
+    ready; returns its pid."""
+    with anyio.fail_after(30):
+        while decoder.pid == previous or decoder._worker is None or decoder._worker.ready.is_set():
+            await anyio.sleep(0.001)
+    replacement = decoder.pid
+    assert replacement is not None
+    os.kill(replacement, signal.SIGKILL)
+    return replacement
+
+
+async def test_a_replacement_killed_while_it_starts_is_replaced_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "events.jsonl"
+    with caplog.at_level(logging.ERROR, logger="oisp.decoder_process"):
+        async with DecoderProcess(_config(out), restart_backoff=0.05) as decoder:
+            first = decoder.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            second = await _kill_the_replacement_while_it_starts(decoder, first)
+            with anyio.fail_after(60):
+                assert await decoder.wait_ready()  # a third one, not a give-up
+            assert decoder.pid not in (first, second) and decoder.stats.gave_up is None
+            feed = decoder.open_feed(_info(2), "http/1.1", body_cap=1 << 20)
+            assert feed is not None
+            feed.push("client", REQUEST, _now())
+            feed.push("server", RESPONSE, _now())
+            feed.finish()
+    assert decoder.stats.restarts == 2
+    assert "restart 2 of at most 5" in caplog.text and "DECODING IS OFF" not in caplog.text
+    assert sorted(e.event_type for e in _events(out)) == ["ai.request", "ai.response"]
+
+
+async def test_a_permanent_give_up_is_loud(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    statuses: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="oisp.decoder_process"):
+        async with DecoderProcess(_config(tmp_path / "events.jsonl"), max_restarts=2, restart_backoff=0.05,
+                                  give_up_warning_interval=0.1, on_status=statuses.append) as decoder:
+            pid = decoder.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(2):
+                pid = await _kill_the_replacement_while_it_starts(decoder, pid)
+            with anyio.fail_after(30):
+                assert not await decoder.wait_ready()
+                while caplog.text.count("DECODING IS OFF since") < 2:  # reminded every interval
+                    await anyio.sleep(0.02)
+    assert decoder.stats.restarts == 2
+    assert decoder.stats.gave_up is not None and "no restarts are left (2 of 2 used)" in decoder.stats.gave_up
+    assert statuses and statuses[0].startswith("DECODING IS OFF")
+    assert decoder.summary()["gave_up"] == decoder.stats.gave_up

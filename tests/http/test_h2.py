@@ -481,3 +481,50 @@ def test_client_close_cuts_incomplete_requests_but_responses_still_count() -> No
     assert recorder.kinds(exchange) == ["request", "response_start", "response_data", "end"]
     assert exchange.partial_reasons == ["connection closed before request complete"]
     assert bytes(exchange.request.body) == b"part"
+
+
+def test_a_hpack_table_beyond_the_cap_stops_decoding_not_the_connection() -> None:
+    # The server allows the client a 1 GiB header table, and the client fills it with unique headers: the
+    # decoder mirrors at most its cap, then stops decoding that connection (exchanges partial, reason recorded).
+    pair = H2Pair(server_settings={h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**30})
+    pair.flush()
+    cap = 64 * 1024
+    recorder = Recorder()
+    decoder = Http2Decoder(connection(alpn="h2"), recorder, max_table_size=cap)
+    fed = 0
+    for i in range(40):  # 40 x 8 KiB: 320 KiB of table, five times the cap
+        stream = pair.request(f"/{i}", method="POST", headers=[("x-fill", f"{i}-" + "y" * 8192)], end=False)
+        pair.flush()
+        for direction, data in pair.wire[fed:]:
+            (decoder.feed_client if direction == "client" else decoder.feed_server)(data)
+        fed = len(pair.wire)
+        assert decoder._client.hpack.header_table._current_size <= cap + 9000
+    assert pair.client.encoder.header_table_size == 2**30  # the real client did use what it was allowed
+    assert decoder.error is not None and "HPACK table" in decoder.error and str(cap) in decoder.error
+    assert decoder._client.hpack.header_table._current_size == 0  # the mirrored table is let go
+    ended = [e for e in recorder.exchanges if e.partial]
+    assert ended and all(decoder.error in e.partial_reasons for e in ended)
+    assert len(recorder.exchanges) < 40  # later requests are not decoded at all
+    del stream
+
+
+def test_the_default_hpack_cap_lets_ordinary_large_tables_through() -> None:
+    pair = H2Pair(server_settings={h2.settings.SettingCodes.HEADER_TABLE_SIZE: 65536})
+    pair.flush()
+    for i in range(20):
+        pair.request(f"/{i}", method="GET", headers=[("x-fill", f"{i}-" + "y" * 2000)])
+        pair.flush()
+    recorder = Recorder()
+    decoder = Http2Decoder(connection(alpn="h2"), recorder)
+    for direction, data in pair.wire:
+        (decoder.feed_client if direction == "client" else decoder.feed_server)(data)
+    assert decoder.error is None and len(recorder.exchanges) == 20
+
+
+def test_the_hpack_cap_is_configurable() -> None:
+    from oisp.config import parse_config
+    from oisp.http.decoder import make_decoder
+
+    assert parse_config({"capture": {"hpack_table_cap": 1024}}).hpack_table_cap == 1024
+    decoder = make_decoder("h2", connection(alpn="h2"), Recorder(), max_table_size=1024)
+    assert isinstance(decoder, Http2Decoder) and decoder._max_table_size == 1024

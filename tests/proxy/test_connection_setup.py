@@ -15,7 +15,7 @@ from tests.proxy.clients import read_all, tls_tunnel
 from tests.stack import Stack, running_stack
 
 from oisp.attribution import Attributor
-from oisp.proxy.pinning import PinnedClients
+from oisp.proxy.pinning import PinnedClients, ProcessKey
 
 
 def _request(stack: Stack, host: str = "api.openai.com") -> bytes:
@@ -110,15 +110,23 @@ def test_recall_names_a_process_seen_before_without_a_search() -> None:
         assert attributor.recall(("127.0.0.1", 1), local, None) is None
 
 
-def test_pinned_clients_know_which_hosts_have_entries() -> None:
+def test_pinned_clients_need_repeated_evidence_from_one_process() -> None:
     now = [0.0]
-    pinned = PinnedClients(ttl=10, max_entries=2, clock=lambda: now[0])
+    pinned = PinnedClients(ttl=10, strikes=2, max_entries=2, clock=lambda: now[0])
+    node = ProcessKey("/usr/bin/node", "node app.js", 100, "t0")
+    other = ProcessKey("/usr/bin/node", "node other.js", 101, "t1")
+    assert not pinned.evidence("api.openai.com", None)  # an unknown process is never pinned
+    assert not pinned.evidence("API.openai.com", node)  # one alert is not enough
     assert not pinned.knows("api.openai.com")
-    pinned.remember("API.openai.com", "/usr/bin/node")
-    pinned.remember("api.openai.com", None)
-    assert pinned.knows("api.openai.com") and not pinned.knows("api.anthropic.com")
-    pinned.remember("api.anthropic.com", "/usr/bin/node")  # evicts the oldest openai entry, not the host
-    assert pinned.knows("api.openai.com") and pinned.is_pinned("api.openai.com", "/bin/other")
     now[0] = 11.0
-    assert not pinned.is_pinned("api.openai.com", "/usr/bin/node")  # expired entries are dropped...
+    assert not pinned.evidence("api.openai.com", node)  # the first one is too old by now
+    assert pinned.evidence("api.openai.com", node)
+    assert not pinned.evidence("api.openai.com", node)  # pinned already: not new
+    assert pinned.knows("api.openai.com") and pinned.is_pinned("api.openai.com", node)
+    assert not pinned.is_pinned("api.openai.com", other) and not pinned.is_pinned("api.openai.com", None)
+    # the same executable and command line with another pid (or start time) is another process
+    assert not pinned.is_pinned("api.openai.com", ProcessKey("/usr/bin/node", "node app.js", 100, "t9"))
+    assert pinned.pinned() == [("api.openai.com", node)]
+    now[0] = 22.0
+    assert not pinned.is_pinned("api.openai.com", node)  # expired entries are dropped...
     assert not pinned.knows("api.openai.com")  # ...and the host with them

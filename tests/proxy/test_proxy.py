@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -250,20 +252,66 @@ def test_non_ai_host_is_passed_through_with_the_real_certificate(stack: Stack, t
     assert stack.of_type("ai.request") == []
 
 
-def test_pinned_client_is_passed_through_from_its_next_connection(stack: Stack, test_ca: trustme.CA) -> None:
+def test_pinned_client_is_passed_through_after_repeated_alerts(stack: Stack, test_ca: trustme.CA) -> None:
     pinned = ssl.create_default_context()
-    test_ca.configure_trust(pinned)  # trusts only the real CA: it rejects oisp's leaf
-    with pytest.raises(ssl.SSLError):
-        tls_tunnel(stack.proxy_address, "api.openai.com", pinned, ["http/1.1"])
+    test_ca.configure_trust(pinned)  # trusts only the real CA: it rejects oisp's leaf with an unknown_ca alert
+    for _ in range(2):  # one alert is not enough evidence; the second pins this process
+        with pytest.raises(ssl.SSLError):
+            tls_tunnel(stack.proxy_address, "api.openai.com", pinned, ["http/1.1"])
     sock = tls_tunnel(stack.proxy_address, "api.openai.com", pinned, ["http/1.1"])
     with sock:
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
         assert read_all(sock).startswith(b"HTTP/1.1 200")
-    events = stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "network.connect"]) >= 2)
-    assert decisions(stack) == ["client_rejected_certificate", "pinned_passthrough"]
+    events = stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "network.connect"]) >= 3)
+    assert decisions(stack) == ["client_rejected_certificate"] * 2 + ["pinned_passthrough"]
     rejected = stack.of_type("network.connect")[0]
     assert rejected.data.success is False and "handshake" in rejected.data.error  # type: ignore[attr-defined]
     assert not [e for e in events if e.event_type == "ai.request"]
+    assert stack.proxy.stats.pinned == [f"api.openai.com by {Path(sys.executable).resolve().name}[{os.getpid()}]"]
+
+
+_ABORT_AFTER_HANDSHAKE = """
+import socket, ssl, sys
+host, port, ca, trust_oisp = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+for _ in range(5):
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\\r\\nHost: api.openai.com:443\\r\\n\\r\\n")
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        head += sock.recv(4096)
+    context = ssl.create_default_context(cafile=ca)
+    try:
+        context.wrap_socket(sock, server_hostname="api.openai.com").close()  # handshake, then close at once
+    except ssl.SSLError:
+        sock.close()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("attack", ["closes_after_handshake", "sends_alerts"])
+def test_one_process_cannot_turn_inspection_off_for_another(stack: Stack, test_ca: trustme.CA, tmp_path: Path,
+                                                            attack: str) -> None:
+    # Another process with the same executable (every Python app is python3.x) aborts its handshakes: closing
+    # right after a completed one (which any process can do), or refusing the certificate with an alert.
+    real_ca = tmp_path / "real-ca.pem"
+    test_ca.cert_pem.write_to_path(str(real_ca))
+    ca = stack.ca_file if attack == "closes_after_handshake" else str(real_ca)
+    out = subprocess.run([sys.executable, "-c", _ABORT_AFTER_HANDSHAKE, *map(str, stack.proxy_address), ca,
+                          "1" if attack == "closes_after_handshake" else "0"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "done", out.stderr
+    stack.wait_for(lambda ev: len([e for e in ev if e.event_type == "network.connect"]) >= 5)
+    # What is recorded for this process is unchanged: its request is intercepted and decoded.
+    with httpx.Client(proxy=stack.proxy_url, verify=stack.client_context()) as client:
+        assert client.post("https://api.openai.com/v1/chat/completions", content=REQUEST).status_code == 200
+    events = stack.wait_for(lambda ev: any(e.event_type == "ai.request" for e in ev))
+    assert any(e.event_type == "ai.request" for e in events)
+    assert decisions(stack)[-1] == "intercepted"
+    if attack == "sends_alerts":  # the attacker pinned only itself
+        assert decisions(stack)[:5] == ["client_rejected_certificate"] * 2 + ["pinned_passthrough"] * 3
+        assert len(stack.proxy.stats.pinned) == 1 and f"[{os.getpid()}]" not in stack.proxy.stats.pinned[0]
+    else:
+        assert "pinned_passthrough" not in decisions(stack) and stack.proxy.stats.pinned == []
 
 
 def test_upstream_with_an_untrusted_certificate_never_gets_client_data(tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ class LiveView:
         self.rows: deque[CallRow] = deque(maxlen=max_rows)
         self.totals = Totals()
         self._by_request: dict[str, CallRow] = {}
+        #: A warning shown above everything (decoding given up for good), None when all is well.
+        self.status: str | None = None
+        #: Hosts passed through uninspected because a process pinned them: "host by process" -> connections.
+        self.pinned: dict[str, int] = {}
         self._live: Live | None = None
 
     def __enter__(self) -> LiveView:
@@ -79,10 +83,24 @@ class LiveView:
             self._live.__exit__(None, None, None)
             self._live = None
 
+    def set_status(self, text: str) -> None:
+        """Show ``text`` as a warning line (the decoder process's give-up)."""
+        self.status = text
+        if self._live is not None:
+            self._live.update(self.render())
+
     def __call__(self, event: Event) -> None:
         """Take one processed event (register with ``Pipeline.add_listener``)."""
         data = event.data
-        if event.event_type == "ai.request":
+        if event.event_type == "network.connect":
+            if (event.attrs or {}).get("oisp.interception") != "pinned_passthrough":
+                return
+            process = event.process
+            who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
+            host = _get(data, "dest", "domain") or _get(data, "dest", "ip") or "?"
+            key = f"{host} by {who}"
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+        elif event.event_type == "ai.request":
             process = event.process
             who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
             row = CallRow(time=event.ts.astimezone().strftime("%H:%M:%S"), process=who,
@@ -146,7 +164,13 @@ class LiveView:
             footer += f"  cost ${t.cost_usd:.5f}"
         if t.failed_connections:
             footer += f"  failed connections {t.failed_connections}"
-        return Group(table, Text(footer, style="red" if t.failed_connections and not t.calls else ""))
+        parts: list[Table | Text] = [table, Text(footer, style="red" if t.failed_connections and not t.calls else "")]
+        if self.pinned:
+            parts.append(Text("pinned, passed through UNINSPECTED: " + ", ".join(
+                f"{key} ({count})" for key, count in sorted(self.pinned.items())), style="bold yellow"))
+        if self.status:
+            parts.insert(0, Text(self.status, style="bold red"))
+        return Group(*parts)
 
 
 def _num(value: int | None) -> str:

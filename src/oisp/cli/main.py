@@ -194,6 +194,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
                      f"process fell behind) and missed {decoder['lost_connections']}")
         if not pipeline:
             line += f"; the decoder process ended without a summary (exit code {decoder['exit_code']})"
+        if decoder.get("gave_up"):
+            line += f"; DECODING WAS OFF from some point on: {decoder['gave_up']}"
+    if proxy.get("pinned"):
+        line += f"; pinned (passed through uninspected): {', '.join(proxy['pinned'])}"
     print(line, file=sys.stderr)
     for name, stats in (pipeline.get("sinks") or {}).items():
         reported = stats.get("reported") if isinstance(stats, dict) else None

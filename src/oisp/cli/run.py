@@ -116,6 +116,7 @@ async def run(
         upstream_insecure=config.upstream_insecure,
         overrides=tuple(UpstreamOverride.parse(item) for item in config.resolve),
         reverse_target=config.reverse_target, pinned_ttl=config.pinned_ttl, preconnect_idle=config.preconnect_idle,
+        hpack_table_cap=config.hpack_table_cap,
         listen_max_segment=LOOPBACK_MAX_SEGMENT if transparent else None,
         **({"body_cap": config.body_cap} if config.body_cap is not None else {}),
     )
@@ -141,6 +142,7 @@ async def run(
 
     if config.decoder == "process" and not extra_sinks:
         async with DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event,
+                                  on_status=getattr(on_event, "set_status", None),
                                   cpu=config.decoder_cpu) as decoder_process:
             proxy = await serve(decoder_process, None, decoder_process)
         pipeline_summary = decoder_process.pipeline_summary or {}

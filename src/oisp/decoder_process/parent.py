@@ -62,8 +62,10 @@ class DecoderProcessStats:
     overflowed_connections: int = 0
     #: Connections not (fully) decoded because the decoder process was gone.
     lost_connections: int = 0
-    #: How often a decoder process that died was replaced.
+    #: How often a replacement for a decoder process that died was started (each attempt counts).
     restarts: int = 0
+    #: Why decoding was given up for good (no decoder process could be kept running), None while it is on.
+    gave_up: str | None = None
     #: The last decoder process's exit code, once it has ended.
     exit_code: int | None = None
 
@@ -186,7 +188,9 @@ class DecoderProcess:
     def __init__(self, config: Config, *, buffer_limit: int = DEFAULT_BUFFER,
                  connection_limit: int = DEFAULT_CONNECTION_BUFFER,
                  on_event: Callable[[Event], None] | None = None, start_timeout: float = 60.0,
-                 finish_timeout: float = 300.0, max_restarts: int = 5, cpu: str = "any") -> None:
+                 finish_timeout: float = 300.0, max_restarts: int = 5, cpu: str = "any",
+                 on_status: Callable[[str], None] | None = None, restart_backoff: float = 0.5,
+                 give_up_warning_interval: float = 60.0) -> None:
         if buffer_limit <= 0 or connection_limit <= 0:
             raise OispError(f"buffer_limit ({buffer_limit}) and connection_limit ({connection_limit}) must be "
                             "positive")
@@ -200,6 +204,11 @@ class DecoderProcess:
         if cpu not in CPU_CHOICES:
             raise OispError(f"cpu must be one of {', '.join(CPU_CHOICES)}, not {cpu!r}")
         self.cpu = cpu
+        #: Wait before the second restart attempt in a row, doubled for each further one (at most 30 s).
+        self.restart_backoff = restart_backoff
+        self.give_up_warning_interval = give_up_warning_interval
+        #: Told a line to show when decoding is given up for good (the live view's status).
+        self.on_status = on_status
         self.stats = DecoderProcessStats()
         #: The decoder process's pipeline summary, once it has finished.
         self.pipeline_summary: dict[str, Any] | None = None
@@ -363,6 +372,7 @@ class DecoderProcess:
             worker.summary = None
         unexpected = worker.summary is None and not worker.closing
         restart = unexpected and worker.ready.is_set() and not self._closing and self.stats.restarts < self.max_restarts
+        give_up = unexpected and worker.ready.is_set() and not self._closing and not restart
         if unexpected:  # before anyone waiting for the end can ask wait_ready()
             worker.channel.mark_broken("the decoder process ended unexpectedly", log=False)
         if restart:
@@ -376,20 +386,57 @@ class DecoderProcess:
             worker.start_error = OispError(reason)
             worker.ready.set()
             return
-        if not restart:
-            logger.error("%s; the proxy goes on relaying without decoding", reason)
+        if give_up:
+            self._give_up(f"{reason}, and no restarts are left ({self.stats.restarts} of {self.max_restarts} used)")
             return
-        self.stats.restarts += 1
-        logger.error("%s; starting another (restart %d of at most %d); connections it was decoding are not "
-                     "decoded to the end", reason, self.stats.restarts, self.max_restarts)
+        if not restart:
+            logger.error("%s", reason)  # while shutting down
+            return
         try:
             await self._reap(worker)
-            await self._start()
-        except Exception as exc:
-            logger.error("the decoder process could not be restarted (%s); the proxy goes on relaying without "
-                         "decoding", exc)
+            attempt = 0
+            while True:
+                attempt += 1
+                self.stats.restarts += 1
+                logger.error("%s; starting another (restart %d of at most %d); connections it was decoding are not "
+                             "decoded to the end", reason, self.stats.restarts, self.max_restarts)
+                if attempt > 1:  # paced: a replacement that dies at once is not replaced at once again
+                    await anyio.sleep(min(self.restart_backoff * 2 ** (attempt - 2), 30.0))
+                try:
+                    await self._start()
+                except Exception as exc:
+                    reason = f"the replacement decoder process could not start ({exc})"
+                    if self._closing:
+                        logger.error("%s", reason)
+                        return
+                    if self.stats.restarts >= self.max_restarts:
+                        self._give_up(f"{reason}, and no restarts are left ({self.stats.restarts} of "
+                                      f"{self.max_restarts} used)")
+                        return
+                    continue
+                return
         finally:
             self._settled.set()
+
+    def _give_up(self, reason: str) -> None:
+        """Decoding is off for good: say so loudly, now, every ``give_up_warning_interval`` seconds, in the live
+        view (``on_status``) and in the exit summary (:attr:`stats`)."""
+        self.stats.gave_up = reason
+        logger.error("%s; DECODING IS OFF: the proxy goes on relaying without decoding", reason)
+        if self.on_status is not None:
+            try:
+                self.on_status(f"DECODING IS OFF: {reason}")
+            except Exception:
+                logger.exception("status listener failed")
+        if self._tasks is not None and not self._closing:
+            self._tasks.start_soon(self._remind, reason)
+
+    async def _remind(self, reason: str) -> None:
+        while not self._closing:
+            await anyio.sleep(self.give_up_warning_interval)
+            if not self._closing:
+                logger.warning("DECODING IS OFF since the decoder process could not be kept running (%s); the proxy "
+                               "relays without decoding", reason)
 
     def _deliver(self, payload: bytes) -> None:
         if self.on_event is None:

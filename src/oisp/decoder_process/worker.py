@@ -120,7 +120,8 @@ async def _serve(sock: socket.socket) -> None:
                     elif kind is Kind.OPEN:
                         info, alpn, body_cap = load_object(payload)
                         try:
-                            passive = make_decoder(alpn, info, decoder.exchange_listener(info), body_cap=body_cap)
+                            passive = make_decoder(alpn, info, decoder.exchange_listener(info), body_cap=body_cap,
+                                                   max_table_size=settings.config.hpack_table_cap)
                         except Exception:
                             logger.exception("connection %s: could not set up decoding", info.connection_id)
                             continue

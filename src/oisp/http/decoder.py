@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 from oisp.http._progress import check_body_cap
 from oisp.http.exchange import DEFAULT_BODY_CAP, ConnectionInfo, ExchangeListener
 from oisp.http.h1 import Http1Decoder
-from oisp.http.h2 import H2_CLIENT_PREFACE, Http2Decoder
+from oisp.http.h2 import DEFAULT_MAX_TABLE_SIZE, H2_CLIENT_PREFACE, Http2Decoder
 
 __all__ = ["PassiveDecoder", "make_decoder"]
 
@@ -66,6 +66,7 @@ def make_decoder(
     listener: ExchangeListener,
     *,
     body_cap: int = DEFAULT_BODY_CAP,
+    max_table_size: int = DEFAULT_MAX_TABLE_SIZE,
 ) -> PassiveDecoder:
     """The passive decoder for a connection whose negotiated ALPN protocol is ``alpn``.
 
@@ -74,14 +75,15 @@ def make_decoder(
     connection preface (prior knowledge, as gRPC without TLS uses) selects HTTP/2, anything else HTTP/1.1.
 
     ``body_cap`` bounds each stored (content-decoded) body; an invalid one raises
-    :class:`~oisp.errors.ConfigurationError` here, never later while feeding.
+    :class:`~oisp.errors.ConfigurationError` here, never later while feeding. ``max_table_size`` caps the
+    HPACK table an HTTP/2 decoder mirrors (see :class:`~oisp.http.h2.Http2Decoder`).
     """
     check_body_cap(body_cap)
     if alpn == "h2":
-        return Http2Decoder(connection, listener, body_cap=body_cap)
+        return Http2Decoder(connection, listener, body_cap=body_cap, max_table_size=max_table_size)
     if alpn in ("http/1.1", "http/1.0"):
         return Http1Decoder(connection, listener, body_cap=body_cap)
-    return _PrefaceSniffingDecoder(connection, listener, body_cap=body_cap)
+    return _PrefaceSniffingDecoder(connection, listener, body_cap=body_cap, max_table_size=max_table_size)
 
 
 _Op = tuple[Literal["client", "server", "client_closed", "server_closed"], bytes, int]
@@ -91,10 +93,12 @@ class _PrefaceSniffingDecoder:
     """Holds the first bytes until the client shows whether it speaks HTTP/2 (prior knowledge) or HTTP/1.x,
     then replays them, in their original order and with their original timestamps, into the chosen decoder."""
 
-    def __init__(self, connection: ConnectionInfo, listener: ExchangeListener, *, body_cap: int) -> None:
+    def __init__(self, connection: ConnectionInfo, listener: ExchangeListener, *, body_cap: int,
+                 max_table_size: int = DEFAULT_MAX_TABLE_SIZE) -> None:
         self._connection = connection
         self._listener = listener
         self._body_cap = body_cap
+        self._max_table_size = max_table_size
         self._inner: PassiveDecoder | None = None
         self._client_head = b""
         self._held: list[_Op] = []
@@ -151,7 +155,8 @@ class _PrefaceSniffingDecoder:
     def _choose(self, *, http2: bool) -> None:
         inner: PassiveDecoder
         if http2:
-            inner = Http2Decoder(self._connection, self._listener, body_cap=self._body_cap)
+            inner = Http2Decoder(self._connection, self._listener, body_cap=self._body_cap,
+                                 max_table_size=self._max_table_size)
         else:
             inner = Http1Decoder(self._connection, self._listener, body_cap=self._body_cap)
         self._inner = inner

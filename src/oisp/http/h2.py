@@ -55,7 +55,7 @@ from oisp.http.exchange import (
     HttpResponse,
 )
 
-__all__ = ["H2_CLIENT_PREFACE", "Http2Decoder"]
+__all__ = ["DEFAULT_MAX_TABLE_SIZE", "H2_CLIENT_PREFACE", "Http2Decoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ H2_CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEADER_BLOCK: Final = 1024 * 1024
 #: Largest decoded header list accepted (HPACK's own default of 64 KiB is tight for an observer).
 MAX_HEADER_LIST: Final = 1024 * 1024
+#: Default cap of the HPACK dynamic table mirrored for each direction (RFC 7541 sizes: name + value + 32 per
+#: entry). A peer may allow its sender up to 4 GiB; a sender whose table actually grows beyond the cap stops the
+#: decoding of its connection (never the relay). One header block adds at most MAX_HEADER_BLOCK and a bit.
+DEFAULT_MAX_TABLE_SIZE: Final = 256 * 1024
 _FRAME_HEADER_SIZE: Final = 9
 
 
@@ -108,8 +112,12 @@ class Http2Decoder:
         listener: ExchangeListener,
         *,
         body_cap: int = DEFAULT_BODY_CAP,
+        max_table_size: int = DEFAULT_MAX_TABLE_SIZE,
     ) -> None:
+        """``max_table_size`` caps the HPACK dynamic table mirrored for each direction: a sender whose table grows
+        beyond it (its peer may allow up to 4 GiB) stops the decoding of the connection, with that reason."""
         self._connection = connection
+        self._max_table_size = max_table_size
         self._listener = GuardedListener(listener)
         self._body_cap = check_body_cap(body_cap)
         self._default_scheme = "https" if connection.tls else "http"
@@ -279,6 +287,13 @@ class Http2Decoder:
             raise _Malformed(
                 f"HPACK decoding of {direction.name} headers failed: {describe_protocol_error(exc)}"
             ) from exc
+        table_size = direction.hpack.header_table._current_size
+        if table_size > self._max_table_size:
+            direction.hpack = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)  # the memory goes now
+            raise _Malformed(
+                f"{direction.name} grew its HPACK table to {table_size} bytes, beyond the decoder's cap of "
+                f"{self._max_table_size}"
+            )
         if block.push:
             return  # server push is not an exchange the client asked for; decoded only to keep HPACK in step
         raw = [(bytes(name), bytes(value)) for name, value in fields]

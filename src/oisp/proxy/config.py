@@ -91,8 +91,14 @@ class ProxyConfig:
     #: Reverse mode: the upstream base URL the proxy stands in for (``https://api.openai.com``).
     reverse_target: str | None = None
     body_cap: int = attrs.field(default=DEFAULT_BODY_CAP, validator=_positive)
-    pinned_ttl: float = attrs.field(default=3600.0, validator=_positive)
+    pinned_ttl: float = attrs.field(default=300.0, validator=_positive)
     handshake_timeout: float = attrs.field(default=15.0, validator=_positive)
+    #: The longest a connection that has not carried a byte of data either way is kept, from its start: a client
+    #: that never sends a ClientHello is passed through after ``handshake_timeout`` (fail-open), then closed if
+    #: still nothing has been said by either side.
+    silent_lifetime: float = attrs.field(default=60.0, validator=_positive)
+    #: Bytes of HPACK dynamic table an HTTP/2 decoder mirrors per direction (see :class:`oisp.http.h2.Http2Decoder`).
+    hpack_table_cap: int = attrs.field(default=256 * 1024, validator=_positive)
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Chunks queued for a connection's decoder before it is declared too slow (decoding stops, relay goes on).
     decode_queue: int = attrs.field(default=4096, validator=_positive)

@@ -27,6 +27,8 @@ from anyio.abc import ByteStream, SocketStream
 from oisp.errors import ProtocolError
 from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.h1_framing import MessageFramer, ResponseTracker, header_lines, request_body
+from oisp.proxy.loop import loop_response
+from oisp.proxy.net import describe
 from oisp.proxy.relay import CHUNK, CopyFeed, RelayResult
 from oisp.proxy.report import ConnectionReport, Decision
 
@@ -180,6 +182,12 @@ async def serve_forward(proxy: MitmProxy, client: SocketStream, buffer: bytes, c
     assert isinstance(first, ForwardedRequest) and first.origin is not None
     origin = first.origin
     while True:
+        if await proxy.targets_self(origin.host, origin.port, connection_id, client_addr):
+            try:
+                await client.send(loop_response(f"{origin.host}:{origin.port}"))
+            except _ERRORS:
+                pass
+            return
         endpoint = proxy.endpoints.match(origin.host, origin.port)
         report = ConnectionReport(
             connection_id=connection_id, mode=str(proxy.config.mode), client_addr=client_addr,
@@ -264,7 +272,7 @@ class _OriginLeg:
                 try:
                     await self.upstream.send(item)
                 except _ERRORS as exc:
-                    self._fail(f"server side: {exc or type(exc).__name__}", scope)
+                    self._fail(f"server side: {describe(exc)}", scope)
                     return
                 self.result.bytes_from_client += len(item)
             try:
@@ -272,7 +280,7 @@ class _OriginLeg:
             except anyio.EndOfStream:
                 break
             except _ERRORS as exc:
-                self._fail(f"client side: {exc or type(exc).__name__}", scope)
+                self._fail(f"client side: {describe(exc)}", scope)
                 return
             try:
                 pending.extend(self.rewriter.feed(data))
@@ -314,13 +322,13 @@ class _OriginLeg:
             except anyio.EndOfStream:
                 break
             except _ERRORS as exc:
-                self._fail(f"server side: {exc or type(exc).__name__}", scope)
+                self._fail(f"server side: {describe(exc)}", scope)
                 return
             self._push("server", data)
             try:
                 await self.client.send(data)
             except _ERRORS as exc:
-                self._fail(f"client side: {exc or type(exc).__name__}", scope)
+                self._fail(f"client side: {describe(exc)}", scope)
                 return
             self.result.bytes_from_server += len(data)
             tracker = self.tracker

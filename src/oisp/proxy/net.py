@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 SocketHook = Callable[[socket.socket], None]
 
 
+def describe(exc: BaseException) -> str:
+    """An exception as text for a reason or an error field: its message, or its type's name when it has none
+    (anyio's BrokenResourceError and EndOfStream have none)."""
+    return str(exc) or type(exc).__name__
+
+
 async def create_listener(host: str, port: int, *, max_segment: int | None = None,
                           backlog: int = 1024) -> SocketListener:
     """A listening TCP socket on ``host:port`` (port 0 picks a free one).

@@ -8,6 +8,7 @@ than its queue, decoding of that connection stops (the exchange is marked partia
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Literal, Protocol
@@ -18,6 +19,7 @@ from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from oisp.errors import ProtocolError
+from oisp.proxy.net import describe
 
 __all__ = ["CopyDispatcher", "CopyFeed", "DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
 
@@ -143,13 +145,18 @@ class RelayResult:
 
 
 async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = None, *,
-                rewrite_client: Callable[[bytes], bytes] | None = None) -> RelayResult:
+                rewrite_client: Callable[[bytes], bytes] | None = None,
+                silent_deadline: float | None = None) -> RelayResult:
     """Relay both directions until both have ended (EOF propagated as half-close) or one fails.
 
     ``rewrite_client`` transforms the client's bytes before they go on (reverse mode rewrites request heads);
     it may hold bytes back and raise ``ProtocolError`` on input it cannot follow, which ends the connection.
+
+    ``silent_deadline`` (``anyio.current_time()`` based): the connection is closed then unless a byte has been
+    received from either side by that time.
     """
     result = RelayResult()
+    silence = anyio.CancelScope(deadline=math.inf if silent_deadline is None else silent_deadline)
 
     async def pump(src: ByteStream, dst: ByteStream, direction: Direction, scope: anyio.CancelScope) -> None:
         rewrite = rewrite_client if direction == "client" else None
@@ -159,9 +166,10 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
             except anyio.EndOfStream:
                 break
             except _ERRORS as exc:
-                result.error = result.error or f"{direction} side: {exc or type(exc).__name__}"
+                result.error = result.error or f"{direction} side: {describe(exc)}"
                 scope.cancel()
                 return
+            silence.deadline = math.inf
             if rewrite is not None:
                 try:
                     data = rewrite(data)
@@ -182,7 +190,7 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
                 await dst.send(data)
             except _ERRORS as exc:
                 other = "server" if direction == "client" else "client"
-                result.error = result.error or f"{other} side: {exc or type(exc).__name__}"
+                result.error = result.error or f"{other} side: {describe(exc)}"
                 scope.cancel()
                 return
             if direction == "client":
@@ -198,7 +206,10 @@ async def relay(client: ByteStream, server: ByteStream, feed: CopyFeed | None = 
         except (*_ERRORS, NotImplementedError):
             pass
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(pump, client, server, "client", tg.cancel_scope)
-        tg.start_soon(pump, server, client, "server", tg.cancel_scope)
+    with silence:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, client, server, "client", tg.cancel_scope)
+            tg.start_soon(pump, server, client, "server", tg.cancel_scope)
+    if silence.cancelled_caught:
+        result.error = result.error or "neither side sent anything; closed"
     return result

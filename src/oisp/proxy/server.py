@@ -32,12 +32,14 @@ from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.config import ProxyConfig, ProxyMode
 from oisp.proxy.explicit import parse_proxy_request
 from oisp.proxy.forward import serve_forward
-from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener
-from oisp.proxy.pinning import PinnedClients
+from oisp.proxy.loop import SelfAddresses, loop_response
+from oisp.proxy.net import PrefixedStream, SocketHook, connect_tcp, create_listener, describe
+from oisp.proxy.pinning import PinnedClients, ProcessKey
 from oisp.proxy.relay import CopyFeed, DecodeFeed, PassiveDecoderLike, RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision, ProxyObserver, UpstreamCertificate
 from oisp.proxy.tls_stream import TlsStream
 from oisp.proxy.upstream import MAX_SPARE_BUFFER, PRECONNECT_DELAY, Spare, UpstreamSessions, UpstreamTarget
+from oisp.ratelog import Throttled
 
 __all__ = ["Attributor", "DecoderFactory", "MitmProxy", "OriginalDestinationLookup", "ProxyStats"]
 
@@ -45,9 +47,12 @@ logger = logging.getLogger(__name__)
 
 #: A fatal TLS alert (handshake_failure) sent to a client whose upstream could not be trusted or reached.
 _HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
-_PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE",
-               "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED", "DECRYPT_ERROR")
+#: The TLS alerts (as OpenSSL names them) by which a client says it refuses oisp's certificate: the only evidence
+#: of pinning. An EOF or a reset during or right after the handshake is not: any process can do that.
+_PIN_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE")
 _MAX_CLIENT_HELLO = 64 * 1024
+#: Shortest and longest wait after a failed accept (out of descriptors): doubled at each failure in a row.
+_ACCEPT_BACKOFF = (0.01, 1.0)
 _ids = itertools.count(1)
 #: Distinguishes this process's connection ids (and so request ids) from those of earlier runs.
 _RUN = secrets.token_hex(3)
@@ -99,6 +104,8 @@ class ProxyStats:
     active: int = 0
     decisions: dict[str, int] = attrs.field(factory=dict)
     errors: int = 0
+    #: Each (host, process) pair pinned during the run, as "host by exe[pid]" (at most 100).
+    pinned: list[str] = attrs.field(factory=list)
 
 
 def _is_ip(host: str) -> bool:
@@ -163,6 +170,10 @@ class MitmProxy:
         self.pinned = PinnedClients(config.pinned_ttl)
         self.stats = ProxyStats()
         self.address: tuple[str, int] | None = None
+        #: The proxy's own listening addresses, once it listens: requests addressed there are refused (a loop).
+        self._self_addresses: SelfAddresses | None = None
+        self._loop_log = Throttled(logger, 60.0)
+        self._accept_log = Throttled(logger, 30.0)
         self._listener: SocketListener | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._connections_scope: anyio.CancelScope | None = None
@@ -193,17 +204,27 @@ class MitmProxy:
             self._tasks = connections
             bound = listener.extra(SocketAttribute.local_address)
             self.address = (str(bound[0]), int(bound[1]))
+            self._self_addresses = SelfAddresses(self.address)
             logger.info("oisp proxy (%s mode) listening on %s:%d", self.config.mode, *self.address)
             task_status.started(self.address)
+            backoff = 0.0
             while True:
                 try:
                     client = await listener.accept()
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     break  # shutdown() closed the listener
                 except OSError as exc:  # EMFILE and friends: keep serving the connections we have
-                    logger.error("accepting a connection failed: %s", exc)
-                    await anyio.sleep(0.1)
+                    # Waiting lets connections end and free descriptors; the client waits in the backlog.
+                    backoff = min(max(backoff * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+                    self._accept_log.log(logging.ERROR, "accepting connections failed (%s: out of file descriptors "
+                                         "or memory?); retrying with a backoff of up to %.0f s; %d connection(s) "
+                                         "open", exc.strerror or exc, _ACCEPT_BACKOFF[1], self.stats.active)
+                    await anyio.sleep(backoff)
                     continue
+                if backoff:
+                    backoff = 0.0
+                    logger.info("accepting connections again (%d failed attempts)", self._accept_log.total)
+                    self._accept_log.total = 0
                 connections.start_soon(self._handle, client)
             if self.stats.active:
                 logger.info("draining %d connection(s) for up to %.1f s", self.stats.active, self._drain_timeout)
@@ -268,6 +289,9 @@ class MitmProxy:
             return
         except (TimeoutError, anyio.EndOfStream, *_NET_ERRORS):
             return
+        if await self.targets_self(request.host, request.port, connection_id, client_addr):
+            await _send_quietly(client, loop_response(f"{request.host}:{request.port}"))
+            return
         if request.tunnel:
             try:
                 await client.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -321,6 +345,8 @@ class MitmProxy:
         """Classify the tunnelled/diverted bytes (TLS or not, AI endpoint or not) and handle them."""
         buffer = initial
         hello: _ClientHello | None = None
+        silent_deadline: float | None = None
+        started = anyio.current_time()
         try:
             with anyio.fail_after(self.config.handshake_timeout):
                 if not buffer:
@@ -337,6 +363,8 @@ class MitmProxy:
                     buffer += await client.receive()
         except TimeoutError:
             logger.info("connection %s: client sent no ClientHello in time; passing through", connection_id)
+            if not buffer:  # nothing said yet: if neither side ever says anything, the connection ends
+                silent_deadline = started + self.config.silent_lifetime
         except (anyio.EndOfStream, *_NET_ERRORS):
             return
         name = hello.sni if hello is not None and hello.sni else host
@@ -361,9 +389,9 @@ class MitmProxy:
         if hello is None:
             if endpoint is not None and not endpoint.tls:
                 await self._plain(client, buffer, connection_id, client_addr, host, port, endpoint, pending,
-                                  pid_hint)
+                                  pid_hint, silent_deadline)
                 return
-            await self._passthrough(client, buffer, host, port, report)
+            await self._passthrough(client, buffer, host, port, report, silent_deadline)
             return
         if endpoint is None or not endpoint.tls:
             await self._passthrough(client, buffer, host, port, report)
@@ -382,7 +410,22 @@ class MitmProxy:
             return
         await self._intercept(client, buffer, hello, name, host, port, endpoint, report, pending)
 
+    async def targets_self(self, host: str, port: int, connection_id: str, client_addr: tuple[str, int]) -> bool:
+        """Whether ``host:port`` is (where the overrides send it) one of the proxy's own listening addresses:
+        forwarding there would loop back to the proxy. Logged at WARNING, at most once a minute."""
+        address, address_port = self.config.override_for(host, port)
+        if self._self_addresses is None or not await self._self_addresses.targets_self(address, address_port):
+            return False
+        self._loop_log.log(logging.WARNING, "connection %s from %s:%d: refused a request for %s:%d, oisp's own "
+                           "listening address (it would loop back to oisp)", connection_id, *client_addr, host, port)
+        return True
+
     async def _connect_upstream(self, host: str, port: int, report: ConnectionReport) -> SocketStream | None:
+        if await self.targets_self(host, port, report.connection_id, report.client_addr):
+            report.decision = Decision.UPSTREAM_FAILED
+            report.success = False
+            report.error = f"refused: {host}:{port} is oisp's own listening address (a loop)"
+            return None
         address, address_port = self.config.override_for(host, port)
         started = time.perf_counter()
         try:
@@ -399,7 +442,7 @@ class MitmProxy:
         return upstream
 
     async def _passthrough(self, client: SocketStream, buffer: bytes, host: str, port: int,
-                           report: ConnectionReport) -> None:
+                           report: ConnectionReport, silent_deadline: float | None = None) -> None:
         upstream = await self._connect_upstream(host, port, report)
         self._report(report)
         if upstream is None:
@@ -410,11 +453,14 @@ class MitmProxy:
                     await upstream.send(buffer)
                 except _NET_ERRORS:
                     return
-            await relay(client, upstream)
-
+            result = await relay(client, upstream, silent_deadline=silent_deadline)
+            if silent_deadline is not None and not result.bytes_from_client and not result.bytes_from_server:
+                logger.info("connection %s to %s:%d: %s after %.0f s", report.connection_id, host, port, result.error,
+                            self.config.silent_lifetime)
     async def _plain(self, client: SocketStream, buffer: bytes, connection_id: str, client_addr: tuple[str, int],
                      host: str, port: int, endpoint: EndpointSpec | None,
-                     pending: _PendingAttribution, pid_hint: int | None) -> None:
+                     pending: _PendingAttribution, pid_hint: int | None,
+                     silent_deadline: float | None = None) -> None:
         """Plain HTTP: decoded when it goes to an AI endpoint, relayed untouched either way."""
         who = await pending.get()
         report = ConnectionReport(
@@ -432,10 +478,12 @@ class MitmProxy:
                               mode=str(self.config.mode), tls=False, provider=endpoint.provider if endpoint else None,
                               **_who(who))
         async with upstream:
-            await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None)
+            await self._relay_decoded(client, upstream, buffer, info, "http/1.1" if endpoint else None,
+                                      silent_deadline)
 
     async def _relay_decoded(self, client: ByteStream, upstream: ByteStream, client_prefix: bytes,
-                             info: ConnectionInfo, alpn: str | None) -> RelayResult:
+                             info: ConnectionInfo, alpn: str | None,
+                             silent_deadline: float | None = None) -> RelayResult:
         feed = self._feed_for(info, alpn)
         result = RelayResult(error="relay cancelled")
         async with anyio.create_task_group() as tg:
@@ -446,7 +494,7 @@ class MitmProxy:
                     await upstream.send(client_prefix)
                     if feed is not None:
                         feed.push("client", client_prefix, time.monotonic_ns())
-                result = await relay(client, upstream, feed)
+                result = await relay(client, upstream, feed, silent_deadline=silent_deadline)
             except _NET_ERRORS as exc:
                 result = RelayResult(error=str(exc))
             finally:
@@ -467,7 +515,8 @@ class MitmProxy:
             listener = self.observer.exchange_listener(info)
             if listener is None:
                 return None
-            decoder = self._make_decoder(alpn, info, listener, body_cap=self.config.body_cap)
+            decoder = self._make_decoder(alpn, info, listener, body_cap=self.config.body_cap,
+                                         max_table_size=self.config.hpack_table_cap)
         except Exception:
             logger.exception("connection %s: could not set up decoding; relaying without it", info.connection_id)
             return None
@@ -559,12 +608,10 @@ class MitmProxy:
             finally:
                 relay_ended.set()
             if result.bytes_from_client == 0 and result.first_eof == "client" and result.error is None:
-                # A client that closes right after the handshake, before any request, distrusts the certificate.
-                self.pinned.remember(name, _process_key(report))
-                logger.info("connection %s: client closed before sending any request to %s; treating it as "
-                            "pinned: later connections are passed through", report.connection_id, name)
-                self._report(attrs.evolve(report, decision=Decision.CLIENT_REJECTED_CERTIFICATE, success=False,
-                                          error="client closed the connection before sending any data"))
+                # Closing right after the handshake is no evidence of pinning (any process can do it), so it
+                # changes nothing for later connections.
+                logger.info("connection %s: client closed before sending any request to %s",
+                            report.connection_id, name)
 
     async def _open_upstream(self, target: UpstreamTarget, report: ConnectionReport) -> TlsStream | None:
         """Connect to ``target`` and run the upstream TLS handshake (resuming a verified session when one may be),
@@ -592,7 +639,7 @@ class MitmProxy:
         except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *_NET_ERRORS) as exc:
             report.decision = Decision.UPSTREAM_FAILED
             report.success = False
-            report.error = f"upstream TLS handshake failed: {exc or type(exc).__name__}"
+            report.error = f"upstream TLS handshake failed: {describe(exc)}"
             await upstream_tcp.aclose()
             return None
         # A resumed session was verified (for this name, with this context) when it was first established; the
@@ -687,21 +734,29 @@ class MitmProxy:
             self._spares_event = anyio.Event()
         await self._spares_event.wait()
 
-    def _client_rejected(self, report: ConnectionReport, name: str, process_key: str | None, error: str,
+    def _client_rejected(self, report: ConnectionReport, name: str, process_key: ProcessKey | None, error: str,
                          *, pinning: bool) -> None:
         report.decision = Decision.CLIENT_REJECTED_CERTIFICATE
         report.success = False
         report.error = error
-        if pinning:
-            self.pinned.remember(name, process_key)
-            logger.info("connection %s: %s; %s is passed through for this client from now on",
-                        report.connection_id, error, name)
+        if pinning and self.pinned.evidence(name, process_key):
+            assert process_key is not None
+            pair = f"{name} by {process_key.label()}"
+            if len(self.stats.pinned) < 100:
+                self.stats.pinned.append(pair)
+            logger.warning("connection %s: %s; pinned: %s's connections to %s are passed through UNINSPECTED for "
+                           "%.0f s (%s)", report.connection_id, error, process_key.label(), name, self.pinned.ttl,
+                           process_key.cmdline[:200])
+        elif pinning:
+            logger.info("connection %s: %s (evidence of pinning, %s)", report.connection_id, error,
+                        "process unknown: never pinned" if process_key is None else "not pinned yet")
         else:
             logger.info("connection %s: %s", report.connection_id, error)
         self._report(report)
 
 
 _NET_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+_ATTRIBUTION_LOG = Throttled(logger, 60.0)
 
 
 class _PendingAttribution:
@@ -731,6 +786,8 @@ class _PendingAttribution:
             else:
                 self.value = await anyio.to_thread.run_sync(functools.partial(attributor, client, local, pid_hint,
                                                                               **extra))
+        except OSError as exc:  # out of file descriptors, mostly: no traceback, at most once a minute
+            _ATTRIBUTION_LOG.log(logging.WARNING, "process attribution failed for %s:%d: %s", *client, exc)
         except Exception:
             logger.exception("process attribution failed for %s:%d", *client)
         finally:
@@ -752,9 +809,13 @@ def _client_socket(original: Any) -> ClientSocket | None:
                         namespace=getattr(original, "netns", None))
 
 
-def _process_key(report: ConnectionReport) -> str | None:
-    """What pinned clients are remembered by: the executable (None when unknown: then the host alone)."""
-    return report.process.exe if report.process is not None else None
+def _process_key(report: ConnectionReport) -> ProcessKey | None:
+    """What pinned clients are remembered by: the process (executable, command line, pid and start time); None
+    when that is not known (such a client is never pinned)."""
+    process = report.process
+    if process is None or process.pid is None or not process.exe:
+        return None
+    return ProcessKey(process.exe, process.cmdline or "", process.pid, process.start_time)
 
 
 def _who(who: Attribution | None) -> dict[str, Any]:
@@ -765,9 +826,7 @@ def _who(who: Attribution | None) -> dict[str, Any]:
 
 
 def _looks_like_pinning(exc: BaseException) -> bool:
-    """A handshake that the client broke off after seeing our certificate."""
-    if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError | ConnectionError | ssl.SSLEOFError):
-        return True
+    """A handshake that the client broke off with an alert about our certificate (not an EOF or a reset)."""
     text = str(exc).upper()
     return isinstance(exc, ssl.SSLError) and any(alert in text for alert in _PIN_ALERTS)
 
