@@ -93,13 +93,17 @@ class LiveView:
         """Take one processed event (register with ``Pipeline.add_listener``)."""
         data = event.data
         if event.event_type == "network.connect":
-            if (event.attrs or {}).get("oisp.interception") != "pinned_passthrough":
+            failed = getattr(data, "success", None) is False
+            pinned = (event.attrs or {}).get("oisp.interception") == "pinned_passthrough"
+            if not (failed or pinned):
                 return
-            process = event.process
-            who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
-            host = _get(data, "dest", "domain") or _get(data, "dest", "ip") or "?"
-            key = f"{host} by {who}"
-            self.pinned[key] = self.pinned.get(key, 0) + 1
+            self.totals.failed_connections += failed
+            if pinned:
+                process = event.process
+                who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
+                host = _get(data, "dest", "domain") or _get(data, "dest", "ip") or "?"
+                key = f"{host} by {who}"
+                self.pinned[key] = self.pinned.get(key, 0) + 1
         elif event.event_type == "ai.request":
             process = event.process
             who = f"{process.name or '?'}[{process.pid}]" if process is not None and process.pid else "?"
@@ -136,8 +140,6 @@ class LiveView:
             if row.cost_usd is not None:
                 self.totals.cost_usd = (self.totals.cost_usd or 0.0) + row.cost_usd
             self.totals.tool_calls += len(row.tools)
-        elif event.event_type == "network.connect" and getattr(data, "success", None) is False:
-            self.totals.failed_connections += 1
         else:
             return
         if self._live is not None:
