@@ -31,15 +31,18 @@ def _connects(stack: Stack, count: int) -> list[object]:
 
 # --- upstream TLS sessions ------------------------------------------------------------------------------------
 
-def test_upstream_sessions_are_resumed_and_the_certificate_is_still_reported(stack: Stack) -> None:
-    assert stack.upstream.context is not None
-    before = stack.upstream.context.session_stats()["hits"]
-    for _ in range(3):
-        assert _request(stack).startswith(b"HTTP/1.1 200")
-    assert stack.upstream.context.session_stats()["hits"] - before == 2  # the second and third resumed
-    certificates = [e.data.tls.certificate for e in _connects(stack, 3)]  # type: ignore[attr-defined]
-    assert certificates[0] is not None and certificates[0].fingerprint_sha256
-    assert certificates[1] == certificates[0] and certificates[2] == certificates[0]
+def test_upstream_sessions_are_resumed_and_the_certificate_is_still_reported(
+        tmp_path: Path, test_ca: trustme.CA) -> None:
+    # no spare connections: each request makes exactly one upstream handshake, whose resumption is counted
+    with running_stack(tmp_path, test_ca, config={"preconnect_idle": 0}) as stack:
+        assert stack.upstream.context is not None
+        before = stack.upstream.context.session_stats()["hits"]
+        for _ in range(3):
+            assert _request(stack).startswith(b"HTTP/1.1 200")
+        assert stack.upstream.context.session_stats()["hits"] - before == 2  # the second and third resumed
+        certificates = [e.data.tls.certificate for e in _connects(stack, 3)]  # type: ignore[attr-defined]
+        assert certificates[0] is not None and certificates[0].fingerprint_sha256
+        assert certificates[1] == certificates[0] and certificates[2] == certificates[0]
 
 
 def test_a_session_is_only_resumed_for_the_name_it_was_verified_for(stack: Stack) -> None:
