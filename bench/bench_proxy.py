@@ -71,13 +71,11 @@ DEFAULT_MITM_VENV = Path.home() / ".cache" / "oisp-bench" / f"mitmproxy-{MITMPRO
 MIB = 1 << 20
 RELAY_ONLY = "oisp-relay"
 INLINE = "oisp-inline"
-#: ``--decoder-cpu``: oisp with the other decoder-process placement than its default (``[capture] decoder_cpu``).
-PLACED = "oisp-placed"
+#: ``--variant``: the same ``oisp run`` with other ``[capture]`` settings, measured in the same run.
+VARIANT = "oisp-variant"
 #: How long a stopping ``oisp run`` may take: its decoder process may still be catching up on the events.
 OISP_STOP_TIMEOUT = 300.0
 TITLES = {"mitmproxy": f"mitmproxy {MITMPROXY_VERSION}", RELAY_ONLY: "oisp relay only", INLINE: "oisp inline"}
-#: The title of the PLACED column, by the placement it uses.
-PLACED_TITLES = {"last": "oisp decoder_cpu=last", "any": "oisp decoder_cpu=any"}
 
 MITM_ADDON = '''
 """Connect to the benchmark upstream for api.openai.com:443 (oisp: --resolve); stream SSE responses."""
@@ -203,7 +201,7 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
-                  decoder_cpu: str | None = None) -> Iterator[Stack]:
+                  variant: str | None = None) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="oisp-bench-proxy-") as tmp_name:
         tmp = Path(tmp_name)
         test_ca = trustme.CA()
@@ -246,10 +244,10 @@ def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
             variants: list[tuple[str, str, list[str]]] = [("oisp", "", [])]
             if inline:
                 variants.append((INLINE, "-inline", ["--decoder", "inline"]))
-            if decoder_cpu is not None:  # the same oisp run, with its decoder process placed otherwise
-                (tmp / "oisp-placed.toml").write_text(f'[capture]\ndecoder_cpu = "{decoder_cpu}"\n')
-                variants.append((PLACED, "-placed", ["--config", str(tmp / "oisp-placed.toml")]))
-                TITLES[PLACED] = PLACED_TITLES[decoder_cpu]
+            if variant is not None:  # the same oisp run with other [capture] settings
+                (tmp / "oisp-variant.toml").write_text(f"[capture]\n{variant.replace(';', chr(10))}\n")
+                variants.append((VARIANT, "-variant", ["--config", str(tmp / "oisp-variant.toml")]))
+                TITLES[VARIANT] = f"oisp {variant}"
             for name, stem, extra in variants:
                 oisp_port, oisp_log, events = free_port(), tmp / f"oisp{stem}.log", tmp / f"events{stem}.jsonl"
                 oisp_proc = subprocess.Popen(
@@ -717,15 +715,16 @@ def main() -> None:
                         help="add a column for oisp run --decoder inline (decoding in the proxy's one process)")
     parser.add_argument("--relay-only", action="store_true",
                         help="add a column for oisp's proxy without decoding (what interception alone costs)")
-    parser.add_argument("--decoder-cpu", choices=sorted(PLACED_TITLES),
-                        help="add a column for oisp run with [capture] decoder_cpu set to this (compare placements)")
+    parser.add_argument("--variant", metavar="'KEY = VALUE[; ...]'",
+                        help="add a column for oisp run with these [capture] settings (TOML), e.g. "
+                             "--variant 'decoder_cpu = \"last\"'")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, sample oisp (relay and decoder process) with py-spy under requests/s load "
                              "and print where the time goes")
     args = parser.parse_args()
     started, load_before = time.monotonic(), os.getloadavg()
     with running_stack(None if args.no_mitmproxy else args.mitmproxy_venv, args.relay_only, args.inline,
-                       args.decoder_cpu) as stack:
+                       args.variant) as stack:
         if stack.mitm_missing and not any(t.name == "mitmproxy" for t in stack.targets):
             progress(f"mitmproxy column missing: {stack.mitm_missing}")
         results = measure(stack, args)

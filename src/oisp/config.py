@@ -27,6 +27,8 @@ is allowed. Command-line flags override the file. Example::
     decoder = "process"            # process (a separate decoder process) | inline (in the proxy's event loop)
     decoder_buffer = 33554432      # bytes the decoder process may fall behind the relay
     decoder_cpu = "any"            # any (wherever the scheduler puts it) | last (a CPU of its own, as a batch task)
+    decoder_batch_ms = 20          # copies wait at most this long to go to the decoder process together
+    decoder_yield_ms = 0           # the decoder process yields the CPU after this much work in one go (0: never)
 
     [pricing]
     enabled = true                 # costs in USD, from the prices oisp ships
@@ -98,6 +100,11 @@ class Config:
     #: Where the decoder process runs: ``last`` (the last CPU oisp may use, as a batch task, away from the relay)
     #: or ``any`` (wherever the scheduler puts it).
     decoder_cpu: str = "any"
+    #: Milliseconds copies may wait to go to the decoder process together (a batch wakes it once, so its work does
+    #: not land in the middle of every request on a busy machine; events reach the sinks this much later).
+    decoder_batch_ms: float = 20.0
+    #: Milliseconds of work after which the decoder process yields the CPU to waiting tasks (0: never).
+    decoder_yield_ms: float = 0.0
     #: Price AI calls (``usage.*_cost_usd``): with ``pricing_bundle``, else with the prices oisp ships.
     pricing: bool = True
     #: Bytes of HPACK dynamic table mirrored per direction of an HTTP/2 connection (a sender using more stops the
@@ -238,6 +245,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["decoder"] = capture.string("decoder", choices=DECODERS)
         values["decoder_buffer"] = capture.number("decoder_buffer", integer=True)
         values["decoder_cpu"] = capture.string("decoder_cpu", choices=DECODER_CPUS)
+        values["decoder_batch_ms"] = capture.number("decoder_batch_ms", zero=True)
+        values["decoder_yield_ms"] = capture.number("decoder_yield_ms", zero=True)
         values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)
         capture.finish()
     ca = root.table("ca")

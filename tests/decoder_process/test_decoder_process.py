@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from oisp.config import Config
@@ -320,3 +321,17 @@ async def test_a_permanent_give_up_is_loud(tmp_path: Path, caplog: pytest.LogCap
     assert decoder.stats.gave_up is not None and "no restarts are left (2 of 2 used)" in decoder.stats.gave_up
     assert statuses and statuses[0].startswith("DECODING IS OFF")
     assert decoder.summary()["gave_up"] == decoder.stats.gave_up
+
+
+async def test_batch_timing_and_yielding_change_when_work_happens_not_what_comes_out(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    config = attrs.evolve(_config(out), decoder_batch_ms=0.0, decoder_yield_ms=0.001)  # yields on every frame
+    async with DecoderProcess(config) as decoder:
+        assert decoder.channel.coalesce == 0.0
+        for number in range(1, 6):
+            feed = decoder.open_feed(_info(number), "http/1.1", body_cap=1 << 20)
+            assert feed is not None
+            feed.push("client", REQUEST, _now())
+            feed.push("server", RESPONSE, _now())
+            feed.finish()
+    assert sorted(e.event_type for e in _events(out)) == ["ai.request"] * 5 + ["ai.response"] * 5

@@ -41,9 +41,6 @@ DEFAULT_BUFFER = 32 * 1024 * 1024
 #: How far it may fall behind on any one connection (a big upload or download cannot take the whole buffer;
 #: with the 16 MiB body cap in the decoder process, one transfer costs at most about 24 MiB of memory).
 DEFAULT_CONNECTION_BUFFER = 8 * 1024 * 1024
-#: How long copies may wait to go to the decoder process together (a batch wakes it once; its work then
-#: does not land in the middle of every request on a busy machine). Events reach the sinks this much later.
-COALESCE = 0.02
 _DATA = {"client": Kind.CLIENT_DATA, "server": Kind.SERVER_DATA}
 _EOF = {"client": Kind.CLIENT_EOF, "server": Kind.SERVER_EOF}
 
@@ -301,7 +298,8 @@ class DecoderProcess:
         placed = place_decoder_process(process.pid, self.cpu)
         if placed:
             logger.debug("decoder process %d placed on %s", process.pid, placed)
-        worker = _Worker(process, FrameChannel(ours, limit=self.buffer_limit, coalesce=COALESCE))
+        worker = _Worker(process, FrameChannel(ours, limit=self.buffer_limit,
+                                               coalesce=self.config.decoder_batch_ms / 1000))
         worker.channel.send(Kind.SETTINGS, 0, dump_object(settings), force=True)
         self._worker = worker
         self._tasks.start_soon(worker.channel.run_writer)

@@ -13,9 +13,11 @@ are still delivered.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import anyio
@@ -106,8 +108,14 @@ async def _serve(sock: socket.socket) -> None:
         async with pipeline:
             decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
             channel.send(Kind.READY, 0, force=True)
+            yield_after = settings.config.decoder_yield_ms / 1000
             async for batch in frames:
+                started = time.perf_counter()
                 for kind, number, timestamp, payload in batch:
+                    if yield_after and time.perf_counter() - started > yield_after:
+                        # a long batch: let a task waiting for this core (the relay, an app) run first
+                        _yield_cpu()
+                        started = time.perf_counter()
                     if kind is Kind.CLIENT_DATA or kind is Kind.SERVER_DATA:
                         dispatcher = connections.get(number)
                         if dispatcher is not None:
@@ -161,3 +169,11 @@ def _pickled_error(exc: BaseException) -> bytes:
         return dump_object(exc)
     except Exception:
         return dump_object(f"{type(exc).__name__}: {exc}")
+
+
+def _yield_cpu() -> None:
+    """Give the CPU to a task waiting for it, if any (``sched_yield``; a zero sleep where there is none)."""
+    if sys.platform != "win32":
+        os.sched_yield()
+    else:
+        time.sleep(0)
