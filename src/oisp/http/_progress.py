@@ -15,6 +15,7 @@ from typing import Final, Literal
 from oisp.errors import ConfigurationError
 from oisp.http.encoding import ContentDecoder
 from oisp.http.exchange import ExchangeListener, Headers, HttpExchange, HttpRequest, HttpResponse
+from oisp.http.websocket import WebSocketMessage
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,17 @@ class GuardedListener:
             self._listener.end(exchange)
         except Exception:
             logger.exception("exchange listener failed in end() for exchange %d", exchange.exchange_id)
+
+    def websocket_message(self, exchange: HttpExchange, message: WebSocketMessage) -> None:
+        """The optional ``websocket_message`` of the listener (listeners without it ignore WebSockets)."""
+        method = getattr(self._listener, "websocket_message", None)
+        if method is None:
+            return
+        try:
+            method(exchange, message)
+        except Exception:
+            logger.exception("exchange listener failed in websocket_message() for exchange %d",
+                             exchange.exchange_id)
 
 
 class BodyCapture:

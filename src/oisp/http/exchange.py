@@ -166,6 +166,9 @@ class HttpExchange:
     partial: bool = False
     partial_reasons: list[str] = attrs.field(factory=list)
     exchange_id: int = attrs.field(factory=lambda: next(_exchange_ids))
+    #: True once a ``101`` switched the connection to the WebSocket protocol (messages follow; see
+    #: :class:`ExchangeListener`).
+    websocket: bool = False
 
     def mark_partial(self, reason: str) -> None:
         """Record that the exchange is incomplete, and why (reasons are kept in order, once each)."""
@@ -181,6 +184,12 @@ class ExchangeListener(Protocol):
     ``end`` is called for every exchange that got a ``request`` call, also when it was cut short (then
     ``exchange.partial`` is set). Listener errors must not escape: decoders call listeners on the proxy's copy
     of the traffic, and a failing listener never affects forwarding.
+
+    WebSockets: a listener may also have a method ``websocket_message(exchange, message)`` (optional; decoders
+    look it up with ``getattr``). After a ``101`` to ``Upgrade: websocket`` the exchange stays open: the
+    decoder calls ``response_start``, then ``websocket_message`` with each
+    :class:`~oisp.http.websocket.WebSocketMessage` of either direction in the order they completed, then
+    ``end`` when the connection ends (``exchange.websocket`` is True for such an exchange).
     """
 
     def request(self, exchange: HttpExchange) -> None: ...

@@ -15,7 +15,10 @@ response for by replaying that request's head (body framing removed; the output 
 ``send()``, which is how h11 learns about ``HEAD`` (no body), ``CONNECT`` and ``Upgrade``. After each complete
 response both sides are ``DONE`` and ``start_next_cycle()`` readies the parser for the next one. Informational
 responses (``100 Continue``, ``103 Early Hints``) are skipped; a ``101`` (or a 2xx answer to ``CONNECT``) ends
-the exchange and decoding: the connection then carries another protocol.
+the exchange and HTTP decoding: the connection then carries another protocol. When that protocol is WebSocket
+(a ``101`` with ``Upgrade: websocket`` to a request that asked for it), the exchange stays open and the rest of
+both directions is read as WebSocket frames (:mod:`oisp.http.websocket`), each message handed to the listener's
+``websocket_message``; the exchange ends with the connection.
 
 Most traffic is simpler than all that: a whole ``content-length`` request (or response) arriving in one piece.
 Such a message is decoded directly, with h11's own grammar (its ABNF regular expressions, the same header
@@ -50,10 +53,12 @@ from oisp.http.exchange import (
     DEFAULT_BODY_CAP,
     ConnectionInfo,
     ExchangeListener,
+    Headers,
     HttpExchange,
     HttpRequest,
     HttpResponse,
 )
+from oisp.http.websocket import OP_CLOSE, FrameReader, negotiated_deflate
 
 __all__ = ["Http1Decoder"]
 
@@ -97,6 +102,18 @@ class _SimpleHead:
 
 
 @attrs.define
+class _WebSocket:
+    """The WebSocket a ``101`` switched the connection to: its exchange and one frame reader per direction."""
+
+    progress: ExchangeProgress
+    client: FrameReader
+    server: FrameReader
+    client_closed: bool = False
+    server_close_frame: bool = False
+    reported_errors: set[str] = attrs.field(factory=set)
+
+
+@attrs.define
 class _Pending:
     """An exchange whose response is not complete yet, with the request head its response parser needs."""
 
@@ -136,6 +153,7 @@ class Http1Decoder:
         self._response_parser_primed = False
         self._unsolicited = 0
         self._server_eof = False
+        self._websocket: _WebSocket | None = None
 
     @property
     def error(self) -> str | None:
@@ -149,6 +167,9 @@ class Http1Decoder:
         if self._stopped or not data:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if self._websocket is not None:
+            self._websocket_feed(self._websocket.client, data, now)
+            return
         if self._client == "held":
             self._hold(data)
             return
@@ -173,6 +194,9 @@ class Http1Decoder:
         if self._stopped or not data:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if self._websocket is not None:
+            self._websocket_feed(self._websocket.server, data, now)
+            return
         if self._pending and not self._response_parser_primed and self._client != "held" and self._responses_idle():
             data = self._direct_responses(data, now)
             if not data or self._stopped:
@@ -192,6 +216,11 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         self._client_eof = True
+        if self._websocket is not None:
+            self._websocket.client_closed = True
+            if self._websocket.server_close_frame:
+                self._websocket_end(now)
+            return
         if self._client == "reading":
             self._requests.receive_data(b"")
             self._drive(now)
@@ -202,6 +231,9 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         self._server_eof = True
+        if self._websocket is not None:
+            self._websocket_end(now)
+            return
         self._prime_response_parser()
         self._responses.receive_data(b"")
         self._drive(now)
@@ -212,6 +244,10 @@ class Http1Decoder:
     def abort(self, reason: str) -> None:
         """The connection died; every open exchange ends as partial with ``reason``."""
         if self._stopped:
+            return
+        if self._websocket is not None:
+            self._websocket.progress.exchange.mark_partial(reason)
+            self._websocket_end(time.monotonic_ns())
             return
         self._end_all(reason, reason)
         self._stopped = True
@@ -453,6 +489,10 @@ class Http1Decoder:
             self._prime_response_parser()
 
     def _switched(self, current: ExchangeProgress, response: HttpResponse, now: int) -> None:
+        if response.status == 101 and self._client == "held" and len(self._pending) == 1 \
+                and _asks_websocket(current.exchange.request.headers) and _asks_websocket(response.headers):
+            self._start_websocket(current, response, now)
+            return
         current.response_head(response, now)
         current.response_done(None, now)
         current.end("protocol switched before request complete")
@@ -460,6 +500,69 @@ class Http1Decoder:
                      self._connection.connection_id, response.status)
         self._end_all(CONNECTION_CLOSED_BEFORE_RESPONSE)
         self._stopped = True
+
+    # -- WebSocket ---------------------------------------------------------------------------------------------
+
+    def _start_websocket(self, current: ExchangeProgress, response: HttpResponse, now: int) -> None:
+        """Read the rest of the connection as WebSocket frames, on behalf of ``current`` (which stays open)."""
+        current.response_head(response, now)
+        exchange = current.exchange
+        exchange.websocket = True
+        deflate = negotiated_deflate(response.headers)
+        cap = self._body_cap
+        websocket = _WebSocket(
+            current,
+            FrameReader("client", masked=True, cap=cap, deflate=deflate is not None,
+                        reset_context=deflate is not None and deflate.client_no_context_takeover),
+            FrameReader("server", masked=False, cap=cap, deflate=deflate is not None,
+                        reset_context=deflate is not None and deflate.server_no_context_takeover),
+        )
+        client_bytes = self._requests.trailing_data[0] + bytes(self._held)
+        server_bytes = self._responses.trailing_data[0]
+        self._held = bytearray()
+        self._pending.clear()
+        self._reading = None
+        self._response_parser_primed = False
+        self._client = "done"
+        self._websocket = websocket
+        logger.debug("connection %s: switched to WebSocket%s", self._connection.connection_id,
+                     " (permessage-deflate)" if deflate is not None else "")
+        if client_bytes:
+            self._websocket_feed(websocket.client, client_bytes, now)
+        if server_bytes and self._websocket is not None:
+            self._websocket_feed(websocket.server, server_bytes, now)
+        if self._client_eof and self._websocket is not None:
+            self.client_closed(now)
+
+    def _websocket_feed(self, reader: FrameReader, data: bytes, now: int) -> None:
+        websocket = self._websocket
+        assert websocket is not None
+        messages = reader.feed(data, now)
+        exchange = websocket.progress.exchange
+        for message in messages:
+            if message.problem is not None or message.truncated:
+                exchange.mark_partial(f"websocket {message.direction} message "
+                                      f"{message.problem or 'truncated at cap'}")
+            if message.opcode == OP_CLOSE and message.direction == "server":
+                websocket.server_close_frame = True
+            self._listener.websocket_message(exchange, message)
+        if reader.error is not None and reader.error not in websocket.reported_errors:
+            websocket.reported_errors.add(reader.error)
+            logger.info("connection %s: malformed WebSocket traffic from the %s (%s); that direction is no "
+                        "longer decoded", self._connection.connection_id, reader.direction, reader.error)
+            exchange.mark_partial(f"websocket {reader.direction} frames: {reader.error}")
+
+    def _websocket_end(self, now: int) -> None:
+        websocket, self._websocket = self._websocket, None
+        self._stopped = True
+        if websocket is None:
+            return
+        for reader in (websocket.client, websocket.server):
+            if reader.error is None and reader.in_message:
+                websocket.progress.exchange.mark_partial(f"connection closed inside a WebSocket "
+                                                         f"{reader.direction} message")
+        websocket.progress.exchange.timings.response_end = now
+        websocket.progress.end()
 
     # -- ending ----------------------------------------------------------------------------------------------
 
@@ -543,6 +646,12 @@ def _simple_request_head(head: h11.Request | _SimpleHead) -> bool:
         if name in (b"upgrade", b"connection") and (name == b"upgrade" or b"close" in value.lower()):
             return False
     return True
+
+
+def _asks_websocket(headers: Headers) -> bool:
+    """Whether a head's ``Upgrade`` field names WebSocket."""
+    return any(token.strip().lower() == "websocket" for value in headers.get_all("upgrade")
+               for token in value.split(","))
 
 
 def _request_parser() -> h11.Connection:
