@@ -188,7 +188,7 @@ class TunnelClient:
             head += sock.recv(1)
         assert head.startswith(b"HTTP/1.1 200"), head
         self.sock: ssl.SSLSocket = stack.client_context().wrap_socket(sock, server_hostname="api.openai.com")
-        extensions = [ClientPerMessageDeflateFactory()] if compression else []
+        extensions = [ClientPerMessageDeflateFactory()] if compression else None
         self.protocol = ClientProtocol(parse_uri(f"wss://api.openai.com{path}"), extensions=extensions,
                                        max_size=None)
         self.segment = segment
@@ -310,3 +310,80 @@ def test_responses_over_websocket_relayed_byte_for_byte(stack: Stack, oisp_schem
     (recording,) = [r for r in stack.upstream.connections if r.requests]
     assert bytes(recording.received) == bytes(client.sent)
     assert bytes(recording.sent) == bytes(client.received)
+
+
+# --- hostile traffic: the relay is untouched, the events say what could not be read ------------------------
+
+def _drain(client: TunnelClient) -> None:
+    """Read raw bytes until the server closes (no parsing: the bytes may not be WebSocket at all)."""
+    while True:
+        try:
+            data = client.sock.recv(65536)
+        except (ssl.SSLError, OSError):
+            return
+        if not data:
+            return
+        client.received += data
+
+
+def _assert_byte_for_byte(stack: Stack, client: TunnelClient) -> None:
+    (recording,) = [r for r in stack.upstream.connections if r.requests]
+    assert bytes(recording.received) == bytes(client.sent)
+    assert bytes(recording.sent) == bytes(client.received)
+
+
+def test_decompression_bomb_is_cut_at_the_cap_and_the_connection_carries_on(tmp_path: Path, test_ca: trustme.CA,
+                                                                            oisp_schema: SchemaValidator) -> None:
+    async def bomb_then_answer(request: Request, ws: WsPeer) -> None:
+        while (message := await ws.recv()) is not None:
+            if json.loads(message)["type"] == "response.create":
+                await ws.send_text('{"type": "response.created", "response": {"id": "resp_bomb", "pad": "'
+                                   + "0" * 30_000_000 + '"}}')  # 30 MB that compress to about 30 kB
+                for data in _sse_datas("openai_responses_stream_tools"):
+                    await ws.send_json(data)
+
+    with running_stack(tmp_path, test_ca, config={"body_cap": 1024 * 1024}) as stack:
+        stack.upstream.websocket = bomb_then_answer
+        client = TunnelClient(stack, "/v1/responses", compression=True)
+        client.send_json({"type": "response.create", **json.loads(load("openai_responses_stream_tools").request_body)})
+        kinds = []
+        while (event := client.recv_json()) is not None:
+            kinds.append(event["type"])
+            if event["type"] == "response.completed":
+                break
+        client.close()
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        _assert_byte_for_byte(stack, client)
+        assert len(client.received) < 1_000_000  # it was compressed on the wire
+        events = stack.wait_for(lambda es: any(e.event_type == "ai.response" for e in es))
+        for event in events:
+            oisp_schema.assert_valid(event.to_dict())
+        (response,) = [e for e in events if e.event_type == "ai.response"]
+        assert response.confidence.completeness == "partial"
+        limitations = " ".join(response.confidence.limitations or [])
+        assert "truncated at cap" in limitations
+
+
+@pytest.mark.parametrize("raw", [b"\x81\x7e\x10\x00" + b"{" * 100, b"GET / HTTP/1.1\r\n\r\n\xff\xfe garbage"],
+                         ids=["truncated-frame", "garbage"])
+def test_truncated_frame_or_garbage_after_101(stack: Stack, oisp_schema: SchemaValidator, raw: bytes) -> None:
+    async def hostile(request: Request, ws: WsPeer) -> None:
+        await ws.recv()  # the response.create
+        await ws.stream.send(raw)  # then the connection ends
+
+    stack.upstream.websocket = hostile
+    client = TunnelClient(stack, "/v1/responses", compression=False)
+    client.send_json({"type": "response.create", **json.loads(load("openai_responses_stream_tools").request_body)})
+    _drain(client)
+    client.sock.close()
+    assert client.received.endswith(raw)
+    _assert_byte_for_byte(stack, client)
+    events = stack.wait_for(lambda es: any(e.event_type == "ai.response" for e in es))
+    for event in events:
+        oisp_schema.assert_valid(event.to_dict())
+    (response,) = [e for e in events if e.event_type == "ai.response"]
+    assert response.confidence.completeness == "partial" and not response.data.success
+    limitations = " ".join(response.confidence.limitations or [])
+    reason = "connection closed inside a WebSocket server message" if raw.startswith(b"\x81") \
+        else "websocket server frames"
+    assert reason in limitations
