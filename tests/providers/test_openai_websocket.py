@@ -387,3 +387,28 @@ def test_truncated_frame_or_garbage_after_101(stack: Stack, oisp_schema: SchemaV
     reason = "connection closed inside a WebSocket server message" if raw.startswith(b"\x81") \
         else "websocket server frames"
     assert reason in limitations
+
+
+def test_a_failing_decoder_never_harms_the_websocket(stack: Stack, oisp_schema: SchemaValidator,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from oisp.providers.openai_realtime import ResponsesWebSocketDecoder
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(ResponsesWebSocketDecoder, "server_event", broken)
+    stack.upstream.websocket = responses_server
+    client = TunnelClient(stack, "/v1/responses", compression=True, segment=50)
+    client.send_json({"type": "response.create", **json.loads(load("openai_responses_stream_tools").request_body)})
+    kinds = []
+    while (event := client.recv_json()) is not None:
+        kinds.append(event["type"])
+        if event["type"] == "response.completed":
+            break
+    client.close()
+    assert kinds[-1] == "response.completed"
+    _assert_byte_for_byte(stack, client)
+    events = stack.wait_for(lambda es: any(e.event_type == "ai.response" for e in es))
+    for event in events:
+        oisp_schema.assert_valid(event.to_dict())
+    assert "ai.request" in [e.event_type for e in events]  # the request was decoded before the failure
