@@ -29,7 +29,6 @@ Realtime
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -38,11 +37,11 @@ from urllib.parse import parse_qsl
 import attrs
 
 from oisp.events import Event
-from oisp.http.exchange import Headers, HttpExchange, HttpRequest, HttpResponse
-from oisp.http.websocket import OP_BINARY, OP_TEXT, WebSocketMessage
-from oisp.providers.metadata import MetadataDecoder
+from oisp.http.exchange import HttpExchange
+from oisp.providers.base import ApiDecoder
 from oisp.providers.openai_common import Route
 from oisp.providers.openai_responses import ResponsesDecoder
+from oisp.providers.websocket import OpenResponse, WebSocketSessionDecoder, base64_size
 
 __all__ = ["RealtimeDecoder", "ResponsesWebSocketDecoder", "WebSocketSessionDecoder"]
 
@@ -58,154 +57,12 @@ _TEXT_DELTAS = {"response.text.delta": "response.output_text.delta",
                 "response.output_audio_transcript.delta": "response.output_text.delta"}
 
 
-def _base64_size(value: Any) -> int:
-    """How many bytes a base64 string decodes to (without decoding it)."""
-    if not isinstance(value, str):
-        return 0
-    text = value.strip()
-    return max(0, len(text) * 3 // 4 - (len(text) - len(text.rstrip("="))))
+class _OpenAISessionDecoder(WebSocketSessionDecoder):
+    def response_decoder(self) -> ApiDecoder:
+        return ResponsesDecoder(Route("responses"), streaming_chunks=self.streaming_chunks)
 
 
-class _WebSocketResponseDecoder(ResponsesDecoder):
-    """The Responses decoder of one response in a WebSocket session (no HTTP status; extra usage details)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.usage_extra: dict[str, int] = {}
-
-    def _response_event(self, exchange: HttpExchange, status: int | None) -> Event:
-        event = super()._response_event(exchange, status)
-        data: Any = event.data
-        changes: dict[str, Any] = {"status_code": None}
-        if data.usage is not None and self.usage_extra:
-            changes["usage"] = attrs.evolve(data.usage, extra={**data.usage.extra, **self.usage_extra})
-        return event.with_context(data=attrs.evolve(data, **changes))
-
-
-@attrs.define
-class _Open:
-    """A response in progress: its synthetic exchange and decoder."""
-
-    exchange: HttpExchange
-    decoder: _WebSocketResponseDecoder
-    response_id: str | None = None
-    output_audio_bytes: int = 0
-
-
-class WebSocketSessionDecoder:
-    """Base of JSON-over-WebSocket session decoders: one synthetic exchange per model response (see the module
-    docstring). Subclasses read client and server events (:meth:`client_event`, :meth:`server_event`) and call
-    :meth:`open_response`, :meth:`response_event` and :meth:`close_response`."""
-
-    def __init__(self, *, streaming_chunks: bool = False) -> None:
-        self.streaming_chunks = streaming_chunks
-        self.open: list[_Open] = []
-        self.problems: list[str] = []
-
-    # --- ExchangeDecoder ---------------------------------------------------------------------------
-    def on_request(self, exchange: HttpExchange) -> Iterable[Event]:
-        return ()
-
-    def on_response_data(self, exchange: HttpExchange, data: bytes) -> Iterable[Event]:
-        return ()
-
-    def on_websocket_message(self, exchange: HttpExchange, message: WebSocketMessage) -> Iterable[Event]:
-        if message.opcode not in (OP_TEXT, OP_BINARY) or message.problem is not None:
-            return ()
-        if message.truncated:
-            self.problems.append(f"{message.direction} message over the body cap ({message.size} bytes) not read")
-            return ()
-        try:
-            event = json.loads(message.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return ()
-        if type(event) is not dict:
-            return ()
-        if message.direction == "client":
-            return self.client_event(exchange, event, message.timestamp_ns)
-        return self.server_event(exchange, event, message.timestamp_ns)
-
-    def on_end(self, exchange: HttpExchange) -> Iterable[Event]:
-        """The connection ended: responses still open end as partial. An upgrade the server refused is reported
-        like any exchange nobody decodes (the metadata provider's events)."""
-        if not exchange.websocket:
-            fallback = MetadataDecoder()
-            return [*fallback.on_request(exchange), *fallback.on_end(exchange)]
-        events: list[Event] = []
-        now = exchange.timings.response_end
-        reasons = exchange.partial_reasons or ["connection closed before the response was done"]
-        for item in list(self.open):
-            for reason in reasons:
-                item.exchange.mark_partial(reason)
-            events += self.close_response(item, now)
-        return events
-
-    # --- for subclasses -----------------------------------------------------------------------------
-    def client_event(self, exchange: HttpExchange, event: dict[str, Any], now: int) -> Iterable[Event]:
-        raise NotImplementedError
-
-    def server_event(self, exchange: HttpExchange, event: dict[str, Any], now: int) -> Iterable[Event]:
-        raise NotImplementedError
-
-    def open_response(self, exchange: HttpExchange, body: Mapping[str, Any], now: int,
-                      request_attrs: Mapping[str, Any] | None = None) -> tuple[_Open, list[Event]]:
-        """Start a response whose request body is ``body``; returns it and its request events."""
-        request = exchange.request
-        synthetic = HttpExchange(connection=exchange.connection, request=HttpRequest(
-            method=request.method, target=request.target, authority=request.authority, scheme=request.scheme,
-            http_version=request.http_version, headers=request.headers,
-            body=bytearray(json.dumps(body, ensure_ascii=False).encode()),
-        ))
-        synthetic.timings.request_start = synthetic.timings.request_end = now
-        synthetic.response = HttpResponse(status=200, reason="", http_version=request.http_version,
-                                          headers=Headers([("content-type", "text/event-stream")]))
-        synthetic.timings.response_headers = now
-        decoder = _WebSocketResponseDecoder(Route("responses"), streaming_chunks=self.streaming_chunks)
-        item = _Open(synthetic, decoder)
-        self.open.append(item)
-        events = list(decoder.on_request(synthetic))
-        attributes = {"oisp.transport": "websocket", "http.status": 101, **(request_attrs or {})}
-        return item, [e.with_context(attrs={**(e.attrs or {}), **attributes})
-                      if e.event_type == "ai.request" else e for e in events]
-
-    def response_event(self, item: _Open, event: Mapping[str, Any], now: int) -> list[Event]:
-        """Feed one server event (already in the Responses API's shape) to a response."""
-        data = json.dumps(event, ensure_ascii=False).encode()
-        timings = item.exchange.timings
-        if timings.response_first_byte is None:
-            timings.response_first_byte = now
-        timings.response_chunks.append((now, len(data)))
-        return list(item.decoder.on_response_data(item.exchange, b"data: " + data + b"\n\n"))
-
-    def close_response(self, item: _Open, now: int | None, response_attrs: Mapping[str, Any] | None = None) \
-            -> list[Event]:
-        """End a response: its ``ai.response`` and ``agent.tool_call`` events."""
-        if item in self.open:
-            self.open.remove(item)
-        item.exchange.timings.response_end = now
-        state = item.decoder.state
-        state.attrs.update({"oisp.transport": "websocket", "http.status": 101, **(response_attrs or {})})
-        state.problems += self.problems
-        self.problems = []
-        return list(item.decoder.on_end(item.exchange))
-
-    def response_for(self, event: Mapping[str, Any]) -> _Open | None:
-        """The open response a server event belongs to: by ``response_id`` (or ``response.id``), else the oldest."""
-        response = event.get("response")
-        response_id = event.get("response_id") or (response.get("id") if isinstance(response, Mapping) else None)
-        if isinstance(response_id, str):
-            for item in self.open:
-                if item.response_id == response_id:
-                    return item
-            for item in self.open:
-                if item.response_id is None:
-                    item.response_id = response_id
-                    return item
-            return None
-        return self.open[0] if self.open else None
-
-
-class ResponsesWebSocketDecoder(WebSocketSessionDecoder):
+class ResponsesWebSocketDecoder(_OpenAISessionDecoder):
     """The Responses API over WebSocket: ``response.create`` messages and the SSE stream's event types."""
 
     def client_event(self, exchange: HttpExchange, event: dict[str, Any], now: int) -> Iterable[Event]:
@@ -242,7 +99,7 @@ class _Session:
     output_rate: int | None = None
 
 
-class RealtimeDecoder(WebSocketSessionDecoder):
+class RealtimeDecoder(_OpenAISessionDecoder):
     """The OpenAI Realtime API (beta and GA event names)."""
 
     def __init__(self, exchange: HttpExchange, *, streaming_chunks: bool = False) -> None:
@@ -285,7 +142,7 @@ class RealtimeDecoder(WebSocketSessionDecoder):
             parts = []
             for part in item["content"]:
                 if isinstance(part, Mapping) and "audio" in part:
-                    self.input_audio_bytes += _base64_size(part.get("audio"))
+                    self.input_audio_bytes += base64_size(part.get("audio"))
                     part = {k: v for k, v in part.items() if k != "audio"}
                     if isinstance(part.get("transcript"), str):
                         part = {"type": "input_text", "text": part["transcript"]}
@@ -329,7 +186,7 @@ class RealtimeDecoder(WebSocketSessionDecoder):
     def client_event(self, exchange: HttpExchange, event: dict[str, Any], now: int) -> Iterable[Event]:
         kind = event.get("type")
         if kind == "input_audio_buffer.append":
-            self.input_audio_bytes += _base64_size(event.get("audio"))
+            self.input_audio_bytes += base64_size(event.get("audio"))
         elif kind == "session.update":
             self._session(event.get("session"))
         elif kind == "conversation.item.create":
@@ -365,14 +222,14 @@ class RealtimeDecoder(WebSocketSessionDecoder):
         if item is None:
             return events
         if kind in _AUDIO_DELTAS:
-            item.output_audio_bytes += _base64_size(event.get("delta"))
+            item.output_audio_bytes += base64_size(event.get("delta"))
             return events
         if kind in _TEXT_DELTAS:
             events += self.response_event(item, {**event, "type": _TEXT_DELTAS[kind]}, now)
         elif kind == "response.done":
             response = event.get("response")
             events += self.response_event(item, {"type": _terminal_type(response),
-                                                 "response": _responses_shape(response, item.decoder)}, now)
+                                                 "response": _responses_shape(response, item)}, now)
             audio: dict[str, Any] = {}
             if item.output_audio_bytes:
                 audio["openai.realtime.output_audio_bytes"] = item.output_audio_bytes
@@ -427,7 +284,7 @@ def _item_shape(event: Mapping[str, Any]) -> dict[str, Any]:
     return {**event, "item": {**item, "content": [_content_shape(p) for p in item["content"]]}}
 
 
-def _responses_shape(response: Any, decoder: _WebSocketResponseDecoder) -> Any:
+def _responses_shape(response: Any, item: OpenResponse) -> Any:
     """A realtime ``response.done`` response as a Responses API response (output parts, usage details)."""
     if not isinstance(response, Mapping):
         return response
@@ -447,7 +304,7 @@ def _responses_shape(response: Any, decoder: _WebSocketResponseDecoder) -> Any:
             for kind in ("audio", "text"):
                 value = details.get(f"{kind}_tokens")
                 if isinstance(value, int) and not isinstance(value, bool):
-                    decoder.usage_extra[f"{prefix}_{kind}_tokens"] = value
+                    item.usage_extra[f"{prefix}_{kind}_tokens"] = value
     if response.get("status") == "cancelled":
         out["incomplete_details"] = {"reason": "cancelled"}
     out.setdefault("object", "realtime.response")
