@@ -45,6 +45,7 @@ from oisp.http._progress import (
     CONNECTION_CLOSED_BEFORE_RESPONSE,
     ExchangeProgress,
     GuardedListener,
+    WebSocketProgress,
     check_body_cap,
     describe_protocol_error,
     make_headers,
@@ -58,7 +59,6 @@ from oisp.http.exchange import (
     HttpRequest,
     HttpResponse,
 )
-from oisp.http.websocket import OP_CLOSE, FrameReader, negotiated_deflate
 
 __all__ = ["Http1Decoder"]
 
@@ -102,18 +102,6 @@ class _SimpleHead:
 
 
 @attrs.define
-class _WebSocket:
-    """The WebSocket a ``101`` switched the connection to: its exchange and one frame reader per direction."""
-
-    progress: ExchangeProgress
-    client: FrameReader
-    server: FrameReader
-    client_closed: bool = False
-    server_close_frame: bool = False
-    reported_errors: set[str] = attrs.field(factory=set)
-
-
-@attrs.define
 class _Pending:
     """An exchange whose response is not complete yet, with the request head its response parser needs."""
 
@@ -153,7 +141,7 @@ class Http1Decoder:
         self._response_parser_primed = False
         self._unsolicited = 0
         self._server_eof = False
-        self._websocket: _WebSocket | None = None
+        self._websocket: WebSocketProgress | None = None
 
     @property
     def error(self) -> str | None:
@@ -168,7 +156,7 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         if self._websocket is not None:
-            self._websocket_feed(self._websocket.client, data, now)
+            self._websocket.feed(self._websocket.client, data, now)
             return
         if self._client == "held":
             self._hold(data)
@@ -195,7 +183,7 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         if self._websocket is not None:
-            self._websocket_feed(self._websocket.server, data, now)
+            self._websocket.feed(self._websocket.server, data, now)
             return
         if self._pending and not self._response_parser_primed and self._client != "held" and self._responses_idle():
             data = self._direct_responses(data, now)
@@ -217,7 +205,6 @@ class Http1Decoder:
         now = time.monotonic_ns() if now_ns is None else now_ns
         self._client_eof = True
         if self._websocket is not None:
-            self._websocket.client_closed = True
             if self._websocket.server_close_frame:
                 self._websocket_end(now)
             return
@@ -506,17 +493,8 @@ class Http1Decoder:
     def _start_websocket(self, current: ExchangeProgress, response: HttpResponse, now: int) -> None:
         """Read the rest of the connection as WebSocket frames, on behalf of ``current`` (which stays open)."""
         current.response_head(response, now)
-        exchange = current.exchange
-        exchange.websocket = True
-        deflate = negotiated_deflate(response.headers)
-        cap = self._body_cap
-        websocket = _WebSocket(
-            current,
-            FrameReader("client", masked=True, cap=cap, deflate=deflate is not None,
-                        reset_context=deflate is not None and deflate.client_no_context_takeover),
-            FrameReader("server", masked=False, cap=cap, deflate=deflate is not None,
-                        reset_context=deflate is not None and deflate.server_no_context_takeover),
-        )
+        websocket = WebSocketProgress(current, self._listener, response, self._body_cap,
+                                      self._connection.connection_id)
         client_bytes = self._requests.trailing_data[0] + bytes(self._held)
         server_bytes = self._responses.trailing_data[0]
         self._held = bytearray()
@@ -525,44 +503,18 @@ class Http1Decoder:
         self._response_parser_primed = False
         self._client = "done"
         self._websocket = websocket
-        logger.debug("connection %s: switched to WebSocket%s", self._connection.connection_id,
-                     " (permessage-deflate)" if deflate is not None else "")
         if client_bytes:
-            self._websocket_feed(websocket.client, client_bytes, now)
-        if server_bytes and self._websocket is not None:
-            self._websocket_feed(websocket.server, server_bytes, now)
-        if self._client_eof and self._websocket is not None:
+            websocket.feed(websocket.client, client_bytes, now)
+        if server_bytes:
+            websocket.feed(websocket.server, server_bytes, now)
+        if self._client_eof:
             self.client_closed(now)
-
-    def _websocket_feed(self, reader: FrameReader, data: bytes, now: int) -> None:
-        websocket = self._websocket
-        assert websocket is not None
-        messages = reader.feed(data, now)
-        exchange = websocket.progress.exchange
-        for message in messages:
-            if message.problem is not None or message.truncated:
-                exchange.mark_partial(f"websocket {message.direction} message "
-                                      f"{message.problem or 'truncated at cap'}")
-            if message.opcode == OP_CLOSE and message.direction == "server":
-                websocket.server_close_frame = True
-            self._listener.websocket_message(exchange, message)
-        if reader.error is not None and reader.error not in websocket.reported_errors:
-            websocket.reported_errors.add(reader.error)
-            logger.info("connection %s: malformed WebSocket traffic from the %s (%s); that direction is no "
-                        "longer decoded", self._connection.connection_id, reader.direction, reader.error)
-            exchange.mark_partial(f"websocket {reader.direction} frames: {reader.error}")
 
     def _websocket_end(self, now: int) -> None:
         websocket, self._websocket = self._websocket, None
         self._stopped = True
-        if websocket is None:
-            return
-        for reader in (websocket.client, websocket.server):
-            if reader.error is None and reader.in_message:
-                websocket.progress.exchange.mark_partial(f"connection closed inside a WebSocket "
-                                                         f"{reader.direction} message")
-        websocket.progress.exchange.timings.response_end = now
-        websocket.progress.end()
+        if websocket is not None:
+            websocket.end(now)
 
     # -- ending ----------------------------------------------------------------------------------------------
 
