@@ -14,7 +14,7 @@ from websockets.extensions.permessage_deflate import (
     ClientPerMessageDeflateFactory,
     ServerPerMessageDeflateFactory,
 )
-from websockets.frames import Close, CloseCode
+from websockets.frames import Close, CloseCode, Opcode
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
@@ -182,3 +182,65 @@ def test_listener_without_websocket_message_still_gets_the_exchange_ended() -> N
     (exchange,) = recorder.exchanges
     assert recorder.kinds(exchange) == ["request", "response_start", "end"]
     assert not exchange.partial
+
+
+def test_http2_extended_connect_websocket_is_decoded() -> None:
+    """RFC 8441: a WebSocket on an HTTP/2 stream (h2's own client and server, extended CONNECT), next to an
+    ordinary request on another stream."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+    from websockets.frames import Frame
+
+    from oisp.http import Http2Decoder
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    recorder = WsRecorder()
+    decoder = Http2Decoder(connection(alpn="h2"), recorder)
+
+    def flush() -> None:
+        for _ in range(3):
+            data = client.data_to_send()
+            if data:
+                decoder.feed_client(data)
+                server.receive_data(data)
+            data = server.data_to_send()
+            if data:
+                decoder.feed_server(data)
+                client.receive_data(data)
+
+    client.initiate_connection()
+    server.initiate_connection()
+    server.update_settings({h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})
+    flush()
+    client.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+                            (":path", "/v1/realtime?model=gpt-realtime"), (":authority", "api.openai.com"),
+                            ("sec-websocket-version", "13"), ("sec-websocket-extensions", "permessage-deflate")])
+    flush()
+    server.send_headers(1, [(":status", "200"), ("sec-websocket-extensions", "permessage-deflate")])
+    flush()
+    compressor = zlib.compressobj(wbits=-15)
+    text = b'{"type": "response.create", "pad": "' + bytes(range(32, 127)) * 3 + b'"}'
+    compressed = compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    payload = compressed[:-4]
+    assert 125 < len(payload) < 65536
+    mask = b"\x0f\xf0\xaa\x55"
+    masked = bytes([0xC1, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask \
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))  # FIN, RSV1 (compressed), text; masked
+    client.send_data(1, masked[:30])
+    client.send_data(1, masked[30:])
+    server.send_data(1, Frame(Opcode.BINARY, b"\x01\x02\x03").serialize(mask=False, extensions=[]))
+    flush()
+    client.send_data(1, Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True, extensions=[]), end_stream=True)
+    server.send_data(1, Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=False, extensions=[]), end_stream=True)
+    flush()
+    (exchange,) = recorder.exchanges
+    assert exchange.websocket and exchange.stream_id == 1 and exchange.request.asks_websocket
+    assert not exchange.partial, exchange.partial_reasons
+    assert [(m.direction, m.opcode, m.payload) for m in recorder.messages] == [
+        ("client", OP_TEXT, text), ("server", OP_BINARY, b"\x01\x02\x03"),
+        ("client", OP_CLOSE, b"\x03\xe8"), ("server", OP_CLOSE, b"\x03\xe8")]
+    assert recorder.messages[-1].close_code == 1000
+    assert recorder.kinds(exchange)[-1] == "end"

@@ -412,3 +412,23 @@ def test_a_failing_decoder_never_harms_the_websocket(stack: Stack, oisp_schema: 
     for event in events:
         oisp_schema.assert_valid(event.to_dict())
     assert "ai.request" in [e.event_type for e in events]  # the request was decoded before the failure
+
+
+def test_http2_extended_connect_is_claimed_like_an_upgrade() -> None:
+    from oisp.http import ConnectionInfo, Headers, HttpExchange, HttpRequest
+    from oisp.providers.openai import websocket_decoder_for
+    from oisp.providers.openai_realtime import RealtimeDecoder, ResponsesWebSocketDecoder
+
+    def exchange(method: str, path: str, protocol: str | None, headers: list[tuple[str, str]]) -> HttpExchange:
+        return HttpExchange(
+            connection=ConnectionInfo(connection_id="c1", client_addr=("127.0.0.1", 1),
+                                      server_addr=("api.openai.com", 443), tls=True, provider="openai"),
+            request=HttpRequest(method=method, target=path, authority="api.openai.com", scheme="https",
+                                http_version="2", headers=Headers(headers), protocol=protocol))
+
+    assert isinstance(websocket_decoder_for(exchange("CONNECT", "/v1/realtime?model=m", "websocket", [])),
+                      RealtimeDecoder)
+    assert isinstance(websocket_decoder_for(exchange("GET", "/v1/responses", None, [("Upgrade", "WebSocket")])),
+                      ResponsesWebSocketDecoder)
+    assert websocket_decoder_for(exchange("CONNECT", "/v1/realtime", None, [])) is None
+    assert websocket_decoder_for(exchange("GET", "/v1/realtime", None, [])) is None

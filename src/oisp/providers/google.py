@@ -658,8 +658,7 @@ def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None)
 @hookimpl
 def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
     request = exchange.request
-    if exchange.connection.provider == "google" and request.method == "GET" \
-            and "websocket" in (request.headers.get("upgrade") or "").lower():
+    if exchange.connection.provider == "google" and request.asks_websocket:
         from oisp.providers.google_live import GeminiLiveDecoder, is_live_path
 
         if is_live_path(request.path):

@@ -8,7 +8,7 @@ Claims POSTs to the dialect's endpoints on hosts the endpoint table names for a 
 * ``.../completions``: :class:`~oisp.providers.openai_chat.TextCompletionsDecoder` (also Mistral's FIM);
 * ``.../responses``: :class:`~oisp.providers.openai_responses.ResponsesDecoder`;
 * ``.../embeddings``: :class:`~oisp.providers.openai_embeddings.EmbeddingsDecoder`;
-* WebSocket upgrades (``GET`` with ``Upgrade: websocket``) of ``.../realtime`` and ``.../responses``:
+* WebSockets (HTTP/1.1 upgrades, HTTP/2 extended ``CONNECT``) to ``.../realtime`` and ``.../responses``:
   :class:`~oisp.providers.openai_realtime.RealtimeDecoder` and
   :class:`~oisp.providers.openai_realtime.ResponsesWebSocketDecoder`.
 
@@ -78,8 +78,7 @@ def websocket_decoder_for(exchange: HttpExchange, settings: DecoderSettings | No
     """The decoder of a WebSocket upgrade to the Realtime API (``.../realtime``) or to the Responses API
     (``.../responses``) on a dialect host; None for anything else."""
     request = exchange.request
-    if exchange.connection.provider not in OPENAI_DIALECT or request.method != "GET" \
-            or "websocket" not in (request.headers.get("upgrade") or "").lower():
+    if exchange.connection.provider not in OPENAI_DIALECT or not request.asks_websocket:
         return None
     path = request.path.rstrip("/")
     chunks = (settings or DecoderSettings()).streaming_chunks
