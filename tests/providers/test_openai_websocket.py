@@ -432,3 +432,60 @@ def test_http2_extended_connect_is_claimed_like_an_upgrade() -> None:
                       ResponsesWebSocketDecoder)
     assert websocket_decoder_for(exchange("CONNECT", "/v1/realtime", None, [])) is None
     assert websocket_decoder_for(exchange("GET", "/v1/realtime", None, [])) is None
+
+
+def test_realtime_beta_names_and_a_response_the_server_starts_on_its_own(oisp_schema: SchemaValidator) -> None:
+    """Sans-io: beta event names (response.text.delta, response.audio.delta, pcm16), server-side voice
+    detection (no response.create: the server's response.created opens the request), a cancelled response."""
+    from oisp.http import ConnectionInfo, Headers, HttpExchange, HttpRequest, WebSocketMessage
+    from oisp.providers.openai import websocket_decoder_for
+
+    exchange = HttpExchange(
+        connection=ConnectionInfo(connection_id="c9", client_addr=("127.0.0.1", 1),
+                                  server_addr=("api.openai.com", 443), tls=True, provider="openai"),
+        request=HttpRequest(method="GET", target="/v1/realtime?model=gpt-4o-realtime-preview", scheme="https",
+                            authority="api.openai.com", http_version="1.1",
+                            headers=Headers([("Upgrade", "websocket"), ("Authorization", f"Bearer {API_KEY}")])))
+    exchange.websocket = True
+    decoder = websocket_decoder_for(exchange)
+    assert decoder is not None
+    clock = iter(range(1_000_000_000, 10**12, 10_000_000))
+    events: list[Any] = []
+
+    def send(direction: str, value: dict[str, Any]) -> None:
+        payload = json.dumps(value).encode()
+        events.extend(decoder.on_websocket_message(exchange, WebSocketMessage(
+            direction=direction, opcode=1, payload=payload, timestamp_ns=next(clock), size=len(payload),  # type: ignore[arg-type]
+            wire_size=len(payload))))
+
+    send("server", {"type": "session.created", "session": {"model": "gpt-4o-realtime-preview",
+                                                           "input_audio_format": "pcm16"}})
+    send("client", {"type": "session.update", "session": {"instructions": "Be nice.", "modalities": ["text", "audio"],
+                                                          "turn_detection": {"type": "server_vad"}}})
+    send("client", {"type": "input_audio_buffer.append", "audio": base64.b64encode(AUDIO).decode()})
+    send("server", {"type": "input_audio_buffer.committed", "item_id": "item_1"})
+    send("server", {"type": "response.created", "response": {"id": "resp_a", "status": "in_progress"}})
+    send("server", {"type": "response.audio.delta", "response_id": "resp_a", "delta":
+                    base64.b64encode(AUDIO[:4800]).decode()})
+    send("server", {"type": "response.text.delta", "response_id": "resp_a", "delta": "Hello"})
+    send("server", {"type": "response.done", "response": {
+        "id": "resp_a", "status": "cancelled", "status_details": {"type": "cancelled", "reason": "turn_detected"},
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hello"}]}],
+        "usage": {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
+                  "input_token_details": {"text_tokens": 5, "audio_tokens": 15, "cached_tokens": 0},
+                  "output_token_details": {"text_tokens": 4, "audio_tokens": 6}}}})
+    assert [e.event_type for e in events] == ["ai.request", "ai.response"]
+    for event in events:
+        oisp_schema.assert_valid(event.to_dict())
+    request, response = events
+    assert request.data.model.id == "gpt-4o-realtime-preview" and request.data.system_prompt_hash
+    assert request.attrs["openai.realtime.input_audio_bytes"] == len(AUDIO)
+    assert request.attrs["openai.realtime.input_audio_ms"] == 400
+    assert request.attrs["openai.realtime.modalities"] == ["text", "audio"]
+    assert response.data.choices[0].message.content == "Hello"
+    assert response.data.provider_request_id == "resp_a" and response.data.request_id == request.data.request_id
+    assert response.data.usage.extra["output_audio_tokens"] == 6
+    assert response.attrs["openai.realtime.output_audio_bytes"] == 4800
+    assert response.attrs["openai.realtime.output_audio_ms"] == 100
+    assert response.data.finish_reason is not None and response.data.finish_reason != "stop"
+    assert list(decoder.on_end(exchange)) == []  # nothing left open
