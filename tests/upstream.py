@@ -47,6 +47,78 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class WsPeer:
+    """The server end of a WebSocket on the upstream (websockets' sans-io ``ServerProtocol`` over the recorded
+    stream). ``segment`` sends the bytes in pieces of that size (each its own TLS record), to split frames."""
+
+    def __init__(self, stream: _RecordingStream, protocol: Any, pending: bytes, segment: int | None) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.segment = segment
+        self._frames: list[Any] = []
+        self._eof = False
+        if pending:
+            protocol.receive_data(pending)
+
+    async def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            step = self.segment or len(data) or 1
+            for i in range(0, len(data), step):
+                await self.stream.send(data[i:i + step])
+
+    async def recv(self) -> str | bytes | None:
+        """The next text or binary message (fragments joined; control frames answered), None at the close."""
+        from websockets.frames import Opcode
+
+        parts: list[bytes] = []
+        opcode = None
+        while True:
+            self._frames += self.protocol.events_received()
+            await self.flush()  # pongs and the close answer
+            while self._frames:
+                frame = self._frames.pop(0)
+                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    opcode, parts = frame.opcode, [frame.data]
+                elif frame.opcode == Opcode.CONT:
+                    parts.append(frame.data)
+                else:
+                    if frame.opcode == Opcode.CLOSE:
+                        self._eof = True
+                    continue
+                if frame.fin:
+                    data = b"".join(parts)
+                    return data.decode() if opcode == Opcode.TEXT else data
+            if self._eof:
+                return None
+            try:
+                data = await self.stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return None
+            self.protocol.receive_data(data)
+
+    async def send_text(self, text: str, *, fragments: int = 1) -> None:
+        """Send one text message, in ``fragments`` frames."""
+        data = text.encode()
+        size = max(1, -(-len(data) // fragments))
+        pieces = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+        for index, piece in enumerate(pieces):
+            fin = index == len(pieces) - 1
+            if index == 0:
+                self.protocol.send_text(piece, fin=fin)
+            else:
+                self.protocol.send_continuation(piece, fin=fin)
+        await self.flush()
+
+    async def send_json(self, value: Any, *, fragments: int = 1) -> None:
+        import json
+
+        await self.send_text(json.dumps(value), fragments=fragments)
+
+
+#: Serves one WebSocket after the upstream accepted the upgrade.
+WsHandler = Callable[[Request, WsPeer], Awaitable[None]]
+
+
 async def json_ok(request: Request) -> Response:
     return Response(body=b'{"ok": true, "path": "' + request.target.encode() + b'"}')
 
@@ -102,6 +174,12 @@ class Upstream:
         self.refused: list[tuple[Request, str]] = []
         self.connections: list[Recording] = []
         self.port = 0
+        #: Set to serve WebSocket upgrades (HTTP/1.1): the handler talks to the client through a WsPeer.
+        self.websocket: WsHandler | None = None
+        #: permessage-deflate offered by the client is accepted when True.
+        self.websocket_compression = True
+        #: Send the WebSocket's bytes in pieces of this size.
+        self.websocket_segment: int | None = None
 
     async def serve(self, host: str | None = "127.0.0.1", port: int = 0, *,
                     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -172,6 +250,9 @@ class Upstream:
                           [(k.decode(), v.decode()) for k, v in request.headers.raw_items()], bytes(body),
                           "1.1")
             recording.requests.append(req)
+            if self.websocket is not None and "websocket" in (req.header("upgrade") or "").lower():
+                await self._serve_websocket(stream, req, conn.trailing_data[0])
+                return
             violation = strict_origin_violation(req) if self.strict else None
             if violation is not None:
                 self.refused.append((req, violation))
@@ -197,6 +278,23 @@ class Upstream:
             if conn.our_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
+
+    async def _serve_websocket(self, stream: _RecordingStream, req: Request, pending: bytes) -> None:
+        from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+        from websockets.server import ServerProtocol
+
+        assert self.websocket is not None
+        extensions = [ServerPerMessageDeflateFactory()] if self.websocket_compression else []
+        protocol = ServerProtocol(extensions=extensions, max_size=None)
+        # The protocol parses the request itself (h11 read it already: it is written again for the protocol).
+        head = f"{req.method} {req.target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in req.headers)
+        protocol.receive_data(head.encode() + b"\r\n")
+        (ws_request,) = protocol.events_received()
+        protocol.send_response(protocol.accept(ws_request))
+        peer = WsPeer(stream, protocol, pending, self.websocket_segment)
+        await peer.flush()
+        await self.websocket(req, peer)
+        await peer.flush()
 
     # HTTP/2 ---------------------------------------------------------------------------------------
     async def _serve_h2(self, stream: _RecordingStream, recording: Recording) -> None:

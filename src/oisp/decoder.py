@@ -30,6 +30,7 @@ from oisp.events import (
 from oisp.events.envelope import COLLECTOR
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder
 from oisp.http.exchange import ConnectionInfo, HttpExchange
+from oisp.http.websocket import WebSocketMessage
 from oisp.plugins import OispPluginManager
 from oisp.providers.metadata import MetadataDecoder
 from oisp.proxy.report import ConnectionReport, Decision
@@ -173,6 +174,12 @@ class _ConnectionListener:
     def end(self, exchange: HttpExchange) -> None:
         self._run(exchange, "on_end")
         self.active.pop(exchange.exchange_id, None)
+
+    def websocket_message(self, exchange: HttpExchange, message: WebSocketMessage) -> None:
+        """A WebSocket message of an upgraded exchange: to the decoder's optional ``on_websocket_message``."""
+        active = self.active.get(exchange.exchange_id)
+        if active is not None and hasattr(active.decoder, "on_websocket_message"):
+            self._run(exchange, "on_websocket_message", message)
 
     def _run(self, exchange: HttpExchange, method: str, *args: Any) -> None:
         active = self.active.get(exchange.exchange_id)

@@ -30,6 +30,7 @@ import pluggy
 if TYPE_CHECKING:
     from oisp.events import Event
     from oisp.http.exchange import HttpExchange
+    from oisp.http.websocket import WebSocketMessage
 
 __all__ = [
     "PROJECT_NAME",
@@ -38,6 +39,7 @@ __all__ = [
     "ExchangeDecoder",
     "Sink",
     "SinkFactory",
+    "WebSocketDecoder",
     "hookimpl",
     "hookspec",
 ]
@@ -81,6 +83,12 @@ class ExchangeDecoder(Protocol):
     The decoder sees the complete request first, then each piece of the response body as it arrives
     (content-encoding already removed), then the end. Each call returns the events it completes; events
     without envelope context are fine, the decoder pipeline adds host, process and connection facts.
+
+    WebSockets: a decoder may also define ``on_websocket_message(exchange, message) -> Iterable[Event]``
+    (optional, see :class:`WebSocketDecoder`). When the exchange is upgraded to WebSocket (``101``), it is
+    called with each :class:`~oisp.http.websocket.WebSocketMessage` of either direction (text, binary and
+    control frames; unmasked, reassembled, decompressed), between the request and ``on_end``, which comes
+    when the connection ends. Decoders without the method ignore the messages.
     """
 
     def on_request(self, exchange: HttpExchange) -> Iterable[Event]: ...
@@ -88,6 +96,13 @@ class ExchangeDecoder(Protocol):
     def on_response_data(self, exchange: HttpExchange, data: bytes) -> Iterable[Event]: ...
 
     def on_end(self, exchange: HttpExchange) -> Iterable[Event]: ...
+
+
+@runtime_checkable
+class WebSocketDecoder(ExchangeDecoder, Protocol):
+    """An :class:`ExchangeDecoder` that also reads the messages of an exchange upgraded to WebSocket."""
+
+    def on_websocket_message(self, exchange: HttpExchange, message: WebSocketMessage) -> Iterable[Event]: ...
 
 
 @runtime_checkable

@@ -335,3 +335,56 @@ async def test_batch_timing_and_yielding_change_when_work_happens_not_what_comes
             feed.push("server", RESPONSE, _now())
             feed.finish()
     assert sorted(e.event_type for e in _events(out)) == ["ai.request"] * 5 + ["ai.response"] * 5
+
+
+async def test_websocket_messages_are_decoded_in_the_decoder_process(tmp_path: Path, oisp_schema: Any) -> None:
+    from websockets.client import ClientProtocol
+    from websockets.extensions.permessage_deflate import (
+        ClientPerMessageDeflateFactory,
+        ServerPerMessageDeflateFactory,
+    )
+    from websockets.server import ServerProtocol
+    from websockets.uri import parse_uri
+
+    client = ClientProtocol(parse_uri("wss://api.openai.com/v1/responses"),
+                            extensions=[ClientPerMessageDeflateFactory()])
+    server = ServerProtocol(extensions=[ServerPerMessageDeflateFactory()])
+    out = tmp_path / "events.jsonl"
+    async with DecoderProcess(_config(out)) as decoder:
+        feed = decoder.open_feed(_info(), "http/1.1", body_cap=1 << 20)
+        assert feed is not None
+
+        def flush() -> None:
+            for data in client.data_to_send():
+                if data:
+                    feed.push("client", data, _now())
+                    server.receive_data(data)
+            for data in server.data_to_send():
+                if data:
+                    feed.push("server", data, _now())
+                    client.receive_data(data)
+
+        client.send_request(client.connect())
+        flush()
+        (request,) = server.events_received()
+        server.send_response(server.accept(request))
+        flush()
+        client.send_text(json.dumps({"type": "response.create", "model": "gpt-4.1", "input": "Say hello"}).encode())
+        for event in ({"type": "response.created", "response": {"id": "resp_1", "model": "gpt-4.1"}},
+                      {"type": "response.output_text.delta", "output_index": 0, "delta": "Hello!"},
+                      {"type": "response.completed", "response": {
+                          "id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4.1",
+                          "output": [{"type": "message", "role": "assistant", "content": [
+                              {"type": "output_text", "text": "Hello!"}]}],
+                          "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}}):
+            server.send_text(json.dumps(event).encode())
+        flush()
+        feed.push("client", None, _now())
+        feed.push("server", None, _now())
+        feed.finish()
+    events = _events(out)
+    assert [e.event_type for e in events] == ["ai.request", "ai.response"]
+    for event in events:
+        oisp_schema.validate(event.to_dict())
+    assert events[1].data.choices[0].message.content == "Hello!"  # type: ignore[attr-defined]
+    assert events[1].data.usage.total_tokens == 5  # type: ignore[attr-defined]

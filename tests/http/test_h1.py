@@ -134,7 +134,7 @@ def test_head_response_has_no_body_despite_content_length() -> None:
     assert not head.partial and not after.partial
 
 
-def test_websocket_upgrade_101_ends_exchange_and_stops_decoding() -> None:
+def test_websocket_upgrade_101_keeps_the_exchange_open_and_reads_frames() -> None:
     upgrade = req("GET", "/ws", headers="Upgrade: websocket\r\nConnection: Upgrade\r\n")
     wire = [
         ("client", upgrade + b"\x81\x85 websocket frame bytes"),
@@ -147,7 +147,10 @@ def test_websocket_upgrade_101_ends_exchange_and_stops_decoding() -> None:
     (exchange,) = recorder.exchanges
     assert exchange.response is not None
     assert exchange.response.status == 101
-    assert not exchange.partial
+    assert exchange.websocket
+    # The client's bytes are not WebSocket frames (the second "frame" is not masked): that direction is no
+    # longer decoded, the exchange says so, HTTP decoding does not resume, nothing raises.
+    assert exchange.partial_reasons == ["websocket client frames: client frame not masked"]
     assert decoder.error is None
     assert recorder.kinds(exchange) == ["request", "response_start", "end"]
 

@@ -1,7 +1,8 @@
 """Sans-io HTTP: the :class:`HttpExchange` model and passive HTTP/1.1 and HTTP/2 decoders.
 
 :func:`make_decoder` picks the decoder for a connection; the proxy feeds it a copy of both directions and an
-:class:`ExchangeListener` receives each exchange as it progresses.
+:class:`ExchangeListener` receives each exchange as it progresses (and, after an upgrade to WebSocket, each
+:class:`WebSocketMessage`).
 """
 
 from oisp.http.decoder import PassiveDecoder, make_decoder
@@ -18,6 +19,7 @@ from oisp.http.exchange import (
 )
 from oisp.http.h1 import Http1Decoder
 from oisp.http.h2 import Http2Decoder
+from oisp.http.websocket import WebSocketMessage
 
 __all__ = [
     "DEFAULT_BODY_CAP",
@@ -32,5 +34,6 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "PassiveDecoder",
+    "WebSocketMessage",
     "make_decoder",
 ]

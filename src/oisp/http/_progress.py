@@ -15,6 +15,7 @@ from typing import Final, Literal
 from oisp.errors import ConfigurationError
 from oisp.http.encoding import ContentDecoder
 from oisp.http.exchange import ExchangeListener, Headers, HttpExchange, HttpRequest, HttpResponse
+from oisp.http.websocket import OP_CLOSE, FrameReader, WebSocketMessage, negotiated_deflate
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,17 @@ class GuardedListener:
             self._listener.end(exchange)
         except Exception:
             logger.exception("exchange listener failed in end() for exchange %d", exchange.exchange_id)
+
+    def websocket_message(self, exchange: HttpExchange, message: WebSocketMessage) -> None:
+        """The optional ``websocket_message`` of the listener (listeners without it ignore WebSockets)."""
+        method = getattr(self._listener, "websocket_message", None)
+        if method is None:
+            return
+        try:
+            method(exchange, message)
+        except Exception:
+            logger.exception("exchange listener failed in websocket_message() for exchange %d",
+                             exchange.exchange_id)
 
 
 class BodyCapture:
@@ -232,3 +244,51 @@ class ExchangeProgress:
     def end_cut(self, missing_response: str, missing_request: str) -> None:
         """End an exchange the connection can no longer complete, naming the half that is missing."""
         self.end(missing_response if not self.response_complete else missing_request)
+
+
+class WebSocketProgress:
+    """An exchange switched to WebSocket (HTTP/1.1 ``101``, or a 2xx to an HTTP/2 extended ``CONNECT``): one
+    frame reader per direction, each message handed to the listener, the exchange ended once."""
+
+    def __init__(self, progress: ExchangeProgress, listener: GuardedListener, response: HttpResponse,
+                 body_cap: int, connection_id: str) -> None:
+        self.progress = progress
+        self._listener = listener
+        self._connection_id = connection_id
+        deflate = negotiated_deflate(response.headers)
+        self.client = FrameReader("client", masked=True, cap=body_cap, deflate=deflate is not None,
+                                  reset_context=deflate is not None and deflate.client_no_context_takeover)
+        self.server = FrameReader("server", masked=False, cap=body_cap, deflate=deflate is not None,
+                                  reset_context=deflate is not None and deflate.server_no_context_takeover)
+        self.server_close_frame = False
+        self._reported: set[str] = set()
+        progress.exchange.websocket = True
+        logger.debug("connection %s: switched to WebSocket%s", connection_id,
+                     " (permessage-deflate)" if deflate is not None else "")
+
+    def feed(self, reader: FrameReader, data: bytes, now: int) -> None:
+        """Bytes of one direction (``reader`` is :attr:`client` or :attr:`server`)."""
+        exchange = self.progress.exchange
+        for message in reader.feed(data, now):
+            if message.problem is not None or message.truncated:
+                exchange.mark_partial(f"websocket {message.direction} message "
+                                      f"{message.problem or 'truncated at cap'}")
+            if message.opcode == OP_CLOSE and message.direction == "server":
+                self.server_close_frame = True
+            self._listener.websocket_message(exchange, message)
+        if reader.error is not None and reader.error not in self._reported:
+            self._reported.add(reader.error)
+            logger.info("connection %s: malformed WebSocket traffic from the %s (%s); that direction is no "
+                        "longer decoded", self._connection_id, reader.direction, reader.error)
+            exchange.mark_partial(f"websocket {reader.direction} frames: {reader.error}")
+
+    def end(self, now: int, reason: str | None = None) -> None:
+        """The WebSocket is over (connection or stream ended): an unfinished message makes it partial."""
+        if self.progress.ended:
+            return
+        exchange = self.progress.exchange
+        for reader in (self.client, self.server):
+            if reader.error is None and reader.in_message:
+                exchange.mark_partial(f"connection closed inside a WebSocket {reader.direction} message")
+        exchange.timings.response_end = now
+        self.progress.end(reason)

@@ -121,6 +121,17 @@ class HttpRequest:
     truncated: bool = False
     #: HTTP/2 trailers, or HTTP/1.1 chunked trailers.
     trailers: Headers | None = None
+    #: HTTP/2 extended CONNECT (RFC 8441): the ``:protocol`` pseudo-header (``websocket``); None otherwise.
+    protocol: str | None = None
+
+    @property
+    def asks_websocket(self) -> bool:
+        """Whether the request opens a WebSocket: an HTTP/1.1 ``GET`` with ``Upgrade: websocket``, or an HTTP/2
+        extended ``CONNECT`` with ``:protocol`` ``websocket`` (RFC 8441)."""
+        if self.method == "CONNECT":
+            return (self.protocol or "").lower() == "websocket"
+        return self.method == "GET" and any(token.strip().lower() == "websocket"
+                                            for value in self.headers.get_all("upgrade") for token in value.split(","))
 
     @property
     def path(self) -> str:
@@ -166,6 +177,9 @@ class HttpExchange:
     partial: bool = False
     partial_reasons: list[str] = attrs.field(factory=list)
     exchange_id: int = attrs.field(factory=lambda: next(_exchange_ids))
+    #: True once a ``101`` switched the connection to the WebSocket protocol (messages follow; see
+    #: :class:`ExchangeListener`).
+    websocket: bool = False
 
     def mark_partial(self, reason: str) -> None:
         """Record that the exchange is incomplete, and why (reasons are kept in order, once each)."""
@@ -181,6 +195,13 @@ class ExchangeListener(Protocol):
     ``end`` is called for every exchange that got a ``request`` call, also when it was cut short (then
     ``exchange.partial`` is set). Listener errors must not escape: decoders call listeners on the proxy's copy
     of the traffic, and a failing listener never affects forwarding.
+
+    WebSockets: a listener may also have a method ``websocket_message(exchange, message)`` (optional; decoders
+    look it up with ``getattr``). After a ``101`` to ``Upgrade: websocket`` the exchange stays open: the
+    decoder calls ``response_start``, then ``websocket_message`` with each
+    :class:`~oisp.http.websocket.WebSocketMessage` of either direction in the order they completed, then
+    ``end`` when the connection ends (``exchange.websocket`` is True for such an exchange). An HTTP/2 extended
+    ``CONNECT`` (RFC 8441) answered 2xx works the same way, on its stream.
     """
 
     def request(self, exchange: HttpExchange) -> None: ...

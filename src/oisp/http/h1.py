@@ -15,7 +15,10 @@ response for by replaying that request's head (body framing removed; the output 
 ``send()``, which is how h11 learns about ``HEAD`` (no body), ``CONNECT`` and ``Upgrade``. After each complete
 response both sides are ``DONE`` and ``start_next_cycle()`` readies the parser for the next one. Informational
 responses (``100 Continue``, ``103 Early Hints``) are skipped; a ``101`` (or a 2xx answer to ``CONNECT``) ends
-the exchange and decoding: the connection then carries another protocol.
+the exchange and HTTP decoding: the connection then carries another protocol. When that protocol is WebSocket
+(a ``101`` with ``Upgrade: websocket`` to a request that asked for it), the exchange stays open and the rest of
+both directions is read as WebSocket frames (:mod:`oisp.http.websocket`), each message handed to the listener's
+``websocket_message``; the exchange ends with the connection.
 
 Most traffic is simpler than all that: a whole ``content-length`` request (or response) arriving in one piece.
 Such a message is decoded directly, with h11's own grammar (its ABNF regular expressions, the same header
@@ -42,6 +45,7 @@ from oisp.http._progress import (
     CONNECTION_CLOSED_BEFORE_RESPONSE,
     ExchangeProgress,
     GuardedListener,
+    WebSocketProgress,
     check_body_cap,
     describe_protocol_error,
     make_headers,
@@ -50,6 +54,7 @@ from oisp.http.exchange import (
     DEFAULT_BODY_CAP,
     ConnectionInfo,
     ExchangeListener,
+    Headers,
     HttpExchange,
     HttpRequest,
     HttpResponse,
@@ -136,6 +141,7 @@ class Http1Decoder:
         self._response_parser_primed = False
         self._unsolicited = 0
         self._server_eof = False
+        self._websocket: WebSocketProgress | None = None
 
     @property
     def error(self) -> str | None:
@@ -149,6 +155,9 @@ class Http1Decoder:
         if self._stopped or not data:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if self._websocket is not None:
+            self._websocket.feed(self._websocket.client, data, now)
+            return
         if self._client == "held":
             self._hold(data)
             return
@@ -173,6 +182,9 @@ class Http1Decoder:
         if self._stopped or not data:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if self._websocket is not None:
+            self._websocket.feed(self._websocket.server, data, now)
+            return
         if self._pending and not self._response_parser_primed and self._client != "held" and self._responses_idle():
             data = self._direct_responses(data, now)
             if not data or self._stopped:
@@ -192,6 +204,10 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         self._client_eof = True
+        if self._websocket is not None:
+            if self._websocket.server_close_frame:
+                self._websocket_end(now)
+            return
         if self._client == "reading":
             self._requests.receive_data(b"")
             self._drive(now)
@@ -202,6 +218,9 @@ class Http1Decoder:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
         self._server_eof = True
+        if self._websocket is not None:
+            self._websocket_end(now)
+            return
         self._prime_response_parser()
         self._responses.receive_data(b"")
         self._drive(now)
@@ -212,6 +231,10 @@ class Http1Decoder:
     def abort(self, reason: str) -> None:
         """The connection died; every open exchange ends as partial with ``reason``."""
         if self._stopped:
+            return
+        if self._websocket is not None:
+            self._websocket.progress.exchange.mark_partial(reason)
+            self._websocket_end(time.monotonic_ns())
             return
         self._end_all(reason, reason)
         self._stopped = True
@@ -453,6 +476,10 @@ class Http1Decoder:
             self._prime_response_parser()
 
     def _switched(self, current: ExchangeProgress, response: HttpResponse, now: int) -> None:
+        if response.status == 101 and self._client == "held" and len(self._pending) == 1 \
+                and _asks_websocket(current.exchange.request.headers) and _asks_websocket(response.headers):
+            self._start_websocket(current, response, now)
+            return
         current.response_head(response, now)
         current.response_done(None, now)
         current.end("protocol switched before request complete")
@@ -460,6 +487,34 @@ class Http1Decoder:
                      self._connection.connection_id, response.status)
         self._end_all(CONNECTION_CLOSED_BEFORE_RESPONSE)
         self._stopped = True
+
+    # -- WebSocket ---------------------------------------------------------------------------------------------
+
+    def _start_websocket(self, current: ExchangeProgress, response: HttpResponse, now: int) -> None:
+        """Read the rest of the connection as WebSocket frames, on behalf of ``current`` (which stays open)."""
+        current.response_head(response, now)
+        websocket = WebSocketProgress(current, self._listener, response, self._body_cap,
+                                      self._connection.connection_id)
+        client_bytes = self._requests.trailing_data[0] + bytes(self._held)
+        server_bytes = self._responses.trailing_data[0]
+        self._held = bytearray()
+        self._pending.clear()
+        self._reading = None
+        self._response_parser_primed = False
+        self._client = "done"
+        self._websocket = websocket
+        if client_bytes:
+            websocket.feed(websocket.client, client_bytes, now)
+        if server_bytes:
+            websocket.feed(websocket.server, server_bytes, now)
+        if self._client_eof:
+            self.client_closed(now)
+
+    def _websocket_end(self, now: int) -> None:
+        websocket, self._websocket = self._websocket, None
+        self._stopped = True
+        if websocket is not None:
+            websocket.end(now)
 
     # -- ending ----------------------------------------------------------------------------------------------
 
@@ -543,6 +598,12 @@ def _simple_request_head(head: h11.Request | _SimpleHead) -> bool:
         if name in (b"upgrade", b"connection") and (name == b"upgrade" or b"close" in value.lower()):
             return False
     return True
+
+
+def _asks_websocket(headers: Headers) -> bool:
+    """Whether a head's ``Upgrade`` field names WebSocket."""
+    return any(token.strip().lower() == "websocket" for value in headers.get_all("upgrade")
+               for token in value.split(","))
 
 
 def _request_parser() -> h11.Connection:

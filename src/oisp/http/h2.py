@@ -41,6 +41,7 @@ from oisp.http._progress import (
     CONNECTION_CLOSED_BEFORE_RESPONSE,
     ExchangeProgress,
     GuardedListener,
+    WebSocketProgress,
     check_body_cap,
     decode_field_text,
     describe_protocol_error,
@@ -124,6 +125,10 @@ class Http2Decoder:
         self._client = _Direction("client", expect_preface=True)
         self._server = _Direction("server", expect_preface=False)
         self._streams: dict[int, ExchangeProgress] = {}
+        #: Streams an extended CONNECT turned into WebSockets (RFC 8441), by stream id.
+        self._websockets: dict[int, WebSocketProgress] = {}
+        #: Which directions of a WebSocket's stream have ended (END_STREAM).
+        self._websocket_ends: dict[int, set[str]] = {}
         self._last_client_stream = 0
         self._error: str | None = None
         self._stopped = False
@@ -329,6 +334,7 @@ class Http2Decoder:
             scheme=pseudo.get(":scheme", self._default_scheme),
             http_version="2",
             headers=headers,
+            protocol=pseudo.get(":protocol"),
         )
         exchange = HttpExchange(connection=self._connection, request=request, stream_id=stream_id)
         exchange.timings.request_start = now
@@ -352,9 +358,14 @@ class Http2Decoder:
             status = int(status_text)
             if 100 <= status < 200:
                 return  # informational (100 Continue, 103 Early Hints): not the response
-            progress.response_head(HttpResponse(status=status, reason="", http_version="2", headers=headers), now)
+            response = HttpResponse(status=status, reason="", http_version="2", headers=headers)
+            progress.response_head(response, now)
             if end_stream:
                 progress.response_done(None, now)
+            elif 200 <= status < 300 and progress.exchange.request.method == "CONNECT" \
+                    and progress.exchange.request.asks_websocket:
+                self._websockets[stream_id] = WebSocketProgress(progress, self._listener, response, self._body_cap,
+                                                                self._connection.connection_id)
         else:
             progress.response_done(headers, now)
         self._forget_if_ended(progress)
@@ -366,6 +377,17 @@ class Http2Decoder:
         if progress is None:
             return
         end_stream = "END_STREAM" in frame.flags
+        websocket = self._websockets.get(frame.stream_id)
+        if websocket is not None:
+            client = direction is self._client
+            if frame.data:
+                websocket.feed(websocket.client if client else websocket.server, frame.data, now)
+            if end_stream:  # the WebSocket ends when both directions of its stream have
+                ended = self._websocket_ends.setdefault(frame.stream_id, set())
+                ended.add(direction.name)
+                if len(ended) == 2:
+                    self._end_websocket(frame.stream_id, now)
+            return
         if direction is self._client:
             progress.request_data(frame.data)
             if end_stream:
@@ -379,7 +401,18 @@ class Http2Decoder:
                     progress.response_done(None, now)
         self._forget_if_ended(progress)
 
+    def _end_websocket(self, stream_id: int, now: int, reason: str | None = None) -> None:
+        websocket = self._websockets.pop(stream_id, None)
+        self._websocket_ends.pop(stream_id, None)
+        self._streams.pop(stream_id, None)
+        if websocket is not None:
+            websocket.end(now, reason)
+
     def _on_reset(self, direction: _Direction, frame: RstStreamFrame) -> None:
+        if frame.stream_id in self._websockets:
+            self._end_websocket(frame.stream_id, time.monotonic_ns(),
+                                f"stream reset by {direction.name} ({_error_name(frame.error_code)})")
+            return
         progress = self._streams.pop(frame.stream_id, None)
         if progress is not None:
             progress.end(f"stream reset by {direction.name} ({_error_name(frame.error_code)})")
@@ -407,6 +440,10 @@ class Http2Decoder:
         self._stopped = True
 
     def _end_all(self, missing_response: str, missing_request: str) -> None:
+        for stream_id in sorted(self._websockets):
+            # The connection ending ends a WebSocket (partial only if a message was cut or an error says so).
+            self._end_websocket(stream_id, time.monotonic_ns(),
+                                None if missing_response == CONNECTION_CLOSED_BEFORE_RESPONSE else missing_response)
         streams, self._streams = self._streams, {}
         for stream_id in sorted(streams):
             streams[stream_id].end_cut(missing_response, missing_request)

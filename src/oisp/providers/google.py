@@ -22,6 +22,8 @@ method                                              events
 ``publishers/anthropic`` (Claude on Vertex AI)
 ==================================================  ===========================================================
 
+Gemini Live (``BidiGenerateContent`` over WebSocket) is read by :mod:`oisp.providers.google_live`.
+
 The model comes from the path (``tunedModels/...`` and ``endpoints/...`` keep their collection), the response's
 ``modelVersion`` names the model that answered. On Vertex AI the project and region go to ``provider.project_id``
 and ``provider.region``. The API key (``x-goog-api-key`` or ``?key=``) is kept as a prefix and hash only, and
@@ -655,4 +657,11 @@ def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None)
 
 @hookimpl
 def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+    request = exchange.request
+    if exchange.connection.provider == "google" and request.asks_websocket:
+        from oisp.providers.google_live import GeminiLiveDecoder, is_live_path
+
+        if is_live_path(request.path):
+            return GeminiLiveDecoder(exchange, streaming_chunks=(settings or DecoderSettings()).streaming_chunks)
+        return None
     return decoder_for(exchange, settings)

@@ -7,7 +7,10 @@ Claims POSTs to the dialect's endpoints on hosts the endpoint table names for a 
 * ``.../chat/completions``: :class:`~oisp.providers.openai_chat.ChatCompletionsDecoder`;
 * ``.../completions``: :class:`~oisp.providers.openai_chat.TextCompletionsDecoder` (also Mistral's FIM);
 * ``.../responses``: :class:`~oisp.providers.openai_responses.ResponsesDecoder`;
-* ``.../embeddings``: :class:`~oisp.providers.openai_embeddings.EmbeddingsDecoder`.
+* ``.../embeddings``: :class:`~oisp.providers.openai_embeddings.EmbeddingsDecoder`;
+* WebSockets (HTTP/1.1 upgrades, HTTP/2 extended ``CONNECT``) to ``.../realtime`` and ``.../responses``:
+  :class:`~oisp.providers.openai_realtime.RealtimeDecoder` and
+  :class:`~oisp.providers.openai_realtime.ResponsesWebSocketDecoder`.
 
 Every other exchange (``GET /v1/models``, files, images, audio, ``/v1/responses/{id}``, Ollama's native
 ``/api/...``) is left to the other providers and, last, to the metadata provider.
@@ -25,6 +28,7 @@ from oisp.providers.openai_chat import (
 )
 from oisp.providers.openai_common import OPENAI_DIALECT, OpenAIDialectDecoder, Route, openai_usage, route_for
 from oisp.providers.openai_embeddings import EmbeddingsDecoder
+from oisp.providers.openai_realtime import RealtimeDecoder, ResponsesWebSocketDecoder, WebSocketSessionDecoder
 from oisp.providers.openai_responses import ResponsesDecoder
 
 __all__ = [
@@ -32,12 +36,15 @@ __all__ = [
     "ChatCompletionsDecoder",
     "EmbeddingsDecoder",
     "OpenAIChatDecoder",
+    "RealtimeDecoder",
     "ResponsesDecoder",
+    "ResponsesWebSocketDecoder",
     "TextCompletionsDecoder",
     "chat_request_facts",
     "completion_request_facts",
     "decoder_for",
     "openai_usage",
+    "websocket_decoder_for",
 ]
 
 #: The name this module's chat decoder had first; kept for plugins that import it.
@@ -59,5 +66,24 @@ def decoder_for(route: Route, settings: DecoderSettings | None = None) -> OpenAI
 
 @hookimpl
 def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+    websocket = websocket_decoder_for(exchange, settings)
+    if websocket is not None:
+        return websocket
     route = route_for(exchange)
     return decoder_for(route, settings) if route is not None else None
+
+
+def websocket_decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None) \
+        -> WebSocketSessionDecoder | None:
+    """The decoder of a WebSocket upgrade to the Realtime API (``.../realtime``) or to the Responses API
+    (``.../responses``) on a dialect host; None for anything else."""
+    request = exchange.request
+    if exchange.connection.provider not in OPENAI_DIALECT or not request.asks_websocket:
+        return None
+    path = request.path.rstrip("/")
+    chunks = (settings or DecoderSettings()).streaming_chunks
+    if path.endswith("/realtime"):
+        return RealtimeDecoder(exchange, streaming_chunks=chunks)
+    if path.endswith("/responses"):
+        return ResponsesWebSocketDecoder(streaming_chunks=chunks)
+    return None
