@@ -103,7 +103,8 @@ class Config:
     #: Milliseconds copies may wait to go to the decoder process together (a batch wakes it once, so its work does
     #: not land in the middle of every request on a busy machine; events reach the sinks this much later).
     decoder_batch_ms: float = 20.0
-    #: Milliseconds of work after which the decoder process yields the CPU to waiting tasks (0: never).
+    #: Milliseconds of work after which the decoder process yields the CPU to waiting tasks (0: never): a batch
+    #: of copies is many milliseconds of work, which otherwise delays the relay or an app waiting for that core.
     decoder_yield_ms: float = 0.0
     #: Price AI calls (``usage.*_cost_usd``): with ``pricing_bundle``, else with the prices oisp ships.
     pricing: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -137,6 +138,10 @@ async def run(
             logger.info("oisp %s proxy listening on %s:%d (CA: %s; decoding %s)", config.mode, address[0],
                         address[1], ca.cert_path,
                         "inline" if decoder_process is None else f"in process {decoder_process.pid}")
+            # Everything made so far (modules, plugins, the CA, caches) lives as long as the process: out of the
+            # garbage collector's way, so that its collections stay short pauses of the relay (a full collection
+            # walked all of it: several milliseconds on a request's path).
+            gc.freeze()
             task_status.started(Running(address, proxy, pipeline, ca, decoder_process))
         return proxy
 

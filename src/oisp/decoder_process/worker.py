@@ -12,6 +12,7 @@ are still delivered.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -108,6 +109,7 @@ async def _serve(sock: socket.socket) -> None:
         async with pipeline:
             decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
             channel.send(Kind.READY, 0, force=True)
+            gc.freeze()  # what start-up made lives as long as the process: keep collections short
             yield_after = settings.config.decoder_yield_ms / 1000
             async for batch in frames:
                 started = time.perf_counter()
