@@ -29,6 +29,7 @@ import http.client
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -230,7 +231,7 @@ class WebhookSink:
     def _open_spool(self) -> None:
         try:
             _make_private_dirs(self.spool_dir)
-            if os.name == "posix":
+            if sys.platform != "win32":  # (not os.name: mypy narrows on sys.platform only)
                 mode = self.spool_dir.stat().st_mode & 0o777
                 if mode & 0o077:
                     os.chmod(self.spool_dir, _DIR_MODE)
