@@ -206,6 +206,7 @@ class OtlpSink:
         key, resource = self._resource(event)
         if not batch.count:
             self._opened["logs"] = time.monotonic()
+            self._cond.notify_all()  # the export thread now has a batch_delay to keep
         batch.add(key, resource, time_ns=mapping.ts_ns(event.ts), observed_ns=observed,
                   event_name=event.event_type, event_id=event.event_id, body=self._body(event),
                   trace_id=context.trace_id if context else None, span_id=context.span_id if context else None)
@@ -222,6 +223,7 @@ class OtlpSink:
                 key, resource = self._resource(spec.resource_event)
                 if not batch.count:
                     self._opened["traces"] = time.monotonic()
+                    self._cond.notify_all()  # the export thread now has a batch_delay to keep
                 batch.add(key, resource, spec)
                 self._waiting += 1
                 self.stats.emitted["spans"] += 1
