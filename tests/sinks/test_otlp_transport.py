@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -86,3 +87,11 @@ def test_retries_stop_at_the_timeout() -> None:
         assert sink.stats.failed == {"spans": 0, "logs": 1}
     finally:
         server.close()
+
+
+def test_without_grpcio_a_grpc_sink_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oisp.errors import ConfigurationError
+
+    monkeypatch.setitem(sys.modules, "grpc", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'oisp\[otlp\]'"):
+        create_sink({"endpoint": "http://127.0.0.1:4317", "protocol": "grpc"})

@@ -24,9 +24,10 @@ def create_sink(options: Mapping[str, Any]) -> OtlpSink:
     parsed = OtlpOptions.from_mapping(options)
     try:
         from oisp.sinks.otlp.sink import OtlpSink
+
+        return OtlpSink(parsed)  # grpcio is imported here, for the grpc protocol only
     except ImportError as exc:
         raise ConfigurationError(
             f"sinks.otlp: the OTLP protobuf classes (opentelemetry-proto) and grpcio are not installed ({exc}); "
             "install them with: pip install 'oisp[otlp]'"
         ) from exc
-    return OtlpSink(parsed)
