@@ -233,6 +233,13 @@ def test_a_request_without_response_ends_as_an_incomplete_span_at_close(receiver
 
 
 # --- logs ----------------------------------------------------------------------------------------
+def test_a_lone_event_goes_out_after_batch_delay_without_a_flush(receiver: Receiver) -> None:
+    sink = sink_for(receiver, batch_delay=0.1, metrics=False)
+    sink.write([on_host(samples.network_connect())])
+    receiver.wait_for(lambda: receiver.counts["logs"] >= 1, timeout=3.0)  # not export_interval (10 s) later
+    sink.close()
+
+
 @pytest.mark.parametrize("log_body", ["json", "map"])
 def test_every_event_of_every_type_is_one_log_record_with_the_event_as_body(receiver: Receiver,
                                                                            log_body: str) -> None:

@@ -1,7 +1,7 @@
 """Registers the built-in sinks through the same ``oisp_sink_types`` hook a third-party plugin implements.
 
-``otlp`` is registered here like the others, but its factory imports the OpenTelemetry SDK only when an ``otlp``
-sink is created (the ``oisp[otlp]`` extra): listing or using the other sinks never needs it.
+``otlp`` is registered here like the others, but its factory imports ``opentelemetry-proto`` (and ``grpcio``) only
+when an ``otlp`` sink is created (the ``oisp[otlp]`` extra): listing or using the other sinks never needs them.
 """
 
 from __future__ import annotations

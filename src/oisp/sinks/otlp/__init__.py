@@ -1,7 +1,8 @@
 """``otlp`` sink: events as OpenTelemetry traces (GenAI semantic conventions), logs and metrics over OTLP.
 
 This package imports no OpenTelemetry module until a sink is created: oisp runs without the optional
-dependencies, and only a configured ``otlp`` sink needs them (``pip install 'oisp[otlp]'``).
+dependencies (``opentelemetry-proto``, ``grpcio``), and only a configured ``otlp`` sink needs them
+(``pip install 'oisp[otlp]'``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ __all__ = ["OtlpOptions", "create_sink"]
 
 
 def create_sink(options: Mapping[str, Any]) -> OtlpSink:
-    """The ``otlp`` sink factory: validates ``options`` first, then loads the OpenTelemetry SDK."""
+    """The ``otlp`` sink factory: validates ``options`` first, then loads opentelemetry-proto and grpcio."""
     parsed = OtlpOptions.from_mapping(options)
     try:
         from oisp.sinks.otlp.sink import OtlpSink
+
+        return OtlpSink(parsed)  # grpcio is imported here, for the grpc protocol only
     except ImportError as exc:
         raise ConfigurationError(
-            f"sinks.otlp: the OpenTelemetry SDK and OTLP exporters are not installed ({exc}); "
+            f"sinks.otlp: the OTLP protobuf classes (opentelemetry-proto) and grpcio are not installed ({exc}); "
             "install them with: pip install 'oisp[otlp]'"
         ) from exc
-    return OtlpSink(parsed)

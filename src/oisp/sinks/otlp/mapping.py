@@ -9,6 +9,7 @@ the conventions' shapes, as span attributes hold no nested maps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -360,6 +361,12 @@ def trace_id_for(event: Event, conversation_id: str | None = None, *, run: str =
             key = f"connection:{run}:{host}:{connection}"
         if not key:
             return None
+    return _hashed_id(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hashed_id(key: str) -> int:
+    """A 128-bit trace id derived from ``key`` (cached: one agent's events all derive the same one)."""
     value = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:16])
     return value or 1
 

@@ -1,19 +1,28 @@
-"""The ``otlp`` sink's I/O: OpenTelemetry SDK providers, batch processors and OTLP exporters (gRPC or HTTP).
+"""The ``otlp`` sink's I/O: OTLP requests built per batch with ``opentelemetry-proto``'s classes, sent over gRPC
+or HTTP/protobuf by one export thread.
 
-Imported only when an ``otlp`` sink is created (``oisp[otlp]`` installs the SDK and its exporters).
+Imported only when an ``otlp`` sink is created (``oisp[otlp]`` installs ``opentelemetry-proto`` and ``grpcio``).
 
-* Traces: the spans :class:`~oisp.sinks.otlp.spans.SpanBuilder` pairs up, with their real start and end times,
-  handed finished to the SDK's batch span processor. Their resource is the agent process (``service.name``,
-  ``host.name``, ``process.*``; a bounded cache of them).
+* Traces: the spans :class:`~oisp.sinks.otlp.spans.SpanBuilder` pairs up, with their real start and end times.
+  Their resource is the agent process (``service.name``, ``host.name``, ``process.*``; a bounded cache of them,
+  each encoded once).
 * Logs: every event, one log record each: ``event_name`` is the event type, the body is the event (its JSON
   text, what a JSONL line holds, or with ``log_body = "map"`` the same as an OTLP map), timestamp the event's
   time; AI and tool events carry the trace and span id of their span.
 * Metrics: ``gen_ai.client.token.usage``, ``gen_ai.client.operation.duration`` and
-  ``gen_ai.client.operation.time_to_first_chunk`` histograms with the conventions' buckets and attributes.
+  ``gen_ai.client.operation.time_to_first_chunk`` histograms with the conventions' buckets and attributes,
+  aggregated here and exported cumulatively every ``export_interval``.
 
-The SDK's batch processors send in the background. :meth:`OtlpSink.write` gives the pipeline backpressure:
-when more than half a processor's queue waits, it exports in the caller's thread before it adds more, so
-nothing is dropped by the SDK for a full queue (the pipeline's own queue counts drops).
+:meth:`OtlpSink.write` pairs events into spans and appends spans and log records to the request being filled
+for each signal (:mod:`oisp.sinks.otlp.encode`); a request is handed to the export thread when it holds
+``_BATCH`` items or about ``_MAX_BYTES``, or has waited ``batch_delay``. The export thread sends them
+(:mod:`oisp.sinks.otlp.transport`: retries within ``timeout``). Backpressure: while more than ``_MAX_WAITING``
+items wait to be sent, ``write`` waits for the export thread, so nothing is dropped here (the pipeline's own
+bounded queue for the sink drops, and counts).
+
+The OpenTelemetry SDK is not used: building its span and log record objects and encoding them through its
+exporters cost about 150 µs of CPU an event, most of the sink's time; the generated protobuf classes do the
+same encoding directly.
 """
 
 from __future__ import annotations
@@ -22,90 +31,43 @@ import json
 import logging
 import socket
 import threading
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry._logs import LogRecord, SeverityNumber
-from opentelemetry.sdk._logs import LogRecordLimits, ReadableLogRecord, ReadWriteLogRecord
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from oisp._version import __version__
 from oisp.errors import OispError
 from oisp.events import Event
-from oisp.sinks.otlp import mapping
+from oisp.sinks.otlp import encode, mapping
 from oisp.sinks.otlp.options import OtlpOptions
-from oisp.sinks.otlp.spans import CLIENT, SpanBuilder, SpanSpec
+from oisp.sinks.otlp.spans import CLIENT, LogContext, SpanBuilder, SpanSpec
+from oisp.sinks.otlp.transport import Transport, create_transport
 
 __all__ = ["OtlpSink"]
 
 logger = logging.getLogger(__name__)
 
 SCOPE = "oisp"
-_QUEUE = 65_536
-_BATCH = 2_048
-_PROVIDERS = 256  # resources (agent processes) whose providers are kept
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_BATCH = 2_048  # items per request
+_MAX_BYTES = 3 << 20  # per request: under the 4 MiB a gRPC receiver takes by default
+_MAX_WAITING = 65_536  # spans and log records handed over and not yet sent, before write() waits
+_RESOURCES = 256  # resources (agent processes) kept encoded
 
-
-class _Resource(Resource):
-    """A resource whose hash is computed once: the OTLP encoders group every span and log record by resource,
-    and ``Resource.__hash__`` serializes all its attributes to JSON each time (a third of encoding a log
-    record). Resources are immutable, so the hash never changes."""
-
-    _hash: int | None = None
-
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = super().__hash__()
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or super().__eq__(other)
-
-
-class _CountingSpanExporter(SpanExporter):
-    def __init__(self, inner: SpanExporter, stats: _Stats) -> None:
-        self.inner, self.stats = inner, stats
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = self.inner.export(spans)
-        self.stats.exported("spans", len(spans), result is SpanExportResult.SUCCESS)
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-class _CountingLogExporter(LogRecordExporter):
-    def __init__(self, inner: LogRecordExporter, stats: _Stats) -> None:
-        self.inner, self.stats = inner, stats
-
-    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        result = self.inner.export(batch)
-        self.stats.exported("logs", len(batch), result is LogRecordExportResult.SUCCESS)
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()  # type: ignore[no-untyped-call]
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+TOKEN_USAGE = encode.HistogramSpec("gen_ai.client.token.usage", "{token}", "Number of input and output tokens used.",
+                                   mapping.TOKEN_BUCKETS)
+DURATION = encode.HistogramSpec("gen_ai.client.operation.duration", "s", "GenAI operation duration.",
+                                mapping.DURATION_BUCKETS)
+FIRST_CHUNK = encode.HistogramSpec("gen_ai.client.operation.time_to_first_chunk", "s",
+                                   "Time to receive the first chunk of a streamed response.", mapping.DURATION_BUCKETS)
 
 
 class _Stats:
-    """Items handed to the SDK and items its exporters sent (or failed to), per signal."""
+    """Items handed over and items sent (or that could not be), per signal."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -113,43 +75,11 @@ class _Stats:
         self.sent = {"spans": 0, "logs": 0}
         self.failed = {"spans": 0, "logs": 0}
 
-    def exported(self, signal: str, count: int, ok: bool) -> None:
+    def exported(self, signal: str, count: int, ok: bool, reason: str = "") -> None:
         with self._lock:
             (self.sent if ok else self.failed)[signal] += count
         if not ok:
-            logger.warning("sinks.otlp: %d %s could not be exported (see the OpenTelemetry exporter's log)",
-                           count, signal)
-
-    def waiting(self, signal: str) -> int:
-        with self._lock:
-            return self.emitted[signal] - self.sent[signal] - self.failed[signal]
-
-
-def _exporters(options: OtlpOptions) -> tuple[SpanExporter, LogRecordExporter, MetricExporter]:
-    if options.protocol == "grpc":
-        import grpc
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogs
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetrics
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpans
-
-        grpc_kwargs: dict[str, Any] = {
-            "endpoint": options.grpc_target, "insecure": options.insecure, "timeout": options.timeout,
-            "headers": tuple(options.headers.items()) or None,
-            "compression": grpc.Compression.Gzip if options.compression == "gzip" else grpc.Compression.NoCompression,
-        }
-        return GrpcSpans(**grpc_kwargs), GrpcLogs(**grpc_kwargs), GrpcMetrics(**grpc_kwargs)
-    from opentelemetry.exporter.otlp.proto.http import Compression
-    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogs
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
-
-    http_kwargs: dict[str, Any] = {
-        "headers": dict(options.headers) or None, "timeout": options.timeout,
-        "compression": Compression.Gzip if options.compression == "gzip" else Compression.NoCompression,
-    }
-    return (HttpSpans(endpoint=options.signal_url("traces"), **http_kwargs),
-            HttpLogs(endpoint=options.signal_url("logs"), **http_kwargs),
-            HttpMetrics(endpoint=options.signal_url("metrics"), **http_kwargs))
+            logger.warning("sinks.otlp: %d %s could not be exported (%s)", count, signal, reason or "unknown error")
 
 
 def _probe(options: OtlpOptions) -> None:
@@ -175,45 +105,34 @@ class OtlpSink:
         self.builder = SpanBuilder(content=options.content, pending_timeout=options.pending_timeout,
                                    max_pending=options.max_pending)
         self._closed = False
-        span_exporter, log_exporter, metric_exporter = _exporters(options)
-        delay_ms = options.batch_delay * 1000
-        timeout_ms = options.timeout * 1000
-        self._span_processor = BatchSpanProcessor(
-            _CountingSpanExporter(span_exporter, self.stats), max_queue_size=_QUEUE, schedule_delay_millis=delay_ms,
-            max_export_batch_size=_BATCH, export_timeout_millis=timeout_ms) if options.traces else None
-        self._log_processor = BatchLogRecordProcessor(
-            _CountingLogExporter(log_exporter, self.stats), max_queue_size=_QUEUE, schedule_delay_millis=delay_ms,
-            max_export_batch_size=_BATCH, export_timeout_millis=timeout_ms) if options.logs else None
-        if not options.traces:
-            span_exporter.shutdown()
-        if not options.logs:
-            log_exporter.shutdown()  # type: ignore[no-untyped-call]
-        self._scope = InstrumentationScope(SCOPE, __version__)
-        self._log_limits = LogRecordLimits()  # once: each instance reads the environment
-        self._resources: OrderedDict[tuple[Any, ...], Resource] = OrderedDict()
-        self._meter_provider: MeterProvider | None = None
-        if options.metrics:
-            reader = PeriodicExportingMetricReader(metric_exporter,
-                                                   export_interval_millis=options.export_interval * 1000,
-                                                   export_timeout_millis=timeout_ms)
-            self._meter_provider = MeterProvider(
-                # No exemplars: oisp records after the fact, there is never a current span to sample from.
-                metric_readers=[reader], shutdown_on_exit=False, exemplar_filter=AlwaysOffExemplarFilter(),
-                resource=Resource.create({"service.name": options.service_name, "host.name": socket.gethostname()}),
-            )
-            meter = self._meter_provider.get_meter(SCOPE, __version__)
-            self._token_usage = meter.create_histogram(
-                "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used.",
-                explicit_bucket_boundaries_advisory=list(mapping.TOKEN_BUCKETS))
-            self._duration = meter.create_histogram(
-                "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration.",
-                explicit_bucket_boundaries_advisory=list(mapping.DURATION_BUCKETS))
-            self._first_chunk = meter.create_histogram(
-                "gen_ai.client.operation.time_to_first_chunk", unit="s",
-                description="Time to receive the first chunk of a streamed response.",
-                explicit_bucket_boundaries_advisory=list(mapping.DURATION_BUCKETS))
-        else:
-            metric_exporter.shutdown()
+        self._scope = encode.scope(SCOPE, __version__)
+        self._resources: OrderedDict[Hashable, Resource] = OrderedDict()
+        self._transport: Transport = create_transport(options)
+        self._cond = threading.Condition()
+        # The request being filled per signal ("traces", "logs"), when it was opened, and the requests to send.
+        self._filling: dict[str, encode.SpanBatch | encode.LogBatch] = {}
+        if options.traces:
+            self._filling["traces"] = encode.SpanBatch(self._scope)
+        if options.logs:
+            self._filling["logs"] = encode.LogBatch(self._scope)
+        self._opened: dict[str, float] = {}
+        self._ready: deque[tuple[str, encode.SpanBatch | encode.LogBatch]] = deque()
+        self._waiting = 0  # spans and log records handed over, not yet sent (or failed)
+        self._failures = 0  # exports that failed, for flush()'s answer
+        self._metrics_wanted = self._metrics_done = 0  # flush() asks for a metrics export; the thread counts them
+        self._stopping = False
+        self._close_deadline = float("inf")
+        self._histograms = encode.Histograms([TOKEN_USAGE, DURATION, FIRST_CHUNK], time.time_ns()) \
+            if options.metrics else None
+        # Metrics are the machine's (oisp's): per-process resources would multiply the series. The attributes the
+        # SDK's default resource gave them, with oisp as the telemetry SDK now, and an instance id per sink that
+        # keeps the cumulative series of two oisp instances (or a restart) apart.
+        self._metrics_resource = encode.resource({
+            "telemetry.sdk.language": "python", "telemetry.sdk.name": "oisp", "telemetry.sdk.version": __version__,
+            "service.instance.id": str(uuid.uuid4()), "service.name": options.service_name,
+            "host.name": mapping.safe_text(socket.gethostname())})
+        self._thread = threading.Thread(target=self._run, name="oisp-otlp-export", daemon=True)
+        self._thread.start()
         _probe(options)
         logger.info("sinks.otlp: exporting to %s over %s (traces %s, logs %s, metrics %s, content %s)",
                     options.endpoint, options.protocol, options.traces, options.logs, options.metrics,
@@ -225,52 +144,118 @@ class OtlpSink:
 
     # Sink ---------------------------------------------------------------------------------------
     def write(self, events: Sequence[Event]) -> None:
-        """Hand ``events`` to the SDK's batch processors (spans as their pairs complete, one log record each)."""
+        """Pair ``events`` into spans and add them and one log record each to the requests being filled."""
         if self._closed:
             raise OispError("sinks.otlp: write() was called after close()")
-        self._make_room(len(events))
-        spans: list[SpanSpec] = []
-        for event in events:
-            completed, context = self.builder.feed(event)
-            spans += completed
-            if self._log_processor is not None:
-                self._emit_log(event, context.trace_id if context else None, context.span_id if context else None)
-        spans += self.builder.expire()
-        self._export_spans(spans)
+        observed = time.time_ns()
+        logs = "logs" in self._filling
+        with self._cond:
+            # Backpressure: wait for the export thread rather than hold ever more.
+            while self._waiting and self._waiting + len(events) > _MAX_WAITING and self._thread.is_alive():
+                self._cond.wait(1.0)
+            spans: list[SpanSpec] = []
+            for event in events:
+                completed, context = self.builder.feed(event)
+                if completed:
+                    spans += completed
+                if logs:
+                    self._add_log(event, context, observed)
+            spans += self.builder.expire()
+            self._add_spans(spans)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Export everything handed over so far (spans, log records, metrics); True when all went out."""
-        ok = True
-        if self._span_processor is not None:
-            ok = self._span_processor.force_flush(int(timeout * 1000)) and ok
-        if self._log_processor is not None:
-            ok = self._log_processor.force_flush(int(timeout * 1000)) and ok
-        if self._meter_provider is not None:
-            ok = self._meter_provider.force_flush(int(timeout * 1000)) and ok
-        return ok
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            failures = self._failures
+            for signal in list(self._opened):
+                self._seal(signal)
+            self._metrics_wanted += 1
+            wanted = self._metrics_wanted
+            self._cond.notify_all()
+            while self._waiting or self._metrics_done < wanted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(remaining)
+            return self._failures == failures
 
     def close(self) -> None:
-        """End waiting requests as incomplete spans, export everything, shut the exporters down."""
+        """End waiting requests as incomplete spans, export everything (within ``timeout``), stop."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self._export_spans(self.builder.drain())
-        finally:
-            timeout_ms = int(self.options.timeout * 1000)
-            if self._span_processor is not None:
-                self._span_processor.shutdown()  # type: ignore[no-untyped-call]
-            if self._log_processor is not None:
-                self._log_processor.shutdown()  # type: ignore[no-untyped-call]
-            if self._meter_provider is not None:
-                self._meter_provider.shutdown(timeout_millis=timeout_ms)
+        with self._cond:
+            try:
+                self._add_spans(self.builder.drain())
+            finally:
+                for signal in list(self._opened):
+                    self._seal(signal)
+                self._metrics_wanted += 1
+                self._stopping = True
+                self._close_deadline = time.monotonic() + self.options.timeout
+                self._cond.notify_all()
+        self._thread.join(self.options.timeout + 5.0)
+        if self._thread.is_alive():
+            logger.warning("sinks.otlp: the export thread did not end within %g s", self.options.timeout + 5.0)
 
-    # internals ----------------------------------------------------------------------------------
-    def _make_room(self, incoming: int) -> None:
-        """Backpressure: export in this thread while a processor's queue is more than half full."""
-        for signal, processor in (("logs", self._log_processor), ("spans", self._span_processor)):
-            if processor is not None and self.stats.waiting(signal) + incoming > _QUEUE // 2:
-                processor.force_flush()
+    # filling requests (under self._cond) -----------------------------------------------------------
+    def _add_log(self, event: Event, context: LogContext | None, observed: int) -> None:
+        batch = self._filling["logs"]
+        assert isinstance(batch, encode.LogBatch)
+        key, resource = self._resource(event)
+        if not batch.count:
+            self._opened["logs"] = time.monotonic()
+            self._cond.notify_all()  # the export thread now has a batch_delay to keep
+        batch.add(key, resource, time_ns=mapping.ts_ns(event.ts), observed_ns=observed,
+                  event_name=event.event_type, event_id=event.event_id, body=self._body(event),
+                  trace_id=context.trace_id if context else None, span_id=context.span_id if context else None)
+        self._waiting += 1
+        self.stats.emitted["logs"] += 1
+        if batch.count >= _BATCH or batch.size >= _MAX_BYTES:
+            self._seal("logs")
+
+    def _add_spans(self, spans: Sequence[SpanSpec]) -> None:
+        batch = self._filling.get("traces")
+        for spec in spans:
+            if batch is not None:
+                assert isinstance(batch, encode.SpanBatch)
+                key, resource = self._resource(spec.resource_event)
+                if not batch.count:
+                    self._opened["traces"] = time.monotonic()
+                    self._cond.notify_all()  # the export thread now has a batch_delay to keep
+                batch.add(key, resource, spec)
+                self._waiting += 1
+                self.stats.emitted["spans"] += 1
+                if batch.count >= _BATCH or batch.size >= _MAX_BYTES:
+                    self._seal("traces")
+                    batch = self._filling["traces"]
+            if spec.operation and self._histograms is not None and spec.kind == CLIENT:
+                self._record_metrics(spec)
+
+    def _seal(self, signal: str) -> None:
+        """Hand the request being filled to the export thread, and start a new one."""
+        batch = self._filling[signal]
+        self._opened.pop(signal, None)
+        if not batch.count:
+            return
+        self._ready.append((signal, batch))
+        self._filling[signal] = encode.SpanBatch(self._scope) if signal == "traces" else encode.LogBatch(self._scope)
+        self._cond.notify_all()
+
+    def _record_metrics(self, spec: SpanSpec) -> None:
+        histograms = self._histograms
+        assert histograms is not None
+        attributes = mapping.safe_attributes(mapping.metric_attributes(spec.attributes))
+        histograms.record(DURATION.name, (spec.end_ns - spec.start_ns) / 1e9, attributes)
+        if spec.error_type is None:
+            for key, token_type in (("gen_ai.usage.input_tokens", "input"), ("gen_ai.usage.output_tokens", "output")):
+                value = spec.attributes.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    histograms.record(TOKEN_USAGE.name, value, {**attributes, "gen_ai.token.type": token_type})
+        first = spec.attributes.get("gen_ai.response.time_to_first_chunk")
+        if isinstance(first, int | float) and not isinstance(first, bool):
+            histograms.record(FIRST_CHUNK.name, float(first), attributes)
 
     @staticmethod
     def _resource_key(event: Event) -> tuple[Any, ...]:
@@ -281,78 +266,97 @@ class OtlpSink:
                 process.exe if process is not None else None, process.cmdline if process is not None else None,
                 actor.user if actor is not None else None)
 
-    def _resource(self, event: Event) -> Resource:
-        """The resource of the agent process ``event`` belongs to (a bounded cache of them)."""
+    def _resource(self, event: Event) -> tuple[Hashable, Resource]:
+        """The resource of the agent process ``event`` belongs to, encoded (a bounded cache of them)."""
         key = self._resource_key(event)
         resource = self._resources.get(key)
         if resource is None:
             attributes = mapping.safe_attributes(mapping.resource_attributes(event, self.options.service_name))
-            resource = self._resources[key] = _Resource(attributes)
-            while len(self._resources) > _PROVIDERS:
+            resource = self._resources[key] = encode.resource(attributes)
+            while len(self._resources) > _RESOURCES:
                 self._resources.popitem(last=False)
         else:
             self._resources.move_to_end(key)
-        return resource
-
-    def _emit_log(self, event: Event, trace_id: int | None, span_id: int | None) -> None:
-        record = LogRecord(
-            timestamp=mapping.ts_ns(event.ts), severity_number=SeverityNumber.INFO, severity_text="INFO",
-            body=self._body(event), attributes={"oisp.event_id": event.event_id}, event_name=event.event_type,
-        )
-        if trace_id is not None and span_id is not None:
-            record.trace_id, record.span_id, record.trace_flags = trace_id, span_id, _SAMPLED
-        assert self._log_processor is not None
-        # Straight to the batch processor, with the agent process's resource: a LoggerProvider per process would
-        # only add its per-record overhead (this sink emits every event, and must keep up with them).
-        self._log_processor.on_emit(ReadWriteLogRecord(record, resource=self._resource(event),
-                                                       instrumentation_scope=self._scope, limits=self._log_limits))
-        self.stats.emitted["logs"] += 1
+        return key, resource
 
     def _body(self, event: Event) -> Any:
         text = event.to_json()  # made once by the pipeline for every sink
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            # Undecodable bytes a decoder kept (lone surrogates) are no valid protobuf string: escaped they are.
-            return json.dumps(event.to_dict(), separators=(",", ":"))
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # Undecodable bytes a decoder kept (lone surrogates) are no valid protobuf string: escaped they are.
+                return json.dumps(event.to_dict(), separators=(",", ":"))
         return json.loads(text) if self.options.log_body == "map" else text
 
-    def _export_spans(self, spans: Sequence[SpanSpec]) -> None:
-        for spec in spans:
-            if self._span_processor is not None:
-                self._export_span(spec)
-            if spec.operation and self._meter_provider is not None and spec.kind == CLIENT:
-                self._record_metrics(spec)
+    # the export thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        interval = self.options.export_interval
+        delay = self.options.batch_delay
+        next_metrics = time.monotonic() + interval
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        now = time.monotonic()
+                        for signal, opened in list(self._opened.items()):
+                            if now - opened >= delay:
+                                self._seal(signal)
+                        metrics = self._metrics_wanted > self._metrics_done or now >= next_metrics
+                        if self._ready or metrics or self._stopping:
+                            break
+                        wake = min([next_metrics, *(opened + delay for opened in self._opened.values())])
+                        self._cond.wait(max(wake - now, 0.001))
+                    job = self._ready.popleft() if self._ready else None
+                    wanted = self._metrics_wanted
+                    stopping = self._stopping
+                if job is not None:
+                    self._send(*job)
+                    continue
+                if metrics or stopping:
+                    self._export_metrics()
+                    next_metrics = time.monotonic() + interval
+                    with self._cond:
+                        self._metrics_done = wanted
+                        self._cond.notify_all()
+                if stopping:
+                    return
+        finally:
+            self._transport.close()
 
-    def _export_span(self, spec: SpanSpec) -> None:
-        # A finished span, with the ids, times and resource the span builder determined, handed to the batch
-        # processor as a tracer would hand it (spans are made after the fact here, never "current").
-        parent = SpanContext(spec.trace_id, spec.parent_span_id, is_remote=True, trace_flags=_SAMPLED) \
-            if spec.parent_span_id is not None else None
-        status = Status(StatusCode.ERROR, mapping.safe_text(spec.error_description or spec.error_type)) \
-            if spec.error_type is not None else Status(StatusCode.UNSET)
-        span = ReadableSpan(
-            name=mapping.safe_text(spec.name),
-            context=SpanContext(spec.trace_id, spec.span_id, is_remote=False, trace_flags=_SAMPLED),
-            parent=parent, resource=self._resource(spec.resource_event),
-            attributes=mapping.safe_attributes(spec.attributes),
-            links=[Link(SpanContext(t, s, is_remote=False, trace_flags=_SAMPLED)) for t, s in spec.links],
-            kind=SpanKind.CLIENT if spec.kind == CLIENT else SpanKind.INTERNAL, status=status,
-            start_time=spec.start_ns, end_time=spec.end_ns, instrumentation_scope=self._scope,
-        )
-        assert self._span_processor is not None
-        self._span_processor.on_end(span)
-        self.stats.emitted["spans"] += 1
+    def _deadline(self) -> float:
+        return min(time.monotonic() + self.options.timeout, self._close_deadline)
 
-    def _record_metrics(self, spec: SpanSpec) -> None:
-        attributes = mapping.safe_attributes(mapping.metric_attributes(spec.attributes))
-        self._duration.record((spec.end_ns - spec.start_ns) / 1e9, attributes)
-        if spec.error_type is None:
-            for key, token_type in (("gen_ai.usage.input_tokens", "input"), ("gen_ai.usage.output_tokens", "output")):
-                value = spec.attributes.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    self._token_usage.record(value, {**attributes, "gen_ai.token.type": token_type})
-        first = spec.attributes.get("gen_ai.response.time_to_first_chunk")
-        if isinstance(first, int | float) and not isinstance(first, bool):
-            self._first_chunk.record(float(first), attributes)
+    def _send(self, signal: str, batch: encode.SpanBatch | encode.LogBatch) -> None:
+        name = "spans" if signal == "traces" else "logs"
+        ok, reason = False, ""
+        try:
+            result = self._transport.export(signal, batch.request, self._deadline())
+            ok, reason = result.ok, result.reason
+            if result.ok and result.rejected:
+                logger.warning("sinks.otlp: the receiver rejected %d of %d %s", result.rejected, batch.count, name)
+        except Exception as exc:  # the export thread must go on: count the batch as failed
+            logger.exception("sinks.otlp: exporting %d %s failed", batch.count, name)
+            reason = f"{type(exc).__name__}: {exc}"
+        self.stats.exported(name, batch.count, ok, reason)
+        with self._cond:
+            self._waiting -= batch.count
+            if not ok:
+                self._failures += 1
+            self._cond.notify_all()
 
+    def _export_metrics(self) -> None:
+        with self._cond:
+            if not self._histograms:
+                return
+            request = self._histograms.request(self._metrics_resource, self._scope, time.time_ns())
+        try:
+            result = self._transport.export("metrics", request, self._deadline())
+        except Exception:
+            logger.exception("sinks.otlp: exporting metrics failed")
+            result = None
+        if result is None or not result.ok:
+            if result is not None:
+                logger.warning("sinks.otlp: metrics could not be exported (%s)", result.reason)
+            with self._cond:
+                self._failures += 1
