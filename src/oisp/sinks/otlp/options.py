@@ -133,7 +133,9 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 def _headers(value: object) -> dict[str, str]:
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{_PREFIX}.headers: {value!r} must be a table of strings ({{authorization = ...}})")
+        # the value itself is not quoted: it may be a credential
+        raise ConfigurationError(f"{_PREFIX}.headers: must be a table of strings ({{authorization = ...}}), "
+                                 f"not a {type(value).__name__}")
     headers: dict[str, str] = {}
     for name, text in value.items():
         if not isinstance(name, str) or not name or not isinstance(text, str):
