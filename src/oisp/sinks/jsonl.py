@@ -28,6 +28,7 @@ from typing import Any
 
 from oisp.errors import ConfigurationError, OispError
 from oisp.events import Event
+from oisp.sinks._files import PRIVATE_DIR_MODE, fsync_directory, remove_quietly
 
 __all__ = ["JsonlSink"]
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 _OPTIONS = ("path", "fsync", "rotate_bytes", "rotate_seconds", "keep", "compress")
 _FILE_MODE = 0o600
-_DIR_MODE = 0o700
+_DIR_MODE = PRIVATE_DIR_MODE
 # Only POSIX file modes can be checked and tightened; elsewhere st_mode carries no group/other bits to fix.
 _POSIX_MODES = os.name == "posix"
 _COPY_CHUNK = 1 << 20
@@ -234,16 +235,16 @@ class JsonlSink:
             plain = path.with_name(path.name.removesuffix(".gz.tmp").removesuffix(".gz"))
             if match["tmp"]:
                 if plain.exists():  # the original is intact: the half-written copy is worthless
-                    _remove(path)
+                    remove_quietly(path, "sinks.jsonl")
                 else:
                     logger.warning("%s has no original beside it; left alone", path)
             elif match["gz"] is None and plain.with_name(plain.name + ".gz").exists():
-                _remove(path)  # compressed and renamed (so synced) before an interruption
+                remove_quietly(path, "sinks.jsonl")  # compressed and renamed (so synced) before an interruption
         rotated = [path for _, path in self._rotated()]
         excess = max(len(rotated) - self.keep, 0)
         for path in rotated[:excess]:
             logger.info("deleting %s (keep=%d)", path, self.keep)
-            _remove(path)
+            remove_quietly(path, "sinks.jsonl")
         if self.compress:
             for path in rotated[excess:]:
                 if not path.name.endswith(".gz"):
@@ -263,13 +264,13 @@ class JsonlSink:
                 raw.flush()
                 os.fsync(raw.fileno())
             os.rename(partial, target)
-            _fsync_directory(plain.parent)
+            fsync_directory(plain.parent)
             os.unlink(plain)
         except OSError as exc:
             # The rotated file is intact; the next rotation (or start) tries again.
             logger.error("could not compress %s (kept uncompressed): %s", plain, exc)
             if partial.exists():
-                _remove(partial)
+                remove_quietly(partial, "sinks.jsonl")
 
 
 def _encode(event: Event) -> bytes:
@@ -310,26 +311,8 @@ def _make_private_dirs(directory: Path) -> None:
             path.mkdir(mode=_DIR_MODE)
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not every platform opens directories; the rename is as durable as it gets there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.error("could not delete %s: %s", path, exc)
 
 
 def _check_path(value: object) -> Path:

@@ -41,6 +41,7 @@ from oisp._version import __version__
 from oisp.errors import ConfigurationError, OispError
 from oisp.events import Event
 from oisp.sinks._delivery import Outcome, RetryPolicy, SpoolEntry, SpoolIndex, classify_status, parse_retry_after
+from oisp.sinks._files import PRIVATE_DIR_MODE, fsync_directory, remove_quietly
 from oisp.sinks._options import Options
 from oisp.sinks.jsonl import _make_private_dirs
 
@@ -52,7 +53,7 @@ SIGNATURE_HEADER = "X-OISP-Signature"
 _OPTIONS = ("url", "headers", "secret", "batch_size", "spool_dir", "spool_max_bytes", "timeout", "retry_base",
             "retry_max", "close_timeout", "ca_file", "fsync")
 _FILE_MODE = 0o600
-_DIR_MODE = 0o700
+_DIR_MODE = PRIVATE_DIR_MODE
 _LOCK_NAME = ".lock"
 _TMP_SUFFIX = ".tmp"
 #: Headers the sink sets itself; ``headers`` cannot replace them.
@@ -181,11 +182,11 @@ class WebhookSink:
                     seq = self._index.allocate()
                 added.append(self._spool(seq, b"".join(chunk), len(chunk)))
             if self.fsync:
-                _fsync_directory(self.spool_dir)
+                fsync_directory(self.spool_dir)
         except BaseException:
             # All or nothing: the pipeline counts the whole batch as failed, so none of it may be sent later.
             for entry in added:
-                _unlink(self.spool_dir / entry.name)
+                remove_quietly(self.spool_dir / entry.name, "sinks.webhook")
             raise
         with self._cond:
             for entry in added:
@@ -194,7 +195,7 @@ class WebhookSink:
             dropped = self._index.over_bound(self._busy)
             for entry in dropped:
                 self._counters["dropped"] += entry.count
-                _unlink(self.spool_dir / entry.name)
+                remove_quietly(self.spool_dir / entry.name, "sinks.webhook")
             self._cond.notify_all()
         if dropped:
             logger.warning("sinks.webhook: spool %s is over spool_max_bytes (%d); dropped the %d oldest batch(es), "
@@ -253,7 +254,7 @@ class WebhookSink:
             found: list[SpoolEntry] = []
             for path in self.spool_dir.iterdir():
                 if path.name.endswith(_TMP_SUFFIX):
-                    _unlink(path)  # never renamed, so never acknowledged: an interrupted write
+                    remove_quietly(path, "sinks.webhook")  # never renamed, so never acknowledged: an interrupted write
                     continue
                 entry = SpoolEntry.parse(path.name, path.stat().st_size)
                 if entry is not None:
@@ -281,7 +282,7 @@ class WebhookSink:
                 os.close(fd)
             os.replace(temporary, self.spool_dir / entry.name)
         except BaseException:
-            _unlink(temporary)
+            remove_quietly(temporary, "sinks.webhook")
             raise
         return entry
 
@@ -313,7 +314,7 @@ class WebhookSink:
                         self._counters["delivered" if outcome is Outcome.DELIVERED else "rejected"] += entry.count
                         if outcome is Outcome.DELIVERED:
                             self._counters["batches_delivered"] += 1
-                    _unlink(self.spool_dir / entry.name)
+                    remove_quietly(self.spool_dir / entry.name, "sinks.webhook")
                 else:
                     self._counters["retries"] += 1
             if outcome is Outcome.REJECTED:
@@ -385,24 +386,3 @@ class WebhookSink:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def _unlink(path: Path) -> None:
-    """Delete ``path``; a failure is logged, never raised (a delivered batch left behind is sent again after the
-    next start: at least once)."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.warning("sinks.webhook: could not delete %s: %s", path, exc)
-
-
-def _fsync_directory(path: Path) -> None:
-    if os.name != "posix":
-        return  # directories cannot be opened for fsync elsewhere; renames are durable on NTFS
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
