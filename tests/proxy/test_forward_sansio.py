@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from oisp.errors import ProtocolError
 from oisp.proxy.forward import ForwardedRequest, ForwardRewriter, Origin, to_origin_form
-from oisp.proxy.h1_framing import MAX_HEAD, MessageFramer, ResponseTracker
+from oisp.proxy.h1_framing import MAX_HEAD, Body, Framing, MessageFramer, ResponseTracker
 from oisp.proxy.reverse import RequestRewriter
 
 
@@ -20,12 +20,13 @@ def _head(*lines: str) -> bytes:
 
 
 def test_absolute_form_becomes_origin_form_with_host_from_the_target() -> None:
-    head, request, method = to_origin_form(_head(
+    head, request, framing = to_origin_form(_head(
         "POST http://LocalHost:11434/api/chat?x=1&y=%20 HTTP/1.1", "X-First: 1", "HOST: wrong.example",
         "content-type: application/json", "Content-Length: 2"))
     assert head == _head("POST /api/chat?x=1&y=%20 HTTP/1.1", "X-First: 1", "HOST: LocalHost:11434",
                          "content-type: application/json", "Content-Length: 2")
-    assert request == ForwardedRequest(b"POST", Origin("localhost", 11434)) and method == b"POST"
+    assert request == ForwardedRequest(b"POST", Origin("localhost", 11434))
+    assert framing == Framing(Body.LENGTH, 2)
 
 
 def test_a_missing_host_is_generated_and_userinfo_never_reaches_it() -> None:

@@ -26,10 +26,10 @@ from anyio.abc import ByteStream, SocketStream
 
 from oisp.errors import ProtocolError
 from oisp.http.exchange import ConnectionInfo
-from oisp.proxy.h1_framing import MessageFramer, ResponseTracker, header_lines, request_body
+from oisp.proxy.h1_framing import Framing, MessageFramer, ResponseTracker, header_lines, request_body
 from oisp.proxy.loop import loop_response
 from oisp.proxy.net import describe
-from oisp.proxy.relay import CHUNK, CopyFeed, RelayResult
+from oisp.proxy.relay import CHUNK, CopyFeed, Direction, RelayResult
 from oisp.proxy.report import ConnectionReport, Decision
 
 if TYPE_CHECKING:
@@ -82,8 +82,9 @@ def _absolute_target(target: bytes) -> tuple[Origin, bytes, bytes]:
     return Origin(url.hostname.lower(), port), path.encode("ascii"), authority.encode("ascii")
 
 
-def to_origin_form(head: bytes) -> tuple[bytes, ForwardedRequest, bytes]:
-    """Rewrite one request head for the origin server: the rewritten head, the request, and its method.
+def to_origin_form(head: bytes) -> tuple[bytes, ForwardedRequest, Framing]:
+    """Rewrite one request head for the origin server: the rewritten head, the request, and how its body is
+    framed (read from the same parse of the head).
 
     Only the request target, ``Host`` and the hop-by-hop headers change; every other line is kept as it was.
     """
@@ -139,7 +140,7 @@ def to_origin_form(head: bytes) -> tuple[bytes, ForwardedRequest, bytes]:
             connection_done = True
         else:
             out.append(line)
-    return b"\r\n".join(out) + b"\r\n\r\n", ForwardedRequest(method, origin), method
+    return b"\r\n".join(out) + b"\r\n\r\n", ForwardedRequest(method, origin), request_body(method, lines)
 
 
 class ForwardRewriter:
@@ -157,9 +158,8 @@ class ForwardRewriter:
         out: list[bytes | ForwardedRequest] = []
         for kind, piece in self._framer.feed(data):
             if kind == "head":
-                head, request, method = to_origin_form(piece)
-                _, lines = header_lines(piece)
-                self._framer.frame(request_body(method, lines))
+                head, request, framing = to_origin_form(piece)
+                self._framer.frame(framing)
                 out += (request, head)
             else:
                 out.append(piece)
@@ -246,9 +246,9 @@ class _OriginLeg:
             logger.debug("connection %s ended with an error: %s", self.connection_id, self.result.error)
         return self.next_origin
 
-    def _push(self, direction: str, data: bytes | None) -> None:
+    def _push(self, direction: Direction, data: bytes | None) -> None:
         if self.feed is not None:
-            self.feed.push("client" if direction == "client" else "server", data, time.monotonic_ns())
+            self.feed.push(direction, data, time.monotonic_ns())
 
     def _fail(self, message: str, scope: anyio.CancelScope) -> None:
         self.result.error = self.result.error or message
