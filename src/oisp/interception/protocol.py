@@ -18,21 +18,21 @@ connection as coming *from* the original destination's address (that is how it s
 which is why the lookup takes both ends. IPv4-mapped IPv6 addresses (``::ffff:198.51.100.7``) from dual-stack
 listeners are accepted as their IPv4 form.
 
-This module imports nothing platform-specific, so the proxy can depend on it without importing pydivert.
+This module (and :mod:`oisp.contracts`, where the lookup's contract is) imports nothing platform-specific,
+so the proxy can depend on it without importing pydivert.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import attrs
 
+from oisp.contracts import Address, OriginalDestinationSource
 from oisp.netns import NetworkNamespace
 
 __all__ = ["Address", "OriginalDestination", "OriginalDestinationSource"]
 
-#: An ``(ip, port)`` pair as sockets report it; the ip is text (``"198.51.100.7"``, ``"2001:db8::1"``).
-Address = tuple[str, int]
+# Address and OriginalDestinationSource (the lookup's contract) are defined in :mod:`oisp.contracts` and
+# re-exported here.
 
 
 @attrs.frozen
@@ -57,17 +57,3 @@ class OriginalDestination:
     client: Address | None = None
     loopback: bool = False
     netns: NetworkNamespace | None = None
-
-
-@runtime_checkable
-class OriginalDestinationSource(Protocol):
-    """Answers the proxy's original-destination lookups (implemented by the interceptor).
-
-    ``client`` is the accepted socket's peer address and ``local`` its own address, exactly as
-    ``getpeername()`` / ``getsockname()`` return them (only the first two items are used). The call never
-    blocks: it reads a table the interceptor keeps, and is safe to call from any thread or event loop.
-    """
-
-    def original_destination(self, client: Address, local: Address) -> OriginalDestination | None:
-        """The original destination of the diverted connection ``client`` → ``local``, or None."""
-        ...

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import ByteStream
 
 from oisp.errors import ProtocolError
 from oisp.http.exchange import ConnectionInfo
@@ -31,10 +31,11 @@ from oisp.proxy.loop import loop_response
 from oisp.proxy.net import describe
 from oisp.proxy.relay import CHUNK, CopyFeed, Direction, RelayResult
 from oisp.proxy.report import ConnectionReport, Decision
+from oisp.proxy.service import UpstreamFailure
 
 if TYPE_CHECKING:
     from oisp.attribution import Attribution
-    from oisp.proxy.server import MitmProxy
+    from oisp.proxy.connection import Connection
 
 __all__ = ["ForwardRewriter", "ForwardedRequest", "Origin", "serve_forward", "to_origin_form"]
 
@@ -166,10 +167,11 @@ class ForwardRewriter:
         return out
 
 
-async def serve_forward(proxy: MitmProxy, client: SocketStream, buffer: bytes, connection_id: str,
-                        client_addr: tuple[str, int], who: Attribution | None, pid_hint: int | None) -> None:
+async def serve_forward(connection: Connection, buffer: bytes, who: Attribution | None) -> None:
     """Forward one client connection's plain-HTTP requests (``buffer`` starts with a complete absolute-form
     head), decoding those that go to AI endpoints; one upstream connection per origin in turn."""
+    services, client = connection.services, connection.client
+    connection_id, client_addr, mode = connection.connection_id, connection.client_addr, connection.policy.mode
     rewriter = ForwardRewriter()
     try:
         pending: deque[bytes | ForwardedRequest] = deque(rewriter.feed(buffer))
@@ -182,30 +184,34 @@ async def serve_forward(proxy: MitmProxy, client: SocketStream, buffer: bytes, c
     assert isinstance(first, ForwardedRequest) and first.origin is not None
     origin = first.origin
     while True:
-        if await proxy.targets_self(origin.host, origin.port, connection_id, client_addr):
+        if await services.targets_self(origin.host, origin.port, connection_id, client_addr):
             try:
                 await client.send(loop_response(f"{origin.host}:{origin.port}"))
             except _ERRORS:
                 pass
             return
-        endpoint = proxy.endpoints.match(origin.host, origin.port)
+        endpoint = connection.policy.endpoints.match(origin.host, origin.port)
         report = ConnectionReport(
-            connection_id=connection_id, mode=str(proxy.config.mode), client_addr=client_addr,
+            connection_id=connection_id, mode=mode, client_addr=client_addr,
             target_host=origin.host, target_port=origin.port,
-            decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True, pid_hint=pid_hint,
+            decision=Decision.PLAIN_HTTP if endpoint else Decision.PASSTHROUGH, success=True,
             provider=endpoint.provider if endpoint else None,
         )
         report.attach(who)
-        upstream = await proxy._connect_upstream(origin.host, origin.port, report)
-        proxy._report(report)
-        if upstream is None:
+        connected = await services.connect(origin.host, origin.port, connection_id, client_addr)
+        if isinstance(connected, UpstreamFailure):
+            report.failed(connected.decision, connected.error)
+            services.report(report)
             await _reply(client, b"502 Bad Gateway")
             return
+        report.connected(connected.address, connected.connect_ms)
+        services.report(report)
+        upstream = connected.stream
         info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
-                              server_addr=(origin.host, origin.port), mode=str(proxy.config.mode), tls=False,
+                              server_addr=(origin.host, origin.port), mode=mode, tls=False,
                               provider=endpoint.provider if endpoint else None, process=report.process,
                               actor=report.actor, app=report.app)
-        feed = proxy._feed_for(info, "http/1.1" if endpoint else None)
+        feed = services.feed_for(info, "http/1.1" if endpoint else None)
         async with upstream:
             leg = _OriginLeg(client, upstream, rewriter, pending, origin, feed, connection_id)
             next_origin = await leg.run()

@@ -1,17 +1,19 @@
-"""What the proxy reports about each connection and where it sends exchanges: the :class:`ProxyObserver`."""
+"""What the proxy reports about each connection (its observer's contract, :class:`ProxyObserver`, is in
+:mod:`oisp.contracts`)."""
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import attrs
+
+from oisp.contracts import ProxyObserver
 
 if TYPE_CHECKING:
     from oisp.attribution import Attribution
     from oisp.events import Actor, App, ProcessInfo
-    from oisp.http.exchange import ConnectionInfo, ExchangeListener
 
 __all__ = ["ConnectionReport", "Decision", "ProxyObserver", "UpstreamCertificate"]
 
@@ -100,23 +102,20 @@ class ConnectionReport:
     #: The upstream connection was a spare opened in advance (preconnect); ``connect_ms`` is its connect time.
     preconnected: bool = False
 
+    def connected(self, address: tuple[str, int] | None, connect_ms: float | None) -> None:
+        """The upstream connection was made: to ``address``, in ``connect_ms``."""
+        self.upstream_addr, self.connect_ms = address, connect_ms
+
+    def failed(self, decision: Decision, error: str, *, address: tuple[str, int] | None = None,
+               connect_ms: float | None = None) -> None:
+        """The connection failed with ``decision`` for ``error`` (``address``/``connect_ms``: the upstream was
+        reached over TCP before it failed)."""
+        self.decision, self.success, self.error = decision, False, error
+        if address is not None:
+            self.upstream_addr, self.connect_ms = address, connect_ms
+
     def attach(self, who: Attribution | None) -> None:
         """Put the process, actor and app, and how the pid was found, into the report."""
         if who is not None:
             self.process, self.actor, self.app = who.process, who.actor, who.app
             self.pid_source = str(who.pid_source) if who.pid_source is not None else None
-
-
-class ProxyObserver(Protocol):
-    """Receives what the proxy learns. Calls happen in the proxy's event loop and must return quickly.
-
-    An observer that decodes somewhere else (:class:`oisp.decoder_process.DecoderProcess`) may also define
-    ``open_feed(connection, alpn, *, body_cap) -> CopyFeed | None``: the proxy then hands it the raw copies of
-    each decoded connection (see :class:`oisp.proxy.relay.CopyFeed`) instead of asking for a listener.
-    """
-
-    def connection(self, report: ConnectionReport) -> None:
-        """A connection's decision was made (once per client connection)."""
-
-    def exchange_listener(self, connection: ConnectionInfo) -> ExchangeListener | None:
-        """The listener for this decoded connection's exchanges, or None to skip decoding."""

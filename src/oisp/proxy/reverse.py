@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import anyio
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import ByteStream
 
 from oisp.attribution import Attribution
 from oisp.errors import ConfigurationError, ProtocolError
@@ -21,10 +21,10 @@ from oisp.http.exchange import ConnectionInfo
 from oisp.proxy.h1_framing import MessageFramer, header_lines, request_body
 from oisp.proxy.relay import RelayResult, relay
 from oisp.proxy.report import ConnectionReport, Decision
-from oisp.proxy.tls_stream import TlsStream
+from oisp.proxy.service import UpstreamFailure
 
 if TYPE_CHECKING:
-    from oisp.proxy.server import MitmProxy
+    from oisp.proxy.connection import Connection
 
 __all__ = ["RequestRewriter", "ReverseTarget", "serve_reverse"]
 
@@ -79,53 +79,55 @@ class RequestRewriter:
         return b"\r\n".join(out) + b"\r\n\r\n"
 
 
-async def serve_reverse(proxy: MitmProxy, client: SocketStream, connection_id: str, client_addr: tuple[str, int],
-                        who: Attribution | None) -> None:
+async def serve_reverse(connection: Connection, who: Attribution | None) -> None:
     """Handle one client connection of a reverse proxy."""
-    assert proxy.config.reverse_target is not None
-    target = ReverseTarget(proxy.config.reverse_target)
-    spec = proxy.endpoints.match(target.host, target.port)
+    services, client, connection_id = connection.services, connection.client, connection.connection_id
+    client_addr = connection.client_addr
+    assert services.config.reverse_target is not None
+    target = ReverseTarget(services.config.reverse_target)
+    spec = connection.policy.endpoints.match(target.host, target.port)
     report = ConnectionReport(
         connection_id=connection_id, mode="reverse", client_addr=client_addr, target_host=target.host,
         target_port=target.port, decision=Decision.INTERCEPTED if target.tls else Decision.PLAIN_HTTP,
-        success=True, provider=spec.provider if spec else None,
-        process=who.process if who else None, actor=who.actor if who else None, app=who.app if who else None,
-        pid_source=str(who.pid_source) if who and who.pid_source else None, sni=target.host if target.tls else None,
+        success=True, provider=spec.provider if spec else None, sni=target.host if target.tls else None,
     )
-    upstream_tcp = await proxy._connect_upstream(target.host, target.port, report)
-    if upstream_tcp is None:
-        proxy._report(report)
+    report.attach(who)
+    connected = await services.connect(target.host, target.port, connection_id, client_addr)
+    if isinstance(connected, UpstreamFailure):
+        report.failed(connected.decision, connected.error)
+        services.report(report)
         await _reply_502(client)
         return
+    report.connected(connected.address, connected.connect_ms)
+    upstream_tcp = connected.stream
     upstream: ByteStream = upstream_tcp
     if target.tls:
         try:
-            with anyio.fail_after(proxy.config.handshake_timeout):
-                tls = await TlsStream.handshake(upstream_tcp, proxy._upstream_context(("http/1.1",)),
-                                                server_side=False, server_hostname=target.host)
+            with anyio.fail_after(services.config.handshake_timeout):
+                tls = await services.network.tls_client(upstream_tcp, services.upstream_context(("http/1.1",)),
+                                                        server_hostname=target.host)
         except (ssl.SSLError, anyio.EndOfStream, TimeoutError, anyio.BrokenResourceError, OSError) as exc:
             verification = isinstance(exc, ssl.SSLCertVerificationError)
-            report.decision = Decision.UPSTREAM_VERIFICATION_FAILED if verification else Decision.UPSTREAM_FAILED
-            report.success = False
-            report.error = f"upstream TLS handshake failed: {exc}"
+            report.failed(Decision.UPSTREAM_VERIFICATION_FAILED if verification else Decision.UPSTREAM_FAILED,
+                          f"upstream TLS handshake failed: {exc}")
             logger.warning("connection %s to %s: %s", connection_id, target.host, report.error)
             await upstream_tcp.aclose()
-            proxy._report(report)
+            services.report(report)
             await _reply_502(client)
             return
         report.alpn, report.tls_version, report.cipher = tls.alpn, tls.version, tls.cipher
         der = tls.peer_certificate_der()
         if der:
-            report.upstream_certificate = proxy._certificate_summary(der)  # cached; never raises
+            report.upstream_certificate = services.certificate_summary(der)  # cached; never raises
         upstream = tls
-    proxy._report(report)
+    services.report(report)
     info = ConnectionInfo(connection_id=connection_id, client_addr=client_addr,
                           server_addr=(target.host, target.port), mode="reverse",
                           sni=target.host if target.tls else None, alpn="http/1.1",
                           tls_version=report.tls_version, tls=target.tls, process=report.process, actor=report.actor,
                           app=report.app,
                           provider=spec.provider if spec else None)
-    feed = proxy._feed_for(info, "http/1.1")
+    feed = services.feed_for(info, "http/1.1")
     rewriter = RequestRewriter(target.authority, target.base_path)
     async with upstream, anyio.create_task_group() as tg:
         if feed is not None:
