@@ -14,8 +14,8 @@ asks a container runtime, an observer that ships copies to another process, a ne
 * :class:`ClientHelloInfo`: what the proxy reads from a parsed TLS ClientHello.
 * :class:`NetworkBackend`: how the proxy opens TCP connections and runs TLS handshakes.
 
-The optional capabilities (``recall``, ``open_feed``, a destination's ``client``) are found once, by
-:func:`recall_of` and :func:`feed_opener_of`, never by ad-hoc ``getattr`` in the proxy.
+The optional capabilities (``recall``, ``open_feed``, a destination's ``client``) are found by
+:func:`recall_of`, :func:`feed_opener_of` and :func:`diverted_client_of`, never by ad-hoc ``getattr`` in the proxy.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
     "PassiveDecoderLike",
     "ProxyObserver",
     "RecallingAttributionSource",
+    "diverted_client_of",
     "feed_opener_of",
     "recall_of",
 ]
@@ -95,6 +96,15 @@ class DivertedDestination(Destination, Protocol):
 
     @property
     def netns(self) -> NetworkNamespace | None: ...
+
+
+def diverted_client_of(destination: Destination) -> tuple[Address, NetworkNamespace | None] | None:
+    """The client's own address and network namespace when ``destination`` is a :class:`DivertedDestination`
+    that knows them, else None."""
+    client: Address | None = getattr(destination, "client", None)
+    if client is None:
+        return None
+    return (str(client[0]), int(client[1])), getattr(destination, "netns", None)
 
 
 @runtime_checkable

@@ -21,7 +21,13 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from oisp.attribution import Attribution, ClientSocket
-from oisp.contracts import AttributionSource, Destination, OriginalDestinationSource, recall_of
+from oisp.contracts import (
+    AttributionSource,
+    Destination,
+    OriginalDestinationSource,
+    diverted_client_of,
+    recall_of,
+)
 from oisp.errors import ProtocolError
 from oisp.proxy import core
 from oisp.proxy.explicit import parse_proxy_request
@@ -88,11 +94,11 @@ StartAttribution = Callable[[tuple[str, int], tuple[str, int], int | None, Clien
 def client_socket(original: Destination) -> ClientSocket | None:
     """The client's own socket of a diverted connection, from the diverter's answer (None when the answer does
     not say where the client is: see :class:`~oisp.contracts.DivertedDestination`)."""
-    client = getattr(original, "client", None)
-    if client is None:
+    diverted = diverted_client_of(original)
+    if diverted is None:
         return None
-    return ClientSocket(local=(str(client[0]), int(client[1])), remote=(str(original.ip), int(original.port)),
-                        namespace=getattr(original, "netns", None))
+    client, namespace = diverted
+    return ClientSocket(local=client, remote=(str(original.ip), int(original.port)), namespace=namespace)
 
 
 class Connection:
@@ -156,7 +162,7 @@ class Connection:
             logger.warning("connection %s from %s:%d: no original destination known; closing",
                            self.connection_id, *self.client_addr)
             return
-        pid_hint = getattr(original, "pid", None)
+        pid_hint = getattr(original, "pid", None)  # in the contract; tolerated missing, as it always was
         self.pending = self._attribute(self.client_addr, self.local_addr, pid_hint, client_socket(original))
         await self.route(str(original.ip), int(original.port), pid_hint=pid_hint)
 
