@@ -35,6 +35,7 @@ from oisp.proxy.forward import serve_forward
 from oisp.proxy.loop import loop_response
 from oisp.proxy.net import PrefixedStream
 from oisp.proxy.relay import RelayResult, relay
+from oisp.proxy.reverse import serve_reverse
 from oisp.proxy.service import NET_ERRORS, ProxyServices, TlsUpstream, UpstreamFailure
 from oisp.proxy.tls_stream import TlsStream
 from oisp.proxy.upstream import UpstreamTarget
@@ -168,8 +169,6 @@ class Connection:
 
     async def reverse(self) -> None:
         """A reverse-proxy client: plain HTTP for the one configured upstream."""
-        from oisp.proxy.reverse import serve_reverse
-
         who = await self._attribute(self.client_addr, self.local_addr, None, None).get()
         await serve_reverse(self, who)
 
@@ -246,9 +245,9 @@ class Connection:
                                   certificate=self.services.certificate_summary(der) if der else None)
 
     async def _handshake_client(self, command: core.HandshakeClient) -> core.Event:
-        context = self.policy.ca.server_context(command.name, list(command.alpn) if command.alpn else None)
         try:
             with anyio.fail_after(self.config.handshake_timeout):
+                context = self.policy.ca.server_context(command.name, list(command.alpn) if command.alpn else None)
                 downstream = await self.services.network.tls_server(self.client, context,
                                                                     initial_data=command.client_hello)
         except (ssl.SSLError, anyio.EndOfStream, TimeoutError, *NET_ERRORS) as exc:
