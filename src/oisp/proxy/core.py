@@ -349,7 +349,7 @@ class ConnectionCore:
         elif isinstance(event, Attributed):
             return self._attributed(event.who)
         elif state is _State.PASSTHROUGH_CONNECT or state is _State.PLAIN_CONNECT:
-            if isinstance(event, UpstreamReady | UpstreamFailed):
+            if isinstance(event, (UpstreamReady, UpstreamFailed)):
                 return self._connected(event)
         elif state is _State.UPSTREAM_TLS:
             if isinstance(event, UpstreamFailed):

@@ -5,6 +5,12 @@ the TLS ClientHello without answering it, and decide. Not an AI endpoint, or a c
 certificates: relay the raw bytes untouched. An AI endpoint: connect upstream first, offering the client's
 ALPN list and verifying the upstream certificate; only then finish the client's handshake with a leaf for its
 SNI that selects exactly the upstream's ALPN. Then relay bytes both ways, verbatim, and decode a copy.
+
+This module is the lifecycle (listen, accept, drain) and the proxy-wide state. Each accepted connection is a
+:class:`~oisp.proxy.connection.Connection`, the thin driver of the sans-io :class:`~oisp.proxy.core.ConnectionCore`
+that makes its decisions; every mode uses the same :class:`~oisp.proxy.service.ProxyServices` for upstream
+connections, reporting, certificate summaries and copy feeds. The contracts with the other parts are in
+:mod:`oisp.contracts`.
 """
 
 from __future__ import annotations
