@@ -481,10 +481,13 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
                 settle([target.pid, stack.upstream_pid])
                 watched = family(target.pid)
                 kernel = {pid: reset_peak(pid) for pid in watched}
-                cpu_before = cpu_seconds(watched)
+                cpu_before, relay_before = cpu_seconds(watched), cpu_seconds(watched[:1])
                 with Sampler(watched, 0.002) as sampler:
                     out = client(stack, target, kind=kind, bytes=size)
                 results.transfer_cpu.setdefault((kind, target.name), []).append(cpu_seconds(watched) - cpu_before)
+                if target.proxy and len(watched) > 1:  # oisp: the relay's own share
+                    results.transfer_cpu.setdefault((kind, target.name + "/relay"), []).append(
+                        cpu_seconds(watched[:1]) - relay_before)
                 base = added = 0
                 for pid in watched:  # per process, the larger of the sampled and the kernel's peak, summed
                     peak = sampler.peak_rss(pid)
@@ -708,6 +711,10 @@ def bulk_table(results: Results, stack: Stack, args: argparse.Namespace) -> list
         cpu = {n: statistics.median(results.transfer_cpu[(kind, n)]) for n in names
                if (kind, n) in results.transfer_cpu}
         cells = [f"{cpu[n] * 1e3 / args.mib:.1f} ms" if n in cpu else "n/a" for n in names]
+        for i, n in enumerate(names):
+            relay_cpu = results.transfer_cpu.get((kind, n + "/relay"))
+            if relay_cpu:
+                cells[i] += f" (relay {statistics.median(relay_cpu) * 1e3 / args.mib:.1f})"
         rows.append((f"{args.mib} MiB {kind}, CPU per MiB (median)", *cells, "", "—"))
         entries = {n: results.transfer[(kind, n)] for n in names if (kind, n) in results.transfer}
         cells = ["—"] + [f"+{entries[n]['added'] / 1e6:.1f} MB (of {entries[n]['base'] / 1e6:.0f})"
