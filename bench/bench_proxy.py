@@ -73,6 +73,8 @@ RELAY_ONLY = "oisp-relay"
 INLINE = "oisp-inline"
 #: ``--variant``: the same ``oisp run`` with other ``[capture]`` settings, measured in the same run.
 VARIANT = "oisp-variant"
+#: ``--baseline DIR``: the same ``oisp run`` from another checkout (before/after a change, in one run).
+BASELINE = "oisp-baseline"
 #: How long a stopping ``oisp run`` may take: its decoder process may still be catching up on the events.
 OISP_STOP_TIMEOUT = 300.0
 TITLES = {"mitmproxy": f"mitmproxy {MITMPROXY_VERSION}", RELAY_ONLY: "oisp relay only", INLINE: "oisp inline"}
@@ -201,7 +203,7 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
-                  variant: str | None = None) -> Iterator[Stack]:
+                  variant: str | None = None, baseline: Path | None = None) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="oisp-bench-proxy-") as tmp_name:
         tmp = Path(tmp_name)
         test_ca = trustme.CA()
@@ -248,13 +250,20 @@ def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
                 (tmp / "oisp-variant.toml").write_text(f"[capture]\n{variant.replace(';', chr(10))}\n")
                 variants.append((VARIANT, "-variant", ["--config", str(tmp / "oisp-variant.toml")]))
                 TITLES[VARIANT] = f"oisp {variant}"
+            if baseline is not None:  # another checkout's oisp (its src/ first on the path), same settings
+                variants.append((BASELINE, "-baseline", []))
+                TITLES[BASELINE] = f"oisp {baseline.name} (baseline)"
             for name, stem, extra in variants:
                 oisp_port, oisp_log, events = free_port(), tmp / f"oisp{stem}.log", tmp / f"events{stem}.jsonl"
+                env = None
+                if name == BASELINE and baseline is not None:
+                    env = {**os.environ, "PYTHONPATH": str(baseline / "src")}
+                program = command if env is None else [sys.executable, "-m", "oisp.cli.main"]
                 oisp_proc = subprocess.Popen(
-                    [*command, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}",
+                    [*program, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}",
                      "--confdir", str(confdir), "--output", str(events), "--stdout", "none", "--upstream-ca",
                      str(tmp / "upstream-ca.pem"), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream_port}",
-                     *extra], stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")))
+                     *extra], stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")), env=env)
                 processes.append(oisp_proc)
                 wait_listening(oisp_port, oisp_proc, oisp_log, f"oisp run{' '.join(['', *extra])}")
                 targets.append(Target(name, ("127.0.0.1", oisp_port), oisp_proc.pid))
@@ -844,6 +853,9 @@ def main() -> None:
     parser.add_argument("--variant", metavar="'KEY = VALUE[; ...]'",
                         help="add a column for oisp run with these [capture] settings (TOML), e.g. "
                              "--variant 'decoder_cpu = \"last\"'")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="add a column for the same oisp run from another checkout of oisp (its src/ put first "
+                             "on PYTHONPATH), e.g. the main branch, to compare before and after in one run")
     parser.add_argument("--bulk", action="store_true",
                         help="only the uploads and downloads (best and median MB/s of --rounds rounds per target)")
     parser.add_argument("--profile", action="store_true",
@@ -852,7 +864,7 @@ def main() -> None:
     args = parser.parse_args()
     started, load_before = time.monotonic(), os.getloadavg()
     with running_stack(None if args.no_mitmproxy else args.mitmproxy_venv, args.relay_only, args.inline,
-                       args.variant) as stack:
+                       args.variant, args.baseline) as stack:
         if stack.mitm_missing and not any(t.name == "mitmproxy" for t in stack.targets):
             progress(f"mitmproxy column missing: {stack.mitm_missing}")
         results = measure(stack, args)
