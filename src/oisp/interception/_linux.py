@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from oisp.errors import InterceptionError
+from oisp.sockdiag import tcp_listening
 
 # Imported only on Linux (see _backend.py). A top-level platform assert also makes mypy skip the rest of this
 # module in its --platform win32/darwin passes, where select.poll and os.geteuid do not exist.
@@ -77,6 +78,12 @@ def _mount_bpffs(path: str = BPFFS) -> None:
 
 
 def _listening_ports() -> set[int]:
+    """The TCP ports listened on in this network namespace, from ``/proc/net/tcp`` and ``tcp6``.
+
+    The kernel lists the listening sockets first, then walks its whole established-connection table (every
+    bucket, on a busy machine megabytes of text, in the packet thread): reading stops at the first line that is
+    not a listener, so that walk is never made.
+    """
     ports: set[int] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -84,8 +91,9 @@ def _listening_ports() -> set[int]:
                 next(f, None)
                 for line in f:
                     fields = line.split(None, 4)
-                    if len(fields) > 3 and fields[3] == _TCP_LISTEN:
-                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                    if len(fields) <= 3 or fields[3] != _TCP_LISTEN:
+                        break
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
         except FileNotFoundError:
             continue
     return ports
@@ -275,7 +283,10 @@ class LinuxBackend:
 
     def listener_alive(self, port: int) -> bool:
         """True when this network namespace has a TCP socket listening on ``port``."""
-        return port in _listening_ports()
+        try:
+            return tcp_listening(port)
+        except (OSError, ValueError):  # no sock_diag (a kernel without it): the slower /proc tables
+            return port in _listening_ports()
 
     def interface_name(self, ifindex: int) -> str | None:
         """The interface name for ``ifindex`` in this network namespace."""
