@@ -13,13 +13,21 @@ upstream namespace):
 The diverted numbers include the test proxy (a thread-per-direction Python relay), so they are an upper
 bound on what the interception itself adds.
 
-usage: sudo .venv/bin/python bench/bench_divert.py [--bulk-mb 100] [--rtts 2000] [--conns 200]
+With ``--baseline CHECKOUT``, the diverted measurement is made a second time with the interceptor of another
+checkout of oisp (its ``src/`` first on ``PYTHONPATH``, e.g. the main branch), so before and after a change are
+compared in one run. ``--rounds N`` repeats every measurement N times, alternating direct and diverted, and
+reports the median (the bulk rows: the best) of the rounds.
+
+usage: sudo .venv/bin/python bench/bench_divert.py [--bulk-mb 100] [--rtts 2000] [--conns 200] [--rounds 1]
+                                                   [--baseline CHECKOUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +94,9 @@ def main() -> None:
     parser.add_argument("--bulk-mb", type=int, default=100, help="bulk transfer size, MB each way")
     parser.add_argument("--rtts", type=int, default=2000, help="round trips for the latency measurement")
     parser.add_argument("--conns", type=int, default=200, help="connections for the setup-time measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement, alternating the columns")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="add a column: the interceptor of another oisp checkout (its src/ on PYTHONPATH)")
     args = parser.parse_args()
     reason = lab_unavailable_reason()
     if reason is not None:
@@ -98,16 +109,29 @@ def main() -> None:
         server = _start(upstream, upstream.python(str(HELPERS / "_servers.py"), "echo", "::", "443"))
         assert read_line(server, timeout=15) == "ready"
 
-        direct = _measure(client, args, None, link.dev_a)
-        config = json.dumps({"targets": ["api.openai.com"], "options": {"sniff_dns": False}})
-        agent = _start(client, client.python(str(HELPERS / "_agent.py"), str(PROXY_PORT), config))
-        ready = json.loads(read_line(agent, timeout=30))
-        if ready.get("event") != "ready":
-            raise SystemExit(f"agent did not start: {ready}")
-        diverted = _measure(client, args, agent, link.dev_a)
-        assert agent.stdin is not None
-        agent.stdin.write("quit\n")
-        agent.stdin.flush()
+        columns = ["direct", "diverted"] + (["baseline"] if args.baseline else [])
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in columns}
+        for round_ in range(args.rounds):
+            for name in columns:
+                print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                if name == "direct":
+                    runs[name].append(_measure(client, args, None, link.dev_a))
+                    continue
+                env = None
+                if name == "baseline":
+                    env = {**(lab.env or os.environ),
+                           "PYTHONPATH": os.pathsep.join([str(Path(args.baseline).resolve() / "src"), str(REPO)])}
+                config = json.dumps({"targets": ["api.openai.com"], "options": {"sniff_dns": False}})
+                agent = _start(client, client.python(str(HELPERS / "_agent.py"), str(PROXY_PORT), config),
+                               **({"env": env} if env else {}))
+                ready = json.loads(read_line(agent, timeout=30))
+                if ready.get("event") != "ready":
+                    raise SystemExit(f"agent did not start: {ready}")
+                runs[name].append(_measure(client, args, agent, link.dev_a))
+                assert agent.stdin is not None
+                agent.stdin.write("quit\n")
+                agent.stdin.flush()
+                agent.wait(timeout=60)
 
     rows = [
         ("RTT 64 B, median (us)", "rtt", "median_us"),
@@ -119,15 +143,30 @@ def main() -> None:
         ("translated packets/s, GSO on", "bulk_gso", "pps"),
         ("translated packets/s, 1500 B packets", "bulk_mtu", "pps"),
     ]
-    print(f"\n{'measure':42} {'direct':>12} {'diverted':>12} {'added':>12}")
-    print("-" * 81)
+
+    def value(name: str, group: str, key: str) -> float | None:
+        values = [run[group][key] for run in runs[name] if run[group][key] is not None]
+        if not values:
+            return None
+        return max(values) if key in ("mb_s", "pps") else statistics.median(values)
+
+    header = f"\n{'measure':42} {'direct':>12} {'diverted':>12} {'added':>12}"
+    if args.baseline:
+        header += f" {'baseline':>12} {'added':>12}"
+    print(header)
+    print("-" * (len(header) - 1))
     for title, group, key in rows:
-        d, v = direct[group][key], diverted[group][key]
-        added = f"{v - d:12.1f}" if d is not None and v is not None and "us" in key else ""
-        d_text = f"{d:12.1f}" if d is not None else f"{'-':>12}"
-        print(f"{title:42} {d_text} {v:12.1f} {added}")
+        d = value("direct", group, key)
+        line = f"{title:42} " + (f"{d:12.1f}" if d is not None else f"{'-':>12}")
+        for name in columns[1:]:
+            v = value(name, group, key)
+            added = f"{v - d:+12.1f}" if d is not None and v is not None and "us" in key else f"{'':12}"
+            line += f" {v:12.1f} {added}" if v is not None else f" {'-':>12} {'':12}"
+        print(line)
     print(f"\nbulk: {args.bulk_mb} MB each way with GSO, {args.bulk_mb // 4} MB at 1500 B; "
-          f"{args.rtts} round trips; {args.conns} connections; all transfers verified by SHA-256")
+          f"{args.rtts} round trips; {args.conns} connections; all transfers verified by SHA-256; "
+          f"{args.rounds} round(s), direct and diverted alternated (latency: median of the rounds, throughput: "
+          f"best); baseline: {args.baseline or 'none'}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ RELAY_ONLY = "oisp-relay"
 INLINE = "oisp-inline"
 #: ``--variant``: the same ``oisp run`` with other ``[capture]`` settings, measured in the same run.
 VARIANT = "oisp-variant"
+#: ``--baseline DIR``: the same ``oisp run`` from another checkout (before/after a change, in one run).
+BASELINE = "oisp-baseline"
 #: How long a stopping ``oisp run`` may take: its decoder process may still be catching up on the events.
 OISP_STOP_TIMEOUT = 300.0
 TITLES = {"mitmproxy": f"mitmproxy {MITMPROXY_VERSION}", RELAY_ONLY: "oisp relay only", INLINE: "oisp inline"}
@@ -201,7 +203,7 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
-                  variant: str | None = None) -> Iterator[Stack]:
+                  variant: str | None = None, baseline: Path | None = None) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="oisp-bench-proxy-") as tmp_name:
         tmp = Path(tmp_name)
         test_ca = trustme.CA()
@@ -248,13 +250,20 @@ def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
                 (tmp / "oisp-variant.toml").write_text(f"[capture]\n{variant.replace(';', chr(10))}\n")
                 variants.append((VARIANT, "-variant", ["--config", str(tmp / "oisp-variant.toml")]))
                 TITLES[VARIANT] = f"oisp {variant}"
+            if baseline is not None:  # another checkout's oisp (its src/ first on the path), same settings
+                variants.append((BASELINE, "-baseline", []))
+                TITLES[BASELINE] = f"oisp {baseline.name} (baseline)"
             for name, stem, extra in variants:
                 oisp_port, oisp_log, events = free_port(), tmp / f"oisp{stem}.log", tmp / f"events{stem}.jsonl"
+                env = None
+                if name == BASELINE and baseline is not None:
+                    env = {**os.environ, "PYTHONPATH": str(baseline / "src")}
+                program = command if env is None else [sys.executable, "-m", "oisp.cli.main"]
                 oisp_proc = subprocess.Popen(
-                    [*command, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}",
+                    [*program, "run", *config, "--mode", "explicit", "--listen", f"127.0.0.1:{oisp_port}",
                      "--confdir", str(confdir), "--output", str(events), "--stdout", "none", "--upstream-ca",
                      str(tmp / "upstream-ca.pem"), "--resolve", f"api.openai.com:443:127.0.0.1:{upstream_port}",
-                     *extra], stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")))
+                     *extra], stdout=subprocess.DEVNULL, stderr=logs.enter_context(oisp_log.open("wb")), env=env)
                 processes.append(oisp_proc)
                 wait_listening(oisp_port, oisp_proc, oisp_log, f"oisp run{' '.join(['', *extra])}")
                 targets.append(Target(name, ("127.0.0.1", oisp_port), oisp_proc.pid))
@@ -389,6 +398,18 @@ def settle(pids: list[int], idle: float = 0.05, timeout: float = 10.0) -> None:
             return
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes have used so far (those gone count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def client(stack: Stack, target: Target, **cfg: Any) -> dict[str, Any]:
     settle(sorted({target.pid, stack.upstream_pid}))
     cfg.update(upstream=["127.0.0.1", stack.upstream_port], proxy=target.proxy, cafiles=stack.cafiles)
@@ -413,6 +434,10 @@ class Results:
     rps: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     transfer: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    #: Every transfer's MB/s, per (kind, target), in the order measured.
+    transfer_runs: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    #: CPU seconds the proxy (or, for direct, the upstream) used per transfer, per (kind, target).
+    transfer_cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     leaf_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -425,7 +450,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
     def pooled(key: tuple[str, str], samples: list[int]) -> None:
         results.latency.setdefault(key, []).extend(samples)
 
-    for round_ in range(rounds):
+    for round_ in range(0 if args.bulk else rounds):
         for target in stack.targets:
             progress(f"round {round_ + 1}/{rounds}: keep-alive, cold and SSE latency via {target.name}")
             for alpn, name in (("http/1.1", "h1"), ("h2", "h2")):
@@ -437,7 +462,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
             out = client(stack, target, kind="sse", chunks=args.sse_chunks // rounds // q, interval_us=2000)
             pooled(("sse", target.name), out["samples"])
 
-    for round_ in range(rounds):
+    for round_ in range(0 if args.bulk else rounds):
         for target in stack.targets:
             progress(f"round {round_ + 1}/{rounds}: requests/s via {target.name}")
             settle([target.pid, stack.upstream_pid])
@@ -465,8 +490,13 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
                 settle([target.pid, stack.upstream_pid])
                 watched = family(target.pid)
                 kernel = {pid: reset_peak(pid) for pid in watched}
+                cpu_before, relay_before = cpu_seconds(watched), cpu_seconds(watched[:1])
                 with Sampler(watched, 0.002) as sampler:
                     out = client(stack, target, kind=kind, bytes=size)
+                results.transfer_cpu.setdefault((kind, target.name), []).append(cpu_seconds(watched) - cpu_before)
+                if target.proxy and len(watched) > 1:  # oisp: the relay's own share
+                    results.transfer_cpu.setdefault((kind, target.name + "/relay"), []).append(
+                        cpu_seconds(watched[:1]) - relay_before)
                 base = added = 0
                 for pid in watched:  # per process, the larger of the sampled and the kernel's peak, summed
                     peak = sampler.peak_rss(pid)
@@ -477,9 +507,12 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
                     added += peak - sampler.baseline_rss(pid)
                 entry = results.transfer.setdefault((kind, target.name), {"mbps": 0.0, "base": 1e18, "added": 0.0})
                 entry["mbps"] = max(entry["mbps"], size / out["seconds"] / 1e6)
+                results.transfer_runs.setdefault((kind, target.name), []).append(size / out["seconds"] / 1e6)
                 entry["base"] = min(entry["base"], base)
                 entry["added"] = max(entry["added"], added)
 
+    if args.bulk:
+        return results
     progress("leaf issuance")
     with tempfile.TemporaryDirectory(prefix="oisp-bench-ca-") as tmp:
         ca = CertificateAuthority.load_or_create(Path(tmp), cache_size=args.leaves + 100)
@@ -573,6 +606,57 @@ def profile_oisp(stack: Stack, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def top_functions(raw: Path, root: int, limit: int = 12) -> list[str]:
+    """The innermost frames with the most samples (self time), each with its process (relay or decoder)."""
+    counts: dict[tuple[str, str], int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        frames = stack.split(";")
+        pids = [frame.split(":", 1)[0].removeprefix("process ") for frame in frames if frame.startswith("process ")]
+        who = "relay" if not pids or pids[-1] == str(root) else "decoder"
+        leaf = frames[-1].split(" (", 1)[0] + " " + frames[-1].rsplit("/", 1)[-1].rstrip(")")
+        counts[(who, leaf)] = counts.get((who, leaf), 0) + int(number)
+        total += int(number)
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:limit]
+    return [f"    {n / total:6.1%}  {who:7}  {leaf}" for (who, leaf), n in ranked]
+
+
+def profile_bulk(stack: Stack, args: argparse.Namespace) -> list[str]:
+    """``--bulk --profile``: one upload and one download through oisp under py-spy (relay and decoder process)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        return ["--profile: py-spy not found (pip install py-spy)"]
+    target = next(t for t in stack.targets if t.name == "oisp")
+    lines: list[str] = []
+    for kind in ("upload", "download"):
+        raw, rate = stack.tmp / f"oisp-profile-{kind}.txt", 500
+        settle([target.pid, stack.upstream_pid])
+        spy = subprocess.Popen([py_spy, "record", "--subprocesses", "--nonblocking", "-p", str(target.pid), "-r",
+                                str(rate), "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+        time.sleep(1.0)  # py-spy attaches
+        out = client(stack, target, kind=kind, bytes=args.mib * MIB)
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=60)
+        if not raw.exists():
+            lines.append(f"--profile: py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
+            continue
+        counts, processes = profile_breakdown(raw, target.pid)
+        total = sum(counts.values()) or 1
+        split = ", ".join(f"{who} {processes.get(who, 0)} samples" for who in ("relay", "decoder process"))
+        mbps = args.mib * MIB / out["seconds"] / 1e6
+        lines.append(f"where oisp's CPU time goes in a {args.mib} MiB {kind} ({mbps:,.0f} MB/s while sampled; "
+                     f"py-spy at {rate} Hz, busy samples only: {split}):")
+        for name, count in sorted(counts.items(), key=lambda item: -item[1]):
+            lines.append(f"  {count / total:6.1%}  {name}")
+        lines.append("  busiest functions (self time):")
+        lines.extend(top_functions(raw, target.pid))
+    return lines
+
+
 def stop_oisp(stack: Stack) -> list[str]:
     """Stop every ``oisp run`` gracefully (SIGTERM: it drains its decoder process and prints its summary); per
     oisp column, the events it wrote and that summary line."""
@@ -611,7 +695,47 @@ def columns(stack: Stack) -> list[str]:
     return names if "mitmproxy" in names else [*names, "mitmproxy"]
 
 
+def bulk_table(results: Results, stack: Stack, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """``--bulk``: upload and download throughput (best and median of the rounds), against direct and mitmproxy."""
+    names = columns(stack)
+    rows: list[tuple[str, ...]] = []
+    for kind in ("upload", "download"):
+        runs = {n: results.transfer_runs[(kind, n)] for n in names if (kind, n) in results.transfer_runs}
+        for stat, fn in (("best", max), ("median", statistics.median)):
+            value = {n: fn(v) for n, v in runs.items()}
+            cells = []
+            for n in names:
+                if n not in value:
+                    cells.append("n/a")
+                    continue
+                cell = f"{value[n]:,.0f} MB/s"
+                if n != "direct":
+                    cell += f" ({value[n] / value['direct']:.0%}"
+                    cell += f", {value[n] / value['mitmproxy']:.2f}x mitm)" if "mitmproxy" in value else ")"
+                cells.append(cell)
+            oisp_ = value["oisp"]
+            ok = oisp_ >= value["direct"] / 2 and ("mitmproxy" not in value or oisp_ >= value["mitmproxy"])
+            rows.append((f"{args.mib} MiB {kind}, {stat} of {len(runs['direct'])}", *cells,
+                         ">= mitmproxy, >= 50% direct", verdict(ok)))
+        cpu = {n: statistics.median(results.transfer_cpu[(kind, n)]) for n in names
+               if (kind, n) in results.transfer_cpu}
+        cells = [f"{cpu[n] * 1e3 / args.mib:.1f} ms" if n in cpu else "n/a" for n in names]
+        for i, n in enumerate(names):
+            relay_cpu = results.transfer_cpu.get((kind, n + "/relay"))
+            if relay_cpu:
+                cells[i] += f" (relay {statistics.median(relay_cpu) * 1e3 / args.mib:.1f})"
+        rows.append((f"{args.mib} MiB {kind}, CPU per MiB (median)", *cells, "", "—"))
+        entries = {n: results.transfer[(kind, n)] for n in names if (kind, n) in results.transfer}
+        cells = ["—"] + [f"+{entries[n]['added'] / 1e6:.1f} MB (of {entries[n]['base'] / 1e6:.0f})"
+                         if n in entries else "n/a" for n in names[1:]]
+        rows.append((f"{args.mib} MiB {kind}, peak RSS added", *cells, "<= +30 MB",
+                     verdict(entries["oisp"]["added"] / 1e6 <= 30)))
+    return rows
+
+
 def table(results: Results, stack: Stack, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    if args.bulk:
+        return bulk_table(results, stack, args)
     names = columns(stack)
     measured = {t.name for t in stack.targets}
     rows: list[tuple[str, ...]] = []
@@ -672,6 +796,23 @@ def print_report(results: Results, stack: Stack, args: argparse.Namespace, start
     for row in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     print()
+    if args.bulk:
+        print(f"one keep-alive TLS connection (HTTP/1.1) per transfer, {args.mib} MiB each, targets alternated in "
+              f"{len(results.transfer_runs[('upload', 'direct')])} rounds. CPU per MiB: the proxy's processes "
+              f"(oisp: relay and decoder process), for direct the upstream's. MB/s of every run:")
+        for (kind, name), runs in results.transfer_runs.items():
+            print(f"  {kind:8} {TITLES.get(name, name):18} " + " ".join(f"{v:,.0f}" for v in runs))
+    else:
+        print_latency_counts(results, args)
+    for line in stopped:
+        print(line)
+    if not any(t.name == "mitmproxy" for t in stack.targets):
+        print(f"mitmproxy column missing: {stack.mitm_missing}")
+    for note in results.notes:
+        print(note)
+
+
+def print_latency_counts(results: Results, args: argparse.Namespace) -> None:
     count = {key: len(results.latency[(key, "direct")]) for key in ("h1", "h2", "cold", "sse")}
     print(f"samples per target: keep-alive h1 {count['h1']}, h2 {count['h2']}, cold {count['cold']}, "
           f"SSE chunks {count['sse']} "
@@ -689,12 +830,6 @@ def print_report(results: Results, stack: Stack, args: argparse.Namespace, start
         rps = statistics.mean(results.rps[name])
         proxy = f"; {shares['proxy'] / rps * 1e6:,.0f} µs of proxy CPU per request" if "proxy" in shares else ""
         print(f"CPU during requests/s via {TITLES.get(name, name)} (one core = 100%): {', '.join(parts)}{proxy}")
-    for line in stopped:
-        print(line)
-    if not any(t.name == "mitmproxy" for t in stack.targets):
-        print(f"mitmproxy column missing: {stack.mitm_missing}")
-    for note in results.notes:
-        print(note)
 
 
 def main() -> None:
@@ -718,19 +853,24 @@ def main() -> None:
     parser.add_argument("--variant", metavar="'KEY = VALUE[; ...]'",
                         help="add a column for oisp run with these [capture] settings (TOML), e.g. "
                              "--variant 'decoder_cpu = \"last\"'")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="add a column for the same oisp run from another checkout of oisp (its src/ put first "
+                             "on PYTHONPATH), e.g. the main branch, to compare before and after in one run")
+    parser.add_argument("--bulk", action="store_true",
+                        help="only the uploads and downloads (best and median MB/s of --rounds rounds per target)")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, sample oisp (relay and decoder process) with py-spy under requests/s load "
                              "and print where the time goes")
     args = parser.parse_args()
     started, load_before = time.monotonic(), os.getloadavg()
     with running_stack(None if args.no_mitmproxy else args.mitmproxy_venv, args.relay_only, args.inline,
-                       args.variant) as stack:
+                       args.variant, args.baseline) as stack:
         if stack.mitm_missing and not any(t.name == "mitmproxy" for t in stack.targets):
             progress(f"mitmproxy column missing: {stack.mitm_missing}")
         results = measure(stack, args)
         if args.profile:
-            progress("profiling oisp under requests/s load")
-            results.notes.extend(profile_oisp(stack, args))
+            progress("profiling oisp under bulk transfers" if args.bulk else "profiling oisp under requests/s load")
+            results.notes.extend(profile_bulk(stack, args) if args.bulk else profile_oisp(stack, args))
         stopped = stop_oisp(stack)
         print_report(results, stack, args, started, load_before, stopped)
 

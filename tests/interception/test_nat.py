@@ -157,3 +157,54 @@ def test_the_proxys_own_flows_are_excluded_where_there_is_no_socket_mark() -> No
 def test_what_is_not_a_whole_tcp_packet_passes(raw: bytearray) -> None:
     assert parse_tcp(raw) is None
     assert make({(SERVER, 443)}).outbound(raw, False, 1, now=0) == (Verdict.PASS, None)
+
+
+def _tcp_checksum(packet: bytearray) -> int:
+    """The TCP checksum of ``packet`` computed from scratch (pseudo-header, header and payload)."""
+    if packet[0] >> 4 == 4:
+        offset = (packet[0] & 0x0F) * 4
+        pseudo = bytes(packet[12:20]) + bytes([0, 6]) + (len(packet) - offset).to_bytes(2, "big")
+    else:
+        offset = 40
+        pseudo = bytes(packet[8:40]) + (len(packet) - offset).to_bytes(4, "big") + bytes([0, 0, 0, 6])
+    segment = bytearray(packet[offset:])
+    segment[16:18] = b"\0\0"
+    data = pseudo + bytes(segment) + (b"\0" if len(segment) % 2 else b"")
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _with_checksum(packet: bytearray) -> bytearray:
+    offset = 40 if packet[0] >> 4 == 6 else 20
+    packet[offset + 16:offset + 18] = _tcp_checksum(packet).to_bytes(2, "big")
+    return packet
+
+
+@pytest.mark.parametrize(("client", "server"), [(CLIENT, SERVER), (CLIENT6, SERVER6), ("127.0.0.1", "127.0.0.2")])
+def test_a_complete_checksum_stays_valid_through_both_rewrites(client: str, server: str) -> None:
+    # RFC 1624 incremental update for the rewritten port; the addresses only swap (or stay), which the sum ignores
+    loopback = client.startswith("127.")
+    t = make({(server, 443)})
+    for packet in (_with_checksum(tcp_packet(client, 40000, server, 443, SYN)),
+                   _with_checksum(tcp_packet(client, 40000, server, 443, PSH | ACK, b"odd-length payload!"))):
+        t.outbound(packet, loopback, 1, now=0, checksum_valid=True)
+        offset = 40 if packet[0] >> 4 == 6 else 20
+        assert int.from_bytes(packet[offset + 16:offset + 18], "big") == _tcp_checksum(packet)
+    # the proxy's reply to its peer: remote, from the client's address to the server's with the client's port;
+    # loopback, from the listener's address to the client
+    source, destination = (server, client) if loopback else (client, server)
+    reply = _with_checksum(tcp_packet(source, PROXY, destination, 40000, PSH | ACK, b"hi"))
+    assert t.outbound(reply, loopback, 1, now=0, checksum_valid=True)[0] is not Verdict.PASS
+    offset = 40 if reply[0] >> 4 == 6 else 20
+    assert int.from_bytes(reply[offset + 16:offset + 18], "big") == _tcp_checksum(reply)
+    assert t.stats.checksums_updated == 3
+
+
+def test_without_a_complete_checksum_the_field_is_left_for_the_injector() -> None:
+    t = make({(SERVER, 443)})
+    packet = tcp_packet(CLIENT, 40000, SERVER, 443, SYN)
+    packet[36:38] = b"\x12\x34"  # a partial (offload) sum: not ours to touch
+    t.outbound(packet, False, 1, now=0)
+    assert bytes(packet[36:38]) == b"\x12\x34" and t.stats.checksums_updated == 0

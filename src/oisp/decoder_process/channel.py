@@ -179,4 +179,4 @@ class FrameChannel:
                 if reader.pending:
                     logger.error("decoder channel: the stream ended inside a frame (%d bytes)", reader.pending)
                 return
-            yield list(reader.feed(data))
+            yield reader.feed(data)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import pickle
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 from oisp.errors import ProtocolError
@@ -74,37 +73,58 @@ def load_object(payload: bytes) -> Any:
 
 
 class FrameReader:
-    """Splits a byte stream into ``(kind, channel, timestamp, payload)`` frames."""
+    """Splits a byte stream into ``(kind, channel, timestamp, payload)`` frames.
+
+    Frames that lie wholly within one chunk of received bytes are sliced out of it (one copy each); only a frame
+    split across chunks is collected in a buffer, and only its own bytes are (never the rest of the chunk).
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[tuple[Kind, int, int, bytes]]:
-        """Add received bytes; yields every frame now complete. Raises ProtocolError on a corrupt stream."""
-        buffer = self._buffer
-        buffer += data
-        offset = 0
+    def feed(self, data: bytes) -> list[tuple[Kind, int, int, bytes]]:
+        """Add received bytes; every frame now complete, in order. Raises ProtocolError on a corrupt stream."""
         size = HEADER.size
-        try:
-            while len(buffer) - offset >= size:
-                kind, channel, length, timestamp = HEADER.unpack_from(buffer, offset)
-                if length > MAX_PAYLOAD:
-                    raise ProtocolError(f"decoder channel: frame of {length} bytes (at most {MAX_PAYLOAD})")
-                end = offset + size + length
-                if len(buffer) < end:
-                    break
-                try:
-                    frame_kind = Kind(kind)
-                except ValueError:
-                    raise ProtocolError(f"decoder channel: unknown frame kind {kind}") from None
-                with memoryview(buffer) as view:
-                    payload = bytes(view[offset + size:end])
-                yield frame_kind, channel, timestamp, payload
-                offset = end
-        finally:
-            del buffer[:offset]
+        frames: list[tuple[Kind, int, int, bytes]] = []
+        offset = 0  # bytes of ``data`` used so far
+        buffer = self._buffer  # at most one frame, begun in an earlier chunk
+        if buffer:  # finish it: its header first, then its payload
+            if len(buffer) < size:
+                offset = min(size - len(buffer), len(data))
+                buffer += data[:offset]
+                if len(buffer) < size:
+                    return frames
+            kind, channel, timestamp, length = _parse_header(buffer, 0)
+            take = min(size + length - len(buffer), len(data) - offset)
+            buffer += data[offset:offset + take]
+            offset += take
+            if len(buffer) < size + length:
+                return frames
+            frames.append((kind, channel, timestamp, bytes(buffer[size:])))
+            buffer.clear()
+        end = len(data)
+        while end - offset >= size:
+            kind, channel, timestamp, length = _parse_header(data, offset)
+            if end < offset + size + length:
+                break
+            frames.append((kind, channel, timestamp, bytes(data[offset + size:offset + size + length])))
+            offset += size + length
+        if offset < end:
+            buffer += data[offset:]
+        return frames
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back."""
         return len(self._buffer)
+
+
+def _parse_header(data: bytes | bytearray, offset: int) -> tuple[Kind, int, int, int]:
+    """(kind, channel, timestamp, payload length) of the frame header at ``offset``; ProtocolError when corrupt."""
+    kind, channel, length, timestamp = HEADER.unpack_from(data, offset)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"decoder channel: frame of {length} bytes (at most {MAX_PAYLOAD})")
+    try:
+        return Kind(kind), channel, timestamp, length
+    except ValueError:
+        raise ProtocolError(f"decoder channel: unknown frame kind {kind}") from None

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-__all__ = ["Backend", "Poller", "current_backend"]
+__all__ = ["Backend", "PacketBatch", "Poller", "current_backend"]
 
 
 class Poller(Protocol):
@@ -36,6 +36,24 @@ class Poller(Protocol):
         """Release what the poller holds."""
 
 
+class PacketBatch(Protocol):
+    """Packets received from a NETWORK handle in one call and rewritten in place before going back in one call.
+
+    Packet ``i`` is ``view[offsets[i]:offsets[i + 1]]``; its address (WINDIVERT_ADDRESS layout, 80 bytes) is
+    ``addresses[80 * i:80 * (i + 1)]``, and editing it there changes how the packet is re-injected.
+    """
+
+    view: memoryview
+    addresses: memoryview
+    offsets: list[int]
+
+    def receive(self, handle: Any) -> int:
+        """Take the packets waiting on ``handle`` without waiting; how many (0: none)."""
+
+    def send(self, handle: Any, first: int, stop: int) -> None:
+        """Re-inject packets ``first`` to ``stop - 1``."""
+
+
 class Backend(Protocol):
     """One platform's diversion layer."""
 
@@ -51,6 +69,10 @@ class Backend(Protocol):
 
     def shutdown_recv(self, handle: Any) -> None:
         """Stop ``handle`` from capturing more (what it already captured can still be received)."""
+
+    def packet_batch(self) -> PacketBatch | None:
+        """A reusable batch for receiving and re-injecting NETWORK packets many at a time, if the platform's
+        library offers it (else packets go one at a time through the poller)."""
 
     def poller(self) -> Poller:
         """A new :class:`Poller`."""

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from oisp.errors import InterceptionError
+from oisp.sockdiag import tcp_listening
 
 # Imported only on Linux (see _backend.py). A top-level platform assert also makes mypy skip the rest of this
 # module in its --platform win32/darwin passes, where select.poll and os.geteuid do not exist.
 assert sys.platform.startswith("linux"), "oisp.interception._linux is the Linux backend"
 
-__all__ = ["BPFFS", "UPSTREAM_MARK", "LinuxBackend", "set_socket_mark"]
+__all__ = ["BPFFS", "UPSTREAM_MARK", "EbpfPacketBatch", "LinuxBackend", "set_socket_mark"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ def _mount_bpffs(path: str = BPFFS) -> None:
 
 
 def _listening_ports() -> set[int]:
+    """The TCP ports listened on in this network namespace, from ``/proc/net/tcp`` and ``tcp6``.
+
+    The kernel lists the listening sockets first, then walks its whole established-connection table (every
+    bucket, on a busy machine megabytes of text, in the packet thread): reading stops at the first line that is
+    not a listener, so that walk is never made.
+    """
     ports: set[int] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -84,8 +91,9 @@ def _listening_ports() -> set[int]:
                 next(f, None)
                 for line in f:
                     fields = line.split(None, 4)
-                    if len(fields) > 3 and fields[3] == _TCP_LISTEN:
-                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                    if len(fields) <= 3 or fields[3] != _TCP_LISTEN:
+                        break
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
         except FileNotFoundError:
             continue
     return ports
@@ -130,6 +138,85 @@ class _EpollPoller:
         for fd in list(self._by_fd):
             self._poll.unregister(fd)
         self._by_fd.clear()
+
+
+class EbpfPacketBatch:
+    """Packets taken from a NETWORK handle many at a time and re-injected the same way (libebpfdivert's
+    ``recv_ex``/``send_ex``): they lie back to back in one buffer, where they are rewritten in place, and their
+    addresses (WINDIVERT_ADDRESS, 80 bytes each) are edited in place in one array. Nothing is allocated per
+    packet; pydivert's own ``recv_batch``/``send_batch`` receive and send one packet per call.
+    """
+
+    def __init__(self, capacity: int = 256, size: int = 1 << 20) -> None:
+        from pydivert.bpf import libebpfdivert
+        from pydivert.windivert_dll.structs import WinDivertAddress
+
+        if libebpfdivert is None:
+            raise InterceptionError("pydivert's libebpfdivert could not be loaded")
+        self._lib = libebpfdivert
+        self.capacity = capacity
+        self.size = size
+        #: The received packets, back to back; packet ``i`` is ``buffer[offsets[i]:offsets[i + 1]]``.
+        self.buffer = bytearray(size)
+        self.view = memoryview(self.buffer)
+        self._buffer_c = (ctypes.c_char * size).from_buffer(self.buffer)
+        self._address_type = ctypes.POINTER(WinDivertAddress)
+        self._addresses_c = (WinDivertAddress * capacity)()
+        #: The packets' addresses as bytes: packet ``i``'s is ``addresses[80 * i:80 * (i + 1)]``.
+        self.addresses = memoryview(self._addresses_c).cast("B")
+        self.offsets: list[int] = [0]
+        self.count = 0
+        self._received = ctypes.c_uint32(0)
+        self._count_c = ctypes.c_uint32(0)
+        self._sent = ctypes.c_uint32(0)
+
+    @staticmethod
+    def _raw(handle: Any) -> Any:
+        raw = getattr(getattr(handle, "_impl", handle), "_handle", None)
+        if not raw:
+            raise OSError(errno.EBADF, "divert handle is not open")
+        return raw
+
+    def receive(self, handle: Any) -> int:
+        """Take the packets waiting on ``handle`` (at most :attr:`capacity`), without waiting; how many."""
+        self._count_c.value = self.capacity
+        ret = self._lib.ebpfdivert_recv_ex(self._raw(handle), self._buffer_c, self.size, ctypes.byref(self._received),
+                                           self._addresses_c, ctypes.byref(self._count_c), 0)
+        if ret < 0:
+            if -ret in (errno.EAGAIN, errno.ESHUTDOWN):  # nothing waiting; shut down and drained
+                self.count = 0
+                return 0
+            raise OSError(-ret, f"ebpfdivert_recv_ex: {os.strerror(-ret)}")
+        count, buffer = self._count_c.value, self.buffer
+        offsets, offset = [0], 0
+        for _ in range(count):  # each packet's length is in its IP header (libebpfdivert's send_ex reads it too)
+            if buffer[offset] >> 4 == 4:
+                offset += buffer[offset + 2] << 8 | buffer[offset + 3]
+            else:
+                offset += 40 + (buffer[offset + 4] << 8 | buffer[offset + 5])
+            offsets.append(offset)
+        if offset != self._received.value:
+            raise OSError(errno.EPROTO, f"ebpfdivert_recv_ex: {count} packets of {offset} bytes by their headers, "
+                                        f"{self._received.value} received")
+        self.offsets, self.count = offsets, count
+        return count
+
+    def send(self, handle: Any, first: int, stop: int) -> None:
+        """Re-inject packets ``first`` to ``stop - 1`` (as rewritten, with their addresses as edited)."""
+        if first >= stop:
+            return
+        start = self.offsets[first]
+        ret = self._lib.ebpfdivert_send_ex(
+            self._raw(handle), ctypes.addressof(self._buffer_c) + start, self.offsets[stop] - start,
+            ctypes.byref(self._sent),
+            ctypes.cast(ctypes.addressof(self._addresses_c) + first * ADDRESS_SIZE, self._address_type),
+            stop - first)
+        if ret < 0:  # the packets are lost, as a failed send of one is: TCP sends them again
+            logger.debug("re-injecting %d packets failed: %s", stop - first, os.strerror(-ret))
+
+
+#: Bytes of one WINDIVERT_ADDRESS.
+ADDRESS_SIZE = 80
 
 
 class LinuxBackend:
@@ -182,13 +269,24 @@ class LinuxBackend:
         """Stop capturing on ``handle``; its programs then pass everything to lower-priority handles."""
         handle.shutdown(_SHUTDOWN_RECV)
 
+    def packet_batch(self) -> EbpfPacketBatch | None:
+        """Batched receive and re-injection for NETWORK handles (None with a libebpfdivert without them)."""
+        from pydivert.bpf import libebpfdivert
+
+        if libebpfdivert is None or not hasattr(libebpfdivert, "ebpfdivert_recv_ex"):
+            return None
+        return EbpfPacketBatch()
+
     def poller(self) -> _EpollPoller:
         """A poller over libebpfdivert's event descriptors."""
         return _EpollPoller()
 
     def listener_alive(self, port: int) -> bool:
         """True when this network namespace has a TCP socket listening on ``port``."""
-        return port in _listening_ports()
+        try:
+            return tcp_listening(port)
+        except (OSError, ValueError):  # no sock_diag (a kernel without it): the slower /proc tables
+            return port in _listening_ports()
 
     def interface_name(self, ifindex: int) -> str | None:
         """The interface name for ``ifindex`` in this network namespace."""

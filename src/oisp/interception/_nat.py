@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import attrs
 
-__all__ = ["FlowKey", "NatEntry", "NatTable", "Translator", "Verdict", "parse_tcp"]
+__all__ = ["FlowKey", "NatEntry", "NatTable", "Translator", "Verdict", "adjust_checksum", "parse_tcp"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,15 @@ def parse_tcp(buf: bytearray | bytes | memoryview) -> tuple[int, int, int] | Non
             return None
         return 16, 40, buf[53]
     return None
+
+
+def adjust_checksum(buf: bytearray | memoryview, at: int, old: int, new: int) -> None:
+    """Update the 16-bit ones'-complement checksum at ``at`` for one 16-bit word of the summed data changing
+    from ``old`` to ``new`` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')), without summing the packet again."""
+    total = (~struct.unpack_from("!H", buf, at)[0] & 0xFFFF) + (~old & 0xFFFF) + new
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("!H", buf, at, ~total & 0xFFFF)
 
 
 def _addrs(buf: bytearray | bytes | memoryview, alen: int) -> tuple[bytes, bytes]:
@@ -170,6 +179,8 @@ class TranslatorStats:
     refused_full: int = 0
     refused_collision: int = 0
     own_flows: int = 0
+    #: Translated packets whose TCP checksum was updated incrementally (the others are left to the injector).
+    checksums_updated: int = 0
 
 
 class Translator:
@@ -195,8 +206,14 @@ class Translator:
         self.stats = TranslatorStats()
 
     def outbound(self, buf: bytearray | memoryview, loopback: bool, ifindex: int,
-                 now: float) -> tuple[Verdict, NatEntry | None]:
-        """Decide about one captured outbound packet, rewriting ``buf`` when it belongs to a diverted flow."""
+                 now: float, *, checksum_valid: bool = False) -> tuple[Verdict, NatEntry | None]:
+        """Decide about one captured outbound packet, rewriting ``buf`` when it belongs to a diverted flow.
+
+        ``checksum_valid``: the packet's TCP checksum is complete (not left to offload); it is then kept valid
+        by an incremental update for the port that changes. The addresses are swapped or kept, which changes
+        neither the IPv4 header's sum nor the TCP pseudo-header's. Without it the checksum is left as it is,
+        for the injector to compute.
+        """
         parsed = parse_tcp(buf)
         if parsed is None:
             self.stats.passed += 1
@@ -216,6 +233,9 @@ class Translator:
             self._track(entry, flags, from_client=False, now=now)
             orig_port = entry.client_key[3]
             struct.pack_into("!H", buf, toff, orig_port)
+            if checksum_valid:
+                adjust_checksum(buf, toff + 16, sport, orig_port)
+                self.stats.checksums_updated += 1
             self.stats.translated += 1
             if entry.loopback:
                 return Verdict.FORWARD, entry
@@ -252,6 +272,9 @@ class Translator:
         entry.last_seen = now
         self._track(entry, flags, from_client=True, now=now)
         struct.pack_into("!H", buf, toff + 2, self.proxy_port)
+        if checksum_valid:
+            adjust_checksum(buf, toff + 16, dport, self.proxy_port)
+            self.stats.checksums_updated += 1
         self.stats.translated += 1
         if entry.loopback:
             return Verdict.FORWARD, entry

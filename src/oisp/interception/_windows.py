@@ -122,6 +122,11 @@ class WindowsBackend:
         if shutdown is not None:
             shutdown(_SHUTDOWN_RECV)
 
+    def packet_batch(self) -> None:
+        """No batching here yet: packets go one ``recv``/``send`` at a time (WinDivertRecvEx/SendEx with arrays of
+        addresses would batch them as libebpfdivert's ``recv_ex``/``send_ex`` do on Linux)."""
+        return None
+
     def poller(self) -> _ThreadPoller:
         """A poller with one reader thread per handle."""
         return _ThreadPoller()

@@ -38,7 +38,7 @@ import attrs
 
 from oisp import netns
 from oisp.errors import ConfigurationError, InterceptionError, ProtocolError
-from oisp.interception._backend import Backend, Poller, current_backend
+from oisp.interception._backend import Backend, PacketBatch, Poller, current_backend
 from oisp.interception._filter import DivertFilter, build_filter
 from oisp.interception._nat import FlowKey, NatTable, Translator, Verdict
 from oisp.interception.dns import parse_dns_response
@@ -61,6 +61,9 @@ _BATCH = 256
 _EVENT_DRAIN_MAX = 4096
 _PID_CACHE = 65536
 _SYN, _ACK = 0x02, 0x10
+#: WINDIVERT_ADDRESS: the byte of its flags, their bits, and where a NETWORK packet's interface index is.
+_ADDRESS_SIZE, _ADDRESS_FLAGS, _ADDRESS_IFINDEX = 80, 10, 16
+_OUTBOUND, _LOOPBACK, _IP_CHECKSUM, _TCP_CHECKSUM = 0x02, 0x04, 0x20, 0x40
 
 
 def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -162,6 +165,8 @@ class Interceptor:
         self._thread: threading.Thread | None = None
         self._resolver_thread: threading.Thread | None = None
         self._poller: Poller | None = None
+        #: Receives and re-injects NETWORK packets many at a time, where the backend can.
+        self._batch: PacketBatch | None = None
         self._network: Any = None
         self._filter: DivertFilter | None = None
         self._filter_version = -1
@@ -207,6 +212,8 @@ class Interceptor:
         self._namespace = netns.hold_current()
         self._interfaces = self._choose_interfaces(backend)
         self._poller = backend.poller()
+        make_batch = getattr(backend, "packet_batch", None)
+        self._batch = make_batch() if make_batch is not None else None
         try:
             self.targets.refresh()
             if self.config.attribute_processes:
@@ -291,6 +298,7 @@ class Interceptor:
         return {
             "diverted_connections": s.diverted_connections,
             "translated_packets": s.translated,
+            "checksums_updated": s.checksums_updated,
             "passed_packets": s.passed,
             "dropped_packets": s.dropped,
             "refused_table_full": s.refused_full,
@@ -422,6 +430,9 @@ class Interceptor:
     def _drain(self, handle: Any) -> None:
         poller = self._poller
         assert poller is not None
+        if handle is self._network and self._batch is not None:
+            self._drain_network(handle, self._batch)
+            return
         for _ in range(_BATCH):
             # A filter swap while handling a packet closes the handle being drained: stop with it.
             if handle is self._network:
@@ -441,6 +452,59 @@ class Interceptor:
                 self._on_dns_packet(packet)
             else:
                 self._on_event(packet)
+
+    def _drain_network(self, handle: Any, batch: PacketBatch) -> None:
+        """Translate what waits on the NETWORK handle a batch at a time: one call to receive up to a few hundred
+        packets, each rewritten where it lies, one call to re-inject them (split only around a packet that is
+        dropped, or a SYN that changes the filter)."""
+        translator = self._translator
+        outbound = translator.outbound
+        for _ in range(4):  # then the event and DNS handles get their turn
+            count = batch.receive(handle)
+            if not count:
+                return
+            now = self._clock()
+            view, addresses, offsets = batch.view, batch.addresses, batch.offsets
+            unsent = 0  # the first packet not re-injected yet
+            for i in range(count):
+                at = i * _ADDRESS_SIZE
+                flags_at = at + _ADDRESS_FLAGS
+                address_flags = addresses[flags_at]
+                valid = bool(address_flags & _TCP_CHECKSUM)
+                verdict, entry = outbound(view[offsets[i]:offsets[i + 1]], bool(address_flags & _LOOPBACK),
+                                          int.from_bytes(addresses[at + _ADDRESS_IFINDEX:at + _ADDRESS_IFINDEX + 4],
+                                                         "little"), now, checksum_valid=valid)
+                if verdict is Verdict.PASS:
+                    continue
+                if verdict is Verdict.DROP:
+                    batch.send(handle, unsent, i)
+                    unsent = i + 1
+                    continue
+                if not valid:  # left for the injector to compute (the IPv4 header's too, as before)
+                    address_flags &= ~(_IP_CHECKSUM | _TCP_CHECKSUM)
+                if verdict is Verdict.INBOUND:
+                    address_flags &= ~_OUTBOUND
+                addresses[flags_at] = address_flags
+                flags = translator.last_flags
+                if entry is None or not flags & (_SYN | _ACK) or (entry.attributed and not flags & _SYN):
+                    continue
+                if not entry.attributed and translator.last_from_client and not flags & _SYN:
+                    # The client's handshake ACK: its socket is established, so the FLOW event is already queued.
+                    self._drain_events()
+                    entry.attributed = True
+                if flags & _SYN and not flags & _ACK and self._filter is not None \
+                        and not self._filter.covers(*entry.original):
+                    # Diverted through the SYN catch: the rest of the connection needs the address in the filter.
+                    if self._swapping:
+                        self._rebuild_wanted = True
+                    else:
+                        batch.send(handle, unsent, i)  # what came before goes out through the old handle
+                        unsent = i
+                        self._open_network()
+                        handle = self._network  # this SYN, and the rest, through the handle that now diverts
+            batch.send(handle, unsent, count)
+            if handle is not self._network:
+                return
 
     def _on_network_packet(self, handle: Any, packet: Any) -> None:
         addr = packet.wd_addr
