@@ -9,7 +9,8 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -187,7 +188,7 @@ class DecoderProcess:
                  on_event: Callable[[Event], None] | None = None, start_timeout: float = 60.0,
                  finish_timeout: float = 300.0, max_restarts: int = 5, cpu: str = "any",
                  on_status: Callable[[str], None] | None = None, restart_backoff: float = 0.5,
-                 give_up_warning_interval: float = 60.0) -> None:
+                 give_up_warning_interval: float = 60.0, protected_paths: Sequence[Path] = ()) -> None:
         if buffer_limit <= 0 or connection_limit <= 0:
             raise OispError(f"buffer_limit ({buffer_limit}) and connection_limit ({connection_limit}) must be "
                             "positive")
@@ -204,6 +205,9 @@ class DecoderProcess:
         #: Wait before the second restart attempt in a row, doubled for each further one (at most 30 s).
         self.restart_backoff = restart_backoff
         self.give_up_warning_interval = give_up_warning_interval
+        #: Files a decoder process that dropped its privileges must not be able to read (the CA key): it does not
+        #: start if it can (see :mod:`oisp.decoder_process.privileges`).
+        self.protected_paths = tuple(str(path) for path in protected_paths)
         #: Told a line to show when decoding is given up for good (the live view's status).
         self.on_status = on_status
         self.stats = DecoderProcessStats()
@@ -286,7 +290,8 @@ class DecoderProcess:
         assert self._tasks is not None
         settings = WorkerSettings(config=self.config, forward_events=self.on_event is not None,
                                   log_level=logging.getLogger("oisp").getEffectiveLevel(),
-                                  configure_logging=bool(logging.getLogger().handlers))
+                                  configure_logging=bool(logging.getLogger().handlers),
+                                  protected_paths=self.protected_paths)
         ours, theirs = socket.socketpair()
         try:
             process = await anyio.to_thread.run_sync(spawn_worker, theirs)

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import anyio
 import attrs
@@ -27,6 +28,7 @@ import attrs
 from oisp.config import Config
 from oisp.decoder_process.channel import Frame, FrameChannel
 from oisp.decoder_process.launch import socket_from_handle
+from oisp.decoder_process.privileges import KEEP, drop_privileges, preload, target_account
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -50,6 +52,8 @@ class WorkerSettings:
     log_level: int = logging.WARNING
     #: Log to stderr like the runner (when the parent process had logging set up).
     configure_logging: bool = True
+    #: Files the decoder process must not be able to read once it has dropped its privileges (the CA key).
+    protected_paths: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +100,14 @@ async def _serve(sock: socket.socket) -> None:
             plugins = create_plugin_manager()
             # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline)
             pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT)
+            # the sinks' files and connections are open: from now on, nothing privileged is needed
+            account = target_account(settings.config.decoder_user)
+            if account is not None:
+                preload()
+                drop_privileges(account, [Path(p) for p in settings.protected_paths])
+            elif settings.config.decoder_user == KEEP and sys.platform != "win32" and os.geteuid() == 0:
+                logger.warning("decoder_user = \"root\": the decoder process keeps root's privileges while it "
+                               "parses bytes from the network")
         except Exception as exc:
             channel.send(Kind.FAILED, 0, _pickled_error(exc), force=True)
             await channel.close_sending()
@@ -111,9 +123,17 @@ async def _serve(sock: socket.socket) -> None:
             channel.send(Kind.READY, 0, force=True)
             gc.freeze()  # what start-up made lives as long as the process: keep collections short
             yield_after = settings.config.decoder_yield_ms / 1000
+            # A batch (up to a MiB of copies) can hold thousands of exchanges (10,000 pipelined requests fit in
+            # one): once a quarter of the pipeline's queue waits, decoding pauses until the pipeline has caught
+            # up, so no burst overflows the queue. The proxy buffers meanwhile, within the budget of each
+            # connection (DecoderProcess.connection_limit): a connection that outruns it stops being decoded
+            # (partial, counted), never another one.
+            pause_at = max(1, pipeline.queue_size // 4)
             async for batch in frames:
                 started = time.perf_counter()
                 for kind, number, timestamp, payload in batch:
+                    if pipeline.backlog >= pause_at:
+                        await pipeline.wait_for_room()
                     if yield_after and time.perf_counter() - started > yield_after:
                         # a long batch: let a task waiting for this core (the relay, an app) run first
                         _yield_cpu()
