@@ -33,12 +33,15 @@ from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
 from oisp.pipeline import SINK_HANDOFF_WAIT
-from oisp.proxy.relay import CopyDispatcher
+from oisp.proxy.relay import CopyDispatcher, Direction
 
 __all__ = ["WorkerSettings", "main"]
 
 logger = logging.getLogger(__name__)
 
+#: Copies larger than this are decoded in slices of this size, so that one copy cannot make more events at once
+#: than the pipeline's queue holds (a slice of tiny pipelined requests makes at most about a thousand).
+_SLICE = 16 * 1024
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [decoder process]: %(message)s"
 
 
@@ -140,9 +143,17 @@ async def _serve(sock: socket.socket) -> None:
                         started = time.perf_counter()
                     if kind is Kind.CLIENT_DATA or kind is Kind.SERVER_DATA:
                         dispatcher = connections.get(number)
-                        if dispatcher is not None:
-                            dispatcher.dispatch("client" if kind is Kind.CLIENT_DATA else "server", payload,
-                                                timestamp)
+                        if dispatcher is None:
+                            continue
+                        side: Direction = "client" if kind is Kind.CLIENT_DATA else "server"
+                        if len(payload) <= _SLICE:
+                            dispatcher.dispatch(side, payload, timestamp)
+                            continue
+                        # a big copy may hold thousands of exchanges: in slices, with a pause between them
+                        for start in range(0, len(payload), _SLICE):
+                            if start and pipeline.backlog >= pause_at:
+                                await pipeline.wait_for_room()
+                            dispatcher.dispatch(side, payload[start:start + _SLICE], timestamp)
                     elif kind is Kind.CLIENT_EOF or kind is Kind.SERVER_EOF:
                         dispatcher = connections.get(number)
                         if dispatcher is not None:
