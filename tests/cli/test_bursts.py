@@ -47,6 +47,7 @@ def _dropped(stderr: str) -> int:
     return int(stderr.split(" events; ", 1)[1].split(" dropped", 1)[0])
 
 
+@pytest.mark.timeout(400)  # 10,000 exchanges through the proxy, the test's upstream and the decoder process
 def test_ten_thousand_pipelined_requests_on_one_connection_are_all_recorded(
         tmp_path: Path, upstream: RunningUpstream) -> None:
     count = 10_000
@@ -89,6 +90,7 @@ def _rapid_reset(tls: ssl.SSLSocket, streams: int) -> None:
     tls.sendall(conn.data_to_send())
 
 
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("streams", [20_000])
 def test_a_rapid_reset_flood_costs_a_bystander_nothing_and_is_one_event(
         tmp_path: Path, upstream: RunningUpstream, streams: int) -> None:

@@ -132,6 +132,7 @@ async def _serve(sock: socket.socket) -> None:
             # connection (DecoderProcess.connection_limit): a connection that outruns it stops being decoded
             # (partial, counted), never another one.
             pause_at = max(1, pipeline.queue_size // 4)
+            drops_told, drops_told_at = 0, 0.0
             async for batch in frames:
                 started = time.perf_counter()
                 for kind, number, timestamp, payload in batch:
@@ -177,6 +178,9 @@ async def _serve(sock: socket.socket) -> None:
                         except Exception:  # one bad report must not end the decoder process
                             logger.exception("could not make the network.connect event of a connection")
                 await pipeline.wait_for_room()  # the proxy buffers meanwhile, and is the one to count
+                if pipeline.stats.dropped != drops_told and time.monotonic() - drops_told_at >= 1.0:
+                    drops_told, drops_told_at = pipeline.stats.dropped, time.monotonic()
+                    channel.send(Kind.DROPS, 0, dump_object(drops_told), force=True)  # for the live view
             for dispatcher in connections.values():
                 dispatcher.close("the proxy stopped before the connection ended")
             connections.clear()
