@@ -81,7 +81,7 @@ async def test_as_root_the_decoder_process_drops_to_nobody_and_still_decodes(tmp
     assert decoder.stats.exit_code == 0
     types = [e.event_type for e in _events(out)]
     assert types.count("ai.request") == 1 and types.count("ai.response") == 1
-    assert os.stat(out).st_uid == 0  # created by root before the drop, written by nobody through its descriptor
+    assert os.stat(out).st_uid == _nobody().pw_uid  # created by root, handed to nobody before the drop
 
 
 @root_only

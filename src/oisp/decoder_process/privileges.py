@@ -28,7 +28,8 @@ import attrs
 
 from oisp.errors import OispError
 
-__all__ = ["Account", "PrivilegeError", "drop_privileges", "preload", "process_status", "target_account"]
+__all__ = ["Account", "PrivilegeError", "drop_privileges", "hand_over", "preload", "process_status",
+           "target_account"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,33 @@ def preload() -> None:
                 importlib.import_module(module.name)
             except ImportError as exc:  # an optional extra's module (otlp, kafka) without its dependency
                 logger.debug("preloading %s: %s", module.name, exc)
+
+
+def hand_over(sinks: Mapping[str, object], account: Account) -> None:
+    """Before the drop: give ``account`` what the sinks write into after starting (a sink's optional
+    ``owned_paths()``: the webhook's spool, the jsonl file), so that they keep working as that user."""
+    if sys.platform == "win32":  # pragma: no cover - never called there (target_account returns None)
+        return
+    for name, sink in sinks.items():
+        owned = getattr(sink, "owned_paths", None)
+        if not callable(owned):
+            continue
+        for path in owned():
+            try:
+                os.chown(path, account.uid, account.gid)
+            except OSError as exc:
+                raise PrivilegeError(f"sink {name}: could not hand {path} to user {account.name}: {exc}") from exc
+
+
+def check_sinks_after_drop(sinks: Mapping[str, object], account: Account) -> None:
+    """After the drop: warn about a jsonl sink that will rotate in a directory the user cannot write."""
+    for name, sink in sinks.items():
+        path = getattr(sink, "path", None)
+        rotates = getattr(sink, "rotate_bytes", None) is not None or getattr(sink, "rotate_seconds", None) is not None
+        if isinstance(path, Path) and rotates and not os.access(path.parent, os.W_OK | os.X_OK):
+            logger.warning("sink %s rotates %s, but the decoder process's user %s cannot write in %s: rotation will "
+                           "fail (give that directory to the user, or set decoder_user)", name, path, account.name,
+                           path.parent)
 
 
 def drop_privileges(account: Account, protected: Iterable[Path] = ()) -> None:

@@ -28,7 +28,14 @@ import attrs
 from oisp.config import Config
 from oisp.decoder_process.channel import Frame, FrameChannel
 from oisp.decoder_process.launch import socket_from_handle
-from oisp.decoder_process.privileges import KEEP, drop_privileges, preload, target_account
+from oisp.decoder_process.privileges import (
+    KEEP,
+    check_sinks_after_drop,
+    drop_privileges,
+    hand_over,
+    preload,
+    target_account,
+)
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -107,7 +114,9 @@ async def _serve(sock: socket.socket) -> None:
             account = target_account(settings.config.decoder_user)
             if account is not None:
                 preload()
+                hand_over(pipeline.sinks, account)
                 drop_privileges(account, [Path(p) for p in settings.protected_paths])
+                check_sinks_after_drop(pipeline.sinks, account)
             elif settings.config.decoder_user == KEEP and sys.platform != "win32" and os.geteuid() == 0:
                 logger.warning("decoder_user = \"root\": the decoder process keeps root's privileges while it "
                                "parses bytes from the network")
