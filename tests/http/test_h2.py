@@ -546,7 +546,7 @@ def test_a_rapid_reset_flood_is_one_exchange_and_a_real_stream_beside_it_is_whol
     pair.flush()
     pair.respond(answered, body=b"fine")
     pair.flush()
-    recorder, decoder = run(pair.wire, alpn="h2", close=("client", "server"))
+    recorder, _ = run(pair.wire, alpn="h2", close=("client", "server"))
     recorder.assert_contract()
     reset = [e for e in recorder.exchanges if e.request.target == "/v1/chat/completions"]
     assert len(reset) == RESET_FLOOD_THRESHOLD + 1
