@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``demo``."""
+"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``fuzz``, ``demo``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def bench(session: nox.Session) -> None:
 
     for script in sorted(pathlib.Path("bench").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """The long fuzzing tier: coverage-guided (atheris) runs of every network parser; ``-- --seconds N target``."""
+    session.install("-e", ".[test]", "atheris>=2.3")
+    session.run("python", "tests/fuzz/run.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

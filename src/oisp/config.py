@@ -29,6 +29,7 @@ is allowed. Command-line flags override the file. Example::
     decoder_cpu = "any"            # any (wherever the scheduler puts it) | last (a CPU of its own, as a batch task)
     decoder_batch_ms = 20          # copies wait at most this long to go to the decoder process together
     decoder_yield_ms = 0           # the decoder process yields the CPU after this much work in one go (0: never)
+    decoder_user = "nobody"        # started as root, the decoder process becomes this user (default: sudo's user)
 
     [pricing]
     enabled = true                 # costs in USD, from the prices oisp ships
@@ -106,6 +107,9 @@ class Config:
     #: Milliseconds of work after which the decoder process yields the CPU to waiting tasks (0: never): a batch
     #: of copies is many milliseconds of work, which otherwise delays the relay or an app waiting for that core.
     decoder_yield_ms: float = 0.0
+    #: The unprivileged user a decoder process started as root becomes once its sinks are open (a name or uid);
+    #: None: the user who ran ``sudo``, else ``nobody``; ``"root"``: keep root's privileges (not recommended).
+    decoder_user: str | None = None
     #: Price AI calls (``usage.*_cost_usd``): with ``pricing_bundle``, else with the prices oisp ships.
     pricing: bool = True
     #: Bytes of HPACK dynamic table mirrored per direction of an HTTP/2 connection (a sender using more stops the
@@ -248,6 +252,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["decoder_cpu"] = capture.string("decoder_cpu", choices=DECODER_CPUS)
         values["decoder_batch_ms"] = capture.number("decoder_batch_ms", zero=True)
         values["decoder_yield_ms"] = capture.number("decoder_yield_ms", zero=True)
+        values["decoder_user"] = capture.string("decoder_user")
         values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)
         capture.finish()
     ca = root.table("ca")

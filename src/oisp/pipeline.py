@@ -309,6 +309,16 @@ class Pipeline:
             self.emit(event)
 
     @property
+    def sinks(self) -> dict[str, Sink]:
+        """The sinks, by name."""
+        return {lane.name: lane.sink for lane in self._lanes}
+
+    @property
+    def queue_size(self) -> int:
+        """The most events each queue (ingress, and each sink's) holds."""
+        return self._queue_size
+
+    @property
     def backlog(self) -> int:
         """Events emitted but not yet processed."""
         return self._ingress_send.statistics().current_buffer_used

@@ -528,3 +528,32 @@ def test_the_hpack_cap_is_configurable() -> None:
     assert parse_config({"capture": {"hpack_table_cap": 1024}}).hpack_table_cap == 1024
     decoder = make_decoder("h2", connection(alpn="h2"), Recorder(), max_table_size=1024)
     assert isinstance(decoder, Http2Decoder) and decoder._max_table_size == 1024
+
+
+def test_a_rapid_reset_flood_is_one_exchange_and_a_real_stream_beside_it_is_whole() -> None:
+    """CVE-2023-44487's shape: the first streams reset before their response are reported one by one, the rest
+    of the flood as one partial exchange that says how many; a stream answered meanwhile is reported as usual."""
+    from oisp.http.h2 import RESET_FLOOD_THRESHOLD
+
+    pair = H2Pair()
+    flood = 1_000
+    for n in range(flood):
+        stream = pair.request("/v1/chat/completions", method="GET")  # HEADERS with END_STREAM: the request is whole
+        pair.client.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        if n % 100 == 0:
+            pair.flush()
+    answered = pair.request("/v1/models", method="GET")
+    pair.flush()
+    pair.respond(answered, body=b"fine")
+    pair.flush()
+    recorder, _ = run(pair.wire, alpn="h2", close=("client", "server"))
+    recorder.assert_contract()
+    reset = [e for e in recorder.exchanges if e.request.target == "/v1/chat/completions"]
+    assert len(reset) == RESET_FLOOD_THRESHOLD + 1
+    assert all(e.partial_reasons == ["stream reset by client (CANCEL)"] for e in reset[:RESET_FLOOD_THRESHOLD])
+    assert reset[-1].partial_reasons == [
+        f"rapid reset: the client reset {flood - RESET_FLOOD_THRESHOLD} streams before their response (after "
+        f"{RESET_FLOOD_THRESHOLD} reported one by one); they are reported as this one exchange"]
+    (fine,) = [e for e in recorder.exchanges if e.request.target == "/v1/models"]
+    assert not fine.partial and fine.response is not None and bytes(fine.response.body) == b"fine"
+    assert recorder.kinds(fine) == ["request", "response_start", "response_data", "end"]

@@ -70,6 +70,10 @@ class LiveView:
         self.status: str | None = None
         #: Hosts passed through uninspected because a process pinned them: "host by process" -> connections.
         self.pinned: dict[str, int] = {}
+        #: Events dropped (a queue was full) and connections not decoded to the end (the decoder process was too
+        #: far behind, or gone): never silent.
+        self.dropped_events = 0
+        self.undecoded_connections = 0
         self._live: Live | None = None
 
     def __enter__(self) -> LiveView:
@@ -86,6 +90,13 @@ class LiveView:
     def set_status(self, text: str) -> None:
         """Show ``text`` as a warning line (the decoder process's give-up)."""
         self.status = text
+        if self._live is not None:
+            self._live.update(self.render())
+
+    def set_losses(self, dropped_events: int, undecoded_connections: int) -> None:
+        """Show what was lost so far: events dropped, connections not decoded to the end."""
+        self.dropped_events = dropped_events
+        self.undecoded_connections = undecoded_connections
         if self._live is not None:
             self._live.update(self.render())
 
@@ -170,6 +181,9 @@ class LiveView:
         if self.pinned:
             parts.append(Text("pinned, passed through UNINSPECTED: " + ", ".join(
                 f"{key} ({count})" for key, count in sorted(self.pinned.items())), style="bold yellow"))
+        if self.dropped_events or self.undecoded_connections:
+            parts.append(Text(f"LOST: {self.dropped_events} events dropped, {self.undecoded_connections} connections "
+                              "not decoded to the end (see the log)", style="bold red"))
         if self.status:
             parts.insert(0, Text(self.status, style="bold red"))
         return Group(*parts)

@@ -148,7 +148,8 @@ async def run(
     if config.decoder == "process" and not extra_sinks:
         async with DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event,
                                   on_status=getattr(on_event, "set_status", None),
-                                  cpu=config.decoder_cpu) as decoder_process:
+                                  on_losses=getattr(on_event, "set_losses", None),
+                                  cpu=config.decoder_cpu, protected_paths=(ca.key_path,)) as decoder_process:
             proxy = await serve(decoder_process, None, decoder_process)
         pipeline_summary = decoder_process.pipeline_summary or {}
         summary = {"pipeline": pipeline_summary, "proxy": attrs.asdict(proxy.stats),

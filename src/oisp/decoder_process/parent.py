@@ -9,7 +9,8 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -65,6 +66,8 @@ class DecoderProcessStats:
     gave_up: str | None = None
     #: The last decoder process's exit code, once it has ended.
     exit_code: int | None = None
+    #: Events the decoder process's pipeline dropped so far (as it last said; the summary has the final count).
+    dropped_events: int = 0
 
 
 class RemoteFeed:
@@ -115,6 +118,7 @@ class RemoteFeed:
             return
         self.failure = f"the decoder process fell more than {how_far}; decoding of this connection stopped"
         self._owner.stats.overflowed_connections += 1
+        self._owner.tell_losses()
         logger.warning("connection %s: %s", self.connection_id, self.failure)
         self._end(self.failure)
 
@@ -187,7 +191,8 @@ class DecoderProcess:
                  on_event: Callable[[Event], None] | None = None, start_timeout: float = 60.0,
                  finish_timeout: float = 300.0, max_restarts: int = 5, cpu: str = "any",
                  on_status: Callable[[str], None] | None = None, restart_backoff: float = 0.5,
-                 give_up_warning_interval: float = 60.0) -> None:
+                 give_up_warning_interval: float = 60.0, protected_paths: Sequence[Path] = (),
+                 on_losses: Callable[[int, int], None] | None = None) -> None:
         if buffer_limit <= 0 or connection_limit <= 0:
             raise OispError(f"buffer_limit ({buffer_limit}) and connection_limit ({connection_limit}) must be "
                             "positive")
@@ -204,8 +209,13 @@ class DecoderProcess:
         #: Wait before the second restart attempt in a row, doubled for each further one (at most 30 s).
         self.restart_backoff = restart_backoff
         self.give_up_warning_interval = give_up_warning_interval
+        #: Files a decoder process that dropped its privileges must not be able to read (the CA key): it does not
+        #: start if it can (see :mod:`oisp.decoder_process.privileges`).
+        self.protected_paths = tuple(str(path) for path in protected_paths)
         #: Told a line to show when decoding is given up for good (the live view's status).
         self.on_status = on_status
+        #: Told ``(events dropped, connections not decoded to the end)`` whenever either grows (the live view).
+        self.on_losses = on_losses
         self.stats = DecoderProcessStats()
         #: The decoder process's pipeline summary, once it has finished.
         self.pipeline_summary: dict[str, Any] | None = None
@@ -213,6 +223,8 @@ class DecoderProcess:
         self._worker: _Worker | None = None
         self._tasks: TaskGroup | None = None
         self._bytes_sent_before = 0
+        #: Drops reported by decoder processes that have since been replaced.
+        self._dropped_before = 0
         self._closing = False
         #: Set while no replacement of a dead decoder process is under way.
         self._settled = anyio.Event()
@@ -286,7 +298,8 @@ class DecoderProcess:
         assert self._tasks is not None
         settings = WorkerSettings(config=self.config, forward_events=self.on_event is not None,
                                   log_level=logging.getLogger("oisp").getEffectiveLevel(),
-                                  configure_logging=bool(logging.getLogger().handlers))
+                                  configure_logging=bool(logging.getLogger().handlers),
+                                  protected_paths=self.protected_paths)
         ours, theirs = socket.socketpair()
         try:
             process = await anyio.to_thread.run_sync(spawn_worker, theirs)
@@ -365,12 +378,16 @@ class DecoderProcess:
                         worker.ready.set()
                     elif kind is Kind.SUMMARY:
                         worker.summary = load_object(payload)
+                    elif kind is Kind.DROPS:
+                        self.stats.dropped_events = self._dropped_before + int(load_object(payload))
+                        self.tell_losses()
         except Exception:  # a corrupt stream: handled like a decoder process that died
             logger.exception("reading from the decoder process failed")
             worker.summary = None
         unexpected = worker.summary is None and not worker.closing
         restart = unexpected and worker.ready.is_set() and not self._closing and self.stats.restarts < self.max_restarts
         give_up = unexpected and worker.ready.is_set() and not self._closing and not restart
+        self._dropped_before = self.stats.dropped_events
         if unexpected:  # before anyone waiting for the end can ask wait_ready()
             worker.channel.mark_broken("the decoder process ended unexpectedly", log=False)
         if restart:
@@ -415,6 +432,15 @@ class DecoderProcess:
                 return
         finally:
             self._settled.set()
+
+    def tell_losses(self) -> None:
+        """Tell ``on_losses`` the events dropped and the connections not decoded to the end, so far."""
+        if self.on_losses is not None:
+            stats = self.stats
+            try:
+                self.on_losses(stats.dropped_events, stats.overflowed_connections + stats.lost_connections)
+            except Exception:
+                logger.exception("losses listener failed")
 
     def _give_up(self, reason: str) -> None:
         """Decoding is off for good: say so loudly, now, every ``give_up_warning_interval`` seconds, in the live

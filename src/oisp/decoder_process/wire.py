@@ -54,6 +54,8 @@ class Kind(enum.IntEnum):
     EVENT = 18
     #: The pickled summary (pipeline statistics), sent last.
     SUMMARY = 19
+    #: Events the pipeline dropped so far (a pickled int), sent when it changes (at most once a second).
+    DROPS = 20
 
 
 def header(kind: Kind, channel: int, length: int, timestamp: int = 0) -> bytes:

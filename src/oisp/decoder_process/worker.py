@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import anyio
 import attrs
@@ -27,16 +28,27 @@ import attrs
 from oisp.config import Config
 from oisp.decoder_process.channel import Frame, FrameChannel
 from oisp.decoder_process.launch import socket_from_handle
+from oisp.decoder_process.privileges import (
+    KEEP,
+    check_sinks_after_drop,
+    drop_privileges,
+    hand_over,
+    preload,
+    target_account,
+)
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
 from oisp.pipeline import SINK_HANDOFF_WAIT
-from oisp.proxy.relay import CopyDispatcher
+from oisp.proxy.relay import CopyDispatcher, Direction
 
 __all__ = ["WorkerSettings", "main"]
 
 logger = logging.getLogger(__name__)
 
+#: Copies larger than this are decoded in slices of this size, so that one copy cannot make more events at once
+#: than the pipeline's queue holds (a slice of tiny pipelined requests makes at most about a thousand).
+_SLICE = 16 * 1024
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [decoder process]: %(message)s"
 
 
@@ -50,6 +62,8 @@ class WorkerSettings:
     log_level: int = logging.WARNING
     #: Log to stderr like the runner (when the parent process had logging set up).
     configure_logging: bool = True
+    #: Files the decoder process must not be able to read once it has dropped its privileges (the CA key).
+    protected_paths: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +110,16 @@ async def _serve(sock: socket.socket) -> None:
             plugins = create_plugin_manager()
             # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline)
             pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT)
+            # the sinks' files and connections are open: from now on, nothing privileged is needed
+            account = target_account(settings.config.decoder_user)
+            if account is not None:
+                preload()
+                hand_over(pipeline.sinks, account)
+                drop_privileges(account, [Path(p) for p in settings.protected_paths])
+                check_sinks_after_drop(pipeline.sinks, account)
+            elif settings.config.decoder_user == KEEP and sys.platform != "win32" and os.geteuid() == 0:
+                logger.warning("decoder_user = \"root\": the decoder process keeps root's privileges while it "
+                               "parses bytes from the network")
         except Exception as exc:
             channel.send(Kind.FAILED, 0, _pickled_error(exc), force=True)
             await channel.close_sending()
@@ -111,18 +135,35 @@ async def _serve(sock: socket.socket) -> None:
             channel.send(Kind.READY, 0, force=True)
             gc.freeze()  # what start-up made lives as long as the process: keep collections short
             yield_after = settings.config.decoder_yield_ms / 1000
+            # A batch (up to a MiB of copies) can hold thousands of exchanges (10,000 pipelined requests fit in
+            # one): once a quarter of the pipeline's queue waits, decoding pauses until the pipeline has caught
+            # up, so no burst overflows the queue. The proxy buffers meanwhile, within the budget of each
+            # connection (DecoderProcess.connection_limit): a connection that outruns it stops being decoded
+            # (partial, counted), never another one.
+            pause_at = max(1, pipeline.queue_size // 4)
+            drops_told, drops_told_at = 0, 0.0
             async for batch in frames:
                 started = time.perf_counter()
                 for kind, number, timestamp, payload in batch:
+                    if pipeline.backlog >= pause_at:
+                        await pipeline.wait_for_room()
                     if yield_after and time.perf_counter() - started > yield_after:
                         # a long batch: let a task waiting for this core (the relay, an app) run first
                         _yield_cpu()
                         started = time.perf_counter()
                     if kind is Kind.CLIENT_DATA or kind is Kind.SERVER_DATA:
                         dispatcher = connections.get(number)
-                        if dispatcher is not None:
-                            dispatcher.dispatch("client" if kind is Kind.CLIENT_DATA else "server", payload,
-                                                timestamp)
+                        if dispatcher is None:
+                            continue
+                        side: Direction = "client" if kind is Kind.CLIENT_DATA else "server"
+                        if len(payload) <= _SLICE:
+                            dispatcher.dispatch(side, payload, timestamp)
+                            continue
+                        # a big copy may hold thousands of exchanges: in slices, with a pause between them
+                        for start in range(0, len(payload), _SLICE):
+                            if start and pipeline.backlog >= pause_at:
+                                await pipeline.wait_for_room()
+                            dispatcher.dispatch(side, payload[start:start + _SLICE], timestamp)
                     elif kind is Kind.CLIENT_EOF or kind is Kind.SERVER_EOF:
                         dispatcher = connections.get(number)
                         if dispatcher is not None:
@@ -146,6 +187,9 @@ async def _serve(sock: socket.socket) -> None:
                         except Exception:  # one bad report must not end the decoder process
                             logger.exception("could not make the network.connect event of a connection")
                 await pipeline.wait_for_room()  # the proxy buffers meanwhile, and is the one to count
+                if pipeline.stats.dropped != drops_told and time.monotonic() - drops_told_at >= 1.0:
+                    drops_told, drops_told_at = pipeline.stats.dropped, time.monotonic()
+                    channel.send(Kind.DROPS, 0, dump_object(drops_told), force=True)  # for the live view
             for dispatcher in connections.values():
                 dispatcher.close("the proxy stopped before the connection ended")
             connections.clear()

@@ -156,6 +156,9 @@ class ExchangeProgress:
         self._request_body = BodyCapture(exchange.request, exchange, body_cap, "request")
         self._response_body: BodyCapture | None = None
         self.request_delivered = False
+        #: Hold the request back from the listener when it completes: it is delivered with the response head
+        #: or the end instead (see the HTTP/2 decoder's reset-flood handling).
+        self.defer_request = False
         self.request_complete = False
         self.response_complete = False
         self.ended = False
@@ -174,7 +177,8 @@ class ExchangeProgress:
             self.exchange.request.trailers = trailers
         self.exchange.timings.request_end = now
         self.request_complete = True
-        self.deliver_request()
+        if not self.defer_request:
+            self.deliver_request()
         if self.response_complete:
             self.end()
 
@@ -184,7 +188,8 @@ class ExchangeProgress:
             return
         self.exchange.mark_partial(reason)
         self.request_complete = True
-        self.deliver_request()
+        if not self.defer_request:
+            self.deliver_request()
         if self.response_complete:
             self.end()
 

@@ -72,6 +72,10 @@ MAX_HEADER_LIST: Final = 1024 * 1024
 #: decoding of its connection (never the relay). One header block adds at most MAX_HEADER_BLOCK and a bit.
 DEFAULT_MAX_TABLE_SIZE: Final = 256 * 1024
 _FRAME_HEADER_SIZE: Final = 9
+#: Streams a client may reset before their response before its connection counts as a reset flood (CVE-2023-44487,
+#: "rapid reset"): from then on, a stream reset before the listener heard of it is only counted, and the count is
+#: reported once, as one partial exchange, when the connection ends (thousands of reset streams are one event).
+RESET_FLOOD_THRESHOLD: Final = 100
 
 
 @attrs.define
@@ -130,6 +134,11 @@ class Http2Decoder:
         #: Which directions of a WebSocket's stream have ended (END_STREAM).
         self._websocket_ends: dict[int, set[str]] = {}
         self._last_client_stream = 0
+        #: Streams the client reset before their response (the reset-flood detector).
+        self._early_resets = 0
+        #: In a reset flood: streams reset that were only counted, and the last of them (reported at the end).
+        self._folded_resets = 0
+        self._folded_example: ExchangeProgress | None = None
         self._error: str | None = None
         self._stopped = False
 
@@ -339,6 +348,9 @@ class Http2Decoder:
         exchange = HttpExchange(connection=self._connection, request=request, stream_id=stream_id)
         exchange.timings.request_start = now
         progress = ExchangeProgress(exchange, self._listener, self._body_cap)
+        # In a reset flood, a stream's request is told to the listener only once its response starts (or the
+        # stream ends otherwise), so that a stream reset before that can be folded into the flood's one event.
+        progress.defer_request = self._early_resets >= RESET_FLOOD_THRESHOLD
         self._streams[stream_id] = progress
         return progress
 
@@ -414,8 +426,24 @@ class Http2Decoder:
                                 f"stream reset by {direction.name} ({_error_name(frame.error_code)})")
             return
         progress = self._streams.pop(frame.stream_id, None)
-        if progress is not None:
-            progress.end(f"stream reset by {direction.name} ({_error_name(frame.error_code)})")
+        if progress is None:
+            return
+        reason = f"stream reset by {direction.name} ({_error_name(frame.error_code)})"
+        if direction is self._client and progress.exchange.response is None:
+            self._early_resets += 1
+            if not progress.request_delivered and self._early_resets > RESET_FLOOD_THRESHOLD:
+                self._folded_resets += 1
+                self._folded_example = progress  # the listener never heard of the others: nothing to end
+                return
+        progress.end(reason)
+
+    def _report_folded_resets(self) -> None:
+        """The reset flood's one event: the last stream folded into it, saying how many there were."""
+        example, self._folded_example = self._folded_example, None
+        if example is not None:
+            example.end(f"rapid reset: the client reset {self._folded_resets} streams before their response "
+                        f"(after {RESET_FLOOD_THRESHOLD} reported one by one); they are reported as this one "
+                        "exchange")
 
     def _on_goaway(self, direction: _Direction, frame: GoAwayFrame) -> None:
         if direction is not self._server:
@@ -440,6 +468,7 @@ class Http2Decoder:
         self._stopped = True
 
     def _end_all(self, missing_response: str, missing_request: str) -> None:
+        self._report_folded_resets()
         for stream_id in sorted(self._websockets):
             # The connection ending ends a WebSocket (partial only if a message was cut or an error says so).
             self._end_websocket(stream_id, time.monotonic_ns(),

@@ -103,6 +103,11 @@ class JsonlSink:
         given = {key: options[key] for key in _OPTIONS if key in options and options[key] is not None}
         return cls(**given)
 
+    def owned_paths(self) -> list[Path]:
+        """What this sink writes into after it has started: the live file (rotation also needs its directory,
+        which is not handed over: it may be shared). See :mod:`oisp.decoder_process.privileges`."""
+        return [self.path]
+
     # Sink ---------------------------------------------------------------------------------------
     def write(self, events: Sequence[Event]) -> None:
         """Append ``events``, one line each, rotating first where a limit says so; raises ``OSError``."""

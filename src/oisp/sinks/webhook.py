@@ -231,6 +231,11 @@ class WebhookSink:
             return dict(self._counters) | {"pending": self._index.events, "spool_bytes": self._index.total_bytes}
 
     # spool --------------------------------------------------------------------------------------
+    def owned_paths(self) -> list[Path]:
+        """What this sink writes into after it has started (its spool directory and the files in it): handed to
+        the decoder process's user when that process gives up root (see :mod:`oisp.decoder_process.privileges`)."""
+        return [self.spool_dir, *sorted(self.spool_dir.iterdir())]
+
     def _open_spool(self) -> None:
         try:
             _make_private_dirs(self.spool_dir)

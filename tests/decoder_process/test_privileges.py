@@ -1,0 +1,98 @@
+"""Started as root, the decoder process gives up root: its user ids, capabilities, no_new_privs and the CA key
+out of its reach, checked from outside in /proc; and decoding still works end to end."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from tests.decoder_process.test_decoder_process import REQUEST, RESPONSE, _events, _info
+
+from oisp.config import Config
+from oisp.decoder_process import DecoderProcess
+from oisp.decoder_process.privileges import Account, PrivilegeError, process_status, target_account
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root (CI runs as root)")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _nobody() -> pwd.struct_passwd:
+    return pwd.getpwnam("nobody")
+
+
+def _assert_unprivileged(pid: int, uid: int) -> None:
+    for task in Path(f"/proc/{pid}/task").iterdir():  # every thread: the sink threads too
+        status = process_status(task / "status")
+        assert {int(v) for v in status["Uid"].split()} == {uid}, status["Uid"]
+        assert {int(v) for v in status["Gid"].split()} == {_nobody().pw_gid}, status["Gid"]
+        for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[key], 16) == 0, (key, status[key])
+        assert status["NoNewPrivs"] == "1"
+        assert status["Groups"] == ""
+
+
+def _secret_key(tmp_path: Path) -> Path:
+    private = tmp_path / "conf"
+    private.mkdir(mode=0o700)
+    key = private / "oisp-ca-key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    return key
+
+
+def test_who_the_decoder_process_becomes() -> None:
+    if os.geteuid() != 0:
+        assert target_account(None) is None  # not privileged: nothing to drop
+        return
+    assert target_account(None, {"SUDO_UID": "1234", "SUDO_GID": "99", "SUDO_USER": "alice"}) == Account(
+        "alice", 1234, 99)
+    nobody = _nobody()
+    assert target_account(None, {}) == Account("nobody", nobody.pw_uid, nobody.pw_gid)
+    assert target_account(str(nobody.pw_uid), {}) == Account("nobody", nobody.pw_uid, nobody.pw_gid)
+    assert target_account("root", {}) is None
+    with pytest.raises(PrivilegeError, match="no such user"):
+        target_account("no-such-user-oisp", {})
+    with pytest.raises(PrivilegeError, match="is root"):
+        target_account("0", {})
+
+
+@root_only
+@pytest.mark.anyio
+async def test_as_root_the_decoder_process_drops_to_nobody_and_still_decodes(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    key = _secret_key(tmp_path)
+    config = Config(sinks=({"kind": "jsonl", "path": str(out)},), decoder_user="nobody")
+    async with DecoderProcess(config, protected_paths=(key,)) as decoder:
+        assert decoder.pid is not None
+        _assert_unprivileged(decoder.pid, _nobody().pw_uid)
+        feed = decoder.open_feed(_info(), "http/1.1", body_cap=1 << 20)
+        assert feed is not None
+        feed.push("client", REQUEST, time.monotonic_ns())
+        feed.push("server", RESPONSE, time.monotonic_ns())
+        feed.finish()
+    assert decoder.stats.exit_code == 0
+    types = [e.event_type for e in _events(out)]
+    assert types.count("ai.request") == 1 and types.count("ai.response") == 1
+    assert os.stat(out).st_uid == _nobody().pw_uid  # created by root, handed to nobody before the drop
+
+
+@root_only
+@pytest.mark.anyio
+async def test_a_decoder_process_that_could_read_the_ca_key_does_not_start(tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory() as shared:  # /tmp/pytest-of-root is private: a directory others can enter
+        os.chmod(shared, 0o755)  # noqa: S103 - others must be able to enter it
+        key = Path(shared) / "readable-key.pem"
+        key.write_text("-----BEGIN PRIVATE KEY-----\n")
+        key.chmod(0o644)
+        config = Config(sinks=({"kind": "jsonl", "path": str(tmp_path / "e.jsonl")},), decoder_user="nobody")
+        with pytest.raises(PrivilegeError, match="can read .*readable-key.pem"):
+            async with DecoderProcess(config, protected_paths=(key,)):
+                pass
