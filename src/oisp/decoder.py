@@ -32,7 +32,7 @@ from oisp.hookspecs import DecoderSettings, ExchangeDecoder
 from oisp.http.exchange import ConnectionInfo, HttpExchange
 from oisp.http.websocket import WebSocketMessage
 from oisp.plugins import OispPluginManager
-from oisp.providers.metadata import MetadataDecoder
+from oisp.provider_kit import DecoderContext, MetadataDecoder
 from oisp.proxy.report import ConnectionReport, Decision
 
 __all__ = ["EventDecoder", "network_connect_event", "trace_context_of"]
@@ -208,12 +208,15 @@ class EventDecoder:
     """The proxy's observer: exchanges → provider plugins → events; connections → ``network.connect``."""
 
     def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True,
-                 settings: DecoderSettings | None = None) -> None:
+                 settings: DecoderSettings | None = None, context: DecoderContext | None = None) -> None:
         self.plugins = plugins
         self._emit = emit
         self.connect_events = connect_events
         #: Handed to every ``oisp_exchange_decoder`` call (``streaming_chunks`` and the like).
         self.settings = settings or DecoderSettings()
+        #: This run's state (tool calls seen, providers' tables), handed to every ``oisp_exchange_decoder`` call:
+        #: each decoder has its own unless one is given, so two decoders in one process share nothing.
+        self.context = context if context is not None else DecoderContext()
 
     def connection(self, report: ConnectionReport) -> None:
         if not self.connect_events:
@@ -228,7 +231,7 @@ class EventDecoder:
     def decoder_for(self, exchange: HttpExchange) -> tuple[str, ExchangeDecoder]:
         """The first provider plugin that claims the exchange, and its decoder."""
         for name, decoder in self.plugins.call_each("oisp_exchange_decoder", exchange=exchange,
-                                                    settings=self.settings):
+                                                    settings=self.settings, context=self.context):
             if type(decoder) in _DECODER_TYPES or isinstance(decoder, ExchangeDecoder):
                 if len(_DECODER_TYPES) < 256:
                     _DECODER_TYPES.add(type(decoder))  # a protocol check looks at every method: once per type

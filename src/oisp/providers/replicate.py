@@ -15,8 +15,9 @@ only a *finished* prediction (``succeeded``, ``failed``, ``canceled``) becomes a
   not in the built-in endpoint table, so it is only seen when configured as a ``replicate`` endpoint; polling
   on ``api.replicate.com`` always is.
 
-:data:`predictions` remembers, per prediction id (bounded, thread-safe), the create call's ``ai.request``, so the
-first finished view of a prediction, whichever exchange brings it, emits the one ``ai.response`` with the
+The run's :class:`PredictionTable` (:func:`predictions`, kept in the decoder context, bounded, thread-safe)
+remembers, per prediction id, the create call's ``ai.request``, so the first finished view of a prediction,
+whichever exchange brings it, emits the one ``ai.response`` with the
 create call's ``request_id`` and a ``caused_by`` link to its event. Later views of the same prediction emit
 nothing, nor do views of a prediction still running. A finished prediction whose creation oisp did not see still
 gets an ``ai.response``, with the poll's own request id.
@@ -46,11 +47,11 @@ from oisp.events import (
     ResponseError,
 )
 from oisp.framing import SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, RequestFacts, json_or_none, message, request_id_for
+from oisp.provider_kit import ApiDecoder, DecoderContext, RequestFacts, json_or_none, message, request_id_for
 
-__all__ = ["FINISHED", "PredictionTable", "ReplicateDecoder", "predictions"]
+__all__ = ["ENDPOINTS", "FINISHED", "PredictionTable", "ReplicateDecoder", "predictions"]
 
 #: Prediction statuses after which nothing changes.
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
@@ -121,8 +122,9 @@ class PredictionTable:
             return True, record if record.request_id else None
 
 
-#: The process-wide table the built-in decoder uses.
-predictions = PredictionTable()
+def predictions(context: DecoderContext) -> PredictionTable:
+    """The prediction table of a decoding run."""
+    return context.state("replicate.predictions", PredictionTable)
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -220,7 +222,7 @@ class ReplicateDecoder(ApiDecoder):
         super().__init__(**kwargs)
         self.create = create
         self.prediction_id = prediction_id
-        self.table = table or predictions
+        self.table = table if table is not None else predictions(self.context)
         self._status: str | None = None
         self._timing: dict[str, int] = {}
         self._stream_url: str | None = None
@@ -381,24 +383,37 @@ class ReplicateDecoder(ApiDecoder):
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     chunks = settings.streaming_chunks
     if exchange.connection.provider != "replicate":
         return None
     request = exchange.request
     path = request.path.rstrip("/")
     if request.method == "POST" and _CREATE.match(path):
-        return ReplicateDecoder(create=True, streaming_chunks=chunks)
+        return ReplicateDecoder(create=True, context=context, streaming_chunks=chunks)
     match = _PREDICTION.match(path)
     if request.method == "POST" and match and match.group(2) == "/cancel":
-        return ReplicateDecoder(create=False, prediction_id=match.group(1), streaming_chunks=chunks)
+        return ReplicateDecoder(create=False, prediction_id=match.group(1), context=context, streaming_chunks=chunks)
     if request.method != "GET":
         return None
-    stream_id = predictions.id_for_stream(request.url)
+    stream_id = predictions(context).id_for_stream(request.url)
     if stream_id is not None:
-        return ReplicateDecoder(create=False, prediction_id=stream_id, streaming_chunks=chunks)
+        return ReplicateDecoder(create=False, prediction_id=stream_id, context=context, streaming_chunks=chunks)
     if match and match.group(2) != "/cancel":
-        return ReplicateDecoder(create=False, prediction_id=match.group(1), streaming_chunks=chunks)
+        return ReplicateDecoder(create=False, prediction_id=match.group(1), context=context, streaming_chunks=chunks)
     if "text/event-stream" in (request.headers.get("accept") or ""):
-        return ReplicateDecoder(create=False, streaming_chunks=chunks)  # a stream oisp did not see created
+        # a stream oisp did not see created
+        return ReplicateDecoder(create=False, context=context, streaming_chunks=chunks)
     return None
+
+
+#: The endpoints of the Replicate API, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("replicate", "api.replicate.com"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS
