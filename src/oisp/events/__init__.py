@@ -37,6 +37,7 @@ from oisp.events.context import (
     TraceContext,
     WebContext,
 )
+from oisp.events.encoder import EncodedEvent, EventEncoder
 from oisp.events.envelope import (
     OISP_VERSION,
     PAYLOAD_TYPES,
@@ -68,8 +69,10 @@ __all__ = [
     "ChunkDelta",
     "Confidence",
     "DnsAnswer",
+    "EncodedEvent",
     "Endpoint",
     "Event",
+    "EventEncoder",
     "FileInfo",
     "FileOpen",
     "FileWrite",
