@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from oisp.events import Message
+from oisp.events import Message, RequestParameters
 from oisp.redaction import sha256_text
 
 __all__ = [
@@ -27,12 +27,14 @@ __all__ = [
     "as_int",
     "as_list",
     "as_mapping",
+    "as_number",
     "as_str",
     "base64_digest",
     "canonical_json",
     "content_facts",
     "field",
     "message",
+    "parameters_or_none",
     "with_images",
 ]
 
@@ -61,6 +63,20 @@ def as_int(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def as_number(value: Any) -> int | float | None:
+    """``value`` when it is a JSON number (not a boolean), else None."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def parameters_or_none(values: Mapping[str, Any], extra: dict[str, Any]) -> RequestParameters | None:
+    """The request's :class:`~oisp.events.RequestParameters` from OISP-named ``values`` (None values dropped) and
+    the provider's ``extra`` ones; None when there are none."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if not given and not extra:
+        return None
+    return RequestParameters(**given, extra=extra)
 
 
 def field(mapping: Mapping[str, Any], *names: str) -> Any:

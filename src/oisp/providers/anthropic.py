@@ -54,12 +54,14 @@ from oisp.provider_kit import (
     as_int,
     as_list,
     as_mapping,
+    as_number,
     as_str,
     base64_digest,
     canonical_json,
     content_facts,
     json_or_none,
     message,
+    parameters_or_none,
 )
 from oisp.redaction import sha256_text
 
@@ -173,14 +175,10 @@ def _tool_choice(value: Any) -> Any:
     return value if isinstance(value, str) else None
 
 
-def _number(value: Any) -> float | int | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _parameters(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> RequestParameters | None:
     stop = body.get("stop_sequences")
     values: dict[str, Any] = {
-        "temperature": _number(body.get("temperature")), "top_p": _number(body.get("top_p")),
+        "temperature": as_number(body.get("temperature")), "top_p": as_number(body.get("top_p")),
         "max_tokens": as_int(body.get(max_tokens_key)),
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
@@ -194,10 +192,7 @@ def _parameters(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> 
     servers = [as_str(as_mapping(s).get("name")) for s in as_list(body.get("mcp_servers"))]
     if servers:  # names only: a server entry may carry an authorization token
         extra["mcp_servers"] = servers
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def messages_request_facts(body: Any, *, request_type: str = "chat", tool_results: bool = True) -> RequestFacts:

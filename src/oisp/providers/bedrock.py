@@ -54,11 +54,13 @@ from oisp.provider_kit import (
     as_int,
     as_list,
     as_mapping,
+    as_number,
     as_str,
     base64_digest,
     canonical_json,
     json_or_none,
     message,
+    parameters_or_none,
     with_images,
 )
 from oisp.providers.anthropic import MessagesDecoder, messages_request_facts
@@ -222,26 +224,20 @@ def _converse_tool_choice(config: Mapping[str, Any]) -> Any:
     return None
 
 
-def _number(value: Any) -> int | float | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _parameters(config: Mapping[str, Any], extra_fields: Mapping[str, Any]) -> RequestParameters | None:
     """``inferenceConfig`` (Converse's camelCase, and Nova's snake_case inside InvokeModel)."""
     stop = config.get("stopSequences", config.get("stop_sequences"))
     max_tokens = as_int(config.get("maxTokens", config.get("max_new_tokens", config.get("max_tokens"))))
     values: dict[str, Any] = {
-        "temperature": _number(config.get("temperature")), "top_p": _number(config.get("topP", config.get("top_p"))),
+        "temperature": as_number(config.get("temperature")),
+        "top_p": as_number(config.get("topP", config.get("top_p"))),
         "max_tokens": max_tokens,
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
     extra = {k: v for k, v in extra_fields.items() if v is not None}
     if config.get("top_k", config.get("topK")) is not None:
         extra["top_k"] = config.get("top_k", config.get("topK"))
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def converse_request_facts(body: Any) -> RequestFacts:
@@ -292,17 +288,14 @@ def _prompt_parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     stop = next((config[k] for k in ("stop", "stop_sequences", "stopSequences") if k in config), None)
     max_tokens = next((as_int(config[k]) for k in _MAX_TOKENS_KEYS if as_int(config.get(k)) is not None), None)
     values: dict[str, Any] = {
-        "temperature": _number(config.get("temperature")),
-        "top_p": _number(config.get("top_p", config.get("topP", config.get("p")))),
+        "temperature": as_number(config.get("temperature")),
+        "top_p": as_number(config.get("top_p", config.get("topP", config.get("p")))),
         "max_tokens": max_tokens,
         "stop": [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
         if isinstance(stop, list) else None,
     }
     extra = {k: config[k] for k in _EXTRA_KEYS if config.get(k) is not None}
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def _embedding_inputs(body: Mapping[str, Any]) -> int:

@@ -51,6 +51,7 @@ from oisp.provider_kit import (
     as_int,
     as_list,
     as_mapping,
+    as_number,
     as_str,
     auth_from_exchange,
     canonical_json,
@@ -58,6 +59,7 @@ from oisp.provider_kit import (
     json_or_none,
     message,
     normalize_finish_reason,
+    parameters_or_none,
     with_images,
 )
 from oisp.provider_kit import synthesized_call_id as kit_synthesized_call_id
@@ -90,17 +92,13 @@ def synthesized_call_id(name: str | None, parameters: Any) -> str:
     return kit_synthesized_call_id("cohere", name, parameters)
 
 
-def _number(value: Any) -> float | int | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     stop = body.get("stop_sequences")
     values: dict[str, Any] = {
-        "temperature": _number(body.get("temperature")), "top_p": _number(body.get("p")),
+        "temperature": as_number(body.get("temperature")), "top_p": as_number(body.get("p")),
         "max_tokens": as_int(body.get("max_tokens")),
-        "frequency_penalty": _number(body.get("frequency_penalty")),
-        "presence_penalty": _number(body.get("presence_penalty")),
+        "frequency_penalty": as_number(body.get("frequency_penalty")),
+        "presence_penalty": as_number(body.get("presence_penalty")),
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
     extra: dict[str, Any] = {k: body[k] for k in (
@@ -114,10 +112,7 @@ def _parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     connectors = [as_mapping(c).get("id") for c in as_list(body.get("connectors"))]
     if connectors:
         extra["connectors"] = connectors
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def _tool(name: Any, description: Any, schema: Any) -> ToolDefinition:

@@ -79,12 +79,14 @@ from oisp.provider_kit import (
     as_int,
     as_list,
     as_mapping,
+    as_number,
     as_str,
     base64_digest,
     canonical_json,
     field,
     json_or_none,
     normalize_finish_reason,
+    parameters_or_none,
 )
 from oisp.provider_kit import synthesized_call_id as kit_synthesized_call_id
 from oisp.providers.anthropic import MessagesDecoder
@@ -332,10 +334,6 @@ def _tool_choice(value: Any) -> Any:
     return None
 
 
-def _number(value: Any) -> float | int | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 _EXTRA_CONFIG = {
     "topK": "top_k", "top_k": "top_k", "candidateCount": "candidate_count", "candidate_count": "candidate_count",
     "seed": "seed", "responseMimeType": "response_mime_type", "response_mime_type": "response_mime_type",
@@ -349,20 +347,17 @@ _EXTRA_CONFIG = {
 def _parameters(config: Mapping[str, Any]) -> RequestParameters | None:
     stop = field(config, "stopSequences", "stop_sequences")
     values: dict[str, Any] = {
-        "temperature": _number(config.get("temperature")), "top_p": _number(field(config, "topP", "top_p")),
+        "temperature": as_number(config.get("temperature")), "top_p": as_number(field(config, "topP", "top_p")),
         "max_tokens": as_int(field(config, "maxOutputTokens", "max_output_tokens")),
-        "frequency_penalty": _number(field(config, "frequencyPenalty", "frequency_penalty")),
-        "presence_penalty": _number(field(config, "presencePenalty", "presence_penalty")),
+        "frequency_penalty": as_number(field(config, "frequencyPenalty", "frequency_penalty")),
+        "presence_penalty": as_number(field(config, "presencePenalty", "presence_penalty")),
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
     extra = {name: config[key] for key, name in _EXTRA_CONFIG.items() if config.get(key) is not None}
     schema = field(config, "responseSchema", "response_schema", "responseJsonSchema", "response_json_schema")
     if schema is not None:
         extra["response_schema_hash"] = sha256_text(canonical_json(schema))
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def contents_request_facts(body: Any, *, model: str | None = None, streaming: bool = False,

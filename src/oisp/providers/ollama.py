@@ -36,6 +36,7 @@ from oisp.provider_kit import (
     ToolResultFacts,
     canonical_json,
     message,
+    parameters_or_none,
 )
 from oisp.provider_kit import as_mapping as _mapping
 from oisp.provider_kit import synthesized_call_id as kit_synthesized_call_id
@@ -128,10 +129,7 @@ def _parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     for key in ("format", "think", "keep_alive", "truncate", "dimensions", "raw", "suffix"):
         if body.get(key) is not None:
             extra[key] = body[key]
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 class OllamaDecoder(ApiDecoder):
