@@ -37,8 +37,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from oisp.errors import OispError
-from oisp.events import PAYLOAD_TYPES, Event, EventEncoder, Host, UnknownPayload
-from oisp.events.envelope import SHARED_CONTEXT
+from oisp.events import PAYLOAD_TYPES, SHARED_CONTEXT, Event, EventEncoder, Host, UnknownPayload
 from oisp.events.spec_gaps import conform, map_values
 from oisp.hookspecs import Sink
 from oisp.redaction import SCANNED_KEYS, Redactor

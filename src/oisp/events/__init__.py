@@ -41,6 +41,7 @@ from oisp.events.encoder import EncodedEvent, EventEncoder
 from oisp.events.envelope import (
     OISP_VERSION,
     PAYLOAD_TYPES,
+    SHARED_CONTEXT,
     Event,
     UnknownPayload,
     format_ts,
@@ -54,6 +55,7 @@ from oisp.events.process import ProcessExec, ProcessExit
 __all__ = [
     "OISP_VERSION",
     "PAYLOAD_TYPES",
+    "SHARED_CONTEXT",
     "Actor",
     "AgentInfo",
     "AgentToolCall",
