@@ -69,6 +69,8 @@ from oisp.provider_kit.exchange import auth_from_exchange, json_or_none, latenci
 from oisp.provider_kit.metadata import MetadataDecoder, exchange_attrs
 from oisp.provider_kit.tool_calls import (
     CallRecord,
+    FirstReports,
+    Outcome,
     PendingCalls,
     ToolCallRegistry,
     synthesized_call_id,
@@ -84,6 +86,7 @@ __all__ = [
     "DecoderContext",
     "EventStreamDecoder",
     "EventStreamMessage",
+    "FirstReports",
     "FramingError",
     "JsonArrayDecoder",
     "JsonArrayElement",
@@ -92,6 +95,7 @@ __all__ = [
     "NdjsonDecoder",
     "NdjsonValue",
     "OpenResponse",
+    "Outcome",
     "PendingCalls",
     "RequestFacts",
     "ResponseState",

@@ -13,13 +13,22 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
 from oisp.provider_kit.content import canonical_json
 
-__all__ = ["CallRecord", "PendingCalls", "ToolCallRegistry", "synthesized_call_id", "tool_type_for"]
+__all__ = [
+    "CallRecord",
+    "FirstReports",
+    "Outcome",
+    "PendingCalls",
+    "ToolCallRegistry",
+    "synthesized_call_id",
+    "tool_type_for",
+]
 
 _TOOL_TYPES = (
     (re.compile(r"(read|cat|open|view|get)_?(file|document)|file_read"), "file_read"),
@@ -47,13 +56,73 @@ def tool_type_for(name: str | None) -> str:
     return "other"
 
 
+class Outcome(Protocol):
+    """A record of :class:`FirstReports`: whether its outcome was reported, and whether it is known (False for
+    the stand-in kept for an outcome seen before what caused it)."""
+
+    reported: bool
+
+    @property
+    def known(self) -> bool: ...
+
+
+R = TypeVar("R", bound=Outcome)
+
+
+class FirstReports(Generic[R]):
+    """Things whose outcome is reported once, whichever exchange brings it first (a tool call's result, a
+    Replicate prediction's output), by key. Bounded (oldest forgotten first); thread-safe: the proxy decodes
+    connections concurrently. ``stand_in`` makes the record kept for an outcome whose cause was not seen."""
+
+    def __init__(self, stand_in: Callable[[], R], max_entries: int) -> None:
+        self._records: OrderedDict[str, R] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stand_in = stand_in
+        self.max_entries = max_entries
+
+    def put(self, key: str, record: R) -> None:
+        """Remember ``record`` (the cause: a call made, a prediction created) under ``key``."""
+        with self._lock:
+            self._records[key] = record
+            self._records.move_to_end(key)
+            self._trim()
+
+    def get(self, key: str) -> R | None:
+        """The known record of ``key``, without claiming its outcome."""
+        with self._lock:
+            record = self._records.get(key)
+            return record if record is not None and record.known else None
+
+    def claim(self, key: str) -> tuple[bool, R | None]:
+        """(report it?, the known record it answers): an outcome is reported the first time it is seen."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is None:
+                self._records[key] = self._stand_in()
+                self._trim()
+                return True, None
+            if record.reported:
+                return False, record
+            record.reported = True
+            return True, record if record.known else None
+
+    def _trim(self) -> None:
+        while len(self._records) > self.max_entries:
+            self._records.popitem(last=False)
+
+
 @attrs.define
 class CallRecord:
     """A tool call the registry knows: its ``agent.tool_call`` event id ("" when only its result was seen)."""
 
     event_id: str
     name: str | None
-    result_reported: bool = False
+    #: Whether its result was reported.
+    reported: bool = False
+
+    @property
+    def known(self) -> bool:
+        return bool(self.event_id)
 
 
 class ToolCallRegistry:
@@ -62,31 +131,15 @@ class ToolCallRegistry:
     the whole conversation with every request. Bounded (oldest forgotten first); thread-safe."""
 
     def __init__(self, max_entries: int = 50_000) -> None:
-        self._calls: OrderedDict[str, CallRecord] = OrderedDict()
-        self._lock = threading.Lock()
-        self.max_entries = max_entries
+        self._calls = FirstReports(lambda: CallRecord("", None, reported=True), max_entries)
 
     def record_call(self, call_id: str, event_id: str, name: str | None) -> None:
         """A model made the call ``call_id``, reported as the event ``event_id``."""
-        with self._lock:
-            self._calls[call_id] = CallRecord(event_id, name)
-            self._calls.move_to_end(call_id)
-            while len(self._calls) > self.max_entries:
-                self._calls.popitem(last=False)
+        self._calls.put(call_id, CallRecord(event_id, name))
 
     def claim_result(self, call_id: str) -> tuple[bool, CallRecord | None]:
         """(report it?, the call it answers). A result is reported the first time it is seen."""
-        with self._lock:
-            record = self._calls.get(call_id)
-            if record is None:
-                self._calls[call_id] = CallRecord("", None, result_reported=True)
-                while len(self._calls) > self.max_entries:
-                    self._calls.popitem(last=False)
-                return True, None
-            if record.result_reported:
-                return False, record
-            record.result_reported = True
-            return True, record if record.event_id else None
+        return self._calls.claim(call_id)
 
 
 def synthesized_call_id(prefix: str, *parts: Any) -> str:

@@ -49,7 +49,15 @@ from oisp.events import (
 from oisp.framing import SseEvent
 from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.provider_kit import ApiDecoder, DecoderContext, RequestFacts, json_or_none, message, request_id_for
+from oisp.provider_kit import (
+    ApiDecoder,
+    DecoderContext,
+    FirstReports,
+    RequestFacts,
+    json_or_none,
+    message,
+    request_id_for,
+)
 
 __all__ = ["ENDPOINTS", "FINISHED", "PredictionTable", "ReplicateDecoder", "predictions"]
 
@@ -74,6 +82,10 @@ class _Created:
     model: str | None
     reported: bool = False
 
+    @property
+    def known(self) -> bool:
+        return bool(self.request_id)
+
 
 class PredictionTable:
     """Predictions seen being created (prediction id -> the create call's request), and stream URLs -> ids.
@@ -83,25 +95,21 @@ class PredictionTable:
 
     def __init__(self, max_entries: int = 20_000) -> None:
         self.max_entries = max_entries
-        self._created: OrderedDict[str, _Created] = OrderedDict()
+        self._created = FirstReports(lambda: _Created("", "", 0, None, reported=True), max_entries)
         self._streams: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def created(self, prediction_id: str, record: _Created, stream_url: str | None) -> None:
-        with self._lock:
-            self._created[prediction_id] = record
-            self._created.move_to_end(prediction_id)
-            if stream_url:
+        self._created.put(prediction_id, record)
+        if stream_url:
+            with self._lock:
                 self._streams[_url_key(stream_url)] = prediction_id
-            for table in (self._created, self._streams):
-                while len(table) > self.max_entries:
-                    table.popitem(last=False)
+                while len(self._streams) > self.max_entries:
+                    self._streams.popitem(last=False)
 
     def get(self, prediction_id: str) -> _Created | None:
         """The creation of a prediction, if seen (without claiming its outcome)."""
-        with self._lock:
-            record = self._created.get(prediction_id)
-            return record if record is not None and record.request_id else None
+        return self._created.get(prediction_id)
 
     def id_for_stream(self, url: str) -> str | None:
         with self._lock:
@@ -109,17 +117,7 @@ class PredictionTable:
 
     def finish(self, prediction_id: str) -> tuple[bool, _Created | None]:
         """(report it?, its creation if seen): a prediction's outcome is reported the first time it is seen."""
-        with self._lock:
-            record = self._created.get(prediction_id)
-            if record is None:
-                self._created[prediction_id] = _Created("", "", 0, None, reported=True)
-                while len(self._created) > self.max_entries:
-                    self._created.popitem(last=False)
-                return True, None
-            if record.reported:
-                return False, record
-            record.reported = True
-            return True, record if record.request_id else None
+        return self._created.claim(prediction_id)
 
 
 def predictions(context: DecoderContext) -> PredictionTable:
