@@ -33,13 +33,11 @@ from typing import Any
 def _events(exchanges: int) -> list[Any]:
     from bench_decode import bench_connection, exchange_traffic
 
-    from oisp.decoder import EventDecoder
+    import oisp
+    from oisp.http import make_decoder
     from oisp.plugins import create_plugin_manager
 
-    try:
-        from oisp.http import make_decoder
-    except ImportError:  # older trees
-        from oisp.http.decoder import make_decoder  # type: ignore[no-redef]
+    EventDecoder = oisp.EventDecoder
 
     events: list[Any] = []
     connection = bench_connection()

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
     from oisp.capture import AICapture, capture_ai
     from oisp.config import Config
     from oisp.conversation import Call, Conversation, calls, conversations, read_events
-    from oisp.decoder import Decoder, EventDecoder
     from oisp.decoder_process import DecoderProcess
     from oisp.endpoints import EndpointTable
+    from oisp.event_decoder import Decoder, EventDecoder
     from oisp.interception import Interceptor, InterceptorConfig, TargetSet
     from oisp.pipeline import Pipeline
     from oisp.plugins import create_plugin_manager
@@ -56,8 +56,8 @@ _LAZY = {
     "EndpointTable": "oisp.endpoints",
     "TargetSet": "oisp.interception",
     "UpstreamOverride": "oisp.proxy",
-    "Decoder": "oisp.decoder",
-    "EventDecoder": "oisp.decoder",
+    "Decoder": "oisp.event_decoder",
+    "EventDecoder": "oisp.event_decoder",
     "RecordedExchange": "oisp.recorded",
     "read_recording": "oisp.recorded",
     "Interceptor": "oisp.interception",

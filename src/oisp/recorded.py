@@ -1,4 +1,4 @@
-"""Recorded HTTP exchanges, to replay through a :class:`~oisp.decoder.Decoder`: :class:`RecordedExchange`.
+"""Recorded HTTP exchanges, to replay through a :class:`~oisp.event_decoder.Decoder`: :class:`RecordedExchange`.
 
 A recording is a JSONL file with one exchange per line (lines that are OISP events may be mixed in; they are
 replayed as they are)::

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from tests.oisp_schema import SchemaValidator
 
-from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable
+from oisp.event_decoder import EventDecoder
 from oisp.events import Event
 from oisp.events.spec_gaps import conform
 from oisp.hookspecs import ExchangeDecoder

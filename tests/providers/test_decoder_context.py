@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.providers.exchange_harness import data, make_exchange, of_type, respond
 
-from oisp.decoder import EventDecoder
+from oisp.event_decoder import EventDecoder
 from oisp.events import Event
 from oisp.plugins import create_plugin_manager
 from oisp.provider_kit import DecoderContext

@@ -8,7 +8,7 @@ import pytest
 from attrs import evolve
 from tests.providers.fixtures.openai.replay import Case, case_names, exchange_for, load, of_type, one, replay
 
-from oisp.decoder import EventDecoder
+from oisp.event_decoder import EventDecoder
 from oisp.events import AiRequest, AiResponse, Event
 from oisp.hookspecs import DecoderSettings
 from oisp.http.exchange import Headers, HttpResponse

@@ -3,7 +3,7 @@
 Some facts outlive one exchange: the tool calls a model made (answered by a later request), a Replicate
 prediction created by one call and finished by another. Such state belongs to one run of the decoder, not to
 the process: two decoders in one process (two captures in one script, a test beside a running sensor) must
-never see each other's calls. The :class:`~oisp.decoder.EventDecoder` owns one context and hands it to every
+never see each other's calls. The :class:`~oisp.event_decoder.EventDecoder` owns one context and hands it to every
 ``oisp_exchange_decoder`` call; a provider keeps its tables in it.
 """
 

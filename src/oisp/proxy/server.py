@@ -155,7 +155,7 @@ class MitmProxy:
         self.endpoints = endpoints
         self.observer = observer
         if decoder_factory is None:
-            from oisp.http.decoder import make_decoder
+            from oisp.http.passive import make_decoder
 
             decoder_factory = make_decoder
         self._make_decoder = decoder_factory
