@@ -86,9 +86,11 @@ def measure(exchanges: int, repeat: int) -> dict[str, float]:
 
 
 def _run_tree(tree: Path, exchanges: int, repeat: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "src"), str(tree / "bench")])}
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--exchanges", str(exchanges),
-                             "--repeat", str(repeat)], env=env, capture_output=True, text=True, check=True,
+    # the tree's own oisp and bench_decode first; this script's folder last (for this module alone)
+    path = [str(tree / "src"), str(tree / "bench"), str(Path(__file__).resolve().parent)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    code = f"import json, bench_encode; print(json.dumps(bench_encode.measure({exchanges}, {repeat})))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                             cwd=tree)
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -99,11 +101,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs per column; the best counts (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="with --against: alternating runs per tree")
     parser.add_argument("--against", type=Path, help="another checkout to measure in the same run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.exchanges, args.repeat)))
-        return
     here = Path(__file__).resolve().parents[1]
     trees = {"this tree": here} | ({f"against {args.against}": args.against.resolve()} if args.against else {})
     best: dict[str, dict[str, float]] = {}

@@ -71,33 +71,36 @@ class EventEncoder:
         self.cache_size = cache_size
         #: id(record) -> its block; the record is kept, so its id cannot be reused while the entry lives.
         self._blocks: dict[int, _Block] = {}
+        #: Of the form being made: the blocks it uses, and whether they all passed the check.
+        self._used: list[tuple[str, _Block]] = []
+        self._clean = True
 
     def form(self, event: Event) -> EncodedEvent:
         """The event's dict form, shared context records from (or put in) the cache."""
-        blocks: list[tuple[str, _Block]] = []
-        clean = True
+        used: list[tuple[str, _Block]] = []
+        self._used = used
+        self._clean = True
+        fields = event_fields(event, self._context_form)
+        return EncodedEvent(fields, self._clean, used)
+
+    def _context_form(self, key: str, value: Any) -> Any:
+        """A shared context value's dict form for :meth:`form` (the one in progress: see ``_used``)."""
+        if not isinstance(value, Record):  # not a record (so not cached): checked here
+            plain = unstructure(value)
+            if self.check is not None and not self.check(key, plain):
+                self._clean = False
+            return plain
         cache = self._blocks
-        check = self.check
-
-        def context_form(key: str, value: Any) -> Any:
-            nonlocal clean
-            if not isinstance(value, Record):  # not a record (so not cached): checked here
-                plain = unstructure(value)
-                if check is not None and not check(key, plain):
-                    clean = False
-                return plain
-            block = cache.get(id(value))
-            if block is None or block.record is not value:
-                plain = value.to_dict()
-                if len(cache) >= self.cache_size:
-                    cache.clear()
-                block = cache[id(value)] = _Block(value, plain, check is None or check(key, plain))
-            clean = clean and block.clean
-            blocks.append((key, block))
-            return block.plain
-
-        fields = event_fields(event, context_form)
-        return EncodedEvent(fields, clean, blocks)
+        block = cache.get(id(value))
+        if block is None or block.record is not value:
+            plain = value.to_dict()
+            if len(cache) >= self.cache_size:
+                cache.clear()
+            block = cache[id(value)] = _Block(value, plain, self.check is None or self.check(key, plain))
+        if not block.clean:
+            self._clean = False
+        self._used.append((key, block))
+        return block.plain
 
     def encode(self, form: EncodedEvent) -> str:
         """The compact JSON text of a form (``_COMPACT.encode(form.fields)``, the shared records' text made once

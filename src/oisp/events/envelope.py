@@ -265,6 +265,8 @@ _INIT_FIELDS = tuple(a.name for a in attrs_fields(Event) if a.init)
 _CONTEXT_FIELDS = frozenset(_INIT_FIELDS) - {"event_type", "data"}
 
 
+_EVENT_PLAN = Event._structure_plan()
+
 #: Envelope fields whose value is usually one context record many events share (a connection's process, the
 #: machine's host): :class:`~oisp.events.EventEncoder` turns each such record into JSON once.
 SHARED_CONTEXT = frozenset({"host", "actor", "process", "app", "source"})
@@ -278,7 +280,8 @@ def event_fields(event: Event, context_form: ContextForm | None = None) -> dict[
     fields); ``context_form``, when given, makes the values of the :data:`SHARED_CONTEXT` fields (the encoder's
     cache)."""
     out: dict[str, Any] = {}
-    for name, key, _ in type(event)._structure_plan():
+    plan = _EVENT_PLAN if type(event) is Event else type(event)._structure_plan()
+    for name, key, _ in plan:
         value = getattr(event, name)
         if value is None:
             continue
