@@ -20,7 +20,7 @@ A second table gives the CPU cost of one *ordinary* exchange, end to end, in µs
 (``--exchanges N`` of them on one keep-alive connection; ``--no-streams`` skips the stream table): an openai SDK
 ``POST /v1/chat/completions`` (320-byte body, ``authorization: Bearer sk-...``, ``x-stainless-*`` headers)
 answered by a 460-byte non-streamed JSON body with OpenAI's usual response headers, over HTTP/1.1 and HTTP/2.
-The raw bytes go into the real passive decoder (``make_decoder``) with :class:`~oisp.decoder.EventDecoder`'s
+The raw bytes go into the real passive decoder (``make_decoder``) with :class:`~oisp.event_decoder.EventDecoder`'s
 listener and a :class:`~oisp.http.exchange.ConnectionInfo` carrying a realistic process, user and app, as the
 proxy builds it. Columns, each including the ones before it:
 
@@ -55,12 +55,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_framing import _token, bedrock_eventstream, best_of, openai_sse
 from bench_http import NullListener
 
-from oisp.decoder import EventDecoder
+from oisp.event_decoder import EventDecoder
 from oisp.events import Actor, App, Event, Host, ParentProcess, ProcessInfo
 from oisp.framing import EventStreamDecoder, EventStreamMessage, SseDecoder, SseEvent, encode_message
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder
-from oisp.http.decoder import make_decoder
 from oisp.http.exchange import ConnectionInfo, Headers, HttpExchange, HttpRequest, HttpResponse
+from oisp.http.passive import make_decoder
 from oisp.pipeline import SINK_HANDOFF_WAIT, Pipeline
 from oisp.plugins import create_plugin_manager
 from oisp.providers import openai

@@ -538,9 +538,9 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
 COMPONENTS = (
     ("oisp/proxy/", "TLS and relay (oisp.proxy, incl. ssl and socket calls)"),
     ("oisp/http/", "HTTP decoding (oisp.http)"),
-    ("oisp/framing/", "provider decoding (oisp.providers, oisp.decoder, oisp.framing)"),
-    ("oisp/providers/", "provider decoding (oisp.providers, oisp.decoder, oisp.framing)"),
-    ("oisp/decoder.py", "provider decoding (oisp.providers, oisp.decoder, oisp.framing)"),
+    ("oisp/framing/", "provider decoding (oisp.providers, oisp.event_decoder, oisp.framing)"),
+    ("oisp/providers/", "provider decoding (oisp.providers, oisp.event_decoder, oisp.framing)"),
+    ("oisp/event_decoder.py", "provider decoding (oisp.providers, oisp.event_decoder, oisp.framing)"),
     ("oisp/redaction.py", "redaction (oisp.redaction)"),
     ("oisp/events/", "event building and serialization (oisp.events)"),
     ("oisp/pipeline.py", "pipeline (oisp.pipeline)"),

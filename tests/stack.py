@@ -16,8 +16,8 @@ import attrs
 import trustme
 from tests.upstream import Handler, Upstream, json_ok, server_context
 
-from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable
+from oisp.event_decoder import EventDecoder
 from oisp.events import Event
 from oisp.pipeline import Pipeline
 from oisp.plugins import create_plugin_manager

@@ -6,7 +6,7 @@ import pytest
 from tests.oisp_schema import SchemaValidator
 
 from oisp.attribution import PidSource
-from oisp.decoder import network_connect_event
+from oisp.event_decoder import network_connect_event
 from oisp.events import Actor, ProcessInfo
 from oisp.proxy.report import ConnectionReport, Decision
 

@@ -184,7 +184,7 @@ def test_the_shipped_prices_are_the_spec_bundles_and_price_calls_out_of_the_box(
 
 def test_runs_price_calls_unless_pricing_is_turned_off(tmp_path: Path) -> None:
     from oisp.config import load_config
-    from oisp.decoding import build_pipeline
+    from oisp.decode_setup import build_pipeline
     from oisp.plugins import create_plugin_manager
 
     plugins = create_plugin_manager()

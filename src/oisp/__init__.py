@@ -1,7 +1,7 @@
 """oisp: see every AI API call a machine makes, as OISP v0.1 events.
 
 The public API is what this module exports; everything under a leading underscore is private. The composable
-parts (:class:`MitmProxy`, :class:`Interceptor`, :class:`Attributor`, :class:`EventDecoder`,
+parts (:class:`MitmProxy`, :class:`Interceptor`, :class:`Attributor`, :class:`Decoder`, :class:`EventDecoder`,
 :class:`DecoderProcess`, :class:`Pipeline`, :class:`CertificateAuthority`) are imported on first use, so
 ``import oisp`` stays cheap for plugins and scripts that only need events.
 """
@@ -29,13 +29,14 @@ if TYPE_CHECKING:
     from oisp.capture import AICapture, capture_ai
     from oisp.config import Config
     from oisp.conversation import Call, Conversation, calls, conversations, read_events
-    from oisp.decoder import EventDecoder
     from oisp.decoder_process import DecoderProcess
     from oisp.endpoints import EndpointTable
+    from oisp.event_decoder import Decoder, EventDecoder
     from oisp.interception import Interceptor, InterceptorConfig, TargetSet
     from oisp.pipeline import Pipeline
     from oisp.plugins import create_plugin_manager
     from oisp.proxy import MitmProxy, ProxyConfig, ProxyMode, UpstreamOverride
+    from oisp.recorded import RecordedExchange, read_recording
     from oisp.tls import CertificateAuthority
 
 #: Public name -> the module that defines it (imported when the name is first used).
@@ -55,7 +56,10 @@ _LAZY = {
     "EndpointTable": "oisp.endpoints",
     "TargetSet": "oisp.interception",
     "UpstreamOverride": "oisp.proxy",
-    "EventDecoder": "oisp.decoder",
+    "Decoder": "oisp.event_decoder",
+    "EventDecoder": "oisp.event_decoder",
+    "RecordedExchange": "oisp.recorded",
+    "read_recording": "oisp.recorded",
     "Interceptor": "oisp.interception",
     "InterceptorConfig": "oisp.interception",
     "MitmProxy": "oisp.proxy",
@@ -89,6 +93,7 @@ __all__ = [
     "Config",
     "ConfigurationError",
     "Conversation",
+    "Decoder",
     "DecoderProcess",
     "EndpointTable",
     "Event",
@@ -105,6 +110,7 @@ __all__ = [
     "ProtocolError",
     "ProxyConfig",
     "ProxyMode",
+    "RecordedExchange",
     "Sink",
     "SinkFactory",
     "TargetSet",
@@ -116,4 +122,5 @@ __all__ = [
     "create_plugin_manager",
     "hookimpl",
     "read_events",
+    "read_recording",
 ]

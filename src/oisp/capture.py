@@ -97,8 +97,8 @@ def capture_ai(*, confdir: str | Path | None = None, resolve: Sequence[str] = ()
     import anyio.from_thread
 
     from oisp.attribution import Attributor
-    from oisp.decoder import EventDecoder
     from oisp.endpoints import EndpointTable
+    from oisp.event_decoder import EventDecoder
     from oisp.pipeline import Pipeline
     from oisp.plugins import create_plugin_manager
     from oisp.pricing import PricingEnricher

@@ -1,5 +1,8 @@
 """The table of AI endpoints: which (host, port) pairs oisp intercepts, and which provider serves them.
 
+There is no core list: each provider plugin declares its own endpoints (``oisp_endpoints``), oisp's built-in
+ones too, and the table is built from all of them (:meth:`EndpointTable.from_plugins`) plus the configured hosts.
+
 Host patterns: ``*`` stands for one or more characters inside one DNS label (``*.openai.azure.com`` matches
 ``myres.openai.azure.com``; ``*-aiplatform.googleapis.com`` matches ``us-central1-aiplatform.googleapis.com``);
 it never spans a dot, so a pattern cannot be stretched over other domains. Matching is case-insensitive and
@@ -10,45 +13,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
 from oisp.errors import ConfigurationError
 from oisp.hookspecs import EndpointSpec
 
-__all__ = ["BUILTIN_ENDPOINTS", "EndpointTable", "permitted_domains"]
+if TYPE_CHECKING:
+    from oisp.plugins import OispPluginManager
 
-_P = EndpointSpec
-
-#: The built-in table (``shared/design/providers.md``).
-BUILTIN_ENDPOINTS: tuple[EndpointSpec, ...] = (
-    _P("openai", "api.openai.com"),
-    _P("anthropic", "api.anthropic.com"),
-    _P("google", "generativelanguage.googleapis.com"),
-    _P("google", "aiplatform.googleapis.com"),
-    _P("google", "*-aiplatform.googleapis.com"),
-    _P("azure_openai", "*.openai.azure.com"),
-    _P("aws_bedrock", "bedrock-runtime.*.amazonaws.com"),
-    _P("cohere", "api.cohere.ai"),
-    _P("cohere", "api.cohere.com"),
-    _P("mistral", "api.mistral.ai"),
-    _P("groq", "api.groq.com"),
-    _P("together", "api.together.xyz"),
-    _P("together", "api.together.ai"),
-    _P("fireworks", "api.fireworks.ai"),
-    _P("perplexity", "api.perplexity.ai"),
-    _P("openrouter", "openrouter.ai"),
-    _P("openrouter", "api.openrouter.ai"),
-    _P("replicate", "api.replicate.com"),
-    _P("huggingface", "api-inference.huggingface.co"),
-    _P("huggingface", "router.huggingface.co"),
-    _P("deepseek", "api.deepseek.com"),
-    _P("xai", "api.x.ai"),
-    _P("ollama", "localhost", 11434, tls=False),
-    _P("ollama", "127.0.0.1", 11434, tls=False),
-    _P("lmstudio", "localhost", 1234, tls=False),
-    _P("lmstudio", "127.0.0.1", 1234, tls=False),
-)
+__all__ = ["EndpointTable", "permitted_domains"]
 
 _LABEL = re.compile(r"^[a-z0-9*_-]+$")
 
@@ -79,11 +54,21 @@ class _Entry:
 class EndpointTable:
     """Answers "is this (host, port) an AI endpoint, and whose?"; built from :class:`EndpointSpec` entries."""
 
-    def __init__(self, specs: Iterable[EndpointSpec] = BUILTIN_ENDPOINTS) -> None:
+    def __init__(self, specs: Iterable[EndpointSpec] = ()) -> None:
         self._exact: dict[tuple[str, int], EndpointSpec] = {}
         self._patterns: list[_Entry] = []
         for spec in specs:
             self.add(spec)
+
+    @classmethod
+    def from_plugins(cls, plugins: OispPluginManager | None = None) -> EndpointTable:
+        """The table of every endpoint the provider plugins declare (oisp's own and the installed ones, unless
+        ``plugins`` says otherwise)."""
+        if plugins is None:
+            from oisp.plugins import create_plugin_manager
+
+            plugins = create_plugin_manager()
+        return cls(plugins.endpoints())
 
     def add(self, spec: EndpointSpec) -> None:
         """Add one endpoint (a later entry for the same exact host and port replaces the earlier one)."""

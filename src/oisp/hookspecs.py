@@ -12,7 +12,9 @@ isolation: an exception in one plugin is logged with the plugin's name and the o
 Provider plugins
     ``oisp_endpoints`` says which hosts are AI endpoints (so the proxy intercepts them);
     ``oisp_exchange_decoder`` claims one HTTP exchange and returns an :class:`ExchangeDecoder` that turns it,
-    incrementally, into OISP events, honouring the runner's :class:`DecoderSettings`.
+    incrementally, into OISP events, honouring the runner's :class:`DecoderSettings` and keeping what outlives
+    the exchange in the run's :class:`~oisp.provider_kit.DecoderContext`. :mod:`oisp.provider_kit` has the
+    building blocks oisp's own providers use.
 
 Sink plugins
     ``oisp_sink_types`` names the sink kinds a plugin offers and the factory that builds one from its
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from oisp.events import Event
     from oisp.http.exchange import HttpExchange
     from oisp.http.websocket import WebSocketMessage
+    from oisp.provider_kit import DecoderContext
 
 __all__ = [
     "PROJECT_NAME",
@@ -136,14 +139,16 @@ class ProviderSpec:
         raise NotImplementedError
 
     @hookspec
-    def oisp_exchange_decoder(self, exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+    def oisp_exchange_decoder(self, exchange: HttpExchange, settings: DecoderSettings,
+                              context: DecoderContext) -> ExchangeDecoder | None:
         """Claim ``exchange`` by returning a decoder for it, or return None to leave it to others.
 
         Called once per exchange, when its request is complete. The first plugin asked that returns a decoder
         owns the exchange. Plugins are asked in pluggy's order: the most recently registered first (so installed
         third-party plugins come before oisp's built-ins), ``tryfirst``/``trylast`` respected. ``settings`` say
-        what the runner wants decoded (an implementation may leave the argument out of its signature, as pluggy
-        allows).
+        what the runner wants decoded; ``context`` is the state of this decoding run, shared by its exchanges and
+        by no other run (the tool calls seen, a provider's own tables: ``context.state(key, factory)``). An
+        implementation may leave either argument out of its signature, as pluggy allows.
         """
         raise NotImplementedError
 

@@ -22,7 +22,6 @@ that decodes inline must not stall its relay on a sink.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import socket
 import threading
@@ -38,9 +37,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from oisp.errors import OispError
-from oisp.events import PAYLOAD_TYPES, Event, Host, UnknownPayload, format_ts
-from oisp.events._record import _SCALARS, Record, unstructure
-from oisp.events.envelope import _COMPACT
+from oisp.events import PAYLOAD_TYPES, SHARED_CONTEXT, Event, EventEncoder, Host, UnknownPayload
 from oisp.events.spec_gaps import conform, map_values
 from oisp.hookspecs import Sink
 from oisp.redaction import SCANNED_KEYS, Redactor
@@ -56,31 +53,9 @@ _ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "
          "i386": "i686", "x86": "i686"}
 _OS = {"Linux": "linux", "Darwin": "darwin", "Windows": "windows", "FreeBSD": "freebsd"}
 
-#: Envelope fields whose records usually come from a connection or the machine, the same object in many events.
-_SHARED_RECORDS = frozenset({"host", "actor", "process", "app", "source"})
-#: The scanned parts of an event that are its own (the shared ones are scanned once, in the cache).
-_SCANNED_PER_EVENT = tuple(key for key in SCANNED_KEYS if key not in _SHARED_RECORDS)
-_EVENT_PLAN = Event._structure_plan()
+#: The scanned parts of an event that are its own (the shared context records are scanned once, by the encoder).
+_SCANNED_PER_EVENT = tuple(key for key in SCANNED_KEYS if key not in SHARED_CONTEXT)
 _BLOCK_CACHE_SIZE = 1024
-#: What stands in for a shared record in the dict that is encoded, its cached JSON text put in its place after:
-#: a string no event holds (a NUL, then 128 random bits), encoded as a JSON string.
-_PLACEHOLDER_NONCE = os.urandom(16).hex()
-_PLACEHOLDERS = {key: f"\x00oisp-{_PLACEHOLDER_NONCE}-{key}" for name, key, _ in _EVENT_PLAN if name in _SHARED_RECORDS}
-_PLACEHOLDER_TEXTS = {key: _COMPACT.encode(value) for key, value in _PLACEHOLDERS.items()}
-
-
-class _Block:
-    """A shared context record's dict form (only read, never changed or handed out), whether that holds nothing
-    to redact, and its JSON text once made."""
-
-    __slots__ = ("clean", "plain", "record", "text")
-
-    def __init__(self, record: Record, plain: dict[str, Any], clean: bool) -> None:
-        self.record = record
-        self.plain = plain
-        self.clean = clean
-        self.text: str | None = None
-
 #: Seconds the event loop waits for a sink's thread to finish a batch it was just handed (see the module's
 #: documentation) before it waits without blocking.
 SINK_HANDOFF_WAIT = 0.005
@@ -205,23 +180,6 @@ class _SinkLane:
     flush: anyio.Event | None = None
 
 
-def _encode_with(raw: dict[str, Any], shared: list[tuple[str, _Block]]) -> str:
-    """``_COMPACT.encode(raw)`` (``raw`` changed on the way), the JSON text of the shared blocks in it made once
-    per block: they are most of an event's text."""
-    if not shared:
-        return _COMPACT.encode(raw)
-    for key, block in shared:
-        if raw.get(key) is block.plain:
-            raw[key] = _PLACEHOLDERS[key]
-    text = _COMPACT.encode(raw)
-    for key, block in shared:
-        if raw.get(key) is _PLACEHOLDERS[key]:
-            if block.text is None:
-                block.text = _COMPACT.encode(block.plain)
-            text = text.replace(_PLACEHOLDER_TEXTS[key], block.text, 1)
-    return text
-
-
 def _refresh_reported(lane: _SinkLane) -> None:
     """Copy the counters a sink reports through its optional ``stats()`` into its :class:`SinkStats`."""
     report = getattr(lane.sink, "stats", None)
@@ -287,9 +245,9 @@ class Pipeline:
         self._last_drop_log = 0.0
         self._listeners: list[Callable[[Event], None]] = []
         self._room = anyio.Event()
-        #: id -> its _Block, for records of _SHARED_RECORDS; the record is kept, so its id cannot be reused while
-        #: the entry lives.
-        self._blocks: dict[int, _Block] = {}
+        #: Encodes each event once (for every sink and listener); shared context records are scanned for the
+        #: redactor and encoded once per record.
+        self._encoder = EventEncoder(check=self._context_is_clean, cache_size=_BLOCK_CACHE_SIZE)
 
     # producer side ------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -384,15 +342,20 @@ class Pipeline:
             if processed is not None:
                 return processed
         event = conform(redactor(event))
-        event.remember_json(_COMPACT.encode(event.to_dict()))
+        event.remember_json(event.to_json())
         return event
+
+    def _context_is_clean(self, key: str, plain: Any) -> bool:
+        """Whether a shared context record holds nothing the redactor would change."""
+        return key not in SCANNED_KEYS or self._redactor.scan(plain) is plain
 
     def _process_default(self, event: Event, redactor: Redactor) -> Event | None:
         """:meth:`process` for the ``default`` profile without secrets in the event: the event is turned into its
         dict form once (context records many events share, like ``process``, from a cache), scanned, conformed
         and encoded; None when the event holds something to redact (the general way then does it)."""
-        raw, clean, shared = self._event_dict(event, redactor)
-        if not clean:
+        form = self._encoder.form(event)
+        raw = form.fields
+        if not form.clean:
             return None
         for key in _SCANNED_PER_EVENT:
             value = raw.get(key)
@@ -402,46 +365,11 @@ class Pipeline:
         if original:
             payload = PAYLOAD_TYPES.get(event.event_type, UnknownPayload)
             event = event.with_context(data=payload.from_dict(raw["data"]), attrs=raw["attrs"])
-            raw, _, shared = self._event_dict(event, redactor)
+            form = self._encoder.form(event)
         elif touched:  # conform() leaves such an event as it is
-            raw, _, shared = self._event_dict(event, redactor)
-        event.remember_json(_encode_with(raw, shared))
+            form = self._encoder.form(event)
+        event.remember_json(self._encoder.encode(form))
         return event
-
-    def _event_dict(self, event: Event, redactor: Redactor) -> tuple[dict[str, Any], bool, list[tuple[str, _Block]]]:
-        """``event.to_dict()``, with the dict forms of shared context records taken from (or put in) the cache;
-        False when one of them holds something the redactor would change; and the cached blocks used, by key.
-        The cached dicts are shared by every event of a connection: they are only read (scanned, encoded), never
-        changed or handed out."""
-        out: dict[str, Any] = {}
-        clean = True
-        shared: list[tuple[str, _Block]] = []
-        blocks = self._blocks
-        for name, key, _ in _EVENT_PLAN:
-            value = getattr(event, name)
-            if value is None:
-                continue
-            if name in _SHARED_RECORDS and isinstance(value, Record):
-                entry = blocks.get(id(value))
-                if entry is None or entry.record is not value:
-                    plain = value.to_dict()
-                    scanned = redactor.scan(plain) if key in SCANNED_KEYS else plain
-                    if len(blocks) >= _BLOCK_CACHE_SIZE:
-                        blocks.clear()
-                    entry = blocks[id(value)] = _Block(value, plain, scanned is plain)
-                out[key] = entry.plain
-                clean = clean and entry.clean
-                shared.append((key, entry))
-            elif name == "ts":
-                out[key] = format_ts(value)
-            else:
-                out[key] = plain = value if type(value) in _SCALARS else unstructure(value)
-                if name in _SHARED_RECORDS and key in SCANNED_KEYS and redactor.scan(plain) is not plain:
-                    clean = False  # not a record (so not cached): scanned here
-        for key, value in event.extra.items():
-            if key not in out:
-                out[key] = unstructure(value)
-        return out, clean, shared
 
     async def _process(self) -> None:
         receive = self._ingress_receive

@@ -36,7 +36,6 @@ ENTRY_POINT_GROUPS = ("oisp.providers", "oisp.sinks")
 
 #: Modules of oisp's own plugins; registered exactly as entry-point plugins are.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "oisp.providers.endpoints",
     "oisp.providers.openai",
     "oisp.providers.ollama",
     "oisp.providers.replicate",

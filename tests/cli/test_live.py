@@ -67,7 +67,7 @@ def test_live_view_and_exit_summary_show_pinned_hosts_and_decoding_off(capsys: p
 
     from oisp.cli.live import LiveView
     from oisp.cli.main import _print_summary
-    from oisp.decoder import network_connect_event
+    from oisp.event_decoder import network_connect_event
     from oisp.events.context import ProcessInfo
     from oisp.proxy.report import ConnectionReport, Decision
 

@@ -523,7 +523,7 @@ def test_the_default_hpack_cap_lets_ordinary_large_tables_through() -> None:
 
 def test_the_hpack_cap_is_configurable() -> None:
     from oisp.config import parse_config
-    from oisp.http.decoder import make_decoder
+    from oisp.http.passive import make_decoder
 
     assert parse_config({"capture": {"hpack_table_cap": 1024}}).hpack_table_cap == 1024
     decoder = make_decoder("h2", connection(alpn="h2"), Recorder(), max_table_size=1024)

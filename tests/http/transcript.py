@@ -11,7 +11,7 @@ import h2.connection
 import h2.events
 
 from oisp.http import ConnectionInfo, HttpExchange, make_decoder
-from oisp.http.decoder import PassiveDecoder
+from oisp.http.passive import PassiveDecoder
 
 Direction = Literal["client", "server"]
 Wire = list[tuple[Direction, bytes]]

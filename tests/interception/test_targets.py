@@ -123,7 +123,7 @@ def test_unrelated_names_teach_nothing() -> None:
 
 
 def test_built_in_endpoint_table_is_accepted() -> None:
-    targets = TargetSet.from_endpoints(EndpointTable(), resolver=FakeResolver({}))
+    targets = TargetSet.from_endpoints(EndpointTable.from_plugins(), resolver=FakeResolver({}))
     assert {443, 11434, 1234} <= targets.ports
     assert targets.matches_name("us-east-1-aiplatform.googleapis.com", 443)
     assert targets.matches_name("bedrock-runtime.eu-west-1.amazonaws.com", 443)

@@ -15,17 +15,26 @@ from urllib.parse import urlsplit
 
 from tests.oisp_schema import SchemaValidator
 
-from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable
+from oisp.event_decoder import EventDecoder
 from oisp.events import Event
 from oisp.events.spec_gaps import conform
 from oisp.hookspecs import ExchangeDecoder
 from oisp.http.exchange import ConnectionInfo, Headers, HttpExchange, HttpRequest, HttpResponse
 from oisp.plugins import create_plugin_manager
+from oisp.provider_kit import DecoderContext
 
-_TABLE = EndpointTable()
 _PLUGINS = create_plugin_manager(entrypoints=False)
+_TABLE = EndpointTable(_PLUGINS.endpoints())
 _ROUTER = EventDecoder(_PLUGINS, lambda event: None)
+
+
+def new_run() -> DecoderContext:
+    """Start a new decoding run (tool calls, Replicate predictions... of earlier exchanges forgotten); its
+    context. ``tests/providers/conftest.py`` starts one per test."""
+    global _ROUTER
+    _ROUTER = EventDecoder(_PLUGINS, lambda event: None)
+    return _ROUTER.context
 
 
 def make_exchange(method: str, url: str, body: bytes | dict[str, Any] | list[Any] | None = None, *,

@@ -25,8 +25,8 @@ from tests.providers.exchange_harness import (
     run_exchange,
 )
 
+from oisp.provider_kit import ToolCallRegistry
 from oisp.providers.anthropic import MessagesDecoder
-from oisp.providers.base import ToolCallRegistry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic"
 URL = "https://api.anthropic.com/v1/messages"

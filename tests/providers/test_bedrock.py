@@ -24,7 +24,7 @@ from tests.providers.exchange_harness import (
 )
 
 from oisp.framing import encode_message
-from oisp.providers import base
+from oisp.provider_kit import DecoderContext
 from oisp.providers.bedrock import bedrock_route, model_family
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bedrock"
@@ -67,13 +67,6 @@ def converse_stream(events: list[list[Any]]) -> bytes:
 def chunk_stream(native: list[dict[str, Any]]) -> bytes:
     return b"".join(event_message("chunk", {"bytes": base64.b64encode(json.dumps(e).encode()).decode(), "p": "abc"})
                     for e in native)
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> base.ToolCallRegistry:
-    registry = base.ToolCallRegistry()
-    monkeypatch.setattr(base, "tool_calls_registry", registry)
-    return registry
 
 
 def assert_no_secrets(events: list[Any]) -> None:
@@ -172,7 +165,7 @@ def _stable(events: list[Any]) -> dict[str, Any]:
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_converse_stream_is_the_same_at_any_split(fresh_registry: base.ToolCallRegistry, draw: st.DataObject) -> None:
+def test_converse_stream_is_the_same_at_any_split(decoder_run: DecoderContext, draw: st.DataObject) -> None:
     body = converse_stream(fixture_json("converse_stream_events.json"))
     cuts = draw.draw(st.lists(st.integers(min_value=0, max_value=len(body)), max_size=40))
     url = f"{HOST}/model/{SONNET}/converse-stream"
@@ -318,7 +311,7 @@ def test_invoke_with_response_stream_anthropic(oisp_schema: SchemaValidator) -> 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_invoke_stream_is_the_same_at_any_split(fresh_registry: base.ToolCallRegistry, draw: st.DataObject) -> None:
+def test_invoke_stream_is_the_same_at_any_split(decoder_run: DecoderContext, draw: st.DataObject) -> None:
     body = chunk_stream(fixture_json("invoke_anthropic_stream_events.json"))
     cuts = draw.draw(st.lists(st.integers(min_value=0, max_value=len(body)), max_size=40))
     url = f"{HOST}/model/{SONNET}/invoke-with-response-stream"

@@ -23,7 +23,7 @@ from tests.providers.exchange_harness import (
     run_exchange,
 )
 
-from oisp.providers.base import ToolCallRegistry
+from oisp.provider_kit import ToolCallRegistry
 from oisp.providers.cohere import ChatV1Decoder, ChatV2Decoder, synthesized_call_id
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cohere"

@@ -26,7 +26,7 @@ from tests.providers.exchange_harness import (
     run_exchange,
 )
 
-from oisp.providers.base import ToolCallRegistry
+from oisp.provider_kit import ToolCallRegistry
 from oisp.providers.google import GeminiDecoder, route_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "google"

@@ -21,7 +21,7 @@ from tests.providers.exchange_harness import (
     split_at,
 )
 
-from oisp.providers import base
+from oisp.provider_kit import DecoderContext
 from oisp.providers.ollama import synthesized_call_id
 from oisp.redaction import sha256_text
 
@@ -36,13 +36,6 @@ def fixture(name: str) -> bytes:
 
 def fixture_json(name: str) -> Any:
     return json.loads(fixture(name))
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> base.ToolCallRegistry:
-    registry = base.ToolCallRegistry()
-    monkeypatch.setattr(base, "tool_calls_registry", registry)
-    return registry
 
 
 def test_streamed_chat_becomes_request_and_response(oisp_schema: SchemaValidator) -> None:
@@ -96,7 +89,7 @@ def _response_facts(events: list[Any]) -> dict[str, Any]:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_streamed_chat_is_the_same_at_any_split(fresh_registry: base.ToolCallRegistry, chunks: st.DataObject) -> None:
+def test_streamed_chat_is_the_same_at_any_split(decoder_run: DecoderContext, chunks: st.DataObject) -> None:
     body = fixture("chat_stream.ndjson") + fixture("chat_tools_response.json").replace(b"\n", b"") + b"\n"
     cuts = chunks.draw(st.lists(st.integers(min_value=0, max_value=len(body)), max_size=40))
     whole = run_exchange("POST", f"{URL}/api/chat", fixture("chat_request.json"), response=[body],

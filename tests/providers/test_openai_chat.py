@@ -11,7 +11,7 @@ from oisp.events import AgentToolCall, AgentToolResult, AiRequest, AiResponse
 from oisp.events.spec_gaps import ORIGINAL_KEY, conform
 from oisp.hookspecs import DecoderSettings
 from oisp.http.exchange import Headers, HttpResponse
-from oisp.providers.base import ToolCallRegistry
+from oisp.provider_kit import DecoderContext, ToolCallRegistry
 from oisp.providers.openai import oisp_exchange_decoder
 from oisp.redaction import sha256_text
 
@@ -176,7 +176,7 @@ def test_a_stream_cut_short_is_partial_and_keeps_what_arrived() -> None:
     body = case.response_body
     cut = body.index(b"get_local_time")
     exchange = exchange_for(case)
-    decoder = oisp_exchange_decoder(exchange, DecoderSettings())
+    decoder = oisp_exchange_decoder(exchange, DecoderSettings(), DecoderContext())
     assert decoder is not None
     list(decoder.on_request(exchange))
     exchange.response = HttpResponse(200, "OK", "1.1", Headers([("content-type", "text/event-stream")]))

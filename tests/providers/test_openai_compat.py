@@ -8,12 +8,12 @@ import pytest
 from attrs import evolve
 from tests.providers.fixtures.openai.replay import Case, case_names, exchange_for, load, of_type, one, replay
 
-from oisp.decoder import EventDecoder
+from oisp.event_decoder import EventDecoder
 from oisp.events import AiRequest, AiResponse, Event
 from oisp.hookspecs import DecoderSettings
 from oisp.http.exchange import Headers, HttpResponse
 from oisp.plugins import create_plugin_manager
-from oisp.providers.base import ResponseState
+from oisp.provider_kit import DecoderContext, ResponseState
 from oisp.providers.openai import oisp_exchange_decoder
 from oisp.providers.openai_common import openai_usage, route_for
 
@@ -281,7 +281,7 @@ def test_dialect_endpoints_are_claimed(url: str, api: str) -> None:
 ])
 def test_other_exchanges_are_not_claimed(url: str, method: str) -> None:
     exchange = exchange_for(_case(url, method))
-    assert oisp_exchange_decoder(exchange, DecoderSettings()) is None
+    assert oisp_exchange_decoder(exchange, DecoderSettings(), DecoderContext()) is None
 
 
 def test_an_unknown_openai_path_falls_to_metadata_events_through_the_event_decoder() -> None:

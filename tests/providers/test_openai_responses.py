@@ -6,7 +6,7 @@ from attrs import evolve
 from tests.providers.fixtures.openai.replay import load, of_type, one, replay
 
 from oisp.events import AiRequest, AiResponse
-from oisp.providers.base import ToolCallRegistry
+from oisp.provider_kit import ToolCallRegistry
 from oisp.redaction import sha256_text
 
 

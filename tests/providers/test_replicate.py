@@ -22,6 +22,7 @@ from tests.providers.exchange_harness import (
     split_at,
 )
 
+from oisp.provider_kit import DecoderContext
 from oisp.providers import replicate
 from oisp.providers.replicate import PredictionTable
 
@@ -36,11 +37,9 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-@pytest.fixture(autouse=True)
-def table(monkeypatch: pytest.MonkeyPatch) -> PredictionTable:
-    fresh = PredictionTable()
-    monkeypatch.setattr(replicate, "predictions", fresh)
-    return fresh
+@pytest.fixture
+def table(decoder_run: DecoderContext) -> PredictionTable:
+    return replicate.predictions(decoder_run)
 
 
 def create_llama() -> list[Any]:
@@ -236,7 +235,7 @@ def test_claims(method: str, path: str, plugin: str) -> None:
 
 
 def test_streaming_chunks_of_a_prediction_stream_carry_the_create_calls_request_id(
-        oisp_schema: SchemaValidator) -> None:
+        oisp_schema: SchemaValidator, decoder_run: DecoderContext) -> None:
     from tests.providers.exchange_harness import respond
 
     from oisp.events.spec_gaps import conform
@@ -245,7 +244,7 @@ def test_streaming_chunks_of_a_prediction_stream_carry_the_create_calls_request_
     request_event = create_llama()[0]
     exchange = make_exchange("GET", "https://stream.replicate.com/v1/files/bcwr-3okdfv3o2wehstv5f2okyftwxy57hhypqsi6"
                              "osiim5iuijbjgrta", provider="replicate")
-    decoder = ReplicateDecoder(create=False, prediction_id=PREDICTION, streaming_chunks=True)
+    decoder = ReplicateDecoder(create=False, prediction_id=PREDICTION, context=decoder_run, streaming_chunks=True)
     events = [conform(e) for e in decoder.on_request(exchange)] + respond(
         exchange, decoder, 200, [fixture("stream.sse")], content_type="text/event-stream")
     assert_schema_valid(oisp_schema, events)

@@ -19,8 +19,6 @@ from tests.upstream import Request, Response
 
 from oisp.events import Event
 from oisp.events.spec_gaps import conform
-from oisp.providers import replicate
-from oisp.providers.replicate import PredictionTable
 
 FIXTURES = Path(__file__).parent / "fixtures" / "replicate"
 API = "https://api.replicate.com"
@@ -71,7 +69,6 @@ def test_ca() -> trustme.CA:
 
 @pytest.fixture
 def stack(tmp_path: Path, test_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    monkeypatch.setattr(replicate, "predictions", PredictionTable())
     with running_stack(tmp_path, test_ca, handler=FakeReplicate()) as running:
         yield running
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from tests.stack import Stack
 
-from oisp.decoder import trace_context_of
+from oisp.event_decoder import trace_context_of
 from oisp.events import TraceContext
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

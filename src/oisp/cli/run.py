@@ -16,8 +16,8 @@ from anyio.abc import TaskStatus
 
 from oisp.attribution import Attributor
 from oisp.config import Config
+from oisp.decode_setup import build_event_decoder, build_pipeline, build_sinks
 from oisp.decoder_process import DecoderProcess
-from oisp.decoding import build_event_decoder, build_pipeline, build_sinks
 from oisp.endpoints import EndpointTable, permitted_domains
 from oisp.errors import ConfigurationError, InterceptionError
 from oisp.events import Event

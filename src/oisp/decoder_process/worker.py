@@ -1,6 +1,6 @@
 """The decoder process: copies in, events out to the sinks.
 
-It builds the same pipeline and event decoder the runner builds inline (:mod:`oisp.decoding`), reads frames
+It builds the same pipeline and event decoder the runner builds inline (:mod:`oisp.decode_setup`), reads frames
 from the proxy and feeds each connection's passive HTTP decoder. When the proxy closes its end, every
 connection still open is ended (marked partial), the pipeline drains, the sinks close, and the summary goes
 back to the proxy.
@@ -96,8 +96,8 @@ def _configure_logging(settings: WorkerSettings) -> None:
 
 
 async def _serve(sock: socket.socket) -> None:
-    from oisp.decoding import build_event_decoder, build_pipeline
-    from oisp.http.decoder import make_decoder
+    from oisp.decode_setup import build_event_decoder, build_pipeline
+    from oisp.http.passive import make_decoder
     from oisp.plugins import create_plugin_manager
 
     channel = FrameChannel(sock)

@@ -37,9 +37,11 @@ from oisp.events.context import (
     TraceContext,
     WebContext,
 )
+from oisp.events.encoder import EncodedEvent, EventEncoder
 from oisp.events.envelope import (
     OISP_VERSION,
     PAYLOAD_TYPES,
+    SHARED_CONTEXT,
     Event,
     UnknownPayload,
     format_ts,
@@ -53,6 +55,7 @@ from oisp.events.process import ProcessExec, ProcessExit
 __all__ = [
     "OISP_VERSION",
     "PAYLOAD_TYPES",
+    "SHARED_CONTEXT",
     "Actor",
     "AgentInfo",
     "AgentToolCall",
@@ -68,8 +71,10 @@ __all__ = [
     "ChunkDelta",
     "Confidence",
     "DnsAnswer",
+    "EncodedEvent",
     "Endpoint",
     "Event",
+    "EventEncoder",
     "FileInfo",
     "FileOpen",
     "FileWrite",

@@ -8,7 +8,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -17,7 +17,7 @@ from attrs import fields as attrs_fields
 
 from oisp._version import __version__
 from oisp.errors import EventValidationError
-from oisp.events._record import Record, extra_field
+from oisp.events._record import _SCALARS, Record, extra_field, unstructure
 from oisp.events.agent import AgentToolCall, AgentToolResult
 from oisp.events.ai import AiEmbedding, AiRequest, AiResponse, AiStreamingChunk
 from oisp.events.context import (
@@ -224,9 +224,7 @@ class Event(Record):
 
     def to_dict(self) -> dict[str, Any]:
         """The event as a JSON-shaped dict; unset fields are omitted."""
-        result = super().to_dict()
-        result["ts"] = format_ts(self.ts)
-        return result
+        return event_fields(self)
 
     def to_json(self, *, indent: int | None = None) -> str:
         """The event as JSON text (UTF-8 safe, no ASCII escaping, keys in model order)."""
@@ -265,3 +263,37 @@ class Event(Record):
 _INIT_FIELDS = tuple(a.name for a in attrs_fields(Event) if a.init)
 #: Fields :meth:`Event.with_context` may set without validating the event again.
 _CONTEXT_FIELDS = frozenset(_INIT_FIELDS) - {"event_type", "data"}
+
+
+_EVENT_PLAN = Event._structure_plan()
+
+#: Envelope fields whose value is usually one context record many events share (a connection's process, the
+#: machine's host): :class:`~oisp.events.EventEncoder` turns each such record into JSON once.
+SHARED_CONTEXT = frozenset({"host", "actor", "process", "app", "source"})
+
+#: Forms a shared context record for :func:`event_fields`: (JSON key, record) -> its JSON-shaped dict.
+ContextForm = Callable[[str, Any], Any]
+
+
+def event_fields(event: Event, context_form: ContextForm | None = None) -> dict[str, Any]:
+    """The JSON-shaped dict of ``event`` (what :meth:`Event.to_dict` returns: the one walk over an event's
+    fields); ``context_form``, when given, makes the values of the :data:`SHARED_CONTEXT` fields (the encoder's
+    cache)."""
+    out: dict[str, Any] = {}
+    plan = _EVENT_PLAN if type(event) is Event else type(event)._structure_plan()
+    for name, key, _ in plan:
+        value = getattr(event, name)
+        if value is None:
+            continue
+        if name == "ts":
+            out[key] = format_ts(value)
+        elif context_form is not None and name in SHARED_CONTEXT:
+            out[key] = context_form(key, value)
+        else:
+            out[key] = value if type(value) in _SCALARS else unstructure(value)
+    extra = event.extra
+    if extra:
+        for key, value in extra.items():
+            if key not in out:
+                out[key] = unstructure(value)
+    return out

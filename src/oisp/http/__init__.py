@@ -5,7 +5,6 @@
 :class:`WebSocketMessage`).
 """
 
-from oisp.http.decoder import PassiveDecoder, make_decoder
 from oisp.http.encoding import ContentDecoder
 from oisp.http.exchange import (
     DEFAULT_BODY_CAP,
@@ -19,6 +18,7 @@ from oisp.http.exchange import (
 )
 from oisp.http.h1 import Http1Decoder
 from oisp.http.h2 import Http2Decoder
+from oisp.http.passive import PassiveDecoder, make_decoder
 from oisp.http.websocket import WebSocketMessage
 
 __all__ = [

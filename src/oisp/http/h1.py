@@ -111,7 +111,7 @@ class _Pending:
 
 class Http1Decoder:
     """Passive decoder of one HTTP/1.x connection (keep-alive, pipelining, chunked, upgrades); see the module
-    docstring for how it uses h11. Implements :class:`oisp.http.decoder.PassiveDecoder`."""
+    docstring for how it uses h11. Implements :class:`oisp.http.passive.PassiveDecoder`."""
 
     def __init__(
         self,

@@ -109,7 +109,7 @@ class _Malformed(ProtocolError):
 
 class Http2Decoder:
     """Passive decoder of one HTTP/2 connection: every client stream becomes its own exchange
-    (``stream_id`` set). Implements :class:`oisp.http.decoder.PassiveDecoder`."""
+    (``stream_id`` set). Implements :class:`oisp.http.passive.PassiveDecoder`."""
 
     def __init__(
         self,

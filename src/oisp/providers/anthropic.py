@@ -35,36 +35,37 @@ The provider request id is the ``request-id`` header; the message id is ``extra.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from oisp.events import Message, ProviderInfo, RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers._content import (
-    as_int,
-    as_list,
-    as_mapping,
-    as_str,
-    base64_digest,
-    canonical_json,
-    with_images,
-)
-from oisp.providers.base import (
+from oisp.provider_kit import (
     ApiDecoder,
+    DecoderContext,
+    MessageParts,
     RequestFacts,
     ToolCallRegistry,
     ToolResultFacts,
+    as_int,
+    as_list,
+    as_mapping,
+    as_number,
+    as_str,
+    base64_digest,
+    canonical_json,
     content_facts,
     json_or_none,
     message,
+    parameters_or_none,
 )
 from oisp.redaction import sha256_text
 
-__all__ = ["ROUTES", "MessagesDecoder", "TextCompletionDecoder", "messages_request_facts"]
+__all__ = ["ENDPOINTS", "ROUTES", "MessagesDecoder", "TextCompletionDecoder", "messages_request_facts"]
 
 #: Path -> operation this module decodes.
 ROUTES: Mapping[str, str] = {
@@ -103,53 +104,40 @@ def _message(raw: Mapping[str, Any], names: dict[str, str], results: list[ToolRe
     content = raw.get("content")
     if not isinstance(content, list):
         return message(role, content if isinstance(content, str) else None)
-    texts: list[str] = []
-    images: list[str] = []
-    calls: list[dict[str, Any]] = []
-    result_ids: list[str] = []
-    documents = 0
+    parts = MessageParts()
     for block in content:
         if isinstance(block, str):
-            texts.append(block)
+            parts.texts.append(block)
             continue
         if not isinstance(block, Mapping):
             continue
         kind = block.get("type")
         if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
+            parts.texts.append(block["text"])
         elif kind == "image":
-            images.append(_image_hash(block))
+            parts.image_hashes.append(_image_hash(block))
         elif kind == "document":
-            documents += 1
+            parts.count("document")
         elif kind == "tool_use":
             call_id, name = as_str(block.get("id")), as_str(block.get("name"))
-            calls.append({"id": call_id, "name": name})
+            parts.add_call(call_id, name)
             if call_id and name:
                 names[call_id] = name
         elif kind == "tool_result":
             call_id = as_str(block.get("tool_use_id"))
             inner = block.get("content")
             text = tool_result_content(inner)
-            if isinstance(text, str) and text:
-                texts.append(text)
-            images += [_image_hash(b) for b in as_list(inner) if isinstance(b, Mapping) and b.get("type") == "image"]
+            parts.add_text(text)
+            parts.image_hashes += [_image_hash(b) for b in as_list(inner)
+                                   if isinstance(b, Mapping) and b.get("type") == "image"]
             if call_id is None:
                 continue
-            result_ids.append(call_id)
+            parts.tool_results.append(call_id)
             if results is not None:
                 error = block.get("is_error")
                 results.append(ToolResultFacts(call_id=call_id, content=text, name=names.get(call_id),
                                                is_error=error if isinstance(error, bool) else None))
-    extra: dict[str, Any] = {}
-    if calls:
-        extra["tool_calls"] = calls
-    if result_ids:
-        extra["tool_results"] = result_ids
-    if documents:
-        extra["document_count"] = documents
-    msg = message(role, "\n".join(texts) if texts else None,
-                  tool_call_id=result_ids[0] if len(result_ids) == 1 else None, **extra)
-    return with_images(msg, images)
+    return parts.message(role)
 
 
 def _tools(value: Any) -> list[ToolDefinition]:
@@ -187,14 +175,10 @@ def _tool_choice(value: Any) -> Any:
     return value if isinstance(value, str) else None
 
 
-def _number(value: Any) -> float | int | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _parameters(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> RequestParameters | None:
     stop = body.get("stop_sequences")
     values: dict[str, Any] = {
-        "temperature": _number(body.get("temperature")), "top_p": _number(body.get("top_p")),
+        "temperature": as_number(body.get("temperature")), "top_p": as_number(body.get("top_p")),
         "max_tokens": as_int(body.get(max_tokens_key)),
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
@@ -208,10 +192,7 @@ def _parameters(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> 
     servers = [as_str(as_mapping(s).get("name")) for s in as_list(body.get("mcp_servers"))]
     if servers:  # names only: a server entry may carry an authorization token
         extra["mcp_servers"] = servers
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def messages_request_facts(body: Any, *, request_type: str = "chat", tool_results: bool = True) -> RequestFacts:
@@ -251,9 +232,10 @@ class _AnthropicDecoder(ApiDecoder):
     #: The stream event that ends a complete stream.
     final_event = "message_stop"
 
-    def __init__(self, *, registry: ToolCallRegistry | None = None, streaming_chunks: bool = False,
+    def __init__(self, *, context: DecoderContext | None = None,
+                 registry: ToolCallRegistry | None = None, streaming_chunks: bool = False,
                  model: str | None = None, region: str | None = None, project_id: str | None = None) -> None:
-        super().__init__(registry=registry, streaming_chunks=streaming_chunks)
+        super().__init__(context=context, registry=registry, streaming_chunks=streaming_chunks)
         #: Claude on Vertex AI names the model in the path, and the region and project.
         self.path_model = model
         self.region = region
@@ -313,10 +295,12 @@ class _AnthropicDecoder(ApiDecoder):
 class MessagesDecoder(_AnthropicDecoder):
     """``/v1/messages`` (and ``count_tokens``), whole or streamed."""
 
-    def __init__(self, *, count_tokens: bool = False, registry: ToolCallRegistry | None = None,
+    def __init__(self, *, count_tokens: bool = False, context: DecoderContext | None = None,
+                 registry: ToolCallRegistry | None = None,
                  streaming_chunks: bool = False, model: str | None = None, region: str | None = None,
                  project_id: str | None = None) -> None:
-        super().__init__(registry=registry, streaming_chunks=streaming_chunks, model=model, region=region,
+        super().__init__(context=context, registry=registry, streaming_chunks=streaming_chunks, model=model,
+                         region=region,
                          project_id=project_id)
         self.count_tokens = count_tokens
         #: Content block index -> block type, for the deltas that follow its start.
@@ -500,21 +484,34 @@ class TextCompletionDecoder(_AnthropicDecoder):
             self._completion(event)
 
 
-def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None) -> ApiDecoder | None:
+def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None,
+                context: DecoderContext | None = None) -> ApiDecoder | None:
     """A decoder for an exchange with the Anthropic API, or None when this module does not read it."""
     if exchange.connection.provider != "anthropic" or exchange.request.method != "POST":
         return None
     operation = ROUTES.get(exchange.request.path.rstrip("/"))
     chunks = (settings or DecoderSettings()).streaming_chunks
     if operation == "messages":
-        return MessagesDecoder(streaming_chunks=chunks)
+        return MessagesDecoder(context=context, streaming_chunks=chunks)
     if operation == "count_tokens":
-        return MessagesDecoder(count_tokens=True, streaming_chunks=chunks)
+        return MessagesDecoder(count_tokens=True, context=context, streaming_chunks=chunks)
     if operation == "complete":
-        return TextCompletionDecoder(streaming_chunks=chunks)
+        return TextCompletionDecoder(context=context, streaming_chunks=chunks)
     return None
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
-    return decoder_for(exchange, settings)
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
+    return decoder_for(exchange, settings, context)
+
+
+#: The endpoints of the Anthropic API, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("anthropic", "api.anthropic.com"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

@@ -34,7 +34,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,16 +42,33 @@ import attrs
 
 from oisp.events import Message, ProviderInfo, RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import EventStreamMessage, SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers._content import as_int, as_list, as_mapping, as_str, base64_digest, canonical_json, with_images
+from oisp.provider_kit import (
+    ApiDecoder,
+    DecoderContext,
+    MessageParts,
+    RequestFacts,
+    ResponseState,
+    ToolResultFacts,
+    as_int,
+    as_list,
+    as_mapping,
+    as_number,
+    as_str,
+    base64_digest,
+    canonical_json,
+    json_or_none,
+    message,
+    parameters_or_none,
+    with_images,
+)
 from oisp.providers.anthropic import MessagesDecoder, messages_request_facts
-from oisp.providers.base import ApiDecoder, RequestFacts, ResponseState, ToolResultFacts, json_or_none, message
 from oisp.providers.openai_chat import chat_request_facts
 from oisp.providers.openai_common import openai_usage
 from oisp.redaction import sha256_text
 
-__all__ = ["OPERATIONS", "BedrockDecoder", "bedrock_route", "converse_request_facts", "model_family"]
+__all__ = ["ENDPOINTS", "OPERATIONS", "BedrockDecoder", "bedrock_route", "converse_request_facts", "model_family"]
 
 #: Path operation -> (API, streamed?).
 OPERATIONS: Mapping[str, tuple[str, bool]] = {
@@ -142,64 +159,42 @@ def _converse_message(raw: Mapping[str, Any], names: dict[str, str], results: li
     content = raw.get("content")
     if isinstance(content, str):  # not Converse, but some Nova and OpenAI-style bodies say it this way
         return message(role, content)
-    texts: list[str] = []
-    images: list[str] = []
-    calls: list[dict[str, Any]] = []
-    result_ids: list[str] = []
-    counts: dict[str, int] = {}
-    thinking: list[str] = []
+    parts = MessageParts()
     for block in as_list(content):
         if not isinstance(block, Mapping):
             continue
         if isinstance(block.get("text"), str):
-            texts.append(block["text"])
+            parts.texts.append(block["text"])
         elif "image" in block:
-            images.append(_image_digest(as_mapping(block["image"])))
+            parts.image_hashes.append(_image_digest(as_mapping(block["image"])))
         elif "toolUse" in block:
             use = as_mapping(block["toolUse"])
             call_id, name = as_str(use.get("toolUseId")), as_str(use.get("name"))
-            calls.append({"id": call_id, "name": name})
+            parts.add_call(call_id, name)
             if call_id and name:
                 names[call_id] = name
         elif "toolResult" in block:
             result = as_mapping(block["toolResult"])
             call_id = as_str(result.get("toolUseId"))
             value = _tool_result(result)
-            text = value if isinstance(value, str) else canonical_json(value)
-            if text:
-                texts.append(text)
-            images += [_image_digest(as_mapping(p["image"])) for p in as_list(result.get("content"))
-                       if isinstance(p, Mapping) and "image" in p]
+            parts.add_text(value if isinstance(value, str) else canonical_json(value))
+            parts.image_hashes += [_image_digest(as_mapping(p["image"])) for p in as_list(result.get("content"))
+                                   if isinstance(p, Mapping) and "image" in p]
             if call_id is not None:
-                result_ids.append(call_id)
+                parts.tool_results.append(call_id)
                 status = result.get("status")
                 results.append(ToolResultFacts(call_id=call_id, content=value, name=names.get(call_id),
                                                is_error=status == "error" if isinstance(status, str) else None))
         elif "reasoningContent" in block:
             reasoning = as_mapping(as_mapping(block["reasoningContent"]).get("reasoningText"))
-            if as_str(reasoning.get("text")):
-                thinking.append(str(reasoning["text"]))
+            parts.thinking += [str(reasoning["text"])] if as_str(reasoning.get("text")) else []
         elif "guardContent" in block:
-            guarded = as_mapping(as_mapping(block["guardContent"]).get("text"))
-            if as_str(guarded.get("text")):
-                texts.append(str(guarded["text"]))
+            parts.add_text(as_mapping(as_mapping(block["guardContent"]).get("text")).get("text"))
         else:
-            for kind in ("document", "video", "audio", "cachePoint"):
+            for kind in ("document", "video", "audio"):  # and cachePoint markers, not content
                 if kind in block:
-                    counts[kind] = counts.get(kind, 0) + 1
-    extra: dict[str, Any] = {}
-    if calls:
-        extra["tool_calls"] = calls
-    if result_ids:
-        extra["tool_results"] = result_ids
-    if thinking:
-        extra["thinking"] = "\n".join(thinking)
-    for kind in ("document", "video", "audio"):
-        if counts.get(kind):
-            extra[f"{kind}_count"] = counts[kind]
-    msg = message(role, "\n".join(texts) if texts else None,
-                  tool_call_id=result_ids[0] if len(result_ids) == 1 else None, **extra)
-    return with_images(msg, images)
+                    parts.count(kind)
+    return parts.message(role)
 
 
 def _converse_tools(config: Mapping[str, Any]) -> list[ToolDefinition]:
@@ -229,26 +224,20 @@ def _converse_tool_choice(config: Mapping[str, Any]) -> Any:
     return None
 
 
-def _number(value: Any) -> int | float | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _parameters(config: Mapping[str, Any], extra_fields: Mapping[str, Any]) -> RequestParameters | None:
     """``inferenceConfig`` (Converse's camelCase, and Nova's snake_case inside InvokeModel)."""
     stop = config.get("stopSequences", config.get("stop_sequences"))
     max_tokens = as_int(config.get("maxTokens", config.get("max_new_tokens", config.get("max_tokens"))))
     values: dict[str, Any] = {
-        "temperature": _number(config.get("temperature")), "top_p": _number(config.get("topP", config.get("top_p"))),
+        "temperature": as_number(config.get("temperature")),
+        "top_p": as_number(config.get("topP", config.get("top_p"))),
         "max_tokens": max_tokens,
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
     extra = {k: v for k, v in extra_fields.items() if v is not None}
     if config.get("top_k", config.get("topK")) is not None:
         extra["top_k"] = config.get("top_k", config.get("topK"))
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def converse_request_facts(body: Any) -> RequestFacts:
@@ -299,17 +288,14 @@ def _prompt_parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     stop = next((config[k] for k in ("stop", "stop_sequences", "stopSequences") if k in config), None)
     max_tokens = next((as_int(config[k]) for k in _MAX_TOKENS_KEYS if as_int(config.get(k)) is not None), None)
     values: dict[str, Any] = {
-        "temperature": _number(config.get("temperature")),
-        "top_p": _number(config.get("top_p", config.get("topP", config.get("p")))),
+        "temperature": as_number(config.get("temperature")),
+        "top_p": as_number(config.get("top_p", config.get("topP", config.get("p")))),
         "max_tokens": max_tokens,
         "stop": [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
         if isinstance(stop, list) else None,
     }
     extra = {k: config[k] for k in _EXTRA_KEYS if config.get(k) is not None}
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def _embedding_inputs(body: Mapping[str, Any]) -> int:
@@ -728,8 +714,22 @@ def _header(item: EventStreamMessage, name: str) -> str | None:
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     if exchange.connection.provider != "aws_bedrock" or exchange.request.method != "POST":
         return None
     route = bedrock_route(exchange)
-    return BedrockDecoder(route, streaming_chunks=settings.streaming_chunks) if route is not None else None
+    if route is None:
+        return None
+    return BedrockDecoder(route, context=context, streaming_chunks=settings.streaming_chunks)
+
+
+#: The endpoints of the Bedrock runtime of every AWS region, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("aws_bedrock", "bedrock-runtime.*.amazonaws.com"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

@@ -31,33 +31,42 @@ Tool call ids: v2 calls carry ids, echoed by ``tool`` messages. v1 calls have no
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from oisp.events import AuthInfo, Message, RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import NdjsonDecoder, NdjsonValue, SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers._content import as_int, as_list, as_mapping, as_str, canonical_json, with_images
-from oisp.providers.base import (
+from oisp.provider_kit import (
     ApiDecoder,
+    DecoderContext,
     RequestFacts,
     ResponseState,
     StreamFraming,
     ToolCallRegistry,
     ToolResultFacts,
+    as_int,
+    as_list,
+    as_mapping,
+    as_number,
+    as_str,
     auth_from_exchange,
+    canonical_json,
     content_facts,
     json_or_none,
     message,
     normalize_finish_reason,
+    parameters_or_none,
+    with_images,
 )
+from oisp.provider_kit import synthesized_call_id as kit_synthesized_call_id
 from oisp.redaction import sha256_text
 
 __all__ = [
+    "ENDPOINTS",
     "ROUTES",
     "ChatV1Decoder",
     "ChatV2Decoder",
@@ -80,21 +89,16 @@ _TOOL_CHOICES = {"REQUIRED": "required", "NONE": "none", "AUTO": "auto"}
 def synthesized_call_id(name: str | None, parameters: Any) -> str:
     """The id oisp gives a v1 tool call (which has none): ``cohere_`` and 16 hex digits of its name and
     parameters."""
-    digest = hashlib.sha256(canonical_json([name, parameters]).encode("utf-8")).hexdigest()
-    return f"cohere_{digest[:16]}"
-
-
-def _number(value: Any) -> float | int | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return kit_synthesized_call_id("cohere", name, parameters)
 
 
 def _parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     stop = body.get("stop_sequences")
     values: dict[str, Any] = {
-        "temperature": _number(body.get("temperature")), "top_p": _number(body.get("p")),
+        "temperature": as_number(body.get("temperature")), "top_p": as_number(body.get("p")),
         "max_tokens": as_int(body.get("max_tokens")),
-        "frequency_penalty": _number(body.get("frequency_penalty")),
-        "presence_penalty": _number(body.get("presence_penalty")),
+        "frequency_penalty": as_number(body.get("frequency_penalty")),
+        "presence_penalty": as_number(body.get("presence_penalty")),
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
     extra: dict[str, Any] = {k: body[k] for k in (
@@ -108,10 +112,7 @@ def _parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     connectors = [as_mapping(c).get("id") for c in as_list(body.get("connectors"))]
     if connectors:
         extra["connectors"] = connectors
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def _tool(name: Any, description: Any, schema: Any) -> ToolDefinition:
@@ -281,8 +282,9 @@ class _CohereDecoder(ApiDecoder):
     #: The stream event that ends a complete stream.
     final_event = ""
 
-    def __init__(self, *, registry: ToolCallRegistry | None = None, streaming_chunks: bool = False) -> None:
-        super().__init__(registry=registry, streaming_chunks=streaming_chunks)
+    def __init__(self, *, context: DecoderContext | None = None,
+                 registry: ToolCallRegistry | None = None, streaming_chunks: bool = False) -> None:
+        super().__init__(context=context, registry=registry, streaming_chunks=streaming_chunks)
         self._ended = False
         self._streamed = False
 
@@ -376,8 +378,9 @@ class ChatV2Decoder(_CohereDecoder):
 
     final_event = "message-end"
 
-    def __init__(self, *, registry: ToolCallRegistry | None = None, streaming_chunks: bool = False) -> None:
-        super().__init__(registry=registry, streaming_chunks=streaming_chunks)
+    def __init__(self, *, context: DecoderContext | None = None,
+                 registry: ToolCallRegistry | None = None, streaming_chunks: bool = False) -> None:
+        super().__init__(context=context, registry=registry, streaming_chunks=streaming_chunks)
         #: Content index -> content type (text or thinking), for the deltas that follow its start.
         self._content: dict[int, str] = {}
 
@@ -478,21 +481,35 @@ class EmbedDecoder(ApiDecoder):
         self.state.set_usage(total_tokens=as_int(billed.get("input_tokens")))
 
 
-def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None) -> ApiDecoder | None:
+def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None,
+                context: DecoderContext | None = None) -> ApiDecoder | None:
     """A decoder for an exchange with the Cohere API, or None when this module does not read it."""
     if exchange.connection.provider != "cohere" or exchange.request.method != "POST":
         return None
     api = ROUTES.get(exchange.request.path.rstrip("/"))
     chunks = (settings or DecoderSettings()).streaming_chunks
     if api == "chat_v1":
-        return ChatV1Decoder(streaming_chunks=chunks)
+        return ChatV1Decoder(context=context, streaming_chunks=chunks)
     if api == "chat_v2":
-        return ChatV2Decoder(streaming_chunks=chunks)
+        return ChatV2Decoder(context=context, streaming_chunks=chunks)
     if api == "embed":
-        return EmbedDecoder(streaming_chunks=chunks)
+        return EmbedDecoder(context=context, streaming_chunks=chunks)
     return None
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
-    return decoder_for(exchange, settings)
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
+    return decoder_for(exchange, settings, context)
+
+
+#: The endpoints of the Cohere API, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("cohere", "api.cohere.ai"),
+    EndpointSpec("cohere", "api.cohere.com"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

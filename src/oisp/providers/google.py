@@ -58,39 +58,42 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from oisp.events import Message, ProviderInfo, RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import JsonArrayDecoder, JsonArrayElement, SseDecoder, SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers._content import (
-    as_int,
-    as_list,
-    as_mapping,
-    as_str,
-    base64_digest,
-    canonical_json,
-    field,
-    with_images,
-)
-from oisp.providers.anthropic import MessagesDecoder
-from oisp.providers.base import (
+from oisp.provider_kit import (
     ApiDecoder,
+    DecoderContext,
+    MessageParts,
+    PendingCalls,
     RequestFacts,
     StreamFraming,
     ToolCallRegistry,
     ToolResultFacts,
+    as_int,
+    as_list,
+    as_mapping,
+    as_number,
+    as_str,
+    base64_digest,
+    canonical_json,
+    field,
     json_or_none,
-    message,
     normalize_finish_reason,
+    parameters_or_none,
 )
+from oisp.provider_kit import synthesized_call_id as kit_synthesized_call_id
+from oisp.providers.anthropic import MessagesDecoder
 from oisp.redaction import redact_url, sha256_text
 
 __all__ = [
+    "ENDPOINTS",
     "FINISH_REASON_NAMES",
     "GeminiDecoder",
     "GoogleRoute",
@@ -200,18 +203,14 @@ def conversation_key(contents: Sequence[Any]) -> str:
 
 def synthesized_call_id(key: str, position: int, name: str | None) -> str:
     """The id oisp gives a function call that has none: ``gemini_`` and 16 hex digits."""
-    digest = hashlib.sha256(f"{key}|{position}|{name or ''}".encode()).hexdigest()
-    return f"gemini_{digest[:16]}"
+    return kit_synthesized_call_id("gemini", key, position, name)
 
 
 def _content_message(content: Mapping[str, Any], call_ids: list[str], result_ids: list[str]) -> Message:
     """A message from a ``Content``; ``call_ids``/``result_ids``: the ids of its function calls and responses."""
     raw_role = str(content.get("role") or "user")
-    texts: list[str] = []
-    images: list[str] = []
+    parts = MessageParts(tool_results=result_ids)
     attachments: list[dict[str, Any]] = []
-    calls: list[dict[str, Any]] = []
-    thoughts = 0
     for part in as_list(content.get("parts")):
         if not isinstance(part, Mapping):
             continue
@@ -221,43 +220,29 @@ def _content_message(content: Mapping[str, Any], call_ids: list[str], result_ids
         response = as_mapping(field(part, "functionResponse", "function_response"))
         if isinstance(part.get("text"), str):
             if part.get("thought"):
-                thoughts += 1
+                parts.count("thought")
             else:
-                texts.append(part["text"])
+                parts.texts.append(part["text"])
         elif inline:
             mime = str(field(inline, "mimeType", "mime_type") or "")
             digest = base64_digest(inline.get("data"))
             if mime.startswith("image/"):
-                images.append(digest)
+                parts.image_hashes.append(digest)
             else:
                 attachments.append({"mime_type": mime or None, "hash": digest})
         elif file_data:
             attachments.append({"mime_type": field(file_data, "mimeType", "mime_type"),
                                 "uri": field(file_data, "fileUri", "file_uri")})
         elif call:
-            calls.append({"id": call_ids[len(calls)] if len(calls) < len(call_ids) else None,
-                          "name": as_str(call.get("name"))})
+            position = len(parts.tool_calls)
+            parts.add_call(call_ids[position] if position < len(call_ids) else None, as_str(call.get("name")))
         elif response:
-            texts.append(canonical_json(response.get("response")))
-    extra: dict[str, Any] = {}
-    if calls:
-        extra["tool_calls"] = calls
-    if result_ids:
-        extra["tool_results"] = list(result_ids)
+            parts.texts.append(canonical_json(response.get("response")))
     if attachments:
-        extra["attachments"] = attachments
-    if thoughts:
-        extra["thought_parts"] = thoughts
-    msg = message(_ROLES.get(raw_role, raw_role), "\n".join(texts) if texts else None,
-                  tool_call_id=result_ids[0] if len(result_ids) == 1 else None, **extra)
-    return with_images(msg, images)
-
-
-@attrs.define
-class _PendingCall:
-    id: str
-    name: str | None
-    answered: bool = False
+        parts.extra["attachments"] = attachments
+    if parts.counts:
+        parts.extra["thought_parts"] = parts.counts.pop("thought")
+    return parts.message(_ROLES.get(raw_role, raw_role))
 
 
 def _function_parts(content: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
@@ -272,7 +257,7 @@ def _snake(name: str) -> str:
 def _conversation(contents: list[Any], results: list[ToolResultFacts] | None) -> list[Message]:
     """The messages of ``contents``; the function responses are appended to ``results`` (None: not collected)."""
     messages: list[Message] = []
-    pending: list[_PendingCall] = []
+    pending = PendingCalls()
     key = _EMPTY_KEY  # of the turns before this one
     for content in contents:
         if not isinstance(content, Mapping):
@@ -280,17 +265,19 @@ def _conversation(contents: list[Any], results: list[ToolResultFacts] | None) ->
         call_ids: list[str] = []
         result_ids: list[str] = []
         if str(content.get("role") or "user") == "model":
-            pending = []
+            pending.reset()
             for position, call in enumerate(_function_parts(content, "functionCall")):
                 name = as_str(call.get("name"))
                 call_id = as_str(call.get("id")) or synthesized_call_id(key, position, name)
-                pending.append(_PendingCall(call_id, name))
+                pending.add(call_id, name)
                 call_ids.append(call_id)
         else:
             for position, response in enumerate(_function_parts(content, "functionResponse")):
                 name = as_str(response.get("name"))
-                call_id = as_str(response.get("id")) or _match(pending, name) or synthesized_call_id(
-                    "unmatched:" + key, position, name)
+                given = as_str(response.get("id"))
+                answered = pending.answer(name) if given is None else None
+                call_id = given or (answered[0] if answered else
+                                    synthesized_call_id("unmatched:" + key, position, name))
                 result_ids.append(call_id)
                 if results is not None:
                     value = response.get("response")
@@ -301,14 +288,6 @@ def _conversation(contents: list[Any], results: list[ToolResultFacts] | None) ->
         messages.append(_content_message(content, call_ids, result_ids))
         key = _next_key(key, content)
     return messages
-
-
-def _match(pending: list[_PendingCall], name: str | None) -> str | None:
-    for candidate in [c for c in pending if c.name == name and name] + pending:
-        if not candidate.answered:
-            candidate.answered = True
-            return candidate.id
-    return None
 
 
 def _system_text(value: Any) -> str | None:
@@ -355,10 +334,6 @@ def _tool_choice(value: Any) -> Any:
     return None
 
 
-def _number(value: Any) -> float | int | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 _EXTRA_CONFIG = {
     "topK": "top_k", "top_k": "top_k", "candidateCount": "candidate_count", "candidate_count": "candidate_count",
     "seed": "seed", "responseMimeType": "response_mime_type", "response_mime_type": "response_mime_type",
@@ -372,20 +347,17 @@ _EXTRA_CONFIG = {
 def _parameters(config: Mapping[str, Any]) -> RequestParameters | None:
     stop = field(config, "stopSequences", "stop_sequences")
     values: dict[str, Any] = {
-        "temperature": _number(config.get("temperature")), "top_p": _number(field(config, "topP", "top_p")),
+        "temperature": as_number(config.get("temperature")), "top_p": as_number(field(config, "topP", "top_p")),
         "max_tokens": as_int(field(config, "maxOutputTokens", "max_output_tokens")),
-        "frequency_penalty": _number(field(config, "frequencyPenalty", "frequency_penalty")),
-        "presence_penalty": _number(field(config, "presencePenalty", "presence_penalty")),
+        "frequency_penalty": as_number(field(config, "frequencyPenalty", "frequency_penalty")),
+        "presence_penalty": as_number(field(config, "presencePenalty", "presence_penalty")),
         "stop": [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else None,
     }
     extra = {name: config[key] for key, name in _EXTRA_CONFIG.items() if config.get(key) is not None}
     schema = field(config, "responseSchema", "response_schema", "responseJsonSchema", "response_json_schema")
     if schema is not None:
         extra["response_schema_hash"] = sha256_text(canonical_json(schema))
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 def contents_request_facts(body: Any, *, model: str | None = None, streaming: bool = False,
@@ -424,9 +396,10 @@ def _embedding_inputs(body: Mapping[str, Any], method: str) -> int | None:
 class GeminiDecoder(ApiDecoder):
     """Every model method of the Gemini API and of Gemini on Vertex AI (see the module's table)."""
 
-    def __init__(self, route: GoogleRoute, *, registry: ToolCallRegistry | None = None,
+    def __init__(self, route: GoogleRoute, *, context: DecoderContext | None = None,
+                 registry: ToolCallRegistry | None = None,
                  streaming_chunks: bool = False) -> None:
-        super().__init__(registry=registry, streaming_chunks=streaming_chunks)
+        super().__init__(context=context, registry=registry, streaming_chunks=streaming_chunks)
         self.route = route
         self._key = _EMPTY_KEY
         #: Candidate index -> function calls seen so far (their positions).
@@ -634,7 +607,8 @@ class GeminiDecoder(ApiDecoder):
             self.state.problems.append("stream ended before a finish reason")
 
 
-def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None) -> ApiDecoder | None:
+def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None,
+                context: DecoderContext | None = None) -> ApiDecoder | None:
     """A decoder for an exchange with a Google AI model method, or None when this module does not read it."""
     route = route_for(exchange)
     if route is None:
@@ -644,24 +618,39 @@ def decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None)
         if route.method not in ("rawPredict", "streamRawPredict"):
             return None
         counting = route.model == "count-tokens"
-        return MessagesDecoder(count_tokens=counting, streaming_chunks=chunks, region=route.region,
+        return MessagesDecoder(count_tokens=counting, context=context, streaming_chunks=chunks, region=route.region,
                                model=None if counting else route.model, project_id=route.project)
     if route.publisher not in (None, "google"):
         return None  # partner models on Vertex AI speak their own dialects
     if route.method in _CHAT or route.method in _EMBEDDING or route.method in ("countTokens", "predict"):
         if route.method == "predict" and "embed" not in route.model.lower():
             return None
-        return GeminiDecoder(route, streaming_chunks=chunks)
+        return GeminiDecoder(route, context=context, streaming_chunks=chunks)
     return None
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     request = exchange.request
     if exchange.connection.provider == "google" and request.asks_websocket:
         from oisp.providers.google_live import GeminiLiveDecoder, is_live_path
 
         if is_live_path(request.path):
-            return GeminiLiveDecoder(exchange, streaming_chunks=(settings or DecoderSettings()).streaming_chunks)
+            return GeminiLiveDecoder(exchange, context=context,
+                                     streaming_chunks=(settings or DecoderSettings()).streaming_chunks)
         return None
-    return decoder_for(exchange, settings)
+    return decoder_for(exchange, settings, context)
+
+
+#: The endpoints of the Gemini API and Vertex AI, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("google", "generativelanguage.googleapis.com"),
+    EndpointSpec("google", "aiplatform.googleapis.com"),
+    EndpointSpec("google", "*-aiplatform.googleapis.com"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

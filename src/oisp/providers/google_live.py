@@ -2,7 +2,7 @@
 (``/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent``, also ``v1alpha`` and the
 ``...Constrained`` variant for ephemeral tokens) and of Vertex AI (``.../LlmBidiService/BidiGenerateContent``).
 
-A :class:`~oisp.providers.websocket.WebSocketSessionDecoder` whose responses are read by the Gemini decoder
+A :class:`~oisp.provider_kit.WebSocketSessionDecoder` whose responses are read by the Gemini decoder
 (:class:`~oisp.providers.google.GeminiDecoder`) as if they were ``streamGenerateContent`` calls:
 
 * the client's ``setup`` gives the model, ``generationConfig``, ``systemInstruction`` and ``tools`` of every
@@ -28,9 +28,8 @@ from typing import Any
 
 from oisp.events import Event
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder
+from oisp.provider_kit import ApiDecoder, DecoderContext, OpenResponse, WebSocketSessionDecoder, base64_size
 from oisp.providers.google import GeminiDecoder, GoogleRoute
-from oisp.providers.websocket import OpenResponse, WebSocketSessionDecoder, base64_size
 
 __all__ = ["GeminiLiveDecoder", "is_live_path"]
 
@@ -67,8 +66,9 @@ def _media_bytes(chunks: Iterable[Any]) -> tuple[int, int | None]:
 class GeminiLiveDecoder(WebSocketSessionDecoder):
     """One Gemini Live session (see the module docstring)."""
 
-    def __init__(self, exchange: HttpExchange, *, streaming_chunks: bool = False) -> None:
-        super().__init__(streaming_chunks=streaming_chunks)
+    def __init__(self, exchange: HttpExchange, *, context: DecoderContext | None = None,
+                 streaming_chunks: bool = False) -> None:
+        super().__init__(context=context, streaming_chunks=streaming_chunks)
         match = _LIVE_PATH.match(exchange.request.path)
         self.version = (match["gv"] or match["vv"]) if match is not None else "v1beta"
         self.setup: dict[str, Any] = {}
@@ -81,7 +81,7 @@ class GeminiLiveDecoder(WebSocketSessionDecoder):
     def response_decoder(self) -> ApiDecoder:
         route = GoogleRoute(version=self.version, method="streamGenerateContent", model=self.model,
                             collection="models")
-        return GeminiDecoder(route, streaming_chunks=self.streaming_chunks)
+        return GeminiDecoder(route, context=self.context, streaming_chunks=self.streaming_chunks)
 
     def _open(self, exchange: HttpExchange, now: int) -> tuple[OpenResponse, list[Event]]:
         body: dict[str, Any] = {"contents": self.contents}

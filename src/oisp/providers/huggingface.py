@@ -19,16 +19,16 @@ here: :mod:`oisp.providers.openai` reads it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from oisp.events import RequestParameters, ResponseError
 from oisp.framing import SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, RequestFacts, json_or_none, message
+from oisp.provider_kit import ApiDecoder, DecoderContext, RequestFacts, json_or_none, message
 
-__all__ = ["HuggingFaceTaskDecoder", "task_path"]
+__all__ = ["ENDPOINTS", "HuggingFaceTaskDecoder", "task_path"]
 
 _TASK_PATH = re.compile(r"^(?:/hf-inference)?/(?:models|pipeline/([a-z0-9-]+))/(.+)$")
 _EMBEDDING_TASKS = frozenset({"feature-extraction", "sentence-similarity"})
@@ -165,9 +165,22 @@ class HuggingFaceTaskDecoder(ApiDecoder):
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     chunks = settings.streaming_chunks
     if exchange.connection.provider != "huggingface" or exchange.request.method != "POST":
         return None
     found = task_path(exchange.request.path)
-    return HuggingFaceTaskDecoder(*found, streaming_chunks=chunks) if found is not None else None
+    return HuggingFaceTaskDecoder(*found, context=context, streaming_chunks=chunks) if found is not None else None
+
+
+#: The endpoints of the Hugging Face inference API and router, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("huggingface", "api-inference.huggingface.co"),
+    EndpointSpec("huggingface", "router.huggingface.co"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

@@ -21,17 +21,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from oisp.events import Message, RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import NdjsonValue
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, RequestFacts, ToolResultFacts, message
+from oisp.provider_kit import (
+    ApiDecoder,
+    DecoderContext,
+    PendingCalls,
+    RequestFacts,
+    ToolResultFacts,
+    canonical_json,
+    message,
+    parameters_or_none,
+)
+from oisp.provider_kit import as_mapping as _mapping
+from oisp.provider_kit import synthesized_call_id as kit_synthesized_call_id
 from oisp.redaction import sha256_text
 
-__all__ = ["OLLAMA_PATHS", "OllamaDecoder", "synthesized_call_id"]
+__all__ = ["ENDPOINTS", "OLLAMA_PATHS", "OllamaDecoder", "synthesized_call_id"]
 
 #: Native API path -> OISP request type.
 OLLAMA_PATHS: Mapping[str, str] = {
@@ -47,25 +58,16 @@ _OPTION_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "num_predi
                       "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty"}
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
 def conversation_key(messages: Sequence[Any]) -> str:
     """A digest of a conversation's messages (roles and text contents only), the seed of synthesized ids."""
     pairs = [[str(m.get("role", "")), m.get("content") if isinstance(m.get("content"), str) else ""]
              for m in messages if isinstance(m, Mapping)]
-    return hashlib.sha256(_canonical(pairs).encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(pairs).encode("utf-8")).hexdigest()
 
 
 def synthesized_call_id(conversation: str, position: int, name: Any, arguments: Any) -> str:
     """The id oisp gives an Ollama tool call (which has none): stable across the request that sends it back."""
-    text = _canonical([conversation, position, name, arguments])
-    return "ollama_" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    return kit_synthesized_call_id("ollama", conversation, position, name, arguments)
 
 
 def _function(call: Any) -> Mapping[str, Any]:
@@ -106,7 +108,7 @@ def _tools(body: Mapping[str, Any]) -> list[ToolDefinition]:
         parameters = function.get("parameters")
         tools.append(ToolDefinition(
             name=function.get("name"), type=str(tool.get("type", "function")), description=function.get("description"),
-            extra={"parameters_hash": sha256_text(_canonical(parameters))} if parameters is not None else {},
+            extra={"parameters_hash": sha256_text(canonical_json(parameters))} if parameters is not None else {},
         ))
     return tools
 
@@ -127,10 +129,7 @@ def _parameters(body: Mapping[str, Any]) -> RequestParameters | None:
     for key in ("format", "think", "keep_alive", "truncate", "dimensions", "raw", "suffix"):
         if body.get(key) is not None:
             extra[key] = body[key]
-    values = {k: v for k, v in values.items() if v is not None}
-    if not values and not extra:
-        return None
-    return RequestParameters(**values, extra=extra)
+    return parameters_or_none(values, extra)
 
 
 class OllamaDecoder(ApiDecoder):
@@ -167,7 +166,7 @@ class OllamaDecoder(ApiDecoder):
         raw_messages = [m for m in body.get("messages") or [] if isinstance(m, Mapping)]
         self._conversation = conversation_key(raw_messages)
         system: list[str] = []
-        pending: list[tuple[str, str | None]] = []  # (call id, name) of the last assistant message's calls
+        pending = PendingCalls()  # the calls of the last assistant message
         for index, raw in enumerate(raw_messages):
             role = str(raw.get("role", "user"))
             content = raw.get("content")
@@ -176,19 +175,21 @@ class OllamaDecoder(ApiDecoder):
             name = raw.get("tool_name") if isinstance(raw.get("tool_name"), str) else raw.get("name")
             if role == "assistant" and raw.get("tool_calls"):
                 prefix = conversation_key(raw_messages[:index])
-                pending = []
+                pending.reset()
+                calls = []
                 for position, call in enumerate(raw["tool_calls"]):
                     function = _function(call)
                     call_name = function.get("name") if isinstance(function.get("name"), str) else None
                     given = _mapping(call).get("id")
                     call_id = given if isinstance(given, str) else \
                         synthesized_call_id(prefix, position, call_name, _arguments(function))
-                    pending.append((call_id, call_name))
-                extra["tool_calls"] = [{"id": call_id, "name": call_name} for call_id, call_name in pending]
+                    pending.add(call_id, call_name)
+                    calls.append({"id": call_id, "name": call_name})
+                extra["tool_calls"] = calls
             elif role == "tool":
-                if tool_call_id is None and pending:
-                    match = next((i for i, (_, n) in enumerate(pending) if name and n == name), 0)
-                    tool_call_id, call_name = pending.pop(match)
+                answered = pending.answer(name if isinstance(name, str) else None) if tool_call_id is None else None
+                if answered is not None:
+                    tool_call_id, call_name = answered
                     name = name or call_name
                 if tool_call_id is not None:
                     facts.tool_results.append(ToolResultFacts(call_id=tool_call_id, content=content, name=name))
@@ -233,7 +234,8 @@ class OllamaDecoder(ApiDecoder):
         state = self.state
         if obj.get("error") is not None:
             error = obj["error"]
-            state.error = ResponseError(type="error", message=error if isinstance(error, str) else _canonical(error))
+            text = error if isinstance(error, str) else canonical_json(error)
+            state.error = ResponseError(type="error", message=text)
             return
         if isinstance(obj.get("model"), str):
             state.model = obj["model"]
@@ -295,9 +297,22 @@ class OllamaDecoder(ApiDecoder):
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     chunks = settings.streaming_chunks
     if exchange.connection.provider != "ollama" or exchange.request.method != "POST":
         return None
     request_type = OLLAMA_PATHS.get(exchange.request.path.rstrip("/"))
-    return OllamaDecoder(request_type, streaming_chunks=chunks) if request_type is not None else None
+    return OllamaDecoder(request_type, context=context, streaming_chunks=chunks) if request_type is not None else None
+
+
+#: The endpoints of a local Ollama server's default address, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("ollama", "localhost", 11434, tls=False),
+    EndpointSpec("ollama", "127.0.0.1", 11434, tls=False),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

@@ -18,8 +18,11 @@ Every other exchange (``GET /v1/models``, files, images, audio, ``/v1/responses/
 
 from __future__ import annotations
 
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from collections.abc import Iterable
+
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
+from oisp.provider_kit import DecoderContext
 from oisp.providers.openai_chat import (
     ChatCompletionsDecoder,
     TextCompletionsDecoder,
@@ -32,6 +35,7 @@ from oisp.providers.openai_realtime import RealtimeDecoder, ResponsesWebSocketDe
 from oisp.providers.openai_responses import ResponsesDecoder
 
 __all__ = [
+    "ENDPOINTS",
     "OPENAI_DIALECT",
     "ChatCompletionsDecoder",
     "EmbeddingsDecoder",
@@ -58,23 +62,25 @@ _DECODERS: dict[str, type[OpenAIDialectDecoder]] = {
 }
 
 
-def decoder_for(route: Route, settings: DecoderSettings | None = None) -> OpenAIDialectDecoder:
+def decoder_for(route: Route, settings: DecoderSettings | None = None,
+                context: DecoderContext | None = None) -> OpenAIDialectDecoder:
     """A fresh decoder for one exchange of ``route``."""
     settings = settings or DecoderSettings()
-    return _DECODERS[route.api](route, streaming_chunks=settings.streaming_chunks)
+    return _DECODERS[route.api](route, context=context, streaming_chunks=settings.streaming_chunks)
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
-    websocket = websocket_decoder_for(exchange, settings)
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
+    websocket = websocket_decoder_for(exchange, settings, context)
     if websocket is not None:
         return websocket
     route = route_for(exchange)
-    return decoder_for(route, settings) if route is not None else None
+    return decoder_for(route, settings, context) if route is not None else None
 
 
-def websocket_decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None) \
-        -> WebSocketSessionDecoder | None:
+def websocket_decoder_for(exchange: HttpExchange, settings: DecoderSettings | None = None,
+                          context: DecoderContext | None = None) -> WebSocketSessionDecoder | None:
     """The decoder of a WebSocket upgrade to the Realtime API (``.../realtime``) or to the Responses API
     (``.../responses``) on a dialect host; None for anything else."""
     request = exchange.request
@@ -83,7 +89,31 @@ def websocket_decoder_for(exchange: HttpExchange, settings: DecoderSettings | No
     path = request.path.rstrip("/")
     chunks = (settings or DecoderSettings()).streaming_chunks
     if path.endswith("/realtime"):
-        return RealtimeDecoder(exchange, streaming_chunks=chunks)
+        return RealtimeDecoder(exchange, context=context, streaming_chunks=chunks)
     if path.endswith("/responses"):
-        return ResponsesWebSocketDecoder(streaming_chunks=chunks)
+        return ResponsesWebSocketDecoder(context=context, streaming_chunks=chunks)
     return None
+
+
+#: The endpoints of the OpenAI API and the services that speak its dialect, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("openai", "api.openai.com"),
+    EndpointSpec("azure_openai", "*.openai.azure.com"),
+    EndpointSpec("mistral", "api.mistral.ai"),
+    EndpointSpec("groq", "api.groq.com"),
+    EndpointSpec("together", "api.together.xyz"),
+    EndpointSpec("together", "api.together.ai"),
+    EndpointSpec("fireworks", "api.fireworks.ai"),
+    EndpointSpec("perplexity", "api.perplexity.ai"),
+    EndpointSpec("openrouter", "openrouter.ai"),
+    EndpointSpec("openrouter", "api.openrouter.ai"),
+    EndpointSpec("deepseek", "api.deepseek.com"),
+    EndpointSpec("xai", "api.x.ai"),
+    EndpointSpec("lmstudio", "localhost", 1234, tls=False),
+    EndpointSpec("lmstudio", "127.0.0.1", 1234, tls=False),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

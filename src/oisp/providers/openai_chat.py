@@ -27,7 +27,7 @@ import attrs
 
 from oisp.framing import SseEvent
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import RequestFacts, ToolResultFacts, content_facts, json_or_none, message
+from oisp.provider_kit import RequestFacts, ToolResultFacts, content_facts, json_or_none, message
 from oisp.providers.openai_common import (
     OpenAIDialectDecoder,
     as_index,

@@ -18,7 +18,7 @@ import attrs
 from oisp.events import RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import SseDecoder
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, ResponseState, StreamFraming, content_facts
+from oisp.provider_kit import ApiDecoder, ResponseState, StreamFraming, content_facts
 from oisp.redaction import sha256_text
 
 __all__ = [

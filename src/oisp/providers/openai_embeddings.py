@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import RequestFacts, message
+from oisp.provider_kit import RequestFacts, message
 from oisp.providers.openai_common import OpenAIDialectDecoder, error_from_body, openai_usage, request_parameters
 
 __all__ = ["EmbeddingsDecoder", "embedding_dimensions", "embeddings_request_facts"]

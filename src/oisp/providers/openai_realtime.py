@@ -38,10 +38,9 @@ import attrs
 
 from oisp.events import Event
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder
+from oisp.provider_kit import ApiDecoder, DecoderContext, OpenResponse, WebSocketSessionDecoder, base64_size
 from oisp.providers.openai_common import Route
 from oisp.providers.openai_responses import ResponsesDecoder
-from oisp.providers.websocket import OpenResponse, WebSocketSessionDecoder, base64_size
 
 __all__ = ["RealtimeDecoder", "ResponsesWebSocketDecoder", "WebSocketSessionDecoder"]
 
@@ -59,7 +58,7 @@ _TEXT_DELTAS = {"response.text.delta": "response.output_text.delta",
 
 class _OpenAISessionDecoder(WebSocketSessionDecoder):
     def response_decoder(self) -> ApiDecoder:
-        return ResponsesDecoder(Route("responses"), streaming_chunks=self.streaming_chunks)
+        return ResponsesDecoder(Route("responses"), context=self.context, streaming_chunks=self.streaming_chunks)
 
 
 class ResponsesWebSocketDecoder(_OpenAISessionDecoder):
@@ -102,8 +101,9 @@ class _Session:
 class RealtimeDecoder(_OpenAISessionDecoder):
     """The OpenAI Realtime API (beta and GA event names)."""
 
-    def __init__(self, exchange: HttpExchange, *, streaming_chunks: bool = False) -> None:
-        super().__init__(streaming_chunks=streaming_chunks)
+    def __init__(self, exchange: HttpExchange, *, context: DecoderContext | None = None,
+                 streaming_chunks: bool = False) -> None:
+        super().__init__(context=context, streaming_chunks=streaming_chunks)
         query = dict(parse_qsl(exchange.request.query))
         self.session = _Session(model=query.get("model") or query.get("deployment"), input_rate=48_000,
                                 output_rate=48_000)

@@ -24,7 +24,7 @@ from typing import Any
 from oisp.events import ResponseError
 from oisp.framing import SseEvent
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import RequestFacts, ToolResultFacts, content_facts, json_or_none, message
+from oisp.provider_kit import RequestFacts, ToolResultFacts, content_facts, json_or_none, message
 from oisp.providers.openai_common import (
     OpenAIDialectDecoder,
     as_index,

@@ -15,8 +15,9 @@ only a *finished* prediction (``succeeded``, ``failed``, ``canceled``) becomes a
   not in the built-in endpoint table, so it is only seen when configured as a ``replicate`` endpoint; polling
   on ``api.replicate.com`` always is.
 
-:data:`predictions` remembers, per prediction id (bounded, thread-safe), the create call's ``ai.request``, so the
-first finished view of a prediction, whichever exchange brings it, emits the one ``ai.response`` with the
+The run's :class:`PredictionTable` (:func:`predictions`, kept in the decoder context, bounded, thread-safe)
+remembers, per prediction id, the create call's ``ai.request``, so the first finished view of a prediction,
+whichever exchange brings it, emits the one ``ai.response`` with the
 create call's ``request_id`` and a ``caused_by`` link to its event. Later views of the same prediction emit
 nothing, nor do views of a prediction still running. A finished prediction whose creation oisp did not see still
 gets an ``ai.response``, with the poll's own request id.
@@ -46,11 +47,19 @@ from oisp.events import (
     ResponseError,
 )
 from oisp.framing import SseEvent
-from oisp.hookspecs import DecoderSettings, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, RequestFacts, json_or_none, message, request_id_for
+from oisp.provider_kit import (
+    ApiDecoder,
+    DecoderContext,
+    FirstReports,
+    RequestFacts,
+    json_or_none,
+    message,
+    request_id_for,
+)
 
-__all__ = ["FINISHED", "PredictionTable", "ReplicateDecoder", "predictions"]
+__all__ = ["ENDPOINTS", "FINISHED", "PredictionTable", "ReplicateDecoder", "predictions"]
 
 #: Prediction statuses after which nothing changes.
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
@@ -73,6 +82,10 @@ class _Created:
     model: str | None
     reported: bool = False
 
+    @property
+    def known(self) -> bool:
+        return bool(self.request_id)
+
 
 class PredictionTable:
     """Predictions seen being created (prediction id -> the create call's request), and stream URLs -> ids.
@@ -82,25 +95,21 @@ class PredictionTable:
 
     def __init__(self, max_entries: int = 20_000) -> None:
         self.max_entries = max_entries
-        self._created: OrderedDict[str, _Created] = OrderedDict()
+        self._created = FirstReports(lambda: _Created("", "", 0, None, reported=True), max_entries)
         self._streams: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def created(self, prediction_id: str, record: _Created, stream_url: str | None) -> None:
-        with self._lock:
-            self._created[prediction_id] = record
-            self._created.move_to_end(prediction_id)
-            if stream_url:
+        self._created.put(prediction_id, record)
+        if stream_url:
+            with self._lock:
                 self._streams[_url_key(stream_url)] = prediction_id
-            for table in (self._created, self._streams):
-                while len(table) > self.max_entries:
-                    table.popitem(last=False)
+                while len(self._streams) > self.max_entries:
+                    self._streams.popitem(last=False)
 
     def get(self, prediction_id: str) -> _Created | None:
         """The creation of a prediction, if seen (without claiming its outcome)."""
-        with self._lock:
-            record = self._created.get(prediction_id)
-            return record if record is not None and record.request_id else None
+        return self._created.get(prediction_id)
 
     def id_for_stream(self, url: str) -> str | None:
         with self._lock:
@@ -108,21 +117,12 @@ class PredictionTable:
 
     def finish(self, prediction_id: str) -> tuple[bool, _Created | None]:
         """(report it?, its creation if seen): a prediction's outcome is reported the first time it is seen."""
-        with self._lock:
-            record = self._created.get(prediction_id)
-            if record is None:
-                self._created[prediction_id] = _Created("", "", 0, None, reported=True)
-                while len(self._created) > self.max_entries:
-                    self._created.popitem(last=False)
-                return True, None
-            if record.reported:
-                return False, record
-            record.reported = True
-            return True, record if record.request_id else None
+        return self._created.claim(prediction_id)
 
 
-#: The process-wide table the built-in decoder uses.
-predictions = PredictionTable()
+def predictions(context: DecoderContext) -> PredictionTable:
+    """The prediction table of a decoding run."""
+    return context.state("replicate.predictions", PredictionTable)
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -220,7 +220,7 @@ class ReplicateDecoder(ApiDecoder):
         super().__init__(**kwargs)
         self.create = create
         self.prediction_id = prediction_id
-        self.table = table or predictions
+        self.table = table if table is not None else predictions(self.context)
         self._status: str | None = None
         self._timing: dict[str, int] = {}
         self._stream_url: str | None = None
@@ -381,24 +381,37 @@ class ReplicateDecoder(ApiDecoder):
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     chunks = settings.streaming_chunks
     if exchange.connection.provider != "replicate":
         return None
     request = exchange.request
     path = request.path.rstrip("/")
     if request.method == "POST" and _CREATE.match(path):
-        return ReplicateDecoder(create=True, streaming_chunks=chunks)
+        return ReplicateDecoder(create=True, context=context, streaming_chunks=chunks)
     match = _PREDICTION.match(path)
     if request.method == "POST" and match and match.group(2) == "/cancel":
-        return ReplicateDecoder(create=False, prediction_id=match.group(1), streaming_chunks=chunks)
+        return ReplicateDecoder(create=False, prediction_id=match.group(1), context=context, streaming_chunks=chunks)
     if request.method != "GET":
         return None
-    stream_id = predictions.id_for_stream(request.url)
+    stream_id = predictions(context).id_for_stream(request.url)
     if stream_id is not None:
-        return ReplicateDecoder(create=False, prediction_id=stream_id, streaming_chunks=chunks)
+        return ReplicateDecoder(create=False, prediction_id=stream_id, context=context, streaming_chunks=chunks)
     if match and match.group(2) != "/cancel":
-        return ReplicateDecoder(create=False, prediction_id=match.group(1), streaming_chunks=chunks)
+        return ReplicateDecoder(create=False, prediction_id=match.group(1), context=context, streaming_chunks=chunks)
     if "text/event-stream" in (request.headers.get("accept") or ""):
-        return ReplicateDecoder(create=False, streaming_chunks=chunks)  # a stream oisp did not see created
+        # a stream oisp did not see created
+        return ReplicateDecoder(create=False, context=context, streaming_chunks=chunks)
     return None
+
+
+#: The endpoints of the Replicate API, declared through ``oisp_endpoints``.
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("replicate", "api.replicate.com"),
+)
+
+
+@hookimpl
+def oisp_endpoints() -> Iterable[EndpointSpec]:
+    return ENDPOINTS

@@ -104,7 +104,7 @@ class MitmProxy:
 
             endpoints = EndpointTable(create_plugin_manager().endpoints())
         if decoder_factory is None:
-            from oisp.http.decoder import make_decoder
+            from oisp.http.passive import make_decoder
 
             decoder_factory = make_decoder
         if parse_client_hello is None:

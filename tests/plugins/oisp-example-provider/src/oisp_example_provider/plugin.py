@@ -2,7 +2,8 @@
 ``{"id", "model", "text", "stop", "tokens": {"in", "out"}}`` or, streamed, NDJSON lines ``{"delta": "..."}``
 ending with ``{"done": true, "stop": "...", "tokens": {...}}``.
 
-It shows the whole contract: declare the endpoint, claim the exchanges, and let ``ApiDecoder`` build the events.
+It shows the whole contract: declare the endpoint, claim the exchanges, and let the plugin kit's ``ApiDecoder``
+build the events (with the run's ``context``, so tool calls link within one run, and the runner's ``settings``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from oisp.framing import NdjsonValue
-from oisp.hookspecs import EndpointSpec, ExchangeDecoder, hookimpl
+from oisp.hookspecs import DecoderSettings, EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
-from oisp.providers.base import ApiDecoder, RequestFacts, message
+from oisp.provider_kit import ApiDecoder, DecoderContext, NdjsonValue, RequestFacts, as_mapping, message
 
 HOST = "api.acme-llm.example"
 
@@ -22,7 +22,7 @@ class AcmeDecoder(ApiDecoder):
     provider = "acme"
 
     def parse_request(self, exchange: HttpExchange, body: Any) -> RequestFacts:
-        body = body if isinstance(body, Mapping) else {}
+        body = as_mapping(body)
         return RequestFacts(request_type="completion", model=body.get("model"), streaming=bool(body.get("stream")),
                             messages=[message("user", body.get("prompt"))])
 
@@ -51,7 +51,8 @@ def oisp_endpoints() -> Iterable[EndpointSpec]:
 
 
 @hookimpl
-def oisp_exchange_decoder(exchange: HttpExchange) -> ExchangeDecoder | None:
+def oisp_exchange_decoder(exchange: HttpExchange, settings: DecoderSettings,
+                          context: DecoderContext) -> ExchangeDecoder | None:
     if exchange.connection.provider == "acme" and exchange.request.path == "/v2/generate":
-        return AcmeDecoder()
+        return AcmeDecoder(context=context, streaming_chunks=settings.streaming_chunks)
     return None

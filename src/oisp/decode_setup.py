@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from oisp.config import Config
-from oisp.decoder import EventDecoder
+from oisp.event_decoder import EventDecoder
 from oisp.events import Event
 from oisp.hookspecs import DecoderSettings, Sink
 from oisp.pipeline import Enricher, Pipeline

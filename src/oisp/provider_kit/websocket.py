@@ -5,7 +5,7 @@ one long connection, on which each model response is one request/response cycle.
 :class:`WebSocketSessionDecoder` claims the upgraded exchange (it is an :class:`~oisp.hookspecs.ExchangeDecoder`
 with ``on_websocket_message``), and for each model response builds a *synthetic exchange* — the upgrade
 request's head, a request body built from the client's messages, the server's events as an SSE response
-stream — and runs an ordinary :class:`~oisp.providers.base.ApiDecoder` on it. Each response thereby gets its own
+stream — and runs an ordinary :class:`~oisp.provider_kit.ApiDecoder` on it. Each response thereby gets its own
 ``request_id`` and the same events and links as an HTTP call. Their ``attrs`` say ``oisp.transport: websocket``;
 ``status_code`` is absent (there is no HTTP status per response).
 """
@@ -21,10 +21,11 @@ import attrs
 from oisp.events import Event
 from oisp.http.exchange import Headers, HttpExchange, HttpRequest, HttpResponse
 from oisp.http.websocket import OP_BINARY, OP_TEXT, WebSocketMessage
-from oisp.providers.base import ApiDecoder
-from oisp.providers.metadata import MetadataDecoder
+from oisp.provider_kit.api_decoder import ApiDecoder
+from oisp.provider_kit.context import DecoderContext
+from oisp.provider_kit.metadata import MetadataDecoder
 
-__all__ = ["WebSocketSessionDecoder", "base64_size"]
+__all__ = ["OpenResponse", "WebSocketSessionDecoder", "base64_size"]
 
 
 def base64_size(value: Any) -> int:
@@ -52,7 +53,9 @@ class WebSocketSessionDecoder:
     docstring). Subclasses read client and server events (:meth:`client_event`, :meth:`server_event`) and call
     :meth:`open_response`, :meth:`response_event` and :meth:`close_response`."""
 
-    def __init__(self, *, streaming_chunks: bool = False) -> None:
+    def __init__(self, *, context: DecoderContext | None = None, streaming_chunks: bool = False) -> None:
+        #: The run's state, handed to each response's decoder (tool calls link across responses and exchanges).
+        self.context = context if context is not None else DecoderContext()
         self.streaming_chunks = streaming_chunks
         self.open: list[OpenResponse] = []
         self.problems: list[str] = []

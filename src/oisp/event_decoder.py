@@ -1,6 +1,9 @@
 """From what the proxy sees to OISP events: provider plugins turn each HTTP exchange into events, and each
 connection's outcome becomes a ``network.connect`` event.
 
+:class:`Decoder` is the decode side as a script uses it: the installed plugins by default, and recorded
+exchanges (:mod:`oisp.recorded`) or a JSONL recording replayed into events, returned and emitted.
+
 :class:`EventDecoder` is the proxy's observer. For every exchange it asks the provider plugins (in order) for
 an :class:`~oisp.hookspecs.ExchangeDecoder`; the built-in metadata provider answers last, so no exchange with
 an AI endpoint is ever dropped. A provider that fails is logged with its name, and the exchange falls back to
@@ -10,13 +13,18 @@ metadata events. Events get their envelope context here (process, capture source
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
 from oisp._version import __version__
+from oisp.endpoints import EndpointTable
 from oisp.events import (
     CertificateInfo,
     Confidence,
@@ -29,13 +37,14 @@ from oisp.events import (
 )
 from oisp.events.envelope import COLLECTOR
 from oisp.hookspecs import DecoderSettings, ExchangeDecoder
-from oisp.http.exchange import ConnectionInfo, HttpExchange
+from oisp.http.exchange import ConnectionInfo, Headers, HttpExchange, HttpRequest, HttpResponse
 from oisp.http.websocket import WebSocketMessage
-from oisp.plugins import OispPluginManager
-from oisp.providers.metadata import MetadataDecoder
+from oisp.plugins import OispPluginManager, create_plugin_manager
+from oisp.provider_kit import DecoderContext, MetadataDecoder
 from oisp.proxy.report import ConnectionReport, Decision
+from oisp.recorded import RecordedExchange, read_recording
 
-__all__ = ["EventDecoder", "network_connect_event", "trace_context_of"]
+__all__ = ["Decoder", "EventDecoder", "network_connect_event", "trace_context_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +217,15 @@ class EventDecoder:
     """The proxy's observer: exchanges → provider plugins → events; connections → ``network.connect``."""
 
     def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True,
-                 settings: DecoderSettings | None = None) -> None:
+                 settings: DecoderSettings | None = None, context: DecoderContext | None = None) -> None:
         self.plugins = plugins
         self._emit = emit
         self.connect_events = connect_events
         #: Handed to every ``oisp_exchange_decoder`` call (``streaming_chunks`` and the like).
         self.settings = settings or DecoderSettings()
+        #: This run's state (tool calls seen, providers' tables), handed to every ``oisp_exchange_decoder`` call:
+        #: each decoder has its own unless one is given, so two decoders in one process share nothing.
+        self.context = context if context is not None else DecoderContext()
 
     def connection(self, report: ConnectionReport) -> None:
         if not self.connect_events:
@@ -228,7 +240,7 @@ class EventDecoder:
     def decoder_for(self, exchange: HttpExchange) -> tuple[str, ExchangeDecoder]:
         """The first provider plugin that claims the exchange, and its decoder."""
         for name, decoder in self.plugins.call_each("oisp_exchange_decoder", exchange=exchange,
-                                                    settings=self.settings):
+                                                    settings=self.settings, context=self.context):
             if type(decoder) in _DECODER_TYPES or isinstance(decoder, ExchangeDecoder):
                 if len(_DECODER_TYPES) < 256:
                     _DECODER_TYPES.add(type(decoder))  # a protocol check looks at every method: once per type
@@ -257,3 +269,84 @@ class EventDecoder:
         """:meth:`emit_for` each event."""
         for event in events:
             self.emit_for(connection, event)
+
+
+class Decoder(EventDecoder):
+    """The decode side in one object: exchanges in, OISP events out, through the provider plugins.
+
+    ``plugins`` defaults to every installed provider plugin, ``endpoints`` to the table they declare (which names
+    the provider of a recorded exchange's host). :meth:`decode` returns the events of one
+    :class:`~oisp.recorded.RecordedExchange`; :meth:`replay` yields the events of a whole recording (a JSONL
+    file, or an iterable of exchanges and events), in order. With ``emit`` (a
+    :meth:`Pipeline.emit <oisp.pipeline.Pipeline.emit>`), every event also goes there. Tool calls link across the
+    exchanges of one decoder (its :attr:`context`), never across decoders. As the proxy's observer it works as
+    an :class:`EventDecoder`.
+    """
+
+    def __init__(self, plugins: OispPluginManager | None = None, emit: Emit | None = None, *,
+                 endpoints: EndpointTable | None = None, settings: DecoderSettings | None = None,
+                 context: DecoderContext | None = None, connect_events: bool = True) -> None:
+        plugins = plugins if plugins is not None else create_plugin_manager()
+        super().__init__(plugins, self._deliver, connect_events=connect_events, settings=settings, context=context)
+        self.endpoints = endpoints if endpoints is not None else EndpointTable.from_plugins(plugins)
+        self._forward = emit
+        self._collected: list[Event] | None = None
+        self._connections = itertools.count(1)
+
+    def _deliver(self, event: Event) -> None:
+        if self._collected is not None:
+            self._collected.append(event)
+        if self._forward is not None:
+            self._forward(event)
+
+    def decode(self, recorded: RecordedExchange) -> list[Event]:
+        """The events of one recorded exchange, as the proxy would have emitted them had it seen it."""
+        parts = urlsplit(recorded.url)
+        spec = self.endpoints.match(recorded.host, recorded.port)
+        connection = ConnectionInfo(connection_id=f"replay-{id(self):x}-{next(self._connections)}",
+                                    client_addr=("127.0.0.1", 0), server_addr=(recorded.host, recorded.port),
+                                    mode="replay", tls=parts.scheme == "https",
+                                    provider=recorded.provider or (spec.provider if spec else None))
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        body = recorded.request_body
+        exchange = HttpExchange(connection=connection, request=HttpRequest(
+            method=recorded.method, target=target, authority=parts.netloc, scheme=parts.scheme or "https",
+            http_version="1.1", headers=Headers([("host", parts.netloc), *recorded.request_headers]),
+            body=bytearray(body), wire_size=len(body)))
+        timings = exchange.timings
+        timings.request_start = timings.request_end = time.monotonic_ns()
+        listener = self.exchange_listener(connection)
+        collected: list[Event] = []
+        self._collected = collected
+        try:
+            listener.request(exchange)
+            if recorded.status is None:
+                exchange.mark_partial("no response recorded")
+            else:
+                exchange.response = response = HttpResponse(status=recorded.status, reason="", http_version="1.1",
+                                                            headers=Headers(list(recorded.response_headers)))
+                timings.response_headers = time.monotonic_ns()
+                listener.response_start(exchange)
+                for chunk in recorded.response_chunks:
+                    now = time.monotonic_ns()
+                    timings.response_first_byte = timings.response_first_byte or now
+                    timings.response_chunks.append((now, len(chunk)))
+                    response.body += chunk
+                    response.wire_size += len(chunk)
+                    listener.response_data(exchange, chunk)
+            timings.response_end = time.monotonic_ns()
+            listener.end(exchange)
+        finally:
+            self._collected = None
+        return collected
+
+    def replay(self, source: str | Path | Iterable[RecordedExchange | Event]) -> Iterator[Event]:
+        """The events of a recording: a JSONL file (:func:`~oisp.recorded.read_recording`: exchanges, and events
+        that pass as they are) or an iterable of :class:`~oisp.recorded.RecordedExchange` and events."""
+        items = read_recording(source) if isinstance(source, str | Path) else source
+        for item in items:
+            if isinstance(item, Event):
+                self._deliver(item)
+                yield item
+            else:
+                yield from self.decode(item)

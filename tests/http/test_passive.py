@@ -7,7 +7,7 @@ from tests.http.test_h1 import req, resp
 from tests.http.transcript import H2Pair, Recorder, connection, run
 
 from oisp.http import Http1Decoder, Http2Decoder, HttpExchange, make_decoder
-from oisp.http.decoder import PassiveDecoder
+from oisp.http.passive import PassiveDecoder
 
 
 @pytest.mark.parametrize(("alpn", "kind"), [("h2", Http2Decoder), ("http/1.1", Http1Decoder),

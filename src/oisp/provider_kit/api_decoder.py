@@ -1,8 +1,8 @@
-"""Building blocks for provider plugins (oisp's own and third-party ones alike).
+"""The decoder most provider plugins subclass: :class:`ApiDecoder`.
 
 A provider plugin claims exchanges in ``oisp_exchange_decoder`` and returns an
-:class:`~oisp.hookspecs.ExchangeDecoder`. Most AI APIs are "JSON request, JSON or streamed response", so this
-module offers :class:`ApiDecoder`, which does the common work — parsing the request, choosing the stream
+:class:`~oisp.hookspecs.ExchangeDecoder`. Most AI APIs are "JSON request, JSON or streamed response", so the kit
+offers :class:`ApiDecoder`, which does the common work — parsing the request, choosing the stream
 framing, accumulating the response, emitting ``ai.request``, ``ai.response``, ``agent.tool_call``,
 ``agent.tool_result`` (and optionally ``ai.streaming_chunk``) with the links between them — and leaves to each
 provider only what differs: :meth:`ApiDecoder.parse_request`, :meth:`ApiDecoder.on_stream_item` and
@@ -11,18 +11,13 @@ provider only what differs: :meth:`ApiDecoder.parse_request`, :meth:`ApiDecoder.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
-from oisp.endpoints import EndpointTable
 from oisp.events import (
     AgentToolCall,
     AgentToolResult,
@@ -48,26 +43,28 @@ from oisp.events import (
 )
 from oisp.framing import EventStreamDecoder, FramingError, JsonArrayDecoder, NdjsonDecoder, SseDecoder
 from oisp.http.exchange import HttpExchange
-from oisp.redaction import key_fingerprint, redact_url, sha256_text
+from oisp.provider_kit.content import message
+from oisp.provider_kit.context import DecoderContext
+from oisp.provider_kit.exchange import (
+    auth_from_exchange,
+    json_or_none,
+    latencies,
+    provider_name,
+    request_id_for,
+)
+from oisp.provider_kit.tool_calls import ToolCallRegistry, tool_type_for
+from oisp.redaction import redact_url, sha256_text
 
 __all__ = [
     "ApiDecoder",
     "RequestFacts",
     "ResponseState",
-    "ToolCallRegistry",
+    "StreamFraming",
     "ToolResultFacts",
-    "auth_from_exchange",
-    "content_facts",
-    "json_or_none",
-    "latencies",
     "normalize_finish_reason",
-    "request_id_for",
-    "tool_calls_registry",
-    "tool_type_for",
 ]
 
 logger = logging.getLogger(__name__)
-_TABLE = EndpointTable()
 
 #: The incremental framings a streamed response may use.
 StreamFraming = SseDecoder | NdjsonDecoder | JsonArrayDecoder | EventStreamDecoder
@@ -94,190 +91,6 @@ def normalize_finish_reason(raw: Any) -> str | None:
         return {1: "stop", 2: "length", 3: "content_filter", 4: "content_filter"}.get(raw, "other")
     text = str(raw)
     return FINISH_REASONS.get(text) or FINISH_REASONS.get(text.lower()) or "other"
-
-
-_TOOL_TYPES = (
-    (re.compile(r"(read|cat|open|view|get)_?(file|document)|file_read"), "file_read"),
-    (re.compile(r"(write|create|save)_?file|file_write"), "file_write"),
-    (re.compile(r"(edit|patch|replace|apply)_?(file|diff|patch)?|str_replace"), "file_edit"),
-    (re.compile(r"bash|shell|exec|run_?command|terminal|subprocess"), "shell"),
-    (re.compile(r"search|google|bing|lookup"), "search"),
-    (re.compile(r"computer_?use"), "computer_use"),
-    (re.compile(r"browse|navigate|click|screenshot|computer"), "browser"),
-    (re.compile(r"sql|query_?db|database"), "database"),
-    (re.compile(r"python|code_?interpreter|execute_?code|run_?code"), "code_execution"),
-    (re.compile(r"fetch|http|request|curl|url"), "http"),
-    (re.compile(r"retriev|rag|knowledge"), "retrieval"),
-)
-
-
-def tool_type_for(name: str | None) -> str:
-    """A best guess of the OISP tool category from a tool's name (``other`` when nothing fits)."""
-    if not name:
-        return "other"
-    lowered = name.lower()
-    for pattern, kind in _TOOL_TYPES:
-        if pattern.search(lowered):
-            return kind
-    return "other"
-
-
-def json_or_none(data: bytes | bytearray | str) -> tuple[Any, str | None]:
-    """Parse JSON: (value, None) or (None, why it failed)."""
-    if not data:
-        return None, "empty body"
-    try:
-        return json.loads(data), None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, f"invalid JSON: {exc}"
-
-
-def auth_from_exchange(exchange: HttpExchange) -> AuthInfo | None:
-    """How the request authenticated: key prefix and hash only (``Authorization``, ``x-api-key``, ``api-key``,
-    ``x-goog-api-key``, ``key`` query parameter; AWS SigV4 counts as a service account)."""
-    headers = exchange.request.headers
-    authorization = headers.get("authorization")
-    if authorization and authorization.upper().startswith("AWS4-HMAC-SHA256"):
-        credential = re.search(r"Credential=([A-Z0-9]+)/", authorization)
-        key = credential.group(1) if credential else authorization
-        fingerprint = key_fingerprint(key)
-        return AuthInfo(type="service_account", key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
-    for name in ("x-api-key", "api-key", "x-goog-api-key"):
-        value = headers.get(name)
-        if value:
-            fingerprint = key_fingerprint(value)
-            return AuthInfo(type="api_key", key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
-    if authorization:
-        fingerprint = key_fingerprint(authorization)
-        bearer = authorization.lower().startswith("bearer ")
-        kind = "api_key" if fingerprint.prefix else "oauth" if bearer else "unknown"
-        return AuthInfo(type=kind, key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
-    query = exchange.request.query
-    match = re.search(r"(?:^|&)key=([^&]+)", query)
-    if match:
-        fingerprint = key_fingerprint(match.group(1))
-        return AuthInfo(type="api_key", key_prefix=fingerprint.prefix or None, key_hash=fingerprint.hash)
-    return AuthInfo(type="none")
-
-
-@attrs.frozen
-class ContentFacts:
-    """Text and image counts of a message's content (string, list of parts, or None)."""
-
-    text: str | None
-    image_count: int
-    image_hashes: tuple[str, ...]
-
-
-def content_facts(content: Any) -> ContentFacts:
-    """Join the text parts of a content value; count and hash images (never keep their bytes)."""
-    if content is None:
-        return ContentFacts(None, 0, ())
-    if isinstance(content, str):
-        return ContentFacts(content, 0, ())
-    parts = content if isinstance(content, list) else [content]
-    texts: list[str] = []
-    hashes: list[str] = []
-    for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-            continue
-        if not isinstance(part, Mapping):
-            continue
-        kind = str(part.get("type", ""))
-        if isinstance(part.get("text"), str) and kind in ("", "text", "input_text", "output_text"):
-            texts.append(part["text"])
-        elif "image" in kind or "inlineData" in part or "inline_data" in part:
-            hashes.append(_image_hash(part))
-        elif kind in ("tool_result", "function_call_output") and part.get("content") is not None:
-            inner = content_facts(part.get("content"))
-            if inner.text:
-                texts.append(inner.text)
-        elif isinstance(part.get("text"), str):
-            texts.append(part["text"])
-    return ContentFacts("\n".join(texts) if texts else None, len(hashes), tuple(hashes))
-
-
-def _image_hash(part: Mapping[str, Any]) -> str:
-    """Hash of an image part's data (decoded base64 when inline, else its URL)."""
-    for value in _walk_strings(part):
-        if value.startswith("data:") and ";base64," in value:
-            try:
-                return sha256_text(base64.b64decode(value.split(";base64,", 1)[1], validate=False))
-            except (ValueError, TypeError):
-                return sha256_text(value)
-    return sha256_text(json.dumps(part, sort_keys=True, default=str))
-
-
-def _walk_strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _walk_strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _walk_strings(v)
-
-
-def message(role: str, content: Any, *, tool_call_id: str | None = None, name: str | None = None,
-            **extra: Any) -> Message:
-    """An OISP message from a provider's role and content (text joined, images counted and hashed)."""
-    facts = content_facts(content)
-    extras = {k: v for k, v in extra.items() if v is not None}
-    if facts.image_hashes:
-        extras["image_hashes"] = list(facts.image_hashes)
-    return Message(
-        role=role, content=facts.text, content_length=len(facts.text) if facts.text is not None else None,
-        content_hash=sha256_text(facts.text) if facts.text else None,
-        has_images=bool(facts.image_count) or None, image_count=facts.image_count or None,
-        tool_call_id=tool_call_id, name=name, extra=extras,
-    )
-
-
-# --- tool call correlation -----------------------------------------------------------------------------------
-
-@attrs.define
-class _CallRecord:
-    event_id: str
-    name: str | None
-    result_reported: bool = False
-
-
-class ToolCallRegistry:
-    """Remembers the tool calls models made (call id -> the ``agent.tool_call`` event) so the tool results a
-    client sends back later are linked to them, and each result is reported once even though clients resend
-    the whole conversation with every request. Bounded; thread-safe."""
-
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self._calls: OrderedDict[str, _CallRecord] = OrderedDict()
-        self._lock = threading.Lock()
-        self.max_entries = max_entries
-
-    def record_call(self, call_id: str, event_id: str, name: str | None) -> None:
-        with self._lock:
-            self._calls[call_id] = _CallRecord(event_id, name)
-            self._calls.move_to_end(call_id)
-            while len(self._calls) > self.max_entries:
-                self._calls.popitem(last=False)
-
-    def claim_result(self, call_id: str) -> tuple[bool, _CallRecord | None]:
-        """(report it?, the call it answers). A result is reported the first time it is seen."""
-        with self._lock:
-            record = self._calls.get(call_id)
-            if record is None:
-                self._calls[call_id] = _CallRecord("", None, result_reported=True)
-                while len(self._calls) > self.max_entries:
-                    self._calls.popitem(last=False)
-                return True, None
-            if record.result_reported:
-                return False, record
-            record.result_reported = True
-            return True, record if record.event_id else None
-
-
-#: The process-wide registry the built-in providers share.
-tool_calls_registry = ToolCallRegistry()
 
 
 # --- request and response facts ------------------------------------------------------------------------------
@@ -408,8 +221,12 @@ class ApiDecoder:
     #: The provider name (``openai``); the endpoint table's name is used when None.
     provider: str | None = None
 
-    def __init__(self, *, registry: ToolCallRegistry | None = None, streaming_chunks: bool = False) -> None:
-        self.registry = registry or tool_calls_registry
+    def __init__(self, *, context: DecoderContext | None = None, registry: ToolCallRegistry | None = None,
+                 streaming_chunks: bool = False) -> None:
+        #: The run's state (the hook's ``context``); a decoder built without one has a run of its own.
+        self.context = context if context is not None else DecoderContext()
+        #: Where tool calls are remembered and results claimed (the run's, unless one is given).
+        self.registry = registry if registry is not None else self.context.tool_calls
         self.streaming_chunks = streaming_chunks
         self.request: RequestFacts | None = None
         self.state = ResponseState()
@@ -469,13 +286,8 @@ class ApiDecoder:
     def provider_info(self, exchange: HttpExchange) -> ProviderInfo:
         """Provider name and endpoint (URL with credentials removed), plus organization and project headers."""
         headers = exchange.request.headers
-        name = self.provider or exchange.connection.provider
-        if name is None:
-            host, port = exchange.connection.server_addr
-            spec = _TABLE.match(host, port)
-            name = spec.provider if spec else "other"
         return ProviderInfo(
-            name=name, endpoint=redact_url(exchange.request.url),
+            name=provider_name(exchange, self.provider), endpoint=redact_url(exchange.request.url),
             organization_id=headers.get("openai-organization"),
             project_id=headers.get("openai-project"),
         )
@@ -761,20 +573,3 @@ def _str(value: Any) -> str | None:
 
 def _snippet(body: bytes | bytearray) -> str:
     return bytes(body[:200]).decode("utf-8", "replace")
-
-
-def request_id_for(exchange: HttpExchange) -> str:
-    """The ``request_id`` shared by every event of one exchange (unique across runs: see the connection id)."""
-    return f"req_{exchange.connection.connection_id}_{exchange.exchange_id}"
-
-
-def latencies(exchange: HttpExchange, first_content_ns: int | None = None) -> tuple[int | None, int | None]:
-    """(total, time to first token) in ms. A stream's first token is the chunk that brought the first content,
-    not its first byte (keep-alive comments and Azure's empty filter chunks come before any token)."""
-    t = exchange.timings
-    if t.request_start is None:
-        return None, None
-    total = (t.response_end - t.request_start) // 1_000_000 if t.response_end is not None else None
-    first = first_content_ns or t.response_first_byte or t.response_headers
-    ttft = (first - t.request_start) // 1_000_000 if first is not None else None
-    return total, ttft
