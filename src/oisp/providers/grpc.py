@@ -244,6 +244,13 @@ class GrpcExchangeDecoder:
         now = time.monotonic_ns()
         if self.server.framer is not None:
             events += self._take(exchange, "server", self.server.framer.close(), now)
+        response = exchange.response
+        if self.call.protocol == "connect-unary" and response is not None and response.status == 200:
+            if response.truncated:
+                self.problems.append("response message over the body cap not read")
+            else:  # the body is the one message
+                events += self._take(exchange, "server", [GrpcMessage(0, bytes(response.body), response.wire_size, 0)],
+                                     self.server.first_ns or now)
         status = self._status(exchange)
         events += self._safely(self.on_grpc_end, exchange, status)
         if self.emit_metadata_events:
