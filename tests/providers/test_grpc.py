@@ -3,14 +3,15 @@ tunnel to a Cursor API host, and Connect bodies sent with httpx over HTTP/2 and 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
+import struct
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 import trustme
@@ -27,7 +28,7 @@ from oisp.plugins import OispPluginManager
 from oisp.providers.grpc import GrpcCallMessage, GrpcExchangeDecoder, GrpcStatus, grpc_call_of
 from oisp.proxy import UpstreamOverride
 
-grpc = pytest.importorskip("grpc")  # noqa: F811
+grpc = pytest.importorskip("grpc")
 
 HOST = "api2.cursor.sh"
 
@@ -205,15 +206,20 @@ def grpc_call_of_for(path: str) -> Any:
 
 
 # --- Connect with httpx, HTTP/2 and HTTP/1.1, against the test upstream (which records the bytes) ------------
+REPLY_MESSAGES = encode_envelope(b'{"text": "one"}') + encode_envelope(b'{"text": "two"}', encoding="gzip")
+REPLY_OK = REPLY_MESSAGES + encode_envelope(b'{"metadata": {"x": ["y"]}}', flags=FLAG_END_STREAM)
+REPLY_LIMITED = REPLY_MESSAGES + encode_envelope(
+    json.dumps({"error": {"code": "resource_exhausted", "message": "slow down"}}).encode(), flags=FLAG_END_STREAM)
+
+
 async def connect_handler(request: Request) -> Response:
     content_type = request.header("content-type") or ""
     if content_type.startswith("application/connect+"):
+        reply = REPLY_LIMITED if request.target.endswith("/Limited") else REPLY_OK
+
         async def body() -> Any:
-            yield encode_envelope(b'{"text": "one"}')
-            yield encode_envelope(b'{"text": "two"}', encoding="gzip")
-            trailer = {"error": {"code": "resource_exhausted", "message": "slow down"}} \
-                if request.target.endswith("/Limited") else {"metadata": {"x": ["y"]}}
-            yield encode_envelope(json.dumps(trailer).encode(), flags=FLAG_END_STREAM)
+            for start in range(0, len(reply), 7):  # in small pieces: envelopes cut anywhere
+                yield reply[start : start + 7]
         return Response(headers=[("content-type", "application/connect+json"),
                                  ("connect-content-encoding", "gzip")], body=body)
     if request.target.endswith("/Missing"):
@@ -233,6 +239,7 @@ def test_connect_streaming_and_unary_with_httpx(connect_stack: Stack, oisp_schem
                                                  http2: bool) -> None:
     stack = connect_stack
     streaming_body = encode_envelope(b'{"prompt": "hi"}') + encode_envelope(b'{"more": 1}', encoding="gzip")
+    zipped = gzip.compress(b'{"a": 1}')
     with httpx.Client(proxy=stack.proxy_url, verify=stack.client_context(), http2=http2) as client:
         base = "https://api.openai.com/aiserver.v1.ChatService"
         answer = client.post(f"{base}/StreamUnifiedChat", content=streaming_body,
@@ -243,7 +250,7 @@ def test_connect_streaming_and_unary_with_httpx(connect_stack: Stack, oisp_schem
                                        "connect-content-encoding": "gzip"})
         unary = client.post(f"{base}/GetModel", content=b"\x0a\x01x",
                             headers={"content-type": "application/proto", "connect-protocol-version": "1"})
-        missing = client.post(f"{base}/Missing", content=gzip.compress(b'{"a": 1}'),
+        missing = client.post(f"{base}/Missing", content=zipped,
                               headers={"content-type": "application/json", "connect-protocol-version": "1",
                                        "content-encoding": "gzip"})
     assert answer.content.startswith(encode_envelope(b'{"text": "one"}')) and unary.content == b"\x0a\x03abc"
@@ -267,8 +274,9 @@ def test_connect_streaming_and_unary_with_httpx(connect_stack: Stack, oisp_schem
 
     # Byte-faithful: the upstream got exactly the bodies the client sent.
     requests = [r for recording in stack.upstream.connections for r in recording.requests]
-    assert [r.body for r in requests] == [streaming_body, streaming_body, b"\x0a\x01x",
-                                          gzip.compress(b'{"a": 1}')]
+    assert [r.body for r in requests] == [streaming_body, streaming_body, b"\x0a\x01x", zipped]
+    # ... and the client got exactly the bodies the upstream sent.
+    assert answer.content == REPLY_OK and limited.content == REPLY_LIMITED
 
 
 def test_a_truncated_stream_is_partial_and_the_client_gets_what_was_sent(tmp_path: Path,
@@ -290,3 +298,100 @@ def test_a_truncated_stream_is_partial_and_the_client_gets_what_was_sent(tmp_pat
     assert done.confidence.completeness == "partial" and done.data.success is False
     assert done.attrs["oisp.grpc.response_messages"] == 1
     assert any("stream ended inside a message" in reason for reason in done.confidence.limitations)
+
+
+# --- the decoder fed by hand (sans-io), for what a live server rarely sends -----------------------------------
+def _run(content_type: str, response: list[bytes], *, response_type: str | None = None, status: int = 200,
+         body: bytes = b"", response_headers: tuple[tuple[str, str], ...] = (),
+         trailers: list[tuple[str, str]] | None = None) -> list[Event]:
+    """One call fed by hand as the proxy would: request, response head, body chunks, trailers, end."""
+    import time
+
+    from tests.providers.exchange_harness import claim, make_exchange
+
+    from oisp.events.spec_gaps import conform
+    from oisp.http.exchange import Headers, HttpResponse
+
+    exchange = make_exchange("POST", f"https://{HOST}/aiserver.v1.AiService/Run", body,
+                             headers=[("content-type", content_type)])
+    plugin, decoder = claim(exchange)
+    assert plugin == "oisp.providers.grpc"
+    events = list(decoder.on_request(exchange))
+    exchange.response = HttpResponse(status=status, reason="", http_version="2", headers=Headers(
+        [("content-type", response_type or content_type), *response_headers]))
+    exchange.timings.response_headers = time.monotonic_ns()
+    for chunk in response:
+        exchange.response.body += chunk
+        exchange.response.wire_size += len(chunk)
+        events += decoder.on_response_data(exchange, chunk)
+    if trailers is not None:
+        exchange.response.trailers = Headers(trailers)
+    exchange.timings.response_end = time.monotonic_ns()
+    events += decoder.on_end(exchange)
+    return [conform(event) for event in events]
+
+
+def _done(events: list[Event]) -> Event:
+    (done,) = [e for e in events if e.event_type == "ai.response"]
+    return done
+
+
+def test_grpc_web_trailers_block_gives_the_status(oisp_schema: SchemaValidator) -> None:
+    stream = encode_envelope(b"m1") + encode_envelope(b"grpc-status:14\r\ngrpc-message:try%20later\r\n", flags=0x80)
+    events = _run("application/grpc-web+proto", [stream[:7], stream[7:]], body=encode_envelope(b"q"))
+    for event in events:
+        oisp_schema.validate(event.to_dict())
+    done = _done(events)
+    assert done.data.error.code == "UNAVAILABLE" and done.data.error.message == "try later"
+    assert done.attrs["oisp.grpc.status_source"] == "trailers-block"
+    assert done.attrs["oisp.grpc.response_messages"] == 1 and done.attrs["oisp.grpc.request_messages"] == 1
+
+
+def test_grpc_web_text_bodies_are_base64() -> None:
+    request = base64.b64encode(encode_envelope(b"question"))
+    reply = base64.b64encode(encode_envelope(b"answer")) + base64.b64encode(
+        encode_envelope(b"grpc-status: 0\r\n", flags=0x80))
+    done = _done(_run("application/grpc-web-text", [reply[:5], reply[5:]], body=request))
+    assert done.data.success and done.attrs["oisp.grpc.request_message_bytes"] == 8
+    assert done.attrs["oisp.grpc.response_message_bytes"] == 6 and done.attrs["oisp.grpc.protocol"] == "grpc-web-text"
+
+
+def test_trailers_only_response_and_h2_trailers() -> None:
+    only = _done(_run("application/grpc", [], response_headers=(("grpc-status", "7"), ("grpc-message", "denied"))))
+    assert only.data.error.code == "PERMISSION_DENIED" and only.attrs["oisp.grpc.status_source"] == "headers"
+    ok = _done(_run("application/grpc", [encode_envelope(b"r")], trailers=[("grpc-status", "0")]))
+    assert ok.data.success and ok.attrs["oisp.grpc.status_source"] == "trailers"
+
+
+def test_a_call_without_status_or_with_an_html_error_is_partial_never_a_crash() -> None:
+    missing = _done(_run("application/grpc", [encode_envelope(b"r")]))
+    assert not missing.data.success and missing.confidence.completeness == "partial"
+    assert "the call ended without a status" in missing.confidence.limitations
+    html = _done(_run("application/grpc", [b"<html>bad gateway</html>"], status=502, response_type="text/html"))
+    assert html.data.error.code == "502" and html.attrs["oisp.grpc.response_messages"] == 0
+    garbage = _done(_run("application/grpc", [b"\xff" * 8], trailers=[("grpc-status", "0")]))
+    assert garbage.confidence.completeness == "partial"
+    assert any("not enveloped" in reason for reason in garbage.confidence.limitations)
+
+
+def test_unsupported_message_encoding_is_counted_and_noted() -> None:
+    snappy = struct.pack(">BI", 1, 3) + b"abc"
+    done = _done(_run("application/grpc", [snappy], trailers=[("grpc-status", "0")],
+                      response_headers=(("grpc-encoding", "snappy"),)))
+    assert done.attrs["oisp.grpc.response_messages"] == 1 and done.attrs["oisp.grpc.response_encoding"] == "snappy"
+    assert any("unsupported encoding 'snappy'" in reason for reason in done.confidence.limitations)
+
+
+@pytest.mark.parametrize(("content_type", "headers", "claimed"), [
+    ("application/json", (), False),  # a plain JSON API is not Connect
+    ("application/json", (("connect-protocol-version", "1"),), True),
+    ("application/grpc+json", (), True),
+    ("application/grpcfoo", (), False),
+    ("application/connect+proto", (), True),
+    ("text/event-stream", (), False),
+])
+def test_which_requests_are_calls(content_type: str, headers: tuple[tuple[str, str], ...], claimed: bool) -> None:
+    from tests.providers.exchange_harness import claim, make_exchange
+
+    exchange = make_exchange("POST", f"https://{HOST}/a.B/C", b"", headers=[("content-type", content_type), *headers])
+    assert (claim(exchange)[0] == "oisp.providers.grpc") is claimed
