@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import struct
 import types
 from collections.abc import Iterator
@@ -178,6 +179,18 @@ def test_grpcio_calls_through_the_proxy_become_metadata_events(grpc_stack: Stack
     assert ("StreamChat", "server", b"chunk 2 " + b"q" * 50) in payloads
     assert any(m.compressed and m.wire_size < m.payload.__len__() for m in RecordingDecoder.seen)
     assert sorted(s.code or 0 for s in RecordingDecoder.statuses) == [0, 0, 0, 5]
+
+
+def test_a_large_message_over_many_frames_arrives_whole_and_is_counted(grpc_stack: Stack) -> None:
+    big = os.urandom(64 * 1024) * 40  # 2.5 MiB: many DATA frames, flow control windows, gzip
+    with _channel(grpc_stack) as channel:
+        answer = channel.unary_unary(f"/{SERVICE}/Unary")(big, timeout=30)
+    assert answer == b"answer to " + big
+    (done,) = [e for e in _calls(grpc_stack, 1) if e.event_type == "ai.response"]
+    assert done.attrs["oisp.grpc.request_message_bytes"] == len(big)
+    assert done.attrs["oisp.grpc.response_message_bytes"] == len(big) + 10
+    assert done.confidence.completeness == "metadata_only" and done.data.success
+    assert [m.payload == big for m in RecordingDecoder.seen if m.direction == "client"] == [True]
 
 
 def test_a_failing_plugin_harms_neither_the_call_nor_the_metadata(grpc_stack: Stack) -> None:

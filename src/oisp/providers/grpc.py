@@ -99,7 +99,8 @@ class GrpcCallMessage:
     #: Its size on the wire (compressed, if it was).
     wire_size: int
     compressed: bool
-    #: ``time.monotonic_ns()`` when oisp saw it complete.
+    #: ``time.monotonic_ns()`` when the bytes that completed it arrived (client messages of a request still
+    #: streaming: when oisp read them).
     timestamp_ns: int
 
 
@@ -223,7 +224,8 @@ class GrpcExchangeDecoder:
     def on_response_data(self, exchange: HttpExchange, data: bytes) -> Iterable[Event]:
         events = self._feed_request(exchange, final=False)
         side = self.server
-        now = time.monotonic_ns()
+        chunks = exchange.timings.response_chunks  # when this piece arrived (decoding may come later)
+        now = chunks[-1][0] if chunks else time.monotonic_ns()
         if side.framer is None and not side.closed:
             response = exchange.response
             if response is None or self.call.protocol == "connect-unary" or not self._response_is_enveloped(exchange):
