@@ -4,9 +4,9 @@ Run: ``.venv/bin/python bench/bench_framing.py [--mb 20] [--chunk 16384] [--repe
 
 Each decoder is fed the stream in fixed-size chunks (as a proxy sees a response body) and closed; the baseline
 gets the whole body at once and splits it the simplest way (``bytes.split`` plus ``json.loads`` per line, one
-``json.loads`` of the array, an unchecked-header eventstream loop). The decoders parse JSON wherever their
-baseline does (NDJSON lines, array elements) and nowhere else (SSE and eventstream payloads stay text/bytes).
-The best of ``--repeat`` runs is printed, in MB/s of input (MB = 10**6 bytes).
+``json.loads`` of the array, an unchecked-header eventstream loop, a gRPC prefix walk). The decoders parse JSON
+wherever their baseline does (NDJSON lines, array elements) and nowhere else (SSE, eventstream and gRPC payloads
+stay text/bytes). The best of ``--repeat`` runs is printed, in MB/s of input (MB = 10**6 bytes).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 from oisp.framing import (
     EventStreamDecoder,
+    GrpcFrameDecoder,
     JsonArrayDecoder,
     NdjsonDecoder,
     SseDecoder,
@@ -133,6 +134,30 @@ def bedrock_eventstream(size: int) -> bytes:
     return b"".join(parts)
 
 
+def grpc_stream(size: int) -> bytes:
+    """gRPC messages of a streamed chat answer (protobuf-sized: a token and a few small fields each)."""
+    parts: list[bytes] = []
+    total = i = 0
+    while total < size:
+        payload = b"\x0a" + bytes([len(_token(i).encode())]) + _token(i).encode() + b"\x10\x01\x1a\x08abcdefgh"
+        message = struct.pack(">BI", 0, len(payload)) + payload
+        parts.append(message)
+        total += len(message)
+        i += 1
+    return b"".join(parts)
+
+
+def naive_grpc(body: bytes) -> list[bytes]:
+    """Walk the 5-byte prefixes of a whole buffer and slice out the messages."""
+    messages = []
+    pos = 0
+    while pos < len(body):
+        _, length = struct.unpack_from(">BI", body, pos)
+        messages.append(body[pos + 5 : pos + 5 + length])
+        pos += 5 + length
+    return messages
+
+
 def naive_sse(body: bytes) -> list[str]:
     """Split on blank lines and keep ``data:`` lines: LF-only, no CR, no multi-line care."""
     events = []
@@ -210,6 +235,7 @@ def main() -> None:
         ("NDJSON (Ollama)", ollama_ndjson(size), NdjsonDecoder, naive_ndjson),
         ("JSON array (Gemini)", gemini_array(size), JsonArrayDecoder, naive_json_array),
         ("eventstream (Bedrock)", bedrock_eventstream(size), EventStreamDecoder, naive_eventstream),
+        ("gRPC envelopes", grpc_stream(size), GrpcFrameDecoder, naive_grpc),
     ]
     header = f"{'framing':<24}{'MB':>7}{'items':>10}{'chunk':>8}{'decoder MB/s':>14}{'baseline MB/s':>15}{'ratio':>7}"
     print(header)

@@ -16,6 +16,7 @@ is allowed. Command-line flags override the file. Example::
 
     [interception]
     interfaces = ["eth0"]
+    block_quic = true              # drop QUIC (UDP 443) to AI endpoints so that clients fall back to TCP
 
     [redaction]
     profile = "default"            # default | metadata-only
@@ -89,6 +90,8 @@ class Config:
     endpoints_add: tuple[EndpointSpec, ...] = ()
     endpoints_remove: tuple[str, ...] = ()
     interfaces: tuple[str, ...] = ()
+    #: Transparent mode: drop QUIC (UDP 443) to AI endpoints so that clients fall back to TCP, and report it.
+    block_quic: bool = True
     redaction_profile: str = "default"
     redaction_patterns: Mapping[str, str] = attrs.field(factory=dict)
     body_cap: int | None = None
@@ -234,6 +237,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
     interception = root.table("interception")
     if interception is not None:
         values["interfaces"] = interception.strings("interfaces")
+        values["block_quic"] = interception.boolean("block_quic")
         interception.finish()
     redaction = root.table("redaction")
     if redaction is not None:

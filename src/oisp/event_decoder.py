@@ -120,7 +120,7 @@ def network_connect_event(report: ConnectionReport) -> Event:
             dest=Endpoint(ip=upstream_ip, port=report.target_port, domain=domain,
                           is_private=_is_private(upstream_ip) if upstream_ip else None),
             src=Endpoint(ip=report.client_addr[0], port=report.client_addr[1]),
-            protocol="tcp", success=report.success, error=report.error, latency_ms=report.connect_ms, tls=tls,
+            protocol=report.protocol, success=report.success, error=report.error, latency_ms=report.connect_ms, tls=tls,
         ),
         confidence=Confidence(
             level="high", completeness="metadata_only",

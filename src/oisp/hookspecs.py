@@ -34,12 +34,14 @@ if TYPE_CHECKING:
     from oisp.http.exchange import HttpExchange
     from oisp.http.websocket import WebSocketMessage
     from oisp.provider_kit import DecoderContext
+    from oisp.providers.grpc import GrpcCallMessage, GrpcStatus
 
 __all__ = [
     "PROJECT_NAME",
     "DecoderSettings",
     "EndpointSpec",
     "ExchangeDecoder",
+    "GrpcMessageDecoder",
     "Sink",
     "SinkFactory",
     "WebSocketDecoder",
@@ -106,6 +108,26 @@ class WebSocketDecoder(ExchangeDecoder, Protocol):
     """An :class:`ExchangeDecoder` that also reads the messages of an exchange upgraded to WebSocket."""
 
     def on_websocket_message(self, exchange: HttpExchange, message: WebSocketMessage) -> Iterable[Event]: ...
+
+
+@runtime_checkable
+class GrpcMessageDecoder(ExchangeDecoder, Protocol):
+    """An :class:`ExchangeDecoder` of one gRPC, gRPC-Web or Connect call that reads its messages.
+
+    oisp's built-in :class:`oisp.providers.grpc.GrpcExchangeDecoder` claims every such call on an intercepted
+    endpoint and emits metadata-level events (service, method, message counts and sizes, status, timings). A
+    plugin that knows a service's schema claims the calls it understands first (``oisp_exchange_decoder``, with
+    :func:`oisp.providers.grpc.grpc_call_of` to read the service and method) and returns a *subclass* of
+    ``GrpcExchangeDecoder`` that overrides these two methods; the framing (envelopes, compression, trailers,
+    size bounds, cut streams) is done for it. ``on_grpc_message`` gets each message of either direction,
+    decompressed, in the order oisp saw them complete; ``on_grpc_end`` the call's status once it is over. A
+    subclass that builds its own ``ai.request``/``ai.response`` sets ``emit_metadata_events = False``. An
+    exception in either method is logged and noted as a limitation of the call's events; nothing else changes.
+    """
+
+    def on_grpc_message(self, exchange: HttpExchange, message: GrpcCallMessage) -> Iterable[Event]: ...
+
+    def on_grpc_end(self, exchange: HttpExchange, status: GrpcStatus) -> Iterable[Event]: ...
 
 
 @runtime_checkable

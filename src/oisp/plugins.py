@@ -44,6 +44,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "oisp.providers.cohere",
     "oisp.providers.huggingface",
     "oisp.providers.bedrock",
+    "oisp.providers.cursor",
+    "oisp.providers.grpc",
     "oisp.providers.metadata",
     "oisp.sinks.builtin",
 )

@@ -9,13 +9,14 @@ from oisp.framing import (
     EventStreamDecoder,
     FramingError,
     FramingErrorKind,
+    GrpcFrameDecoder,
     JsonArrayDecoder,
     NdjsonDecoder,
     SseDecoder,
     StreamDecoder,
 )
 
-DECODERS = [SseDecoder, NdjsonDecoder, JsonArrayDecoder, EventStreamDecoder]
+DECODERS = [SseDecoder, NdjsonDecoder, JsonArrayDecoder, EventStreamDecoder, GrpcFrameDecoder]
 
 
 def test_default_item_limit_is_16_mib() -> None:

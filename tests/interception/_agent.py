@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any
 
+from oisp.attribution import Attributor
 from oisp.interception import (
     LOOPBACK_MAX_SEGMENT,
     Interceptor,
@@ -26,6 +27,7 @@ from oisp.interception import (
     OriginalDestinationSource,
     mark_upstream_socket,
 )
+from oisp.interception.quic import QuicReporter
 
 _out_lock = threading.Lock()
 
@@ -109,12 +111,23 @@ class TestProxy:
         self.listener.close()
 
 
+def _report_quic(reporter: QuicReporter) -> None:
+    """Each (process, host) whose QUIC was dropped, as the runner would report it."""
+    while (report := reporter.next_report()) is not None:
+        emit(event="quic", client=list(report.client_addr), host=report.target_host, port=report.target_port,
+             pid=report.pid_hint, decision=str(report.decision), protocol=report.protocol,
+             process=report.process.name if report.process is not None else None)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     port = int(sys.argv[1])
     cfg = json.loads(sys.argv[2])
-    interceptor = Interceptor(InterceptorConfig(proxy_port=port, **cfg.get("options", {})), cfg["targets"])
+    reporter = QuicReporter(Attributor())
+    interceptor = Interceptor(InterceptorConfig(proxy_port=port, **cfg.get("options", {})), cfg["targets"],
+                              on_quic=reporter.submit)
+    threading.Thread(target=_report_quic, args=(reporter,), daemon=True).start()
     proxy = TestProxy(port, interceptor)
     proxy.thread.start()
     interceptor.start()

@@ -6,6 +6,10 @@ usage:
   _client.py resolve-hello DNS NAME   ask the DNS server DNS for NAME's A record, then ``hello`` it on 443
   _client.py pingpong HOST PORT N SIZE   N round trips of SIZE bytes on one connection: RTTs in microseconds
   _client.py connect HOST PORT N      N fresh connections (connect + greeting): setup times in microseconds
+  _client.py quic HOST PROBE N [HOLD]   N datagrams to HOST:443 from one socket (QUIC-like), then one from
+                                      another socket to PROBE:443, whose answer (``seen=N``) says how many reached
+                                      the server; and whether HOST answered. With HOLD (a FIFO), the sockets stay
+                                      open until something is written to it (a QUIC client waits for its answer)
 """
 
 from __future__ import annotations
@@ -115,6 +119,31 @@ def resolve(dns_server: str, name: str) -> str:
     return socket.inet_ntoa(answer[-4:])
 
 
+def quic(host: str, probe: str, count: int, hold: str | None = None) -> dict[str, object]:
+    """A QUIC-like sender: Initial-sized datagrams to HOST:443, then a probe datagram to PROBE:443 on another
+    socket. The probe's answer comes after any datagram of the first socket the server received (same path, in
+    order), so its count tells whether they got through."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sender, \
+            socket.socket(socket.AF_INET6 if ":" in probe else socket.AF_INET, socket.SOCK_DGRAM) as prober:
+        sender.connect((host, 443))
+        for _ in range(count):
+            sender.send(b"\xc0" + os.urandom(1199))  # a long-header packet of an Initial's size
+        prober.settimeout(15)
+        prober.sendto(b"probe", (probe, 443))
+        answer = prober.recv(100).decode()
+        if hold is not None:
+            with open(hold) as fifo:  # blocks until the test opens it for writing
+                fifo.read()
+        sender.setblocking(False)
+        try:
+            direct = sender.recv(100).decode()
+        except BlockingIOError:
+            direct = None
+        return {"pid": os.getpid(), "local": list(sender.getsockname()[:2]), "probe_answer": answer,
+                "host_answer": direct}
+
+
 def main() -> None:
     mode = sys.argv[1]
     if mode == "hello":
@@ -125,6 +154,8 @@ def main() -> None:
         result = pingpong(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "connect":
         result = connect_times(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "quic":
+        result = quic(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])
     elif mode == "resolve-hello":
         address = resolve(sys.argv[2], sys.argv[3])
         result = {"resolved": address, **hello(address, 443)}

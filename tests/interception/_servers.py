@@ -4,6 +4,7 @@ usage:
   _servers.py echo ADDRESS PORT    greets with ``peer=IP PORT\\n`` then echoes every byte back
   _servers.py http ADDRESS PORT    answers any HTTP request with a JSON body naming the peer it saw
   _servers.py dns ADDRESS ANSWER   a DNS server on UDP 53: A queries get ANSWER (an IPv4 address), TTL 300
+  _servers.py udp-echo ADDRESS PORT   answers each UDP datagram with ``seen=N`` (datagrams received so far)
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ def _dns(address: str, answer: str) -> None:
         sock.sendto(header + question + record, client)
 
 
+def _udp_echo(address: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+    if ":" in address:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((address, port))
+    print("ready", flush=True)
+    seen = 0
+    while True:
+        _, client = sock.recvfrom(65535)
+        seen += 1
+        sock.sendto(f"seen={seen}".encode(), client)
+
+
 def main() -> None:
     mode, address, arg = sys.argv[1], sys.argv[2], sys.argv[3]
     if mode == "echo":
@@ -82,6 +96,8 @@ def main() -> None:
         _serve_tcp(_http, address, int(arg))
     elif mode == "dns":
         _dns(address, arg)
+    elif mode == "udp-echo":
+        _udp_echo(address, int(arg))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -52,5 +52,6 @@ def test_built_filters_compile_in_the_windivert_language() -> None:
     many = pairs(*((f"203.0.113.{i}", 443) for i in range(0, 100, 2)), *((f"2001:db8::{i:x}", 443)
                                                                         for i in range(0, 100, 2)))
     for addresses in (set(), pairs(("203.0.113.5", 443), ("::1", 11434)), many):
-        text = build_filter(addresses, [443, 11434, 1234], 15001).text
-        assert check(text)[0], (text, check(text))
+        for udp_ports in ((), (443,)):
+            text = build_filter(addresses, [443, 11434, 1234], 15001, udp_ports=udp_ports).text
+            assert check(text)[0], (text, check(text))

@@ -307,3 +307,42 @@ def test_without_cgroup2_every_ai_call_is_attributed_by_the_original_tuple(
         exe, user = calls[event.process.pid]
         assert (event.process.exe, event.actor.user) == (exe, user), event.event_type
     assert {e.process.pid for e in ai if e.process is not None and e.event_type == "ai.request"} == set(calls)
+
+
+def test_quic_to_an_ai_endpoint_is_dropped_and_reported_then_tcp_is_intercepted(workstation: Workstation) -> None:
+    """A QUIC-like client (UDP 443) gets no answer from api.openai.com and oisp reports it once as a
+    ``network.connect`` over UDP with its process; the TCP the client falls back to is intercepted as always."""
+    import os
+
+    ws = workstation
+    echo = ws.upstream.popen(ws.upstream.python(str(HERE / "_servers.py"), "udp-echo", "::", "443"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert read_line(echo, timeout=15) == "ready"
+    fifo = ws.dir / "hold-quic"
+    os.mkfifo(fifo)
+    # The sender keeps its socket open until released (a QUIC client waits for its handshake's answer).
+    sender = ws.client.popen(ws.client.python(str(HERE / "_client.py"), "quic", ws.ip4, ws.other_ip, "4",
+                                              str(fifo)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def quic_reported(events: list[Event]) -> bool:
+        return any(e.event_type == "network.connect" and e.data.protocol == "udp"  # type: ignore[attr-defined]
+                   for e in events)
+
+    try:
+        events = ws.wait_events(quic_reported, "a network.connect over UDP")
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    out, err = sender.communicate(timeout=30)
+    assert sender.returncode == 0, err
+    result = json.loads(out)
+    assert result["host_answer"] is None and result["probe_answer"] == "seen=1"  # none of the four got through
+    (quic,) = [e for e in events if e.event_type == "network.connect" and e.data.protocol == "udp"]  # type: ignore[attr-defined]
+    assert quic.data.dest.domain == "api.openai.com" and quic.data.dest.port == 443  # type: ignore[attr-defined]
+    assert quic.data.success is False  # type: ignore[attr-defined]
+    assert quic.attrs is not None and quic.attrs["oisp.interception"] == "quic_blocked"
+    assert quic.attrs["oisp.provider"] == "openai"
+    assert quic.process is not None and quic.process.pid == result["pid"]
+    curl = ws.run("curl", "-sS", "--cacert", str(ws.oisp_ca), "https://api.openai.com/v1/models")
+    assert curl.returncode == 0, curl.stderr
+    ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "the TCP call's ai.response")

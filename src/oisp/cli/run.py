@@ -133,7 +133,9 @@ async def run(
                 await tg.start(_stop_on_signal, stop)
             address = await tg.start(_serve, proxy, tg.cancel_scope)
             if transparent:  # the interceptor needs the port to divert to: it joins once the proxy listens
-                interceptor = await _start_interceptor(config, endpoints, address[1], proxy)
+                interceptor, quic = await _start_interceptor(config, endpoints, address[1], proxy)
+                if quic is not None:
+                    tg.start_soon(_report_quic, quic, proxy)
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
             logger.info("oisp %s proxy listening on %s:%d (CA: %s; decoding %s)", config.mode, address[0],
                         address[1], ca.cert_path,
@@ -184,16 +186,41 @@ async def _shutdown_when(stop: anyio.Event, proxy: MitmProxy, drain_timeout: flo
     await proxy.shutdown(drain_timeout)
 
 
-async def _start_interceptor(config: Config, endpoints: EndpointTable, proxy_port: int, proxy: MitmProxy) -> Any:
+async def _start_interceptor(config: Config, endpoints: EndpointTable, proxy_port: int,
+                             proxy: MitmProxy) -> tuple[Any, Any]:
+    """The running interceptor, and the reporter of the QUIC attempts it drops (None with block_quic off)."""
     from oisp.interception import Interceptor, InterceptorConfig, TargetSet
+    from oisp.interception.quic import QuicReporter
 
-    interceptor = Interceptor(InterceptorConfig(proxy_port=proxy_port, interfaces=config.interfaces or None),
-                              TargetSet.from_endpoints(endpoints))
+    quic = None
+    if config.block_quic:
+        quic = QuicReporter(Attributor(), provider_for=lambda host: getattr(endpoints.match(host, 443), "provider",
+                                                                             None))
+    interceptor = Interceptor(InterceptorConfig(proxy_port=proxy_port, interfaces=config.interfaces or None,
+                                                block_quic=config.block_quic),
+                              TargetSet.from_endpoints(endpoints), on_quic=quic.submit if quic else None)
     proxy.original_destinations = interceptor  # before the first connection is diverted
     await anyio.to_thread.run_sync(interceptor.start)
-    logger.info("diverting connections to %d AI endpoint(s) on %s", len(endpoints),
-                ", ".join(config.interfaces) if config.interfaces else "the machine's interfaces")
-    return interceptor
+    logger.info("diverting connections to %d AI endpoint(s) on %s%s", len(endpoints),
+                ", ".join(config.interfaces) if config.interfaces else "the machine's interfaces",
+                "; QUIC to them is dropped (clients fall back to TCP)" if quic else "")
+    return interceptor, quic
+
+
+async def _report_quic(quic: Any, proxy: MitmProxy) -> None:
+    """Hand each blocked QUIC attempt's report to the proxy's observer (its ``network.connect`` event)."""
+    try:
+        while True:
+            report = await anyio.to_thread.run_sync(quic.next_report, abandon_on_cancel=True)
+            if report is None:
+                return
+            if proxy.observer is not None:
+                try:
+                    proxy.observer.connection(report)
+                except Exception:
+                    logger.exception("reporting a blocked QUIC attempt failed")
+    finally:
+        quic.close()  # the worker thread blocked in next_report returns
 
 
 def _require_privileges() -> None:

@@ -1,4 +1,5 @@
-"""Sans-io decoders of the stream framings AI APIs answer with: SSE, NDJSON, streamed JSON arrays, AWS eventstream.
+"""Sans-io decoders of the stream framings AI APIs answer with: SSE, NDJSON, streamed JSON arrays, AWS eventstream,
+and the length-prefixed messages of gRPC, gRPC-Web and Connect.
 
 Provider plugins (built-in and third-party) feed each decoder the response body as it arrives, in chunks split
 anywhere, and get back complete items::
@@ -24,6 +25,7 @@ from oisp.framing._contract import (
     StreamDecoder,
 )
 from oisp.framing.eventstream import EventStreamDecoder, EventStreamMessage, HeaderValue, encode_message
+from oisp.framing.grpc import GrpcFrameDecoder, GrpcMessage
 from oisp.framing.jsonarray import JsonArrayDecoder, JsonArrayElement
 from oisp.framing.ndjson import NdjsonDecoder, NdjsonValue
 from oisp.framing.sse import SseComment, SseDecoder, SseEvent
@@ -35,6 +37,8 @@ __all__ = [
     "EventStreamMessage",
     "FramingError",
     "FramingErrorKind",
+    "GrpcFrameDecoder",
+    "GrpcMessage",
     "HeaderValue",
     "JsonArrayDecoder",
     "JsonArrayElement",

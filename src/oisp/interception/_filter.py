@@ -12,6 +12,10 @@ Three kinds of packets are diverted, all outbound TCP:
 2. optionally, SYNs to any target port: a connection to an address learned from DNS a moment ago is diverted
    even before the filter has been rebuilt to include it (only SYNs, so other traffic is unaffected);
 3. packets from the proxy's listening port (its side of diverted connections).
+
+With ``udp_ports`` (the QUIC guard, :mod:`oisp.interception.quic`), outbound UDP to the target addresses on
+those ports (443: QUIC) is diverted too, so that it can be dropped and reported; the interceptor hands those
+packets to the guard before anything else looks at them.
 """
 
 from __future__ import annotations
@@ -62,13 +66,16 @@ def _term(field: str, first: IPAddress, last: IPAddress) -> str:
 
 
 def build_filter(addresses: Iterable[tuple[bytes, int]], ports: Iterable[int], proxy_port: int, *,
-                 catch_syns: bool = True, max_ranges: int = 48) -> DivertFilter:
-    """The filter diverting ``addresses`` (packed address, port), SYNs to ``ports`` and the proxy's replies."""
+                 catch_syns: bool = True, max_ranges: int = 48, udp_ports: Iterable[int] = ()) -> DivertFilter:
+    """The filter diverting ``addresses`` (packed address, port), SYNs to ``ports`` and the proxy's replies;
+    and UDP to the addresses on ``udp_ports`` (QUIC)."""
     by_family_port: dict[int, dict[int, list[IPAddress]]] = {4: defaultdict(list), 6: defaultdict(list)}
     for packed, port in addresses:
         addr = ipaddress.ip_address(packed)
         by_family_port[addr.version][port].append(addr)
     terms: list[str] = []
+    udp_terms: list[str] = []
+    quic_ports = sorted(set(udp_ports))
     covered: set[tuple[bytes, int]] = set()
     port_only: set[int] = set()
     all_ports = sorted(set(ports) | {p for fam in by_family_port.values() for p in fam})
@@ -77,14 +84,25 @@ def build_filter(addresses: Iterable[tuple[bytes, int]], ports: Iterable[int], p
         if sum(len(r) for r in per_port.values()) > max_ranges:
             port_only.add(family)
             terms += [f"({proto} and tcp.DstPort == {port})" for port in all_ports]
+            udp_terms += [f"({proto} and udp.DstPort == {port})" for port in quic_ports]
             continue
+        # UDP's address terms share the budget; past it, UDP of this family is checked in Python by port.
+        udp_exact = sum(len(r) for p, r in per_port.items() if p in quic_ports) \
+            + sum(len(r) for r in per_port.values()) <= max_ranges
+        if not udp_exact:
+            udp_terms += [f"({proto} and udp.DstPort == {port})" for port in quic_ports]
         for port, ranges in sorted(per_port.items()):
             alternatives = " or ".join(_term(field, first, last) for first, last in ranges)
             terms.append(f"(tcp.DstPort == {port} and ({alternatives}))")
+            if udp_exact and port in quic_ports:
+                udp_terms.append(f"(udp.DstPort == {port} and ({alternatives}))")
             covered.update((a.packed, port) for a in by_family_port[family][port])
     if catch_syns and all_ports:
         port_terms = " or ".join(f"tcp.DstPort == {port}" for port in all_ports)
         terms.append(f"(tcp.Syn and not tcp.Ack and ({port_terms}))")
     terms.append(f"tcp.SrcPort == {proxy_port}")
     text = "outbound and tcp and (" + " or ".join(terms) + ")"
+    if udp_terms:
+        text = ("outbound and ((tcp and (" + " or ".join(terms) + ")) or (udp and ("
+                + " or ".join(udp_terms) + ")))")
     return DivertFilter(text, frozenset(covered), frozenset(port_only))

@@ -16,6 +16,9 @@ Failure behaviour:
   filters of a crashed earlier run are reaped (Linux: needs bpffs at /sys/fs/bpf, mounted if missing).
 - **No loops.** The proxy's upstream sockets must go through :func:`mark_upstream_socket`. If an upstream
   connection of the proxy comes back diverted anyway (it was not marked), the lookup refuses it.
+
+QUIC: with ``block_quic`` (the default), UDP to the AI endpoints' port 443 is diverted too and dropped by a
+:class:`~oisp.interception.quic.QuicGuard`, so that clients fall back to TCP; each new flow goes to ``on_quic``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from oisp.interception._filter import DivertFilter, build_filter
 from oisp.interception._nat import FlowKey, NatTable, Translator, Verdict
 from oisp.interception.dns import parse_dns_response
 from oisp.interception.protocol import Address, OriginalDestination
+from oisp.interception.quic import QUIC_PORTS, QuicAttempt, QuicGuard
 from oisp.interception.targets import Target, TargetSet
 
 __all__ = ["LOOPBACK_MAX_SEGMENT", "Interceptor", "InterceptorConfig"]
@@ -98,6 +102,7 @@ class InterceptorConfig:
     get, once it sends them.
     ``mount_bpffs``: mount bpffs at /sys/fs/bpf when missing (Linux; lets a crashed run be cleaned up).
     ``handle_signals``: stop (removing all filters) on SIGTERM, SIGINT and SIGHUP, then let the signal act.
+    ``block_quic``: drop UDP to the AI endpoints' QUIC port (443) so that clients fall back to TCP.
     """
 
     proxy_port: int = attrs.field(validator=_port)
@@ -114,6 +119,7 @@ class InterceptorConfig:
     heartbeat_timeout: float = attrs.field(default=3.0, validator=_positive)
     mount_bpffs: bool = True
     handle_signals: bool = False
+    block_quic: bool = True
 
 
 def _packed(ip: str) -> bytes:
@@ -146,7 +152,10 @@ class Interceptor:
 
     def __init__(self, config: InterceptorConfig, targets: TargetSet | Iterable[str | Target], *,
                  proxy_alive: Callable[[], bool] | None = None, backend: Backend | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_quic: Callable[[QuicAttempt], None] | None = None) -> None:
+        """``on_quic`` receives each new QUIC flow to an AI endpoint that was dropped (called on the packet
+        thread: it must not block; :meth:`oisp.interception.quic.QuicReporter.submit` fits)."""
         self.config = config
         self.targets = targets if isinstance(targets, TargetSet) else TargetSet(
             targets, refresh_interval=config.refresh_interval)
@@ -158,6 +167,7 @@ class Interceptor:
         self._own_flows: collections.OrderedDict[FlowKey, float] = collections.OrderedDict()
         self._translator = Translator(self.table, config.proxy_port, self._is_target, is_own_flow=None)
         self._translator.target_ports = self.targets.ports
+        self._quic = QuicGuard(self._is_target, self.targets.name_for, on_quic) if config.block_quic else None
         self._connect_pids: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -308,6 +318,8 @@ class Interceptor:
             "filter_swaps": self.swaps,
             "dns_answers": self.dns_answers,
             "target_addresses": len(self.targets.addresses()),
+            "quic_dropped_packets": self._quic.dropped if self._quic is not None else 0,
+            "quic_flows": self._quic.flows if self._quic is not None else 0,
         }
 
     @property
@@ -351,7 +363,8 @@ class Interceptor:
     def _wanted_filter(self) -> DivertFilter:
         addresses = set(self.targets.addresses()) | self.table.original_addresses()
         return build_filter(addresses, self.targets.ports, self.config.proxy_port,
-                            catch_syns=self.config.catch_new_syns, max_ranges=self.config.max_filter_ranges)
+                            catch_syns=self.config.catch_new_syns, max_ranges=self.config.max_filter_ranges,
+                            udp_ports=QUIC_PORTS & self.targets.ports if self._quic is not None else ())
 
     def _open_network(self) -> None:
         """Open the NETWORK diversion with the current filter (replacing one that is open, without a gap)."""
@@ -507,6 +520,11 @@ class Interceptor:
                 return
 
     def _on_network_packet(self, handle: Any, packet: Any) -> None:
+        quic = self._quic
+        if quic is not None and quic.is_udp(packet.raw):  # QUIC to an AI endpoint: dropped (quic.py)
+            if not quic.should_drop(packet.raw):
+                handle.send(packet, recalculate_checksum=False)
+            return
         addr = packet.wd_addr
         translator = self._translator
         verdict, entry = translator.outbound(packet.raw, bool(addr.Loopback), int(addr.u.Network.IfIdx),

@@ -139,6 +139,8 @@ class TargetSet:
         self._lock = threading.Lock()
         self._resolved: dict[Target, frozenset[bytes]] = {}
         self._learned: dict[tuple[bytes, int], float] = {}
+        #: The name each learned address was answered for (for reports: QUIC attempts name the host).
+        self._learned_names: dict[bytes, str] = {}
         self._next_refresh = 0.0
         self._snapshot: frozenset[tuple[bytes, int]] = frozenset()
         self.version = 0
@@ -176,6 +178,14 @@ class TargetSet:
     def addresses(self) -> frozenset[tuple[bytes, int]]:
         """The current (packed address, port) pairs."""
         return self._snapshot
+
+    def name_for(self, packed_ip: bytes) -> str | None:
+        """The target host name an address belongs to (configured, or answered for in DNS), if known."""
+        with self._lock:
+            for target, addrs in self._resolved.items():
+                if packed_ip in addrs:
+                    return target.host
+            return self._learned_names.get(packed_ip)
 
     def matches_name(self, name: str, port: int) -> bool:
         """True when the DNS name ``name`` on ``port`` is a target (exactly or through a pattern)."""
@@ -216,13 +226,15 @@ class TargetSet:
         names = {*response.questions, *(r.name for r in response.records)}
         now = self._clock()
         new: dict[tuple[bytes, int], float] = {}
-        for name in names:
+        host_of: dict[bytes, str] = {}
+        for name in [*response.questions, *sorted(names - set(response.questions))]:
             ports = [port for port in self.ports if self.matches_name(name, port)]
             if not ports:
                 continue
             for ip, ttl in addresses_for(response, name).items():
                 expiry = now + min(max(float(ttl), self.min_ttl), self.max_ttl)
                 packed = _packed(ip)
+                host_of.setdefault(packed, name)
                 for port in ports:
                     new[(packed, port)] = expiry
         if not new:
@@ -232,6 +244,7 @@ class TargetSet:
             for key, expiry in new.items():
                 if expiry > self._learned.get(key, 0.0):
                     self._learned[key] = expiry
+            self._learned_names.update(host_of)
             if added:
                 logger.debug("learned %d AI endpoint address(es) from DNS", len(new))
             return self._publish() if added else False
@@ -243,6 +256,9 @@ class TargetSet:
             stale = [key for key, expiry in self._learned.items() if expiry <= now]
             for key in stale:
                 del self._learned[key]
+            if stale:
+                kept = {addr for addr, _ in self._learned}
+                self._learned_names = {a: n for a, n in self._learned_names.items() if a in kept}
             return self._publish() if stale else False
 
     def _publish(self) -> bool:

@@ -66,7 +66,7 @@ from oisp.provider_kit.content import (
 )
 from oisp.provider_kit.context import DecoderContext
 from oisp.provider_kit.exchange import auth_from_exchange, json_or_none, latencies, provider_name, request_id_for
-from oisp.provider_kit.metadata import MetadataDecoder, exchange_attrs
+from oisp.provider_kit.metadata import MetadataDecoder, exchange_attrs, provider_for
 from oisp.provider_kit.tool_calls import (
     CallRecord,
     FirstReports,
@@ -123,6 +123,7 @@ __all__ = [
     "message",
     "normalize_finish_reason",
     "parameters_or_none",
+    "provider_for",
     "provider_name",
     "redact_url",
     "request_id_for",

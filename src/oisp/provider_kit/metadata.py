@@ -15,7 +15,7 @@ from oisp.http.exchange import HttpExchange
 from oisp.provider_kit.exchange import latencies, provider_name, request_id_for
 from oisp.redaction import redact_url
 
-__all__ = ["MetadataDecoder", "exchange_attrs"]
+__all__ = ["MetadataDecoder", "exchange_attrs", "provider_for"]
 
 
 def exchange_attrs(exchange: HttpExchange) -> dict[str, object]:
@@ -39,7 +39,8 @@ def exchange_attrs(exchange: HttpExchange) -> dict[str, object]:
     return out
 
 
-def _provider(exchange: HttpExchange) -> ProviderInfo:
+def provider_for(exchange: HttpExchange) -> ProviderInfo:
+    """The provider of an exchange: the one the endpoint table named for its connection, else by its host."""
     return ProviderInfo(name=provider_name(exchange), endpoint=redact_url(exchange.request.url))
 
 
@@ -62,7 +63,7 @@ class MetadataDecoder:
 
     def on_request(self, exchange: HttpExchange) -> Iterable[Event]:
         event = Event.create(
-            AiRequest(request_id=request_id_for(exchange), provider=_provider(exchange), request_type="other"),
+            AiRequest(request_id=request_id_for(exchange), provider=provider_for(exchange), request_type="other"),
             confidence=_confidence(exchange), attrs=exchange_attrs(exchange),
         )
         self.request_event_id = event.event_id
@@ -84,7 +85,7 @@ class MetadataDecoder:
         related = [RelatedEvent(event_id=self.request_event_id, relationship="caused_by")] \
             if self.request_event_id else None
         return [Event.create(
-            AiResponse(request_id=request_id_for(exchange), provider=_provider(exchange), status_code=status,
+            AiResponse(request_id=request_id_for(exchange), provider=provider_for(exchange), status_code=status,
                        success=success, error=error, latency_ms=total, time_to_first_token_ms=ttfb),
             confidence=_confidence(exchange), attrs=exchange_attrs(exchange), related_events=related,
         )]

@@ -35,6 +35,9 @@ class Decision(enum.StrEnum):
     UPSTREAM_VERIFICATION_FAILED = "upstream_verification_failed"
     #: The upstream could not be reached or its TLS handshake failed.
     UPSTREAM_FAILED = "upstream_failed"
+    #: QUIC (UDP) to an AI endpoint, dropped by the transparent mode's interceptor so that the client falls back
+    #: to TCP (:mod:`oisp.interception.quic`).
+    QUIC_BLOCKED = "quic_blocked"
 
 
 @attrs.frozen
@@ -101,6 +104,8 @@ class ConnectionReport:
     pid_source: str | None = None
     #: The upstream connection was a spare opened in advance (preconnect); ``connect_ms`` is its connect time.
     preconnected: bool = False
+    #: The transport: ``tcp``, or ``udp`` for a QUIC attempt.
+    protocol: str = "tcp"
 
     def connected(self, address: tuple[str, int] | None, connect_ms: float | None) -> None:
         """The upstream connection was made: to ``address``, in ``connect_ms``."""
