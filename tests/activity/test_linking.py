@@ -8,7 +8,8 @@ import pytest
 from tests.oisp_schema import SchemaValidator
 
 from oisp.activity.linking import Linker
-from oisp.events import Event
+from oisp.events import PAYLOAD_TYPES, Event
+from oisp.events._record import Record
 from oisp.events.agent import AgentToolCall, AgentToolResult, ToolInfo
 from oisp.events.ai import AiRequest, AiResponse, ToolCall, Usage
 from oisp.events.context import Confidence, Host, ProcessInfo, RelatedEvent
@@ -20,6 +21,11 @@ MS = 1_000_000
 AGENT = 4000
 OTHER = 5000
 CONF = Confidence(level="high", completeness="full")
+
+
+def payload(kind: str, data: dict[str, Any]) -> Record:
+    """The payload of ``kind`` (typed where oisp has a class for it)."""
+    return PAYLOAD_TYPES.get(kind, UnknownPayload).from_dict(data)
 
 
 def proc(pid: int, ppid: int = 1, exe: str = "/usr/bin/python3") -> ProcessInfo:
@@ -89,7 +95,7 @@ class Transcript:
 
     @staticmethod
     def fork(parent: int, child: int, at: float) -> Event:
-        return Event(event_type="process.fork", data=UnknownPayload(extra={"child_pid": child}),
+        return Event(event_type="process.fork", data=payload("process.fork", {"child_pid": child}),
                      confidence=CONF, process=proc(parent), ts_mono=int(at * MS))
 
     @staticmethod
@@ -300,7 +306,7 @@ def test_sessions_carry_stats_and_every_output_validates(oisp_schema: SchemaVali
     t.feed(t.fork(AGENT, 4001, 17), 17)
     t.feed(t.exec(4001, AGENT, 17.2, ["sh", "-c", "echo hi > out.txt"]), 17.2)
     t.feed(t.write(4001, 17.4, "/work/proj/out.txt"), 17.4)
-    t.feed(Event(event_type="file.read", data=UnknownPayload(extra={"path": "/home/u/.env"}), confidence=CONF,
+    t.feed(Event(event_type="file.read", data=payload("file.read", {"path": "/home/u/.env"}), confidence=CONF,
                  process=proc(AGENT), ts_mono=18 * MS), 18)
     second = t.request(30)
     t.feed(second, 30)

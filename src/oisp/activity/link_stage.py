@@ -1,0 +1,60 @@
+"""The pipeline stage that runs the :class:`~oisp.activity.linking.Linker` on the live event stream.
+
+It gives the sans-io linker its clock (``time.monotonic_ns``, the clock of the kernel's event times and of
+``ts_mono``) and the activity watermark, and tells the pipeline when to poll it: while events are held, every
+``poll_interval`` seconds (the watermark moves on without events) and at the latest when the oldest held event's
+``max_hold`` ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from oisp.activity.linking import Linker
+from oisp.events import Event
+
+__all__ = ["LinkingStage"]
+
+
+class LinkingStage:
+    """A :class:`~oisp.pipeline.Stage` around a :class:`Linker`.
+
+    ``watermark`` returns the kernel time (monotonic ns) up to which every activity event has been emitted into
+    the pipeline (``Activity.watermark``), or None when not known; ``hold_ms`` bounds how long an event is held.
+    """
+
+    def __init__(self, *, watermark: Callable[[], int | None] | None = None, hold_ms: float = 250.0,
+                 linker: Linker | None = None, poll_interval: float = 0.01,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        if hold_ms < 0 or poll_interval <= 0:
+            raise ValueError("hold_ms must be >= 0 and poll_interval > 0")
+        self.linker = linker if linker is not None else Linker(max_hold_ns=int(hold_ms * 1_000_000))
+        self._watermark = watermark
+        self._clock = clock
+        self._poll_interval = poll_interval
+
+    def _mark(self) -> int | None:
+        return self._watermark() if self._watermark is not None else None
+
+    def feed(self, event: Event) -> list[Event]:
+        """Feed one processed event to the linker; the events to pass on now."""
+        return self.linker.feed(event, self._clock(), self._mark())
+
+    def poll(self) -> list[Event]:
+        """The held events whose wait is over."""
+        return self.linker.poll(self._clock(), self._mark())
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until :meth:`poll` is due; None when nothing is held."""
+        deadline = self.linker.next_deadline()
+        if deadline is None:
+            return None
+        return max(0.0, min(self._poll_interval, (deadline - self._clock()) / 1e9))
+
+    def flush(self) -> list[Event]:
+        """Every held event and the end of every open agent session."""
+        return self.linker.flush(self._clock())
+
+    def __repr__(self) -> str:
+        return f"LinkingStage(pending={self.linker.pending}, stats={self.linker.stats})"
