@@ -35,14 +35,19 @@ def proc(pid: int, ppid: int = 1, exe: str = "/usr/bin/python3") -> ProcessInfo:
 class Transcript:
     """Feeds a linker events at given kernel times (ms) and collects what it emits."""
 
-    def __init__(self, linker: Linker | None = None) -> None:
+    def __init__(self, linker: Linker | None = None, *, auto_watermark: bool = True) -> None:
         self.linker = linker or Linker()
         self.out: list[Event] = []
         self.watermark = 0
+        #: A kernel event moves the watermark to its time (one source, read in order) unless one is given.
+        self.auto_watermark = auto_watermark
 
     def feed(self, event: Event, now_ms: float, watermark_ms: float | None = None) -> list[Event]:
         if watermark_ms is not None:
             self.watermark = int(watermark_ms * MS)
+        elif self.auto_watermark and event.ts_mono is not None and event.event_type.split(".")[0] in (
+                "process", "file"):
+            self.watermark = max(self.watermark, event.ts_mono)
         emitted = self.linker.feed(event, int(now_ms * MS), self.watermark)
         self.out += emitted
         return emitted
@@ -349,3 +354,30 @@ def test_caps_bound_memory() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         Linker(max_pending=0)
+
+
+def test_kernel_events_from_two_sources_are_taken_in_kernel_order() -> None:
+    t = Transcript(auto_watermark=False)
+    _, (shell, write) = turn_with_calls(t, [SHELL, WRITE])
+    # The file source is read first: the child's write comes before its fork and exec (the process source).
+    child_write = t.write(4001, 17.4, "/work/proj/generated.bin")  # a name no call mentions: lineage only
+    assert t.feed(child_write, 18, watermark_ms=16) == []
+    assert t.feed(t.fork(AGENT, 4001, 17), 18.1) == []
+    sh = t.exec(4001, AGENT, 17.2, ["sh", "-c", "echo hi > out.txt"])
+    assert t.feed(sh, 18.2) == []
+    released = t.poll(18.3, watermark_ms=18)
+    assert [e.event_type for e in released] == ["process.fork", "process.exec", "file.write"]
+    assert caused_by(released[2]) == [shell.event_id] and released[2].attrs["oisp.link"] == "lineage"
+    assert write.event_id not in caused_by(released[1])
+
+
+def test_a_source_that_falls_behind_holds_kernel_events_at_most_max_hold() -> None:
+    t = Transcript(Linker(max_hold_ns=100 * MS), auto_watermark=False)
+    _, (write,) = turn_with_calls(t, [WRITE])
+    effect = t.write(AGENT, 20, "/work/proj/notes/plan.md")
+    assert t.feed(effect, 21, watermark_ms=0) == []
+    assert t.linker.next_deadline() == 120 * MS
+    assert t.poll(119) == []
+    (released,) = t.poll(120)
+    assert caused_by(released) == [write.event_id]
+    assert t.linker.stats.hold_expired == 1

@@ -49,6 +49,7 @@ effects per call); what is dropped is counted in :class:`LinkerStats`.
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import shlex
@@ -353,17 +354,25 @@ class Linker:
         #: ai.request / ai.response event id -> its turn.
         self._turns: OrderedDict[str, _Turn] = OrderedDict()
         self._held: deque[_Held] = deque()
+        #: Kernel events not yet taken, by kernel time: (time, sequence, event).
+        self._reorder: list[tuple[int, int, Event]] = []
+        self._sequence = 0
         self._watermark = 0
 
     # --- the public face -------------------------------------------------------------------------
     @property
     def pending(self) -> int:
         """How many events are held."""
-        return len(self._held)
+        return len(self._held) + len(self._reorder)
 
     def next_deadline(self) -> int | None:
         """The clock time (ns) at which :meth:`poll` next releases an event held for too long, or None."""
-        return self._held[0].since + self.max_hold_ns if self._held else None
+        deadlines = []
+        if self._held:
+            deadlines.append(self._held[0].since + self.max_hold_ns)
+        if self._reorder:
+            deadlines.append(self._reorder[0][0] + self.max_hold_ns)
+        return min(deadlines) if deadlines else None
 
     def feed(self, event: Event, now: int, watermark: int | None = None) -> list[Event]:
         """Take one event (``now``: the clock; ``watermark``: the activity watermark, kernel time, if known);
@@ -382,11 +391,12 @@ class Linker:
             out.append(event)
         elif kind == "agent.tool_result":
             out += self._on_tool_result(event, now)
-        elif kind == "process.fork":
-            self._on_fork(event, now)
-            out.append(event)
-        elif kind in _EFFECT_TYPES and not (kind == "network.connect" and _is_ai_connection(event)):
-            out += self._on_effect(event, now)
+        elif kind == "process.fork" or (kind in _EFFECT_TYPES and not (kind == "network.connect"
+                                                                      and _is_ai_connection(event))):
+            # Kernel events come from several sources, each in order but not with one another: they are taken
+            # in the order of their kernel times once the watermark (or max_hold) has passed them.
+            self._sequence += 1
+            heapq.heappush(self._reorder, (_ts(event, now), self._sequence, event))
         else:
             out.append(event)
         out += self._release(now, force=False)
@@ -545,6 +555,12 @@ class Linker:
             current, joined = link
         return None, chain
 
+    def _on_activity(self, event: Event, now: int) -> list[Event]:
+        if event.event_type == "process.fork":
+            self._on_fork(event, now)
+            return [event]
+        return self._on_effect(event, now)
+
     def _on_effect(self, event: Event, now: int) -> list[Event]:
         pid = _pid(event)
         if pid is None:
@@ -652,9 +668,20 @@ class Linker:
         return False
 
     def _release(self, now: int, *, force: bool) -> list[Event]:
-        if not self._held:
-            return []
         out: list[Event] = []
+        reorder = self._reorder
+        if reorder:
+            # Past the watermark, or older than max_hold (ts_mono and the clock are the same monotonic clock).
+            horizon = max(self._watermark, now - self.max_hold_ns)
+            while reorder and (force or reorder[0][0] <= horizon or len(reorder) + len(self._held) > self.max_pending):
+                ts, _, event = heapq.heappop(reorder)
+                if not force and ts > horizon:
+                    self.stats.forced += 1
+                elif not force and ts > self._watermark:
+                    self.stats.hold_expired += 1
+                out += self._on_activity(event, now)
+        if not self._held:
+            return out
         while len(self._held) > self.max_pending:
             self.stats.forced += 1
             out.append(self._finish(self._held.popleft(), now))
