@@ -116,6 +116,9 @@ class Config:
     ca_name_constrained: bool = False
     ca_extra_domains: tuple[str, ...] = ()
     sinks: tuple[Mapping[str, Any], ...] = ()
+    #: Milliseconds an event may wait for what links it (a tool result for the kernel events before its request,
+    #: a kernel event for the other sources and the tool calls of its turn) when activity is on.
+    activity_link_hold_ms: float = 250.0
 
 
 class _Table:
@@ -260,6 +263,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["pricing"] = pricing.boolean("enabled")
         values["pricing_bundle"] = pricing.path("bundle")
         pricing.finish()
+    activity = root.table("activity")
+    if activity is not None:
+        values["activity_link_hold_ms"] = activity.number("link_hold_ms", zero=True)
+        activity.finish()
     sinks = root._get("sinks")
     if sinks is not None:
         if not isinstance(sinks, list):

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from oisp.activity.linking import Linker
 from oisp.events import Event
 
-__all__ = ["LinkingStage"]
+__all__ = ["LinkingStage", "link_activity"]
+
+
+class _Observer(Protocol):
+    """What :func:`link_activity` needs of an :class:`~oisp.activity.Activity`."""
+
+    def watermark_ns(self) -> int: ...
+
+    def watch_pipeline(self, pipeline: Any) -> None: ...
 
 
 class LinkingStage:
@@ -58,3 +67,12 @@ class LinkingStage:
 
     def __repr__(self) -> str:
         return f"LinkingStage(pending={self.linker.pending}, stats={self.linker.stats})"
+
+
+def link_activity(pipeline: Any, activity: _Observer, *, hold_ms: float = 250.0) -> LinkingStage:
+    """Link ``activity``'s events to the tool calls in ``pipeline`` (an :class:`~oisp.pipeline.Pipeline`): add a
+    :class:`LinkingStage` on the activity's watermark, and let the activity learn agents from the pipeline."""
+    stage = LinkingStage(watermark=activity.watermark_ns, hold_ms=hold_ms)
+    pipeline.add_stage(stage)
+    activity.watch_pipeline(pipeline)
+    return stage

@@ -621,8 +621,8 @@ class Linker:
                 markers = [RelatedEvent(event_id=c.event_id, relationship="related")
                            for c in (winners if best > 0 else candidates)]
                 return event.with_context(related_events=[*(event.related_events or []), *markers],
-                                          attrs={**(event.attrs or {}), "oisp.link": "ambiguous",
-                                                 "oisp.agent_pid": agent.pid})
+                                          attrs={"oisp.agent_pid": agent.pid, **(event.attrs or {}),
+                                                 "oisp.link": "ambiguous"})
         if call is None:
             self.stats.unlinked += 1
             return event
@@ -644,7 +644,7 @@ class Linker:
                 self.stats.side_effects_omitted += 1
             else:
                 call.effects.append((*effect, event.event_id, ts))
-        attributes = {**(event.attrs or {}), "oisp.link": rule, "oisp.agent_pid": agent.pid}
+        attributes = {"oisp.agent_pid": agent.pid, **(event.attrs or {}), "oisp.link": rule}
         if call.call_id:
             attributes["oisp.tool_call_id"] = call.call_id
         return event.with_context(
