@@ -161,14 +161,19 @@ def signal_name(number: int) -> str | None:
 
 
 def process_exec_event(facts: ProcessFacts, ts_ns: int, clock: Clock, *, point: str = "cn_proc",
-                       limitations: list[str] | None = None, sampled: bool = False) -> Event:
-    """``process.exec`` of an observed process."""
+                       limitations: list[str] | None = None, sampled: bool = False, script: str | None = None,
+                       exe_from: str | None = None) -> Event:
+    """``process.exec`` of an observed process (``script``: the ``#!`` script it ran, when known otherwise than
+    from its arguments; ``exe_from``: where the executable came from when not from /proc)."""
     exe = facts.exe or "[unknown]"
-    is_shell, interpreter, script = _shell_and_script(exe, facts.args) if facts.exe else (None, None, None)
-    data = ProcessExec(exe=exe, args=facts.args, cwd=facts.cwd, interpreter=interpreter, script_path=script,
-                       is_shell=is_shell, is_script=script is not None if facts.exe else None)
+    is_shell, interpreter, found = _shell_and_script(exe, facts.args) if facts.exe else (None, None, None)
+    if script is not None:
+        interpreter, found = exe, script
+    data = ProcessExec(exe=exe, args=facts.args, cwd=facts.cwd, interpreter=interpreter, script_path=found,
+                       is_shell=is_shell, is_script=found is not None if facts.exe else None)
+    extra = {"oisp.exe_source": exe_from} if exe_from else None
     return Event.create(data, ts=clock.wall(ts_ns), ts_mono=ts_ns, process=facts.process_info(),
-                        actor=facts.actor(), source=_source(point), attrs=facts.attrs() or None,
+                        actor=facts.actor(), source=_source(point), attrs=facts.attrs(extra) or None,
                         confidence=_confidence(facts.missing, reasons=[_reason(sampled)],
                                                completeness="sampled" if sampled else "full",
                                                limitations=limitations))

@@ -27,6 +27,7 @@ __all__ = [
     "FAN_DELETE",
     "FAN_ONDIR",
     "FAN_OPEN",
+    "FAN_OPEN_EXEC",
     "FAN_Q_OVERFLOW",
     "FAN_RENAME",
     "FanEvent",
@@ -54,6 +55,7 @@ FAN_OPEN = 0x20
 FAN_MOVED_FROM = 0x40
 FAN_MOVED_TO = 0x80
 FAN_CREATE = 0x100
+FAN_OPEN_EXEC = 0x1000
 FAN_DELETE = 0x200
 FAN_Q_OVERFLOW = 0x4000
 FAN_RENAME = 0x10000000
@@ -236,16 +238,31 @@ class Fanotify:
 
     def read(self, out: list[FanEvent], want_pid: object = None, *, size: int = 65536) -> bool:
         """Append what is queued (one read of up to ``size`` bytes); False when nothing was queued."""
-        try:
-            buf = os.read(self.fd, size)
-        except BlockingIOError:
-            return False
+        raw = self.read_raw(1, size=size)
+        for buf in raw:
+            self.parse(buf, out, want_pid)
+        return bool(raw)
+
+    def read_raw(self, limit: int, *, size: int = 65536) -> list[bytes]:
+        """Up to ``limit`` reads of what is queued, undecoded (stops when the queue is empty)."""
+        found = []
+        for _ in range(limit):
+            try:
+                buf = os.read(self.fd, size)
+            except BlockingIOError:
+                break
+            if not buf:
+                break
+            found.append(buf)
+        return found
+
+    def parse(self, buf: bytes, out: list[FanEvent], want_pid: object = None) -> None:
+        """Decode one read's bytes into ``out`` (counting overflows and malformed events)."""
         start = len(out)
         self.malformed += parse_events(buf, out, want_pid=want_pid)
         for event in out[start:]:
             if event.mask & FAN_Q_OVERFLOW:
                 self.overflows += 1
-        return True
 
     def directory_path(self, file_id: FileId) -> str | None:
         """The current path of a directory handle (None when it is gone or on a filesystem not marked here)."""

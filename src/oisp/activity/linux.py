@@ -1,9 +1,13 @@
-"""The Linux sources: process events from the kernel's connector, file events from fanotify.
+"""The Linux sources: process events from the kernel's connector, file events from fanotify, one reader thread.
 
-Each source is a thread that waits on its kernel descriptor, drains what is queued, turns the records of processes
-in scope into events, and hands the batch to the monitor with the monotonic time taken *before* the drain: every
-kernel event that happened before that time was queued before it (the kernel queues them synchronously in the
-fork/exec/exit and close/unlink/rename paths), so once the batch is emitted that time is the source's watermark.
+One thread reads both kernel queues, in an order that makes the scope right for every file event: at time ``t``
+it drains the process events, reads what fanotify has queued (bytes, not decoded), drains the process events
+again, and only then decodes the file events and filters them by the scope. A file event read by then was made
+by a process whose fork happened before it, so the second drain has told the scope about that process; exits
+read in the pass are applied after the file events (a child that forks, writes and exits within one pass is
+still in scope for its write). The batch is handed over with ``t``: every kernel event that happened before ``t``
+was queued before it (the kernel queues them synchronously in the fork/exec/exit and close/unlink/rename paths),
+so once the batch is emitted ``t`` is the watermark.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import select
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,15 +32,17 @@ from oisp.events import Event
 
 assert sys.platform == "linux"
 
-__all__ = ["FileSource", "ProcessSource", "ProcessTable"]
+__all__ = ["FileReader", "LinuxSource", "ProcessReader", "ProcessTable"]
 
 log = logging.getLogger(__name__)
 
-#: (source, events, watermark in monotonic ns) -> None; called from the source's thread
+#: (source, events, watermark in monotonic ns) -> keep going; called from the source's thread
 Deliver = Callable[[Any, list[Event], int], bool]
 
 #: longest a source's thread waits for its descriptor before it moves its watermark on (idle sources)
 IDLE_WAKE = 0.02
+#: longest an exec whose executable /proc no longer showed waits for the file source's FAN_OPEN_EXEC (ns)
+HOLD_NS = 200_000_000
 
 
 class ProcessTable:
@@ -44,6 +50,7 @@ class ProcessTable:
 
     def __init__(self, limit: int) -> None:
         self._facts: OrderedDict[int, ProcessFacts] = OrderedDict()
+        self._exec_paths: OrderedDict[int, list[str]] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -67,6 +74,26 @@ class ProcessTable:
             if len(self._facts) > self._limit:
                 self._facts.popitem(last=False)
 
+    def note_exec_open(self, pid: int, path: str) -> None:
+        """``pid`` opened ``path`` to execute it (its program, a script's interpreter, the dynamic loader)."""
+        with self._lock:
+            paths = self._exec_paths.get(pid)
+            if paths is None:
+                self._exec_paths[pid] = paths = []
+                if len(self._exec_paths) > self._limit:
+                    self._exec_paths.popitem(last=False)
+            if len(paths) < 4:
+                paths.append(path)
+
+    def has_exec_paths(self, pid: int) -> bool:
+        """Whether the files ``pid`` opened for exec are known."""
+        return pid in self._exec_paths
+
+    def take_exec_paths(self, pid: int) -> list[str]:
+        """The paths ``pid`` opened for exec since the last call (forgotten here)."""
+        with self._lock:
+            return self._exec_paths.pop(pid, None) or []
+
     def pop(self, pid: int) -> ProcessFacts | None:
         """Forget ``pid`` and return what was known."""
         with self._lock:
@@ -76,32 +103,31 @@ class ProcessTable:
         return len(self._facts)
 
 
-class _Source:
-    """A thread draining one kernel descriptor."""
+class LinuxSource:
+    """The reader thread of the process and file readers (either may be absent)."""
 
-    name = ""
+    name = "linux"
 
-    def __init__(self, deliver: Deliver) -> None:
+    def __init__(self, processes: ProcessReader | None, files: FileReader | None, deliver: Deliver) -> None:
+        self.processes = processes
+        self.files = files
         self._deliver = deliver
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
 
-    def fileno(self) -> int:
-        raise NotImplementedError
-
-    def drain(self, out: list[Event]) -> bool:
-        """Read what is queued, append the events to emit; True when more may be queued."""
-        raise NotImplementedError
-
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"oisp-activity-{self.name}", daemon=True)
+        """Start the reader thread."""
+        self._thread = threading.Thread(target=self._run, name="oisp-activity", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
+        for reader in (self.processes, self.files):
+            if reader is not None:
+                poller.register(reader.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        processes, files = self.processes, self.files
         while not self._stop.is_set():
             poller.poll(IDLE_WAKE * 1000)
             if self._stop.is_set():
@@ -109,34 +135,47 @@ class _Source:
             mark = time.monotonic_ns()
             events: list[Event] = []
             try:
-                while self.drain(events) and len(events) < 2048:
-                    pass
+                if processes is not None:
+                    processes.drain(events)
+                raw = files.read_raw() if files is not None else []
+                if processes is not None:
+                    processes.drain(events)
+                if files is not None:
+                    files.decode(raw, events)
+                if processes is not None:
+                    processes.finish(events, files_read=files is not None)
+                    floor = processes.floor()
+                    if floor is not None:
+                        mark = min(mark, floor)
             except Exception:
-                log.exception("activity: the %s source failed", self.name)
+                log.exception("activity: reading kernel events failed")
             if not self._deliver(self, events, mark):
                 break
 
     def stop(self) -> None:
+        """Stop the thread, close the kernel descriptors."""
         self._stop.set()
         os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self.close()
+        for reader in (self.processes, self.files):
+            if reader is not None:
+                reader.close()
 
-    def close(self) -> None:
-        raise NotImplementedError
 
+class ProcessReader:
+    """``process.exec``/``exit``/``fork`` of processes in scope, from netlink ``CN_PROC``.
 
-class ProcessSource(_Source):
-    """``process.exec``/``exit``/``fork`` of processes in scope, from netlink ``CN_PROC``."""
-
-    name = "processes"
+    A process that is gone before its exec is read leaves no ``/proc/<pid>/exe``; the file reader reports the
+    files it opened for exec (``FAN_OPEN_EXEC``, queued before the exec record), so such an exec is held until
+    the file reader's next pass (at most :data:`HOLD_NS`) and takes its executable from there. Its later
+    records wait with it.
+    """
 
     def __init__(self, scope: AgentScope, table: ProcessTable, settings: ActivitySettings, stats: ActivityStats,
-                 clock: Clock, deliver: Deliver, admit: Callable[[int | None], bool]) -> None:
-        super().__init__(deliver)
+                 clock: Clock, admit: Callable[[int | None], bool]) -> None:
         self._connector = cn_proc.ProcConnector()
         self._scope = scope
         self._table = table
@@ -144,29 +183,57 @@ class ProcessSource(_Source):
         self._stats = stats
         self._clock = clock
         self._admit = admit
+        #: passes of the reader; a held exec waits for a whole pass of the file reader after the one it came in
+        self._pass = 0
+        self._exits: list[cn_proc.ExitEvent] = []
         self._records: list[cn_proc.ProcEvent] = []
         self._self = os.getpid()
+        #: records waiting for a held exec, in order: (record, what was read when it was read)
+        self._held: deque[tuple[cn_proc.ProcEvent, Any, int]] = deque()
+        self._held_pids: dict[int, int] = {}
+        self._files_read = False
 
     def fileno(self) -> int:
         return self._connector.fileno()
 
-    def drain(self, out: list[Event]) -> bool:
+    def floor(self) -> int | None:
+        """Below the watermark: just before the oldest record still held back (None: nothing held)."""
+        if not self._held:
+            return None
+        return self._held[0][0].timestamp_ns - 1
+
+    def drain(self, out: list[Event], *, limit: int = 64) -> None:
+        """Read what is queued (at most ``limit`` rounds of 256 datagrams); exits wait for :meth:`finish`."""
         records = self._records
-        records.clear()
-        more = self._connector.read(records, limit=256)
+        for _ in range(limit):
+            records.clear()
+            more = self._connector.read(records, limit=256)
+            self._stats.process_records += len(records)
+            for record in records:
+                try:
+                    self._read(record, out)
+                except Exception:  # one odd record never stops the source
+                    log.exception("activity: process record %r", record)
+            if not more:
+                break
         self._stats.process_overruns = self._connector.overruns
         self._stats.malformed = self._connector.malformed
-        self._stats.process_records += len(records)
-        for record in records:
-            try:
-                self._handle(record, out)
-            except Exception:  # one odd record never stops the source
-                log.exception("activity: process record %r", record)
-        return more
 
-    def _handle(self, record: cn_proc.ProcEvent, out: list[Event]) -> None:
+    def finish(self, out: list[Event], *, files_read: bool) -> None:
+        """End of a pass: apply the exits read in it, and build the held execs whose wait is over."""
+        exits, self._exits = self._exits, []
+        for record in exits:
+            try:
+                self._exit(record, out)
+            except Exception:
+                log.exception("activity: process record %r", record)
+        self._files_read = files_read
+        self._release(out)
+        self._pass += 1
+
+    # reading: the scope learns at once ----------------------------------------------------------
+    def _read(self, record: cn_proc.ProcEvent, out: list[Event]) -> None:
         scope = self._scope
-        clock = self._clock
         if isinstance(record, cn_proc.ForkEvent):
             scope.on_fork(record.parent, record.child)
             if record.child == self._self or not scope.in_scope(record.child):
@@ -174,16 +241,10 @@ class ProcessSource(_Source):
             agent = scope.agent_of(record.child)
             if agent == record.child or not self._admit(agent):
                 return  # an agent's own fork (read after its AI call was reported): not one of its effects
-            parent = self._table.get(record.parent, scope.agent_of(record.parent))
-            self._table.put(ProcessFacts(record.child, ppid=record.parent, exe=parent.exe, args=parent.args,
-                                         cwd=parent.cwd, uid=parent.uid, gid=parent.gid, name=parent.name,
-                                         start_ns=record.timestamp_ns, agent=agent))
-            if self._settings.fork_events:
-                out.append(build.process_fork_event(parent, record.child, record.timestamp_ns, clock))
+            self._then(record, agent, out, record.parent)
         elif isinstance(record, cn_proc.ExecEvent):
             pid = record.pid
-            tracked = scope.in_scope(pid)
-            if not tracked and not self._settings.include_exe:
+            if not scope.in_scope(pid) and not self._settings.include_exe:
                 return
             snap = read_process(pid)
             if snap.exe:
@@ -194,30 +255,95 @@ class ProcessSource(_Source):
             agent = scope.agent_of(pid)
             if not self._admit(agent):
                 return
+            if snap.exe is None and self._files_read and not self._table.has_exec_paths(pid):
+                self._held.append((record, (snap, agent), self._pass))
+                self._held_pids[pid] = self._held_pids.get(pid, 0) + 1
+                return
+            self._then(record, (snap, agent), out, pid)
+        else:
+            self._exits.append(record)
+
+    def _exit(self, record: cn_proc.ExitEvent, out: list[Event]) -> None:
+        scope = self._scope
+        pid = record.pid
+        in_scope = scope.in_scope(pid)
+        agent = scope.agent_of(pid)
+        scope.on_exit(pid)
+        if pid == self._self or not in_scope:
+            self._table.pop(pid)
+            return
+        self._then(record, agent, out, pid)
+
+    def _then(self, record: cn_proc.ProcEvent, state: Any, out: list[Event], pid: int) -> None:
+        if pid in self._held_pids:
+            self._held.append((record, state, self._pass))
+            self._held_pids[pid] += 1
+        else:
+            self._build(record, state, out)
+
+    def _release(self, out: list[Event]) -> None:
+        held = self._held
+        if not held:
+            return
+        now = time.monotonic_ns()
+        while held:
+            record, state, since = held[0]
+            if isinstance(record, cn_proc.ExecEvent) and since >= self._pass \
+                    and not self._table.has_exec_paths(record.pid) and now - record.timestamp_ns < HOLD_NS:
+                return
+            held.popleft()
+            pid = record.parent if isinstance(record, cn_proc.ForkEvent) else record.pid
+            left = self._held_pids.get(pid, 1) - 1
+            if left <= 0:
+                self._held_pids.pop(pid, None)
+            else:
+                self._held_pids[pid] = left
+            try:
+                self._build(record, state, out)
+            except Exception:
+                log.exception("activity: process record %r", record)
+
+    # building the events ------------------------------------------------------------------------
+    def _build(self, record: cn_proc.ProcEvent, state: Any, out: list[Event]) -> None:
+        clock = self._clock
+        if isinstance(record, cn_proc.ForkEvent):
+            agent = state
+            parent = self._table.get(record.parent, self._scope.agent_of(record.parent))
+            self._table.put(ProcessFacts(record.child, ppid=record.parent, exe=parent.exe, args=parent.args,
+                                         cwd=parent.cwd, uid=parent.uid, gid=parent.gid, name=parent.name,
+                                         start_ns=record.timestamp_ns, agent=agent))
+            if self._settings.fork_events:
+                out.append(build.process_fork_event(parent, record.child, record.timestamp_ns, clock))
+        elif isinstance(record, cn_proc.ExecEvent):
+            snap, agent = state
+            pid = record.pid
             before = self._table.pop(pid)
+            opened = self._table.take_exec_paths(pid)
+            exe, script = snap.exe, None
+            missing = list(snap.missing)
+            if exe is None and opened:
+                exe, script = _exe_of(opened)
+                missing.remove("exe")
+            if before is not None:  # what the fork inherited stands in for what /proc no longer shows
+                missing = [m for m in missing if not (m in ("ppid", "cwd", "uid") and getattr(before, m) is not None)]
             facts = ProcessFacts(pid, ppid=snap.ppid if snap.ppid is not None else (before.ppid if before else None),
-                                 exe=snap.exe, args=snap.args, cwd=snap.cwd if snap.cwd else
-                                 (before.cwd if before else None), uid=snap.uid if snap.uid is not None else
-                                 (before.uid if before else None), gid=snap.gid, name=snap.name,
+                                 exe=exe, args=snap.args, cwd=snap.cwd or (before.cwd if before else None),
+                                 uid=snap.uid if snap.uid is not None else (before.uid if before else None),
+                                 gid=snap.gid, name=snap.name,
                                  start_ns=before.start_ns if before else record.timestamp_ns, agent=agent,
-                                 missing=tuple(m for m in snap.missing
-                                               if not (before and m in ("ppid", "cwd", "uid")
-                                                       and getattr(before, m) is not None)))
+                                 missing=tuple(missing))
             self._table.put(facts)
             if facts.missing:
                 self._stats.partial += 1
-            out.append(build.process_exec_event(facts, record.timestamp_ns, clock))
+            event = build.process_exec_event(facts, record.timestamp_ns, clock, script=script,
+                                             exe_from="open_exec" if snap.exe is None and exe else None)
+            out.append(event)
         else:
+            agent = state
             pid = record.pid
-            in_scope = scope.in_scope(pid)
-            agent = scope.agent_of(pid)
-            scope.on_exit(pid)
             known = self._table.pop(pid)
-            if pid == self._self or not in_scope:
-                return
+            self._table.take_exec_paths(pid)
             if known is None:
-                if not self._admit(agent):
-                    return
                 known = ProcessFacts(pid, ppid=record.parent, agent=agent, missing=("exe", "args"))
             facts = known
             facts.agent = agent
@@ -226,20 +352,31 @@ class ProcessSource(_Source):
             out.append(build.process_exit_event(facts, record.timestamp_ns, clock, status=record.status))
 
     def close(self) -> None:
+        """Close the connector's socket."""
         self._connector.close()
 
 
-_WRITE_MASK = fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE | fanotify.FAN_RENAME
+_LOADERS = ("ld-linux", "ld-musl", "ld.so", "ld64.so")
 
 
-class FileSource(_Source):
+def _exe_of(opened: list[str]) -> tuple[str, str | None]:
+    """(executable, script) of the files a process opened for exec: the binary, then (for a ``#!`` script) its
+    interpreter, then the dynamic loader."""
+    programs = [p for p in opened if not os.path.basename(p).startswith(_LOADERS)] or opened
+    if len(programs) > 1:
+        return programs[-1], programs[0]
+    return programs[0], None
+
+
+_WRITE_MASK = fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE | fanotify.FAN_RENAME \
+    | fanotify.FAN_OPEN_EXEC
+
+
+class FileReader:
     """``file.write``/``delete``/``rename``, and ``file.open`` of sensitive paths, from fanotify."""
 
-    name = "files"
-
     def __init__(self, scope: AgentScope, table: ProcessTable, settings: ActivitySettings, stats: ActivityStats,
-                 clock: Clock, deliver: Deliver, admit: Callable[[int | None], bool]) -> None:
-        super().__init__(deliver)
+                 clock: Clock, admit: Callable[[int | None], bool]) -> None:
         self._group = fanotify.Fanotify()
         self._scope = scope
         self._table = table
@@ -271,6 +408,7 @@ class FileSource(_Source):
 
     @property
     def mode(self) -> str:
+        """Which fanotify reporting mode the kernel granted."""
         return self._group.mode
 
     def fileno(self) -> int:
@@ -279,24 +417,29 @@ class FileSource(_Source):
     def _wanted(self, pid: int) -> bool:
         return pid != self._self and self._scope.in_scope(pid)
 
-    def drain(self, out: list[Event]) -> bool:
+    def read_raw(self, *, limit: int = 64) -> list[bytes]:
+        """What is queued, undecoded (at most ``limit`` reads of 64 KiB)."""
+        return self._group.read_raw(limit)
+
+    def decode(self, raw: list[bytes], out: list[Event]) -> None:
+        """Decode ``raw`` and append the events of processes in scope."""
         records = self._records
-        records.clear()
         before = self._group.overflows
-        more = self._group.read(records, self._wanted)
+        now = time.monotonic_ns()
+        for buf in raw:
+            records.clear()
+            self._group.parse(buf, records, self._wanted)
+            self._stats.file_records += len(records)
+            for record in records:
+                if record.mask & fanotify.FAN_Q_OVERFLOW:
+                    continue
+                try:
+                    self._handle(record, now, out)
+                except Exception:
+                    log.exception("activity: file record %r", record)
         self._stats.file_overflows = self._group.overflows
-        self._stats.file_records += len(records)
         if self._group.overflows != before:
             log.warning("activity: the kernel's fanotify queue overflowed: file events were lost")
-        now = time.monotonic_ns()
-        for record in records:
-            if record.mask & fanotify.FAN_Q_OVERFLOW:
-                continue
-            try:
-                self._handle(record, now, out)
-            except Exception:
-                log.exception("activity: file record %r", record)
-        return more
 
     def _handle(self, record: fanotify.FanEvent, now: int, out: list[Event]) -> None:
         mask = record.mask
@@ -320,9 +463,14 @@ class FileSource(_Source):
         unresolved = path is None
         if path is None:
             path = f"[unresolved]/{record.dfid_name.name}"
+        if mask & fanotify.FAN_OPEN_EXEC:
+            self._table.note_exec_open(record.pid, path)
+            if not mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE):
+                return
         facts = self._table.get(record.pid, agent)
         extra = {"oisp.path_unresolved": True} if unresolved else None
-        if mask & fanotify.FAN_OPEN and not mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE) \
+        if mask & fanotify.FAN_OPEN and not mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE
+                                                   | fanotify.FAN_OPEN_EXEC) \
                 and self._sensitive(path):
             out.append(build.file_open_event(facts, path, now, clock, stat=_stat(path),
                                              extra={"oisp.sensitive": True}))
@@ -342,6 +490,7 @@ class FileSource(_Source):
             out.append(build.file_delete_event(facts, path, now, clock, extra=extra))
 
     def close(self) -> None:
+        """Close the fanotify group."""
         self._group.close()
 
 

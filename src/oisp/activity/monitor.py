@@ -145,25 +145,26 @@ class Activity:
             if why is not None:
                 self.stats.limitations.append(f"{why}; processes are polled instead and files are not observed")
                 return
-            from oisp.activity.linux import FileSource, ProcessSource, ProcessTable
+            from oisp.activity.linux import FileReader, LinuxSource, ProcessReader, ProcessTable
 
             self._table = table = ProcessTable(self.config.max_tracked)
+            processes = files = None
             if self.config.processes:
                 try:
-                    source = ProcessSource(self.scope, table, self.config, self.stats, self._clock, self._deliver,
-                                           self._admit)
+                    processes = ProcessReader(self.scope, table, self.config, self.stats, self._clock, self._admit)
                 except OSError as exc:
                     self.stats.limitations.append(f"process events (netlink CN_PROC) are not available: {exc}")
                 else:
-                    self._add(source, "cn_proc")
+                    self.stats.sources["processes"] = "cn_proc"
             if self.config.files:
                 try:
-                    files = FileSource(self.scope, table, self.config, self.stats, self._clock, self._deliver,
-                                       self._admit)
+                    files = FileReader(self.scope, table, self.config, self.stats, self._clock, self._admit)
                 except OSError as exc:
                     self.stats.limitations.append(f"file events (fanotify) are not available: {exc}")
                 else:
-                    self._add(files, f"fanotify {files.mode} on {', '.join(files.marked)}")
+                    self.stats.sources["files"] = f"fanotify {files.mode} on {', '.join(files.marked)}"
+            if processes is not None or files is not None:
+                self._add(LinuxSource(processes, files, self._deliver), "")
             for limitation in self.stats.limitations:
                 log.warning("activity: %s", limitation)
 
@@ -177,7 +178,8 @@ class Activity:
 
     def _add(self, source: ActivitySource, how: str) -> None:
         self._marks[source.name] = time.monotonic_ns()
-        self.stats.sources[source.name] = how
+        if how:
+            self.stats.sources[source.name] = how
         source.start()
         self._sources.append(source)
 
