@@ -344,6 +344,8 @@ class ProcessReader:
             known = self._table.pop(pid)
             self._table.take_exec_paths(pid)
             if known is None:
+                if not self._admit(agent):
+                    return
                 known = ProcessFacts(pid, ppid=record.parent, agent=agent, missing=("exe", "args"))
             facts = known
             facts.agent = agent
