@@ -47,12 +47,18 @@ class PollingProcessSource:
         #: pid -> (create time, facts when in scope)
         self._known: dict[int, tuple[float, ProcessFacts | None]] = {}
 
-    def start(self) -> None:
+    def prime(self) -> None:
+        """Take the process list as it is: processes running now are not reported as new."""
         self._known = {p.pid: (_created(p), None) for p in psutil.process_iter()}
+
+    def start(self) -> None:
+        """Prime and start polling in a thread."""
+        self.prime()
         self._thread = threading.Thread(target=self._run, name="oisp-activity-poll", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

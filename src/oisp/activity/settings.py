@@ -55,7 +55,7 @@ class SensitivePaths:
             body = fnmatch.translate(pattern.removeprefix("~")).removeprefix("(?s:").removesuffix(r")\Z")
             # fnmatch's * crosses '/', which is what "~/.ssh/*" should do (keys in subfolders too)
             parts.append((_HOME if pattern.startswith("~") else "") + body)
-        self._regex = re.compile("|".join(f"(?:{p})" for p in parts) + r"\Z", re.S) if parts else None
+        self._regex = re.compile("(?:" + "|".join(f"(?:{p})" for p in parts) + r")\Z", re.S) if parts else None
 
     def __call__(self, path: str) -> bool:
         """Whether ``path`` (absolute) is sensitive."""
