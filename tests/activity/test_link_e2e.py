@@ -20,7 +20,7 @@ import trustme
 from tests.oisp_schema import SchemaValidator
 from tests.upstream import Request, Response, Upstream, server_context
 
-from oisp.activity.link_stage import LinkingStage
+from oisp.activity.link_stage import LinkingStage, link_activity
 from oisp.attribution import Attributor
 from oisp.decoder import EventDecoder
 from oisp.endpoints import EndpointTable
@@ -109,14 +109,15 @@ def test_an_agents_tool_effects_are_linked_to_the_right_call(tmp_path: Path, tes
     sink = MemorySink()
     plugins = create_plugin_manager()
     pipeline = Pipeline({"memory": sink})
-    stage = LinkingStage()
-    pipeline.add_stage(stage)
+    stages: list[LinkingStage] = []
 
     async def run(stop: anyio.Event, *, task_status: Any) -> None:
         async with pipeline, Activity(emit=pipeline.emit) as activity:
             activity.watch_pipeline(pipeline)
-            stage._watermark = activity.watermark_ns
-            task_status.started(activity)
+            stage = link_activity(pipeline, activity)
+            assert stage is not None
+            stages.append(stage)
+            task_status.started()
             await stop.wait()
 
     with anyio.from_thread.start_blocking_portal() as portal:
@@ -194,7 +195,7 @@ def test_an_agents_tool_effects_are_linked_to_the_right_call(tmp_path: Path, tes
     stats = sessions[1].data.extra["stats"]  # type: ignore[attr-defined]
     assert stats["llm_calls"] == 2 and stats["tool_calls"] == 2 and stats["tokens_used"] == 60
     assert stats["files_written"] >= 2
-    assert stage.linker.stats.ambiguous == 0
+    assert stages[0].linker.stats.ambiguous == 0
 
 
 def describe(events: list[Event]) -> str:

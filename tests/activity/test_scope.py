@@ -121,3 +121,12 @@ def test_memory_is_bounded_and_overflow_counted_without_evicting_agents() -> Non
 def test_max_tracked_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_tracked"):
         AgentScope(max_tracked=0)
+
+
+def test_a_late_fork_record_does_not_undo_an_agent_reported_before_it() -> None:
+    scope = AgentScope()
+    scope.add_agent(40)  # the AI call was reported before the kernel's fork record of pid 40 was read
+    scope.on_fork(1, 40)
+    assert scope.agent_of(40) == 40
+    scope.on_fork(40, 41)
+    assert scope.agent_of(41) == 40

@@ -23,8 +23,6 @@ class _Observer(Protocol):
 
     def watermark_ns(self) -> int: ...
 
-    def watch_pipeline(self, pipeline: Any) -> None: ...
-
 
 class LinkingStage:
     """A :class:`~oisp.pipeline.Stage` around a :class:`Linker`.
@@ -69,10 +67,13 @@ class LinkingStage:
         return f"LinkingStage(pending={self.linker.pending}, stats={self.linker.stats})"
 
 
-def link_activity(pipeline: Any, activity: _Observer, *, hold_ms: float = 250.0) -> LinkingStage:
-    """Link ``activity``'s events to the tool calls in ``pipeline`` (an :class:`~oisp.pipeline.Pipeline`): add a
-    :class:`LinkingStage` on the activity's watermark, and let the activity learn agents from the pipeline."""
+
+def link_activity(pipeline: Any, activity: _Observer | None, *, hold_ms: float = 250.0) -> LinkingStage | None:
+    """Link ``activity``'s events to the tool calls in ``pipeline`` (an :class:`~oisp.pipeline.Pipeline` the
+    activity emits into and learns agents from): add a :class:`LinkingStage` on the activity's watermark. Without
+    activity (None), nothing is added and the pipeline runs as before."""
+    if activity is None:
+        return None
     stage = LinkingStage(watermark=activity.watermark_ns, hold_ms=hold_ms)
     pipeline.add_stage(stage)
-    activity.watch_pipeline(pipeline)
     return stage

@@ -64,7 +64,13 @@ class AgentScope:
         self._agent_of[pid] = pid
 
     def on_fork(self, parent_pid: int, child_pid: int) -> None:
-        """``child_pid`` was forked by ``parent_pid``: it joins the parent's agent, if the parent has one."""
+        """``child_pid`` was forked by ``parent_pid``: it joins the parent's agent, if the parent has one.
+
+        A tracked descendant with this pid is forgotten first (the pid was reused; its exit was missed). An agent
+        root is kept: the fork is read after the agent's AI call was reported (the kernel's record came late).
+        """
+        if self._agent_of.get(child_pid) == child_pid:
+            return
         self._agent_of.pop(child_pid, None)  # a reused pid starts fresh
         self._excluded.discard(child_pid)
         if parent_pid in self._excluded:

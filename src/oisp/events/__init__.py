@@ -46,9 +46,9 @@ from oisp.events.envelope import (
     new_event_id,
     parse_ts,
 )
-from oisp.events.file import FileInfo, FileOpen, FileWrite
+from oisp.events.file import FileDelete, FileInfo, FileOpen, FileRead, FileRename, FileWrite
 from oisp.events.network import CertificateInfo, DnsAnswer, Endpoint, NetworkConnect, NetworkDns, TlsInfo
-from oisp.events.process import ProcessExec, ProcessExit
+from oisp.events.process import ProcessExec, ProcessExit, ProcessFork
 
 __all__ = [
     "OISP_VERSION",
@@ -70,8 +70,11 @@ __all__ = [
     "DnsAnswer",
     "Endpoint",
     "Event",
+    "FileDelete",
     "FileInfo",
     "FileOpen",
+    "FileRead",
+    "FileRename",
     "FileWrite",
     "Host",
     "Message",
@@ -81,6 +84,7 @@ __all__ = [
     "ParentProcess",
     "ProcessExec",
     "ProcessExit",
+    "ProcessFork",
     "ProcessInfo",
     "ProviderInfo",
     "Record",
