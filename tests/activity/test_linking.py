@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 from tests.oisp_schema import SchemaValidator
 
@@ -381,3 +382,29 @@ def test_a_source_that_falls_behind_holds_kernel_events_at_most_max_hold() -> No
     (released,) = t.poll(120)
     assert caused_by(released) == [write.event_id]
     assert t.linker.stats.hold_expired == 1
+
+
+def test_an_exec_without_its_command_line_goes_to_the_one_call_that_runs_commands() -> None:
+    t = Transcript()
+    request = t.request(10)
+    t.feed(request, 10)
+    response, calls = t.response(request, 15, [SHELL, WRITE])
+    calls = [c.with_context(data=attrs.evolve(c.data, tool=ToolInfo(name=c.data.tool.name,  # type: ignore[attr-defined]
+                                                                  type=kind)))
+             for c, kind in zip(calls, ("shell", "file_write"), strict=True)]
+    t.feed(response, 15)
+    for call in calls:
+        t.feed(call, 15)
+    t.feed(t.fork(AGENT, 4001, 17), 17)
+    unread = Event.create(ProcessExec(exe="/usr/bin/dash", is_shell=True), confidence=CONF,
+                          process=proc(4001, AGENT, "/usr/bin/dash"), ts_mono=int(17.2 * MS))
+    t.feed(unread, 17.2)
+    output = t.write(4001, 17.4, "/work/proj/result.bin")
+    t.feed(output, 17.4)
+    assert caused_by(t.by_id(unread.event_id)) == [calls[0].event_id]
+    assert t.by_id(unread.event_id).attrs["oisp.link"] == "tool_type"
+    assert caused_by(t.by_id(output.event_id)) == [calls[0].event_id]  # lineage from there
+    # A command line that could be read and matches nothing is not given to the shell call by its type.
+    other = t.exec(4002, AGENT, 18, ["git", "status"])
+    t.feed(other, 18)
+    assert caused_by(t.by_id(other.event_id)) == []

@@ -21,11 +21,14 @@ the turn's response are its candidates. An *effect* of the agent's tree (``proce
 2. else the one call whose arguments match the effect best (a command string equal to or containing the exec's
    command line; a path equal to, or a relative path ending, the file's path; the file's name as a word of a
    command; a host in a URL);
-3. else, the turn having exactly one call and the effect coming after it, that call (*order*).
+3. else, for an ``exec`` whose command line could not be read (a process gone before ``/proc`` was read), the
+   one call of a tool that runs commands (``tool.type`` ``shell``, ``terminal`` or ``code_execution``:
+   *tool_type*);
+4. else, the turn having exactly one call and the effect coming after it, that call (*order*).
 
 Several calls that match equally well, or several calls and no match, give no ``caused_by``: the effect gets a
 ``related`` entry per candidate instead (a marker, never a guess). ``attrs["oisp.link"]`` says which rule decided
-(``lineage``, ``arguments``, ``order``, ``ambiguous``).
+(``lineage``, ``arguments``, ``tool_type``, ``order``, ``ambiguous``).
 
 **Side effects.** The ``agent.tool_result`` that returns a call (emitted when the next request carries it) gets
 ``side_effects`` (``file_created``, ``file_modified``, ``file_deleted``, ``process_spawned``,
@@ -74,6 +77,8 @@ _EFFECT_TYPES = frozenset({
     "network.connect",
 })
 _FILE_READS = frozenset({"file.open", "file.read"})
+#: Tool types (``tool.type``) whose calls start processes.
+_SPAWNING_TOOLS = frozenset({"shell", "terminal", "code_execution"})
 _TOKEN_SPLIT = re.compile(r"[\s<>|;&()'\"`=,]+")
 #: Strings shorter than this never match by containment (``ls``, ``-l``).
 _MIN_CONTAINED = 4
@@ -88,6 +93,7 @@ class LinkerStats:
     #: Effects linked to a call (``caused_by``), by the rule that decided.
     linked_lineage: int = 0
     linked_arguments: int = 0
+    linked_tool_type: int = 0
     linked_order: int = 0
     #: Effects in a turn with several candidate calls and no way to tell which (``related`` markers only).
     ambiguous: int = 0
@@ -114,6 +120,8 @@ class _Call:
     ts: int
     strings: list[str]
     turn: _Turn | None
+    #: The tool's category (``tool.type``: shell, file_write, ...).
+    tool_type: str | None = None
     #: (type, target, effect event id, effect time) of the effects linked to this call.
     effects: list[tuple[str, str, str, int]] = attrs.field(factory=list)
     omitted: int = 0
@@ -288,6 +296,16 @@ def _match(event: Event, strings: list[str]) -> int:
             if any(host in text for text in strings):
                 return 2
     return 0
+
+
+def _score(event: Event, call: _Call) -> int:
+    """How well a call explains an effect: its arguments (3, 2), else, for a process started while its command
+    line could not be read, a call of a tool that runs commands (1); 0: not at all."""
+    score = _match(event, call.strings)
+    if score == 0 and event.event_type == "process.exec" and not _field(event, "args") \
+            and call.tool_type in _SPAWNING_TOOLS:
+        return 1
+    return score
 
 
 def _side_effect(event: Event) -> tuple[str, str] | None:
@@ -480,7 +498,9 @@ class Linker:
         strings: list[str] = []
         _strings(getattr(event.data, "arguments", None), strings)
         call_id = getattr(event.data, "call_id", None)
-        call = _Call(event_id=event.event_id, call_id=call_id, ts=_ts(event, now), strings=strings, turn=turn)
+        tool = getattr(event.data, "tool", None)
+        call = _Call(event_id=event.event_id, call_id=call_id, ts=_ts(event, now), strings=strings, turn=turn,
+                     tool_type=getattr(tool, "type", None))
         if turn is not None:
             turn.calls.append(call)
             agent = self._agents.get(turn.agent)
@@ -609,11 +629,11 @@ class Linker:
         # An exit says nothing about which call it served: only its process's lineage links it.
         candidates = turn.calls if turn is not None and event.event_type != "process.exit" else []
         if call is None and candidates:
-            scores = [(_match(event, c.strings), c) for c in candidates]
+            scores = [(_score(event, c), c) for c in candidates]
             best = max(score for score, _ in scores)
             winners = [c for score, c in scores if score == best]
             if best > 0 and len(winners) == 1:
-                call, rule = winners[0], "arguments"
+                call, rule = winners[0], "arguments" if best >= 2 else "tool_type"
             elif best == 0 and len(candidates) == 1 and ts >= candidates[0].ts:
                 call, rule = candidates[0], "order"
             elif len(candidates) > 1:
@@ -630,6 +650,8 @@ class Linker:
             self.stats.linked_lineage += 1
         elif rule == "arguments":
             self.stats.linked_arguments += 1
+        elif rule == "tool_type":
+            self.stats.linked_tool_type += 1
         else:
             self.stats.linked_order += 1
         pid = _pid(event)
