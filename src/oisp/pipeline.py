@@ -54,16 +54,18 @@ Enricher = Callable[[Event], Event]
 
 
 class Stage(Protocol):
-    """A step between processing and the sinks that may hold events back and emit others (the activity linker).
+    """A step between enrichment and redaction that may hold events back and emit others (the activity linker).
 
-    It is fed processed events in order and returns the events to pass on now: the same ones, changed copies or
-    new ones (an event without its JSON text, changed or new, is processed again). Events it holds come back
-    from :meth:`poll`, which the pipeline calls once :meth:`next_wakeup` seconds have passed, and from
-    :meth:`flush` when the pipeline closes. Runs in the event loop: it must be quick and never block.
+    It is fed enriched events in order and returns the events to pass on now: the same ones, changed copies or
+    new ones; all of them are then redacted, conformed and encoded (once; the enrichers do not run again: an
+    event a stage makes gets the host, and what else it needs from the stage). Events it holds come back from
+    :meth:`poll`, which the pipeline calls once :meth:`next_wakeup` seconds have passed (:meth:`feed` may return
+    them too), and from :meth:`flush` when the pipeline closes. Runs in the event loop: it must be quick and
+    never block.
     """
 
     def feed(self, event: Event) -> list[Event]:
-        """Take one processed event; return those to pass on now."""
+        """Take one enriched event; return those to pass on now."""
         ...
 
     def poll(self) -> list[Event]:
@@ -271,8 +273,8 @@ class Pipeline:
     (``Redactor()``, the ``default`` profile); secrets never reach a sink. ``batch_size`` is the most events a sink
     gets at a time; ``flush_interval`` the longest an event waits for more to go with it (0: none);
     ``sink_handoff_wait`` how long the event loop may block handing a batch to a sink's thread (see above);
-    ``stages`` (:class:`Stage`) run in order on processed events before the listeners and sinks (none by default,
-    and then they cost nothing).
+    ``stages`` (:class:`Stage`) run in order on enriched events, before redaction, the listeners and the sinks
+    (none by default, and then they cost nothing).
     """
 
     def __init__(
@@ -365,7 +367,7 @@ class Pipeline:
         self._listeners.append(listener)
 
     def add_stage(self, stage: Stage) -> None:
-        """Run ``stage`` on processed events before the listeners and sinks, after the stages already added."""
+        """Run ``stage`` on enriched events before redaction, after the stages already added."""
         self._stages.append(stage)
 
     # lifecycle ----------------------------------------------------------------------------------
@@ -402,6 +404,10 @@ class Pipeline:
         """
         for enrich in self._enrichers:
             event = enrich(event)
+        return self._redact_and_encode(event)
+
+    def _redact_and_encode(self, event: Event) -> Event:
+        """The steps of :meth:`process` after the enrichers: redaction, conformance, the JSON text."""
         redactor = self._redactor
         if type(redactor) is Redactor and redactor.profile == "default":
             processed = self._process_default(event, redactor)
@@ -516,24 +522,29 @@ class Pipeline:
             return list(args)  # the event passes on as it is: never lost to a failing stage
 
     def _run_stages(self, first: int, events: list[Event]) -> None:
-        """Run ``events`` through the stages from ``first`` on, then hand them to the listeners and sinks."""
+        """Run ``events`` through the stages from ``first`` on, then redact, conform and encode them and hand them
+        to the listeners and sinks."""
         for stage in self._stages[first + 1:]:
             events = [out for event in events for out in self._stage_call(stage, "feed", event)]
         for event in events:
-            if event._json is None:  # changed or made by a stage
-                try:
-                    event = self.process(event)
-                except Exception as exc:
-                    self.stats.failed_processing += 1
-                    logger.error("event %s (%s) from a stage could not be processed and was dropped: %s",
-                                 event.event_id, event.event_type, exc, exc_info=True)
-                    continue
-            self._dispatch(event)
+            try:
+                processed = self._redact_and_encode(self._add_host(event))
+            except Exception as exc:
+                self.stats.failed_processing += 1
+                logger.error("event %s (%s) could not be processed and was dropped: %s",
+                             event.event_id, event.event_type, exc, exc_info=True)
+                continue
+            self._dispatch(processed)
 
     def _handle(self, event: Event) -> None:
-        """Process one event and hand it to the stages, the listeners and every sink's queue."""
+        """Process one event (with stages: enrich, run the stages, then the rest) and hand it to the listeners and
+        every sink's queue."""
         try:
-            processed = self.process(event)
+            if self._stages:
+                for enrich in self._enrichers:
+                    event = enrich(event)
+            else:
+                processed = self.process(event)
         except Exception as exc:
             self.stats.failed_processing += 1
             logger.error("event %s (%s) could not be processed and was dropped: %s",
@@ -541,7 +552,7 @@ class Pipeline:
             return
         self.stats.processed += 1
         if self._stages:
-            self._run_stages(0, self._stage_call(self._stages[0], "feed", processed))
+            self._run_stages(0, self._stage_call(self._stages[0], "feed", event))
         else:
             self._dispatch(processed)
 

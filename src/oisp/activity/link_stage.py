@@ -45,7 +45,7 @@ class LinkingStage:
         return self._watermark() if self._watermark is not None else None
 
     def feed(self, event: Event) -> list[Event]:
-        """Feed one processed event to the linker; the events to pass on now."""
+        """Feed one (enriched) event to the linker; the events to pass on now."""
         return self.linker.feed(event, self._clock(), self._mark())
 
     def poll(self) -> list[Event]:
