@@ -291,7 +291,7 @@ def test_a_process_older_than_the_agent_is_not_in_its_tree() -> None:
 
 
 def test_an_effect_after_the_next_request_is_not_linked_to_the_previous_call() -> None:
-    t = Transcript()
+    t = Transcript(Linker(late_stamp_ns=0))  # file times taken as exact (see the late-stamp test)
     turn_with_calls(t, [WRITE])
     t.feed(t.request(30), 30)
     later = t.write(AGENT, 32, "/work/proj/notes/plan.md")  # in the new turn, whose response is not here yet
@@ -408,3 +408,31 @@ def test_an_exec_without_its_command_line_goes_to_the_one_call_that_runs_command
     other = t.exec(4002, AGENT, 18, ["git", "status"])
     t.feed(other, 18)
     assert caused_by(t.by_id(other.event_id)) == []
+
+
+def test_a_file_event_stamped_late_links_to_the_call_of_the_turn_before() -> None:
+    t = Transcript()
+    _, (_shell, write) = turn_with_calls(t, [SHELL, WRITE])
+    t.feed(t.request(30), 30)
+    result = t.result(write, 30)
+    t.feed(result, 30)
+    # The write happened before the request, but the file source read it (and stamped it) 20 ms after.
+    late = t.write(AGENT, 50, "/work/proj/notes/plan.md")
+    emitted = t.feed(late, 51, watermark_ms=55)  # decided at once: the new turn's response is not even there
+    by_id = {e.event_id: e for e in emitted}
+    assert caused_by(by_id[late.event_id]) == [write.event_id]
+    assert by_id[result.event_id].data.side_effects == [  # type: ignore[attr-defined]
+        {"type": "file_created", "target": "/work/proj/notes/plan.md", "event_id": late.event_id}]
+    assert t.linker.stats.late_stamps == 1
+    # Past late_stamp_ns (100 ms) after the turn began, it is not: a write then belongs to the new turn.
+    much_later = t.write(AGENT, 140, "/work/proj/notes/plan.md")
+    t.feed(much_later, 141)
+    (released,) = t.poll(141 + 250)
+    assert caused_by(released) == [] and t.linker.stats.late_stamps == 1
+    # A process event has the kernel's own time: never moved to the turn before.
+    t2 = Transcript()
+    turn_with_calls(t2, [SHELL])
+    t2.feed(t2.request(30), 30)
+    sh = t2.exec(AGENT, 1, 31, ["sh", "-c", "echo hi > out.txt"])
+    assert t2.feed(sh, 31) == []
+    assert caused_by(t2.poll(31 + 250)[0]) == []

@@ -39,6 +39,9 @@ effects linked to the call before that request.
 read: a tool result is held until the activity watermark passes its request's time, at most ``max_hold_ns``.
 An effect that happens while its turn's response has not yet been fed (a streaming client acting on a tool call
 before the stream ended) is held until the response and its tool calls are fed, at most ``max_hold_ns`` too.
+Kernel events are taken in the order of their kernel times once the watermark (or ``max_hold_ns``) passed them.
+File events are stamped when read, so up to ``late_stamp_ns`` after the write: one stamped that soon after its
+turn began that no call of the turn explains is linked to the call of the turn before whose arguments match it.
 Everything else passes at once. Held events are released in the order they were fed; when ``max_pending`` events
 are held, the oldest is released at once (decided on what is known, counted in :attr:`LinkerStats.forced`).
 
@@ -67,10 +70,13 @@ from oisp.events.agent import AgentToolResult
 from oisp.events.context import Confidence, ProcessInfo, RelatedEvent, Source
 from oisp.events.envelope import UnknownPayload
 
-__all__ = ["DEFAULT_MAX_HOLD_NS", "Linker", "LinkerStats"]
+__all__ = ["DEFAULT_LATE_STAMP_NS", "DEFAULT_MAX_HOLD_NS", "Linker", "LinkerStats"]
 
 #: How long an event may be held by default: 250 ms.
 DEFAULT_MAX_HOLD_NS = 250_000_000
+#: How much later than the write itself a file event's time may be by default: 100 ms (fanotify events carry no
+#: time; they are stamped when read).
+DEFAULT_LATE_STAMP_NS = 100_000_000
 
 _EFFECT_TYPES = frozenset({
     "process.exec", "process.exit", "file.write", "file.delete", "file.rename", "file.open", "file.read",
@@ -107,6 +113,8 @@ class LinkerStats:
     late_effects: int = 0
     #: Side effects left out of a tool result because it had ``max_side_effects`` already.
     side_effects_omitted: int = 0
+    #: File events linked to a call of the turn before the one their time falls in (stamped late, when read).
+    late_stamps: int = 0
     #: Entries forgotten because a cap was reached (agents, processes, calls).
     evicted: int = 0
     sessions_started: int = 0
@@ -350,7 +358,11 @@ class Linker:
         max_processes: int = 65_536,
         max_calls: int = 16_384,
         max_side_effects: int = 256,
+        late_stamp_ns: int = DEFAULT_LATE_STAMP_NS,
     ) -> None:
+        if late_stamp_ns < 0:
+            raise ValueError("Linker: late_stamp_ns must be >= 0")
+        self.late_stamp_ns = late_stamp_ns
         if max_hold_ns < 0 or max_pending < 1 or max_agents < 1 or max_processes < 1 or max_calls < 1 \
                 or max_side_effects < 0:
             raise ValueError("Linker: max_hold_ns must be >= 0, the other caps >= 1 (max_side_effects >= 0)")
@@ -597,8 +609,10 @@ class Linker:
                 agent.files_written += 1
             elif kind in _FILE_READS:
                 agent.files_read += 1
-            turn = self._turn_at(agent, _ts(event, now))
-            if turn is not None and not turn.complete() and self._lineage(chain) is None:
+            ts = _ts(event, now)
+            turn = self._turn_at(agent, ts)
+            if turn is not None and not turn.complete() and self._lineage(chain) is None \
+                    and not self._late_candidate(event, agent, turn, ts):
                 self._held.append(_Held(event=event, since=now, turn=turn, agent=agent))
             else:
                 out.append(self._link(event, agent, chain, turn, now))
@@ -614,6 +628,27 @@ class Linker:
             if turn.start <= ts:
                 return None
         return None
+
+    def _late_candidate(self, event: Event, agent: _Agent, turn: _Turn, ts: int) -> bool:
+        """Whether a file event just after its turn began matches a call of the turn before: then it is decided
+        at once (its turn's response, not there yet, cannot have asked for it), not held for the response."""
+        return (event.event_type.startswith("file.") and ts - turn.start < self.late_stamp_ns
+                and self._late_stamp(event, agent, turn, ts)[0] is not None)
+
+    def _late_stamp(self, event: Event, agent: _Agent, turn: _Turn, ts: int) -> tuple[_Call | None, int]:
+        """The one call of the turn before ``turn`` whose arguments match ``event`` (and the time to file the effect
+        under, within that turn), or None."""
+        turns = list(agent.turns)
+        index = next((i for i, t in enumerate(turns) if t is turn), 0)
+        if index == 0:
+            return None, ts
+        previous = turns[index - 1]
+        scores = [(_match(event, c.strings), c) for c in previous.calls]
+        best = max((score for score, _ in scores), default=0)
+        winners = [c for score, c in scores if score == best]
+        if best < 2 or len(winners) != 1:
+            return None, ts
+        return winners[0], turn.start - 1
 
     def _lineage(self, chain: list[int]) -> _Call | None:
         for pid in chain:
@@ -632,6 +667,17 @@ class Linker:
             scores = [(_score(event, c), c) for c in candidates]
             best = max(score for score, _ in scores)
             winners = [c for score, c in scores if score == best]
+            if best >= 2 and len(winners) == 1:
+                call, rule = winners[0], "arguments"
+        if call is None and turn is not None and event.event_type.startswith("file.") \
+                and ts - turn.start < self.late_stamp_ns:
+            # A file event is stamped when read, so it may be a little later than the write: one that no call of
+            # its turn explains, stamped just after the turn began, may be a late stamp of the turn before.
+            call, ts = self._late_stamp(event, agent, turn, ts)
+            if call is not None:
+                rule = "arguments"
+                self.stats.late_stamps += 1
+        if call is None and candidates:
             if best > 0 and len(winners) == 1:
                 call, rule = winners[0], "arguments" if best >= 2 else "tool_type"
             elif best == 0 and len(candidates) == 1 and ts >= candidates[0].ts:
