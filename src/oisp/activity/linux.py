@@ -41,6 +41,8 @@ Deliver = Callable[[Any, list[Event], int], bool]
 
 #: longest a source's thread waits for its descriptor before it moves its watermark on (idle sources)
 IDLE_WAKE = 0.02
+#: shortest time between two passes of the reader (seconds): what events may wait to be read together
+MIN_PASS = 0.005
 #: longest an exec whose executable /proc no longer showed waits for the file source's FAN_OPEN_EXEC (ns)
 HOLD_NS = 200_000_000
 
@@ -128,10 +130,17 @@ class LinuxSource:
                 poller.register(reader.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         processes, files = self.processes, self.files
+        last = 0.0
         while not self._stop.is_set():
             poller.poll(IDLE_WAKE * 1000)
+            # pace the passes: events arriving meanwhile wait in the kernel's queues and are read together
+            # (fanotify sees every open on the machine; a pass per event would cost more than the events)
+            pause = last + MIN_PASS - time.monotonic()
+            if pause > 0 and self._stop.wait(pause):
+                break
             if self._stop.is_set():
                 break
+            last = time.monotonic()
             mark = time.monotonic_ns()
             events: list[Event] = []
             try:

@@ -197,6 +197,10 @@ class Activity:
         """From a source's thread: emit ``events`` in the event loop, then move the source's watermark."""
         if self._token is None:
             return False
+        if not events:  # nothing to emit: the watermark moves on without a trip to the event loop
+            if self._marks.get(source.name, 0) < mark:
+                self._marks[source.name] = mark
+            return not self._closing
         try:
             anyio.from_thread.run_sync(self._emit_batch, source.name, events, mark, token=self._token)
         except (RuntimeError, anyio.RunFinishedError) as exc:
