@@ -79,7 +79,8 @@ class Arrivals:
             self.execs.append(now - event.ts_mono)
 
 
-async def _workload(processes: int, files: int, activity: Activity | None, as_agent: bool) -> tuple[float, dict[str, int]]:
+async def _workload(processes: int, files: int, activity: Activity | None,
+                    as_agent: bool) -> tuple[float, dict[str, int]]:
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
         report = Path(folder) / "report.json"
         work = Path(folder) / "w"
