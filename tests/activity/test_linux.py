@@ -266,3 +266,30 @@ def test_the_kernel_connector_reports_threads_not_as_processes() -> None:
         assert forks and all(r.child != r.parent for r in forks)
     finally:
         connector.close()
+
+
+async def test_an_agent_learned_late_gets_its_effects_since_the_call(
+        observed: tuple[Activity, Collector], agent: AgentProcess, tmp_path: Path,
+        oisp_schema: SchemaValidator) -> None:
+    # the AI event that makes a process an agent can be processed after the kernel's records of what the agent
+    # did with the answer were read: those records are kept a while and replayed from the call's time on
+    activity, seen = observed
+    earlier = await agent.run(f"open('{tmp_path}/before-the-call.txt', 'w').write('0')")
+    await caught_up(activity, earlier)
+    call = time.monotonic_ns()
+    done = await agent.run(
+        f"import subprocess; subprocess.run(['sh', '-c', 'echo x > {tmp_path}/late-shell.txt'])\n"
+        f"open('{tmp_path}/late.txt', 'w').write('1')")
+    await caught_up(activity, done)
+    assert seen.events == []  # not an agent yet
+    activity.add_agent(agent.pid, since_ns=call)
+    await seen.wait_for(lambda events: len([e for e in events if e.event_type == "file.write"]) == 2)
+    await caught_up(activity, time.monotonic_ns())
+    written = {e.data.path: e for e in seen.of("file.write")}  # type: ignore[attr-defined]
+    assert set(written) == {f"{tmp_path}/late-shell.txt", f"{tmp_path}/late.txt"}
+    shell = seen.of("process.exec", process__ppid=agent.pid)
+    assert len(shell) == 1 and shell[0].data.exe == os.path.realpath("/bin/sh")  # type: ignore[attr-defined]
+    assert shell[0].ts_mono is not None and call < shell[0].ts_mono < done
+    assert len([e for e in seen.of("process.exit") if e.process and e.process.ppid == agent.pid]) == 1
+    assert all((e.attrs or {}).get("oisp.agent_pid") == agent.pid for e in seen.events)
+    _validate_all(seen.events, oisp_schema)

@@ -121,12 +121,12 @@ def _file_id(buf: bytes, start: int, end: int, with_name: bool) -> FileId | None
     return FileId(fsid_key(val0, val1), bytes(buf[at:handle_end]), name)
 
 
-def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None) -> int:
+def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None, also: int = 0) -> int:
     """Append the events of one ``read`` of the fanotify descriptor to ``out``; returns how many were malformed.
 
     ``want_pid``, when given, is a callable ``pid -> bool``: events of other pids are skipped before their
     identifiers are decoded (their descriptors, in descriptor mode, are still closed by the caller's ``fds``
-    list: see :meth:`Fanotify.read`). Never raises on bad input.
+    list: see :meth:`Fanotify.read`), unless their mask has a bit of ``also``. Never raises on bad input.
     """
     offset = 0
     size = len(buf)
@@ -137,7 +137,7 @@ def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None) ->
         if event_len < _METADATA.size or offset + event_len > size or vers != METADATA_VERSION:
             return bad + 1
         end = offset + event_len
-        if keep is not None and not (mask & FAN_Q_OVERFLOW) and not keep(pid):
+        if keep is not None and not (mask & (FAN_Q_OVERFLOW | also)) and not keep(pid):
             offset = end
             continue
         dfid = old = new = None
@@ -256,10 +256,10 @@ class Fanotify:
             found.append(buf)
         return found
 
-    def parse(self, buf: bytes, out: list[FanEvent], want_pid: object = None) -> None:
+    def parse(self, buf: bytes, out: list[FanEvent], want_pid: object = None, also: int = 0) -> None:
         """Decode one read's bytes into ``out`` (counting overflows and malformed events)."""
         start = len(out)
-        self.malformed += parse_events(buf, out, want_pid=want_pid)
+        self.malformed += parse_events(buf, out, want_pid=want_pid, also=also)
         for event in out[start:]:
             if event.mask & FAN_Q_OVERFLOW:
                 self.overflows += 1

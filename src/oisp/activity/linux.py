@@ -41,8 +41,14 @@ Deliver = Callable[[Any, list[Event], int], bool]
 
 #: longest a source's thread waits for its descriptor before it moves its watermark on (idle sources)
 IDLE_WAKE = 0.02
+#: shortest time between two passes of the reader (seconds): what events may wait to be read together
+MIN_PASS = 0.005
 #: longest an exec whose executable /proc no longer showed waits for the file source's FAN_OPEN_EXEC (ns)
 HOLD_NS = 200_000_000
+#: records of processes out of scope kept for an agent learned late (its AI call reported after its first effects)
+RECENT = 8192
+#: how far back an agent learned late is replayed when the AI event does not say when the call was made (ns)
+REPLAY_NS = 2_000_000_000
 
 
 class ProcessTable:
@@ -115,6 +121,25 @@ class LinuxSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
+        #: (agent pid, since) of agents learned since the last pass (appended from the event loop)
+        self._replays: deque[tuple[int, int]] = deque()
+
+    def replay(self, agent: int, since: int) -> None:
+        """``agent`` was just learned: at the next pass, emit what it and the processes it started did since
+        ``since`` (monotonic ns) before this was known (thread-safe)."""
+        self._replays.append((agent, since))
+
+    def _replay(self, out: list[Event]) -> None:
+        processes, files = self.processes, self.files
+        while self._replays:
+            agent, since = self._replays.popleft()
+            tree = processes.tree_since(agent, since) if processes is not None else {agent}
+            if files is not None:
+                files.replay(agent, tree, since, out, exec_opens=True)
+            if processes is not None:
+                processes.replay(agent, tree, since, out)
+            if files is not None:
+                files.replay(agent, tree, since, out, exec_opens=False)
 
     def start(self) -> None:
         """Start the reader thread."""
@@ -128,10 +153,17 @@ class LinuxSource:
                 poller.register(reader.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         processes, files = self.processes, self.files
+        last = 0.0
         while not self._stop.is_set():
             poller.poll(IDLE_WAKE * 1000)
+            # pace the passes: events arriving meanwhile wait in the kernel's queues and are read together
+            # (fanotify sees every open on the machine; a pass per event would cost more than the events)
+            pause = last + MIN_PASS - time.monotonic()
+            if pause > 0 and self._stop.wait(pause):
+                break
             if self._stop.is_set():
                 break
+            last = time.monotonic()
             mark = time.monotonic_ns()
             events: list[Event] = []
             try:
@@ -142,6 +174,8 @@ class LinuxSource:
                     processes.drain(events)
                 if files is not None:
                     files.decode(raw, events)
+                if self._replays:
+                    self._replay(events)
                 if processes is not None:
                     processes.finish(events, files_read=files is not None)
                     floor = processes.floor()
@@ -192,6 +226,8 @@ class ProcessReader:
         self._held: deque[tuple[cn_proc.ProcEvent, Any, int]] = deque()
         self._held_pids: dict[int, int] = {}
         self._files_read = False
+        #: recent records of processes out of scope, for an agent learned late (:meth:`replay`)
+        self._recent: deque[cn_proc.ProcEvent] = deque(maxlen=RECENT)
 
     def fileno(self) -> int:
         return self._connector.fileno()
@@ -237,6 +273,7 @@ class ProcessReader:
         if isinstance(record, cn_proc.ForkEvent):
             scope.on_fork(record.parent, record.child)
             if record.child == self._self or not scope.in_scope(record.child):
+                self._recent.append(record)
                 return
             agent = scope.agent_of(record.child)
             if agent == record.child or not self._admit(agent):
@@ -245,6 +282,7 @@ class ProcessReader:
         elif isinstance(record, cn_proc.ExecEvent):
             pid = record.pid
             if not scope.in_scope(pid) and not self._settings.include_exe:
+                self._recent.append(record)
                 return
             snap = read_process(pid)
             if snap.exe:
@@ -271,8 +309,43 @@ class ProcessReader:
         scope.on_exit(pid)
         if pid == self._self or not in_scope:
             self._table.pop(pid)
+            self._recent.append(record)
             return
         self._then(record, agent, out, pid)
+
+    # an agent learned late ----------------------------------------------------------------------
+    def tree_since(self, agent: int, since: int) -> set[int]:
+        """The pids ``agent`` forked (and they forked) since ``since``, from the recent out-of-scope records."""
+        tree = {agent}
+        for record in self._recent:
+            if isinstance(record, cn_proc.ForkEvent) and record.timestamp_ns >= since and record.parent in tree:
+                tree.add(record.child)
+        return tree
+
+    def replay(self, agent: int, tree: set[int], since: int, out: list[Event]) -> None:
+        """Emit what the processes of ``tree`` did since ``since`` while they were not known to be in scope
+        (the AI call that made ``agent`` an agent was reported after its first effects were read)."""
+        kept: deque[cn_proc.ProcEvent] = deque(maxlen=RECENT)
+        scope = self._scope
+        for record in self._recent:
+            if record.timestamp_ns < since or not _of_tree(record, tree):
+                kept.append(record)
+                continue
+            try:
+                if isinstance(record, cn_proc.ForkEvent):
+                    scope.on_fork(record.parent, record.child)
+                    self._build(record, agent, out)
+                elif isinstance(record, cn_proc.ExecEvent):
+                    snap = read_process(record.pid)
+                    if snap.exe:
+                        scope.on_exec(record.pid, snap.exe)
+                    self._build(record, (snap, agent), out)
+                else:
+                    scope.on_exit(record.pid)
+                    self._build(record, agent, out)
+            except Exception:
+                log.exception("activity: replaying %r", record)
+        self._recent = kept
 
     def _then(self, record: cn_proc.ProcEvent, state: Any, out: list[Event], pid: int) -> None:
         if pid in self._held_pids:
@@ -358,6 +431,12 @@ class ProcessReader:
         self._connector.close()
 
 
+def _of_tree(record: cn_proc.ProcEvent, tree: set[int]) -> bool:
+    if isinstance(record, cn_proc.ForkEvent):
+        return record.parent in tree
+    return record.pid in tree
+
+
 _LOADERS = ("ld-linux", "ld-musl", "ld.so", "ld64.so")
 
 
@@ -371,6 +450,11 @@ def _exe_of(opened: list[str]) -> tuple[str, str | None]:
 
 
 _WRITE_MASK = fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE | fanotify.FAN_RENAME \
+    | fanotify.FAN_OPEN_EXEC
+
+
+#: file events kept for an agent learned late (not plain opens: every open on the machine is one)
+_EFFECTS = fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE | fanotify.FAN_RENAME \
     | fanotify.FAN_OPEN_EXEC
 
 
@@ -407,6 +491,8 @@ class FileReader:
         self._created: OrderedDict[str, None] = OrderedDict()
         self._self = os.getpid()
         self._records: list[fanotify.FanEvent] = []
+        #: recent effects of processes out of scope (read time, record), for an agent learned late
+        self._recent: deque[tuple[int, fanotify.FanEvent]] = deque(maxlen=RECENT)
 
     @property
     def mode(self) -> str:
@@ -430,10 +516,14 @@ class FileReader:
         now = time.monotonic_ns()
         for buf in raw:
             records.clear()
-            self._group.parse(buf, records, self._wanted)
+            self._group.parse(buf, records, self._wanted, _EFFECTS)
             self._stats.file_records += len(records)
             for record in records:
                 if record.mask & fanotify.FAN_Q_OVERFLOW:
+                    continue
+                if not self._wanted(record.pid):
+                    if record.pid != self._self:
+                        self._recent.append((now, record))
                     continue
                 try:
                     self._handle(record, now, out)
@@ -443,11 +533,34 @@ class FileReader:
         if self._group.overflows != before:
             log.warning("activity: the kernel's fanotify queue overflowed: file events were lost")
 
-    def _handle(self, record: fanotify.FanEvent, now: int, out: list[Event]) -> None:
+    def replay(self, agent: int, tree: set[int], since: int, out: list[Event], *, exec_opens: bool) -> None:
+        """Emit the effects of ``tree`` read since ``since`` while it was not known to be in scope (with
+        ``exec_opens``, only note the files opened for exec, for the process records replayed next)."""
+        kept: deque[tuple[int, fanotify.FanEvent]] = deque(maxlen=RECENT)
+        for read_at, record in self._recent:
+            opens_exec = bool(record.mask & fanotify.FAN_OPEN_EXEC)
+            if read_at < since or record.pid not in tree or (exec_opens and not opens_exec):
+                kept.append((read_at, record))
+                continue
+            try:
+                if exec_opens:
+                    if record.dfid_name is not None:
+                        path = self._group.path_of(record.dfid_name)
+                        if path is not None:
+                            self._table.note_exec_open(record.pid, path)
+                    kept.append((read_at, record._replace(mask=record.mask & ~fanotify.FAN_OPEN_EXEC)))
+                else:
+                    self._handle(record, read_at, out, agent=agent)
+            except Exception:
+                log.exception("activity: replaying %r", record)
+        self._recent = kept
+
+    def _handle(self, record: fanotify.FanEvent, now: int, out: list[Event], *, agent: int | None = None) -> None:
         mask = record.mask
-        agent = self._scope.agent_of(record.pid)
-        if not self._admit(agent):
-            return
+        if agent is None:
+            agent = self._scope.agent_of(record.pid)
+            if not self._admit(agent):
+                return
         group = self._group
         clock = self._clock
         if mask & fanotify.FAN_RENAME:

@@ -94,9 +94,20 @@ class Activity:
         self._table: Any = None
 
     # scope ---------------------------------------------------------------------------------------
-    def add_agent(self, pid: int, *, exe: str | None = None) -> None:
-        """``pid`` made an AI call: observe it and the processes it starts from now on."""
+    def add_agent(self, pid: int, *, exe: str | None = None, since_ns: int | None = None) -> None:
+        """``pid`` made an AI call (at ``since_ns``, monotonic, when known): observe it and the processes it
+        starts from then on. What it did between the call and now, while it was not known to be an agent, is
+        emitted too where the kernel's records are still at hand (the last 8,192 records of processes out of
+        scope; without ``since_ns``, the last 2 seconds)."""
+        if self.scope.agent_of(pid) is not None:
+            return
         self.scope.add_agent(pid, exe=exe)
+        if self.scope.agent_of(pid) != pid:
+            return
+        for source in self._sources:
+            replay = getattr(source, "replay", None)
+            if replay is not None:
+                replay(pid, since_ns if since_ns is not None else time.monotonic_ns() - 2_000_000_000)
 
     def watch_pipeline(self, pipeline: Any) -> None:
         """Learn agents from a :class:`~oisp.Pipeline`'s processed events: any ``ai.*`` or ``network.connect``
@@ -112,7 +123,7 @@ class Activity:
         if process is not None and process.pid:
             if kind == "network.connect" and (event.attrs or {}).get("oisp.provider") is None:
                 return  # a connection to something that is not an AI endpoint
-            self.scope.add_agent(process.pid, exe=process.exe)
+            self.add_agent(process.pid, exe=process.exe, since_ns=event.ts_mono)
 
     # lifecycle -----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -197,6 +208,10 @@ class Activity:
         """From a source's thread: emit ``events`` in the event loop, then move the source's watermark."""
         if self._token is None:
             return False
+        if not events:  # nothing to emit: the watermark moves on without a trip to the event loop
+            if self._marks.get(source.name, 0) < mark:
+                self._marks[source.name] = mark
+            return not self._closing
         try:
             anyio.from_thread.run_sync(self._emit_batch, source.name, events, mark, token=self._token)
         except (RuntimeError, anyio.RunFinishedError) as exc:
