@@ -94,3 +94,29 @@ def test_link_hold_ms_is_read_from_the_activity_table() -> None:
         parse_config({"activity": {"link_hold_ms": -1}})
     with pytest.raises(ValueError):
         LinkingStage(hold_ms=-1)
+
+
+def test_the_watermark_counts_once_the_pipeline_took_the_events_emitted_before_it() -> None:
+    from oisp.activity.link_stage import FedWatermark
+    from oisp.pipeline import PipelineStats
+
+    class Source:
+        mark = 0
+
+        def watermark_ns(self) -> int:
+            return self.mark
+
+    class Queue:
+        stats = PipelineStats()
+
+    queue, source = Queue(), Source()
+    watermark = FedWatermark(queue, source)
+    queue.stats.emitted, queue.stats.processed, source.mark = 5, 5, 100
+    assert watermark() == 100  # everything emitted was taken
+    # The source emits 3 events (still queued) and moves its watermark to 200.
+    queue.stats.emitted, source.mark = 8, 200
+    assert watermark() == 100
+    queue.stats.processed = 7
+    assert watermark() == 100
+    queue.stats.processed, queue.stats.dropped_ingress = 7, 1  # the last one was dropped: taken all the same
+    assert watermark() == 200

@@ -9,13 +9,14 @@ It gives the sans-io linker its clock (``time.monotonic_ns``, the clock of the k
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from oisp.activity.linking import Linker
 from oisp.events import Event
 
-__all__ = ["LinkingStage", "link_activity"]
+__all__ = ["FedWatermark", "LinkingStage", "link_activity"]
 
 
 class _Observer(Protocol):
@@ -68,12 +69,42 @@ class LinkingStage:
 
 
 
+
+class FedWatermark:
+    """The activity watermark as far as the pipeline has *taken in* the events: the activity emits a batch into
+    the pipeline's queue and then moves its watermark, so a stage reading the watermark directly could believe
+    events still waiting in the queue behind the one it is fed had already come. A watermark read after ``n``
+    events were emitted counts once the pipeline has taken ``n`` events (processed, failed or dropped)."""
+
+    def __init__(self, pipeline: Any, activity: _Observer) -> None:
+        self._pipeline = pipeline
+        self._activity = activity
+        #: (events emitted when read, watermark read), oldest first; one entry per emitted count.
+        self._samples: deque[tuple[int, int]] = deque()
+        self._committed: int | None = None
+
+    def __call__(self) -> int | None:
+        stats = self._pipeline.stats
+        emitted = stats.emitted
+        mark = self._activity.watermark_ns()
+        samples = self._samples
+        if samples and samples[-1][0] == emitted:
+            samples[-1] = (emitted, max(mark, samples[-1][1]))
+        else:
+            samples.append((emitted, mark))
+        taken = stats.processed + stats.failed_processing + stats.dropped_ingress
+        while samples and samples[0][0] <= taken:
+            _, value = samples.popleft()
+            self._committed = value if self._committed is None else max(self._committed, value)
+        return self._committed
+
+
 def link_activity(pipeline: Any, activity: _Observer | None, *, hold_ms: float = 250.0) -> LinkingStage | None:
     """Link ``activity``'s events to the tool calls in ``pipeline`` (an :class:`~oisp.pipeline.Pipeline` the
     activity emits into and learns agents from): add a :class:`LinkingStage` on the activity's watermark. Without
     activity (None), nothing is added and the pipeline runs as before."""
     if activity is None:
         return None
-    stage = LinkingStage(watermark=activity.watermark_ns, hold_ms=hold_ms)
+    stage = LinkingStage(watermark=FedWatermark(pipeline, activity), hold_ms=hold_ms)
     pipeline.add_stage(stage)
     return stage
