@@ -248,3 +248,101 @@ def test_a_sinks_own_counters_are_reported_and_a_failing_stats_costs_nothing() -
     assert pipeline.stats.sinks["broken"].reported == {} and pipeline.stats.sinks["broken"].delivered == 30
     assert pipeline.stats.sinks["plain"].reported == {}
     assert pipeline.summary()["sinks"]["counting"]["reported"] == {"seen": 30, "closed": 1}
+
+
+class HoldingStage:
+    """Holds every event until polled (a made-up event goes with the first), or until the flush at close."""
+
+    def __init__(self, wakeup: float | None) -> None:
+        self.wakeup = wakeup
+        self.held: list[Event] = []
+        self.polls = 0
+
+    def feed(self, event: Event) -> list[Event]:
+        self.held.append(event)
+        return []
+
+    def poll(self) -> list[Event]:
+        self.polls += 1
+        out = [e.with_context(attrs={**(e.attrs or {}), "stage": "poll"}) for e in self.held]
+        if self.held:
+            out.append(request(99, f"made by the stage {KEY}"))
+        self.held = []
+        return out
+
+    def next_wakeup(self) -> float | None:
+        return self.wakeup if self.held else None
+
+    def flush(self) -> list[Event]:
+        out = [e.with_context(attrs={**(e.attrs or {}), "stage": "flush"}) for e in self.held]
+        self.held = []
+        return out
+
+
+def test_a_stage_holds_events_until_polled_and_its_events_are_processed() -> None:
+    sink = MemorySink()
+    seen: list[Event] = []
+    stage = HoldingStage(wakeup=0.001)
+
+    async def main() -> None:
+        both = anyio.Event()
+
+        def listen(event: Event) -> None:
+            seen.append(event)
+            if len(seen) == 2:
+                both.set()
+
+        async with Pipeline({"s": sink}, stages=[stage], host=Host(hostname="box")) as pipeline:
+            pipeline.add_listener(listen)
+            pipeline.emit(request(1))
+            with anyio.fail_after(5):
+                await both.wait()  # released by the poll while the pipeline runs, not by the close
+
+    anyio.run(main)
+    assert [e.attrs.get("stage") if e.attrs else None for e in sink.events] == ["poll", None]
+    made = sink.events[1]
+    assert made.host == Host(hostname="box") and KEY not in made.to_json()  # processed: enriched and redacted
+    assert [e.event_id for e in seen] == [e.event_id for e in sink.events]
+    assert stage.polls >= 1
+
+
+def test_events_a_stage_holds_are_flushed_at_close_through_the_later_stages() -> None:
+    sink = MemorySink()
+    first, second = HoldingStage(wakeup=None), HoldingStage(wakeup=None)
+
+    async def main() -> None:
+        async with Pipeline({"s": sink}, stages=[first]) as pipeline:
+            pipeline.add_stage(second)
+            for i in range(3):
+                pipeline.emit(request(i))
+
+    anyio.run(main)
+    assert [e.data.request_id for e in sink.events] == ["r0", "r1", "r2"]  # type: ignore[attr-defined]
+    assert all(e.attrs and e.attrs["stage"] == "flush" for e in sink.events)
+    assert first.polls == second.polls == 0
+
+
+class BrokenStage:
+    def feed(self, event: Event) -> list[Event]:
+        raise RuntimeError("bug")
+
+    def poll(self) -> list[Event]:
+        return []
+
+    def next_wakeup(self) -> float | None:
+        return None
+
+    def flush(self) -> list[Event]:
+        raise RuntimeError("bug")
+
+
+def test_a_failing_stage_lets_events_pass(caplog: pytest.LogCaptureFixture) -> None:
+    sink = MemorySink()
+
+    async def main() -> None:
+        async with Pipeline({"s": sink}, stages=[BrokenStage()]) as pipeline:
+            pipeline.emit(request(1))
+
+    anyio.run(main)
+    assert [e.data.request_id for e in sink.events] == ["r1"]  # type: ignore[attr-defined]
+    assert "pipeline stage" in caplog.text

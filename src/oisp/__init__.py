@@ -2,8 +2,8 @@
 
 The public API is what this module exports; everything under a leading underscore is private. The composable
 parts (:class:`MitmProxy`, :class:`Interceptor`, :class:`Attributor`, :class:`Decoder`, :class:`EventDecoder`,
-:class:`DecoderProcess`, :class:`Pipeline`, :class:`CertificateAuthority`) are imported on first use, so
-``import oisp`` stays cheap for plugins and scripts that only need events.
+:class:`DecoderProcess`, :class:`Pipeline`, :class:`CertificateAuthority`, :class:`Activity`) are imported on
+first use, so ``import oisp`` stays cheap for plugins and scripts that only need events.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from oisp.events import Event
 from oisp.hookspecs import ExchangeDecoder, Sink, SinkFactory, hookimpl
 
 if TYPE_CHECKING:
+    from oisp.activity import Activity, ActivitySettings, AgentScope
     from oisp.attribution import Attribution, Attributor
     from oisp.capture import AICapture, capture_ai
     from oisp.config import Config
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it (imported when the name is first used).
 _LAZY = {
+    "Activity": "oisp.activity",
+    "ActivitySettings": "oisp.activity",
+    "AgentScope": "oisp.activity",
     "AICapture": "oisp.capture",
     "capture_ai": "oisp.capture",
     "Attribution": "oisp.attribution",
@@ -85,6 +89,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AICapture",
+    "Activity",
+    "ActivitySettings",
+    "AgentScope",
     "Attribution",
     "Attributor",
     "Call",

@@ -36,6 +36,10 @@ is allowed. Command-line flags override the file. Example::
     enabled = true                 # costs in USD, from the prices oisp ships
     bundle = "/path/to/oisp-spec/bundle.json"   # optional: a newer bundle's prices instead
 
+    [activity]
+    enabled = true                 # processes and files of AI-calling programs (default: on in transparent mode)
+    scope = "agents"               # agents (AI-calling processes and their descendants) | all (rate-limited)
+
     [ca]
     name_constrained = true        # the CA can only vouch for AI endpoints
     extra_domains = ["llm.corp.example"]
@@ -63,6 +67,7 @@ MODES = ("explicit", "reverse", "transparent")
 PROFILES = ("default", "metadata-only")
 DECODERS = ("process", "inline")
 DECODER_CPUS = ("last", "any")
+ACTIVITY_SCOPES = ("agents", "all")
 
 
 def default_config_path() -> Path:
@@ -123,6 +128,23 @@ class Config:
     ca_name_constrained: bool = False
     ca_extra_domains: tuple[str, ...] = ()
     sinks: tuple[Mapping[str, Any], ...] = ()
+    #: Observe agent activity (processes, files): True/False, or None for the mode's default (on in transparent).
+    activity: bool | None = None
+    activity_scope: str = "agents"
+    activity_include_exe: tuple[str, ...] = ()
+    activity_exclude_exe: tuple[str, ...] = ()
+    #: None: the default list (:data:`oisp.activity.settings.DEFAULT_SENSITIVE_PATHS`)
+    activity_sensitive_paths: tuple[str, ...] | None = None
+    activity_hash_files: bool = False
+    activity_rate_limit: int = 2000
+    #: Milliseconds an event may wait for what links it (a tool result for the kernel events before its request,
+    #: a kernel event for the other sources and the tool calls of its turn) when activity is on.
+    activity_link_hold_ms: float = 250.0
+
+    @property
+    def activity_enabled(self) -> bool:
+        """Whether agent activity is observed: ``[activity] enabled``, by default on in transparent mode."""
+        return self.activity if self.activity is not None else self.mode == "transparent"
 
 
 class _Table:
@@ -264,6 +286,17 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["ca_name_constrained"] = ca.boolean("name_constrained")
         values["ca_extra_domains"] = ca.strings("extra_domains")
         ca.finish()
+    activity = root.table("activity")
+    if activity is not None:
+        values["activity"] = activity.boolean("enabled")
+        values["activity_scope"] = activity.string("scope", choices=ACTIVITY_SCOPES)
+        values["activity_include_exe"] = activity.strings("include_exe")
+        values["activity_exclude_exe"] = activity.strings("exclude_exe")
+        values["activity_sensitive_paths"] = activity.strings("sensitive_paths")
+        values["activity_hash_files"] = activity.boolean("hash_files")
+        values["activity_rate_limit"] = activity.number("rate_limit", integer=True)
+        values["activity_link_hold_ms"] = activity.number("link_hold_ms", zero=True)
+        activity.finish()
     pricing = root.table("pricing")
     if pricing is not None:
         values["pricing"] = pricing.boolean("enabled")

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 import attrs
@@ -42,12 +42,40 @@ from oisp.events.spec_gaps import conform, map_values
 from oisp.hookspecs import Sink
 from oisp.redaction import SCANNED_KEYS, Redactor
 
-__all__ = ["SINK_HANDOFF_WAIT", "Enricher", "Pipeline", "PipelineStats", "SinkStats", "local_host"]
+__all__ = ["SINK_HANDOFF_WAIT", "Enricher", "Pipeline", "PipelineStats", "SinkStats", "Stage", "local_host"]
 
 logger = logging.getLogger(__name__)
 
 #: A step that takes an event and returns it, possibly with more context.
 Enricher = Callable[[Event], Event]
+
+
+class Stage(Protocol):
+    """A step between enrichment and redaction that may hold events back and emit others (the activity linker).
+
+    It is fed enriched events in order and returns the events to pass on now: the same ones, changed copies or
+    new ones; all of them are then redacted, conformed and encoded (once; the enrichers do not run again: an
+    event a stage makes gets the host, and what else it needs from the stage). Events it holds come back from
+    :meth:`poll`, which the pipeline calls once :meth:`next_wakeup` seconds have passed (:meth:`feed` may return
+    them too), and from :meth:`flush` when the pipeline closes. Runs in the event loop: it must be quick and
+    never block.
+    """
+
+    def feed(self, event: Event) -> list[Event]:
+        """Take one enriched event; return those to pass on now."""
+        ...
+
+    def poll(self) -> list[Event]:
+        """The held events whose wait is over."""
+        ...
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until :meth:`poll` is due (None: nothing held)."""
+        ...
+
+    def flush(self) -> list[Event]:
+        """Every event still held (the pipeline is closing)."""
+        ...
 
 _ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64", "i686": "i686",
          "i386": "i686", "x86": "i686"}
@@ -202,7 +230,9 @@ class Pipeline:
     order before redaction; by default the host context is added. ``redactor`` is on by default
     (``Redactor()``, the ``default`` profile); secrets never reach a sink. ``batch_size`` is the most events a sink
     gets at a time; ``flush_interval`` the longest an event waits for more to go with it (0: none);
-    ``sink_handoff_wait`` how long the event loop may block handing a batch to a sink's thread (see above).
+    ``sink_handoff_wait`` how long the event loop may block handing a batch to a sink's thread (see above);
+    ``stages`` (:class:`Stage`) run in order on enriched events, before redaction, the listeners and the sinks
+    (none by default, and then they cost nothing).
     """
 
     def __init__(
@@ -216,6 +246,7 @@ class Pipeline:
         batch_size: int = 256,
         flush_interval: float = 0.05,
         sink_handoff_wait: float = 0.0,
+        stages: Sequence[Stage] = (),
     ) -> None:
         if not 0 <= sink_handoff_wait <= 1:
             raise OispError(f"sink_handoff_wait ({sink_handoff_wait}) must be between 0 and 1 second")
@@ -244,6 +275,7 @@ class Pipeline:
         self._closed = False
         self._last_drop_log = 0.0
         self._listeners: list[Callable[[Event], None]] = []
+        self._stages: list[Stage] = list(stages)
         self._room = anyio.Event()
         #: Encodes each event once (for every sink and listener); shared context records are scanned for the
         #: redactor and encoded once per record.
@@ -302,6 +334,10 @@ class Pipeline:
         """Call ``listener`` (in the event loop, so it must be quick) with each processed event."""
         self._listeners.append(listener)
 
+    def add_stage(self, stage: Stage) -> None:
+        """Run ``stage`` on enriched events before redaction, after the stages already added."""
+        self._stages.append(stage)
+
     # lifecycle ----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         self._task_group = anyio.create_task_group()
@@ -336,6 +372,10 @@ class Pipeline:
         """
         for enrich in self._enrichers:
             event = enrich(event)
+        return self._redact_and_encode(event)
+
+    def _redact_and_encode(self, event: Event) -> Event:
+        """The steps of :meth:`process` after the enrichers: redaction, conformance, the JSON text."""
         redactor = self._redactor
         if type(redactor) is Redactor and redactor.profile == "default":
             processed = self._process_default(event, redactor)
@@ -376,10 +416,11 @@ class Pipeline:
         async with receive:
             while True:
                 try:
-                    event = await receive.receive()
+                    event = await (receive.receive() if not self._stages else self._receive_or_poll(receive))
                 except anyio.EndOfStream:
                     break
-                self._handle(event)
+                if event is not None:
+                    self._handle(event)
                 # What queued up meanwhile is taken without a trip through the event loop for each event
                 # (at most a batch of it, then the loop gets its turn again).
                 for _ in range(self._batch_size - 1):
@@ -393,21 +434,68 @@ class Pipeline:
                     if (lane.flush is not None
                             and lane.send.statistics().current_buffer_used + 1 >= self._flush_at):
                         lane.flush.set()
+        for index in range(len(self._stages)):
+            self._run_stages(index, self._stage_call(self._stages[index], "flush"))
         for lane in self._lanes:
             lane.send.close()
             if lane.flush is not None:
                 lane.flush.set()
 
-    def _handle(self, event: Event) -> None:
-        """Process one event and hand it to the listeners and every sink's queue."""
+    async def _receive_or_poll(self, receive: MemoryObjectReceiveStream[Event]) -> Event | None:
+        """The next event, or None after polling the stages when one of them is due first."""
+        waits = [wait for wait in (stage.next_wakeup() for stage in self._stages) if wait is not None]
+        if not waits:
+            return await receive.receive()
+        with anyio.move_on_after(max(0.0, min(waits))):
+            return await receive.receive()
+        for index, stage in enumerate(self._stages):
+            self._run_stages(index, self._stage_call(stage, "poll"))
+        return None
+
+    def _stage_call(self, stage: Stage, method: str, *args: Event) -> list[Event]:
         try:
-            processed = self.process(event)
+            return list(getattr(stage, method)(*args))
+        except Exception:
+            logger.exception("pipeline stage %r failed in %s", stage, method)
+            return list(args)  # the event passes on as it is: never lost to a failing stage
+
+    def _run_stages(self, first: int, events: list[Event]) -> None:
+        """Run ``events`` through the stages from ``first`` on, then redact, conform and encode them and hand them
+        to the listeners and sinks."""
+        for stage in self._stages[first + 1:]:
+            events = [out for event in events for out in self._stage_call(stage, "feed", event)]
+        for event in events:
+            try:
+                processed = self._redact_and_encode(self._add_host(event))
+            except Exception as exc:
+                self.stats.failed_processing += 1
+                logger.error("event %s (%s) could not be processed and was dropped: %s",
+                             event.event_id, event.event_type, exc, exc_info=True)
+                continue
+            self._dispatch(processed)
+
+    def _handle(self, event: Event) -> None:
+        """Process one event (with stages: enrich, run the stages, then the rest) and hand it to the listeners and
+        every sink's queue."""
+        try:
+            if self._stages:
+                for enrich in self._enrichers:
+                    event = enrich(event)
+            else:
+                processed = self.process(event)
         except Exception as exc:
             self.stats.failed_processing += 1
             logger.error("event %s (%s) could not be processed and was dropped: %s",
                          event.event_id, event.event_type, exc, exc_info=True)
             return
         self.stats.processed += 1
+        if self._stages:
+            self._run_stages(0, self._stage_call(self._stages[0], "feed", event))
+        else:
+            self._dispatch(processed)
+
+    def _dispatch(self, processed: Event) -> None:
+        """Hand a processed event to the listeners and every sink's queue."""
         for listener in self._listeners:
             try:
                 listener(processed)

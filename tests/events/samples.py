@@ -19,8 +19,11 @@ from oisp.events import (
     DnsAnswer,
     Endpoint,
     Event,
+    FileDelete,
     FileInfo,
     FileOpen,
+    FileRead,
+    FileRename,
     FileWrite,
     Message,
     ModelInfo,
@@ -29,6 +32,7 @@ from oisp.events import (
     ParentProcess,
     ProcessExec,
     ProcessExit,
+    ProcessFork,
     ProcessInfo,
     ProviderInfo,
     RelatedEvent,
@@ -203,6 +207,26 @@ def file_write() -> Event:
     )
 
 
+def process_fork() -> Event:
+    return Event.create(ProcessFork(child_pid=4243, is_thread=False),
+                        confidence=Confidence(level="high", completeness="full"), process=PROCESS)
+
+
+def file_read() -> Event:
+    return Event.create(FileRead(path="/home/dev/.ssh/id_ed25519", complete=True),
+                        confidence=Confidence(level="high", completeness="metadata_only"), process=PROCESS)
+
+
+def file_delete() -> Event:
+    return Event.create(FileDelete(path="/home/dev/agent/old.py"),
+                        confidence=Confidence(level="high", completeness="metadata_only"), process=PROCESS)
+
+
+def file_rename() -> Event:
+    return Event.create(FileRename(old_path="/home/dev/agent/a.py", new_path="/home/dev/agent/b.py"),
+                        confidence=Confidence(level="high", completeness="metadata_only"), process=PROCESS)
+
+
 ALL = {
     "ai.request": ai_request,
     "ai.response": ai_response,
@@ -216,4 +240,8 @@ ALL = {
     "process.exit": process_exit,
     "file.open": file_open,
     "file.write": file_write,
+    "process.fork": process_fork,
+    "file.read": file_read,
+    "file.delete": file_delete,
+    "file.rename": file_rename,
 }

@@ -214,7 +214,7 @@ def fuzz_providers(data: bytes) -> None:
     global _EVENT_DECODER
     if len(data) < 3:
         return
-    from oisp.decoder import EventDecoder
+    from oisp.event_decoder import EventDecoder
     from oisp.plugins import create_plugin_manager
 
     if _EVENT_DECODER is None:

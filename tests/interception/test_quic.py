@@ -11,7 +11,7 @@ import pytest
 from tests.interception.packets import tcp_packet
 from tests.oisp_schema import SchemaValidator
 
-from oisp.decoder import network_connect_event
+from oisp.event_decoder import network_connect_event
 from oisp.interception._filter import build_filter
 from oisp.interception.quic import QuicAttempt, QuicGuard, QuicReporter, pid_owning, udp_flow, udp_socket_inode
 

@@ -66,6 +66,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     run.add_argument("--remove-endpoint", action="append", metavar="HOST", help="do not intercept HOST")
     run.add_argument("--interface", action="append", metavar="NAME",
                      help="transparent mode: divert on this interface (repeatable; default: the real interfaces)")
+    run.add_argument("--activity", action=argparse.BooleanOptionalAction, default=None,
+                     help="observe the processes and files of AI-calling programs (default: on in transparent mode)")
     run.add_argument("--name-constrained-ca", action="store_true", default=None,
                      help="use a CA that can only vouch for the AI endpoints (install it instead of the full one)")
 
@@ -107,7 +109,7 @@ def _config_with_flags(args: argparse.Namespace) -> Config:
                         ("upstream_ca", "upstream_ca"), ("insecure_upstream", "upstream_insecure"),
                         ("reverse_target", "reverse_target"), ("redaction", "redaction_profile"),
                         ("body_cap", "body_cap"), ("pricing", "pricing_bundle"), ("decoder", "decoder"),
-                        ("name_constrained_ca", "ca_name_constrained")):
+                        ("name_constrained_ca", "ca_name_constrained"), ("activity", "activity")):
         value = getattr(args, flag, None)
         if value is not None:
             changes[field] = value

@@ -14,6 +14,8 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
+from oisp.activity.link_stage import link_activity
+from oisp.activity.runner import activity_for
 from oisp.attribution import Attributor
 from oisp.config import Config
 from oisp.decode_setup import build_event_decoder, build_pipeline, build_sinks
@@ -160,7 +162,8 @@ async def run(
         pipeline = build_pipeline(plugins, config, extra_sinks)
         if on_event is not None:
             pipeline.add_listener(on_event)
-        async with pipeline:
+        async with pipeline, activity_for(config, pipeline) as activity:
+            link_activity(pipeline, activity, hold_ms=config.activity_link_hold_ms)
             proxy = await serve(build_event_decoder(plugins, config, pipeline.emit), pipeline, None)
         summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
     logger.info("oisp stopped: %d connections, %d events emitted, %d dropped", proxy.stats.connections,

@@ -82,8 +82,9 @@ def target_account(configured: str | None, environ: Mapping[str, str] | None = N
 
 #: Packages whose modules the decoder process may import on demand (a provider's decoder, a content coding):
 #: imported before the drop, since the unprivileged user may not be able to read them (a checkout under /root).
-_PRELOAD_PACKAGES = ("oisp.http", "oisp.framing", "oisp.providers", "oisp.events", "oisp.sinks")
-_PRELOAD_MODULES = ("oisp.conversation", "oisp.decoder", "oisp.redaction", "gzip", "zlib", "bz2", "lzma", "json",
+_PRELOAD_PACKAGES = ("oisp.http", "oisp.framing", "oisp.providers", "oisp.provider_kit", "oisp.activity", "oisp.events",
+                     "oisp.sinks")
+_PRELOAD_MODULES = ("oisp.conversation", "oisp.event_decoder", "oisp.redaction", "gzip", "zlib", "bz2", "lzma", "json",
                     "base64", "uuid", "encodings.idna", "encodings.latin_1", "encodings.ascii", "unicodedata",
                     "brotli", "brotlicffi", "zstandard", "compression.zstd", "backports.zstd", "h11._abnf")
 

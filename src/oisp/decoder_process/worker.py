@@ -96,6 +96,8 @@ def _configure_logging(settings: WorkerSettings) -> None:
 
 
 async def _serve(sock: socket.socket) -> None:
+    from oisp.activity.link_stage import link_activity
+    from oisp.activity.runner import activity_for
     from oisp.decode_setup import build_event_decoder, build_pipeline
     from oisp.http.passive import make_decoder
     from oisp.plugins import create_plugin_manager
@@ -130,7 +132,8 @@ async def _serve(sock: socket.socket) -> None:
 
             pipeline.add_listener(forward)
         connections: dict[int, CopyDispatcher] = {}
-        async with pipeline:
+        async with pipeline, activity_for(settings.config, pipeline) as activity:
+            link_activity(pipeline, activity, hold_ms=settings.config.activity_link_hold_ms)
             decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
             channel.send(Kind.READY, 0, force=True)
             gc.freeze()  # what start-up made lives as long as the process: keep collections short

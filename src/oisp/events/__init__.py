@@ -48,9 +48,9 @@ from oisp.events.envelope import (
     new_event_id,
     parse_ts,
 )
-from oisp.events.file import FileInfo, FileOpen, FileWrite
+from oisp.events.file import FileDelete, FileInfo, FileOpen, FileRead, FileRename, FileWrite
 from oisp.events.network import CertificateInfo, DnsAnswer, Endpoint, NetworkConnect, NetworkDns, TlsInfo
-from oisp.events.process import ProcessExec, ProcessExit
+from oisp.events.process import ProcessExec, ProcessExit, ProcessFork
 
 __all__ = [
     "OISP_VERSION",
@@ -75,8 +75,11 @@ __all__ = [
     "Endpoint",
     "Event",
     "EventEncoder",
+    "FileDelete",
     "FileInfo",
     "FileOpen",
+    "FileRead",
+    "FileRename",
     "FileWrite",
     "Host",
     "Message",
@@ -86,6 +89,7 @@ __all__ = [
     "ParentProcess",
     "ProcessExec",
     "ProcessExit",
+    "ProcessFork",
     "ProcessInfo",
     "ProviderInfo",
     "Record",

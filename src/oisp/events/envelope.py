@@ -31,9 +31,9 @@ from oisp.events.context import (
     TraceContext,
     WebContext,
 )
-from oisp.events.file import FileOpen, FileWrite
+from oisp.events.file import FileDelete, FileOpen, FileRead, FileRename, FileWrite
 from oisp.events.network import NetworkConnect, NetworkDns
-from oisp.events.process import ProcessExec, ProcessExit
+from oisp.events.process import ProcessExec, ProcessExit, ProcessFork
 
 __all__ = ["OISP_VERSION", "PAYLOAD_TYPES", "Event", "UnknownPayload", "format_ts", "new_event_id", "parse_ts"]
 
@@ -62,8 +62,12 @@ PAYLOAD_TYPES: Mapping[str, type[Record]] = {
     "network.dns": NetworkDns,
     "process.exec": ProcessExec,
     "process.exit": ProcessExit,
+    "process.fork": ProcessFork,
     "file.open": FileOpen,
+    "file.read": FileRead,
     "file.write": FileWrite,
+    "file.delete": FileDelete,
+    "file.rename": FileRename,
 }
 _EVENT_TYPE_OF = {payload: name for name, payload in PAYLOAD_TYPES.items()}
 

@@ -8,7 +8,7 @@ import attrs
 
 from oisp.events._record import Record, extra_field
 
-__all__ = ["FileInfo", "FileOpen", "FileWrite"]
+__all__ = ["FileDelete", "FileInfo", "FileOpen", "FileRead", "FileRename", "FileWrite"]
 
 
 @attrs.frozen(kw_only=True)
@@ -56,4 +56,39 @@ class FileWrite(Record):
     content_hash: str | None = None
     content_preview: str | None = None
     detected_type: str | None = None
+    extra: dict[str, Any] = extra_field()
+
+
+@attrs.frozen(kw_only=True)
+class FileRead(Record):
+    """``file.read``: a file was read."""
+
+    path: str
+    bytes_read: int | None = None
+    offset: int | None = None
+    complete: bool | None = None
+    file: FileInfo | None = None
+    content_hash: str | None = None
+    content_preview: str | None = None
+    extra: dict[str, Any] = extra_field()
+
+
+@attrs.frozen(kw_only=True)
+class FileDelete(Record):
+    """``file.delete``: a file was deleted."""
+
+    path: str
+    file: FileInfo | None = None
+    recursive: bool | None = None
+    extra: dict[str, Any] = extra_field()
+
+
+@attrs.frozen(kw_only=True)
+class FileRename(Record):
+    """``file.rename``: a file was renamed or moved."""
+
+    old_path: str
+    new_path: str
+    overwrote: bool | None = None
+    file: FileInfo | None = None
     extra: dict[str, Any] = extra_field()

@@ -8,7 +8,7 @@ import attrs
 
 from oisp.events._record import Record, extra_field
 
-__all__ = ["ProcessExec", "ProcessExit"]
+__all__ = ["ProcessExec", "ProcessExit", "ProcessFork"]
 
 
 @attrs.frozen(kw_only=True)
@@ -41,4 +41,14 @@ class ProcessExit(Record):
     cpu_system_ms: int | None = None
     max_rss_kb: int | None = None
     termination_type: str | None = None
+    extra: dict[str, Any] = extra_field()
+
+
+@attrs.frozen(kw_only=True)
+class ProcessFork(Record):
+    """``process.fork``: a process created a child (the envelope's ``process`` is the parent)."""
+
+    child_pid: int
+    clone_flags: int | None = None
+    is_thread: bool | None = None
     extra: dict[str, Any] = extra_field()
