@@ -9,6 +9,7 @@ import signal
 import ssl
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -67,6 +68,11 @@ def test_run_exports_to_a_webhook_and_reports_what_arrived(tmp_path: Path, upstr
                                                            decoder: str) -> None:
     """The webhook sink as a user configures it: built in the decoder process (or inline), events signed and
     delivered to an HTTPS receiver, its counters in the summary printed at exit."""
+    # as root, the decoder process runs as nobody: its spool must be somewhere nobody can reach (not under
+    # pytest's private directory)
+    reachable = Path(tempfile.mkdtemp(prefix="oisp-webhook-"))
+    reachable.chmod(0o755)
+    spool = reachable / "spool"
     with Receiver(tmp_path, secret="run-secret") as receiver:
         receiver.start()
         config = tmp_path / "oisp.toml"
@@ -82,7 +88,7 @@ kind = "webhook"
 url = "{receiver.url}"
 secret = "run-secret"
 ca_file = "{receiver.ca_file}"
-spool_dir = "{tmp_path / 'spool'}"
+spool_dir = "{spool}"
 ''')
         oisp = OispProcess(["run", "--config", str(config), "--stdout", "none", "--decoder", decoder])
         with _client(oisp.address, tmp_path / "conf") as client:
@@ -96,6 +102,7 @@ spool_dir = "{tmp_path / 'spool'}"
     assert "Traceback" not in stderr and receiver.bad_signatures == 0
     count = len(receiver.events)
     assert f"oisp: sink webhook: spooled {count}, delivered {count}, dropped 0, rejected 0" in stderr
+    shutil.rmtree(reachable)
 
 
 def test_run_exports_to_kafka(tmp_path: Path, upstream: RunningUpstream) -> None:

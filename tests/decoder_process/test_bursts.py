@@ -20,6 +20,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.mark.timeout(400)  # 20,000 events through the decoder process: about 10 s on an idle machine
 async def test_ten_thousand_pipelined_exchanges_in_one_batch_are_all_events(tmp_path: Path) -> None:
     count = 10_000
     out = tmp_path / "events.jsonl"

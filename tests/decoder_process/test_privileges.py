@@ -96,3 +96,30 @@ async def test_a_decoder_process_that_could_read_the_ca_key_does_not_start(tmp_p
         with pytest.raises(PrivilegeError, match="can read .*readable-key.pem"):
             async with DecoderProcess(config, protected_paths=(key,)):
                 pass
+
+
+@root_only
+@pytest.mark.anyio
+async def test_a_sink_thread_started_before_the_drop_is_unprivileged_too(tmp_path: Path) -> None:
+    """The webhook sink starts its delivery thread when it is built, before the drop: no_new_privs and the
+    capability bounding set are per thread, so they must already be in place then."""
+    with tempfile.TemporaryDirectory() as reachable:
+        os.chmod(reachable, 0o755)  # noqa: S103 - the decoder process's user must be able to enter it
+        spool = Path(reachable) / "spool"
+        config = Config(sinks=({"kind": "webhook", "url": "https://127.0.0.1:9/", "spool_dir": str(spool)},),
+                        decoder_user="nobody")
+        async with DecoderProcess(config) as decoder:
+            assert decoder.pid is not None
+            assert len(list(Path(f"/proc/{decoder.pid}/task").iterdir())) > 1  # the delivery thread is there
+            _assert_unprivileged(decoder.pid, _nobody().pw_uid)
+        assert spool.stat().st_uid == _nobody().pw_uid
+
+
+@root_only
+@pytest.mark.anyio
+async def test_a_spool_the_user_cannot_reach_fails_the_start_clearly(tmp_path: Path) -> None:
+    config = Config(sinks=({"kind": "webhook", "url": "https://127.0.0.1:9/", "spool_dir": str(tmp_path / "s")},),
+                    decoder_user="nobody")  # tmp_path is under pytest's private (0700) directory
+    with pytest.raises(PrivilegeError, match="out of reach of the decoder process's user nobody"):
+        async with DecoderProcess(config):
+            pass

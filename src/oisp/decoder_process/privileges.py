@@ -1,11 +1,12 @@
 """The decoder process gives up its privileges: it parses bytes from the network and runs third-party plugins, so
 when oisp runs as root (transparent mode, activity), it must not.
 
-Once its sinks are open (and before it reads a single copy), a decoder process started as root (POSIX) becomes
-an unprivileged user: ``decoder_user`` when configured, else the user who ran ``sudo`` (``SUDO_UID`` and
-``SUDO_GID``), else ``nobody``. It sets ``no_new_privs`` (Linux: no set-user-id program can give privileges
-back), empties its capability bounding set and ambient set, drops supplementary groups, sets its real, effective
-and saved group and user ids (the kernel clears its permitted and effective capabilities with the last of them),
+A decoder process started as root (POSIX) becomes an unprivileged user: ``decoder_user`` when configured, else
+the user who ran ``sudo`` (``SUDO_UID`` and ``SUDO_GID``), else ``nobody``. First, while it has a single thread
+(these settings are per thread, inherited by threads started later), it sets ``no_new_privs`` (Linux: no
+set-user-id program can give privileges back) and empties its capability bounding and ambient sets. Once its
+sinks are open (and before it reads a single copy), it drops supplementary groups and sets its real, effective
+and saved group and user ids in every thread (the kernel clears the permitted and effective capabilities),
 checks all of it in ``/proc/self/status`` for every thread, and checks that it can no longer read the files it
 is told to protect (the CA key). Anything that does not hold stops the start with a clear error: a decoder
 process never runs privileged by accident.
@@ -21,6 +22,7 @@ import errno
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import attrs
 from oisp.errors import OispError
 
 __all__ = ["Account", "PrivilegeError", "drop_privileges", "hand_over", "preload", "process_status",
-           "target_account"]
+           "restrict_new_privileges", "target_account"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +111,13 @@ def preload() -> None:
                 logger.debug("preloading %s: %s", module.name, exc)
 
 
-def hand_over(sinks: Mapping[str, object], account: Account) -> None:
+def hand_over(sinks: Mapping[str, object], account: Account) -> list[tuple[str, Path]]:
     """Before the drop: give ``account`` what the sinks write into after starting (a sink's optional
-    ``owned_paths()``: the webhook's spool, the jsonl file), so that they keep working as that user."""
+    ``owned_paths()``: the webhook's spool, the jsonl file), so that they keep working as that user. Returns the
+    directories among them, by sink (for :func:`check_sinks_after_drop`)."""
+    directories: list[tuple[str, Path]] = []
     if sys.platform == "win32":  # pragma: no cover - never called there (target_account returns None)
-        return
+        return directories
     for name, sink in sinks.items():
         owned = getattr(sink, "owned_paths", None)
         if not callable(owned):
@@ -123,10 +127,21 @@ def hand_over(sinks: Mapping[str, object], account: Account) -> None:
                 os.chown(path, account.uid, account.gid)
             except OSError as exc:
                 raise PrivilegeError(f"sink {name}: could not hand {path} to user {account.name}: {exc}") from exc
+            if os.path.isdir(path):
+                directories.append((name, Path(path)))
+    return directories
 
 
-def check_sinks_after_drop(sinks: Mapping[str, object], account: Account) -> None:
-    """After the drop: warn about a jsonl sink that will rotate in a directory the user cannot write."""
+def check_sinks_after_drop(sinks: Mapping[str, object], account: Account,
+                           directories: Iterable[tuple[str, Path]] = ()) -> None:
+    """After the drop: each ``(sink, directory)`` that :func:`hand_over` handed over must be reachable and writable
+    by the user (else the start fails, saying so); a jsonl sink that will rotate in a directory the user cannot
+    write is warned about."""
+    for name, directory in directories:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PrivilegeError(f"sink {name}: {directory} is out of reach of the decoder process's user "
+                                 f"{account.name} (a directory above it private to root?); choose a place that user "
+                                 "can reach, or set decoder_user")
     for name, sink in sinks.items():
         path = getattr(sink, "path", None)
         rotates = getattr(sink, "rotate_bytes", None) is not None or getattr(sink, "rotate_seconds", None) is not None
@@ -136,21 +151,32 @@ def check_sinks_after_drop(sinks: Mapping[str, object], account: Account) -> Non
                            path.parent)
 
 
+def restrict_new_privileges() -> None:
+    """The first step, while the decoder process has a single thread (``prctl`` applies to the calling thread
+    and is inherited by the threads it starts later, such as the sinks'): set ``no_new_privs``, empty the
+    capability bounding and ambient sets (Linux). Root keeps its current capabilities until
+    :func:`drop_privileges` (these only limit what an ``execve`` could give), so sinks can still open their files."""
+    if not sys.platform.startswith("linux"):
+        return
+    if threading.active_count() != 1:
+        raise PrivilegeError("restricting privileges must happen before the decoder process starts any thread")
+    prctl = _prctl()
+    _check(prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
+    _check(prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear the ambient capabilities")
+    for cap in range(64):  # needs CAP_SETPCAP: before the user id changes; EINVAL past the last one
+        if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if ctypes.get_errno() == errno.EINVAL and cap > 0:
+                break
+            _check(-1, f"drop capability {cap} from the bounding set")
+
+
 def drop_privileges(account: Account, protected: Iterable[Path] = ()) -> None:
-    """Become ``account`` for good, without capabilities (see the module's documentation), then check that every
-    path in ``protected`` is out of reach. Raises :class:`PrivilegeError` when any step does not hold."""
+    """Become ``account`` for good, in every thread, without capabilities (see the module's documentation; call
+    :func:`restrict_new_privileges` first), then check that every path in ``protected`` is out of reach. Raises
+    :class:`PrivilegeError` when any step does not hold."""
     if sys.platform == "win32":  # pragma: no cover - never called there (target_account returns None)
         raise PrivilegeError("dropping privileges is not implemented on Windows")
     linux = sys.platform.startswith("linux")
-    if linux:
-        prctl = _prctl()
-        _check(prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
-        _check(prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear the ambient capabilities")
-        for cap in range(64):  # needs CAP_SETPCAP: before the user id changes; EINVAL past the last one
-            if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                if ctypes.get_errno() == errno.EINVAL and cap > 0:
-                    break
-                _check(-1, f"drop capability {cap} from the bounding set")
     try:
         os.setgroups([])
         os.setresgid(account.gid, account.gid, account.gid)

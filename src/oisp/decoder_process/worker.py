@@ -34,6 +34,7 @@ from oisp.decoder_process.privileges import (
     drop_privileges,
     hand_over,
     preload,
+    restrict_new_privileges,
     target_account,
 )
 from oisp.decoder_process.wire import Kind, dump_object, load_object
@@ -109,16 +110,18 @@ async def _serve(sock: socket.socket) -> None:
         try:
             settings = await _settings(frames)  # nothing else is sent before READY
             _configure_logging(settings)
+            account = target_account(settings.config.decoder_user)
+            if account is not None:  # while this is the only thread: every thread started later inherits it
+                restrict_new_privileges()
             plugins = create_plugin_manager()
             # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline)
             pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT)
             # the sinks' files and connections are open: from now on, nothing privileged is needed
-            account = target_account(settings.config.decoder_user)
             if account is not None:
                 preload()
-                hand_over(pipeline.sinks, account)
+                handed = hand_over(pipeline.sinks, account)
                 drop_privileges(account, [Path(p) for p in settings.protected_paths])
-                check_sinks_after_drop(pipeline.sinks, account)
+                check_sinks_after_drop(pipeline.sinks, account, handed)
             elif settings.config.decoder_user == KEEP and sys.platform != "win32" and os.geteuid() == 0:
                 logger.warning("decoder_user = \"root\": the decoder process keeps root's privileges while it "
                                "parses bytes from the network")
