@@ -237,8 +237,12 @@ async def test_bursts_of_processes_and_files_lose_nothing_silently(
         assert writes == files
     if stats.process_overruns == 0:
         assert len(execs) == processes and len(exits) >= processes
+    if stats.process_overruns == 0 and stats.file_overflows == 0:
+        # short-lived execs take their executable from FAN_OPEN_EXEC (lost only with a fanotify overflow)
         known = sum(1 for e in execs if e.data.exe == "/usr/bin/true")  # type: ignore[attr-defined]
         assert known >= processes * 0.99, f"only {known} of {processes} execs have their executable"
+    print(f"burst: {writes} of {files} writes, {len(execs)} of {processes} execs; kernel overruns: "
+          f"processes {stats.process_overruns}, files {stats.file_overflows}")
     assert writes + len(execs) > 0
     # memory: nothing of the burst's processes stays tracked
     assert len(activity.scope) <= 3

@@ -44,7 +44,7 @@ IDLE_WAKE = 0.02
 #: shortest time between two passes of the reader (seconds): what events may wait to be read together
 MIN_PASS = 0.005
 #: most records held for execs waiting for their executable (past it the oldest goes out without it)
-MAX_HELD = 4096
+MAX_HELD = 32768
 #: records of processes out of scope kept for an agent learned late (its AI call reported after its first effects)
 RECENT = 8192
 #: how far back an agent learned late is replayed when the AI event does not say when the call was made (ns)
