@@ -439,6 +439,7 @@ class ProcessReader:
             facts.agent = agent
             if record.parent and not facts.ppid:
                 facts.ppid = record.parent
+                facts.changed()
             out.append(build.process_exit_event(facts, record.timestamp_ns, clock, status=record.status))
 
     def close(self) -> None:
