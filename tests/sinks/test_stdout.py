@@ -308,7 +308,8 @@ def test_a_process_piped_into_a_reader_that_quits_exits_cleanly() -> None:
     assert errors.splitlines() == [
         "BrokenPipeError [Errno 32] sinks.stdout: the reader of the output went away (broken pipe); "
         f"{len(samples.ALL)} event(s) not written",
-        "BrokenPipeError [Errno 32] sinks.stdout: the reader of the output went away earlier; 12 event(s) not written",
+        "BrokenPipeError [Errno 32] sinks.stdout: the reader of the output went away earlier; "
+        f"{len(samples.ALL)} event(s) not written",
     ]
 
 
