@@ -139,9 +139,11 @@ class LinuxSource:
             if files is not None:
                 files.replay(agent, tree, since, out, exec_opens=True)
             if processes is not None:
-                processes.replay(agent, tree, since, out)
+                processes.replay(agent, tree, since, out, exits=False)
             if files is not None:
                 files.replay(agent, tree, since, out, exec_opens=False)
+            if processes is not None:
+                processes.replay(agent, tree, since, out, exits=True)
 
     def start(self) -> None:
         """Start the reader thread."""
@@ -337,13 +339,15 @@ class ProcessReader:
                 tree.add(record.child)
         return tree
 
-    def replay(self, agent: int, tree: set[int], since: int, out: list[Event]) -> None:
+    def replay(self, agent: int, tree: set[int], since: int, out: list[Event], *, exits: bool) -> None:
         """Emit what the processes of ``tree`` did since ``since`` while they were not known to be in scope
-        (the AI call that made ``agent`` an agent was reported after its first effects were read)."""
+        (the AI call that made ``agent`` an agent was reported after its first effects were read): forks and
+        execs, or (``exits``, after their file effects) exits."""
         kept: deque[cn_proc.ProcEvent] = deque(maxlen=RECENT)
         scope = self._scope
         for record in self._recent:
-            if record.timestamp_ns < since or not _of_tree(record, tree):
+            if record.timestamp_ns < since or not _of_tree(record, tree) \
+                    or isinstance(record, cn_proc.ExitEvent) is not exits:
                 kept.append(record)
                 continue
             try:
