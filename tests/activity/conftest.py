@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.activity.helpers import AgentProcess, Collector
+from tests.cli.conftest import test_ca, upstream  # noqa: F401 - the stand-in provider's fixtures
 
 from oisp.activity import Activity
 

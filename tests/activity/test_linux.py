@@ -187,7 +187,9 @@ async def test_the_scope_learns_agents_from_the_pipelines_ai_events(
             await caught_up(activity, done)
             await processed.wait_for(lambda events: any(
                 e.event_type == "file.write" and getattr(e.data, "path", "").endswith("after.txt") for e in events))
-    assert not processed.of("file.write", data__path=f"{tmp_path}/before.txt")  # not an agent yet then
+    # the AI event is made after the call was decoded: effects up to LEARN_MARGIN_NS before it count as the
+    # agent's (here a write just before the call)
+    assert processed.of("file.write", data__path=f"{tmp_path}/before.txt")
     touch = [e for e in processed.of("process.exec") if e.process and e.process.ppid == agent.pid]
     assert len(touch) == 1 and touch[0].host is not None  # it went through the pipeline's stages
     _validate_all(processed.events, oisp_schema)
@@ -237,8 +239,12 @@ async def test_bursts_of_processes_and_files_lose_nothing_silently(
         assert writes == files
     if stats.process_overruns == 0:
         assert len(execs) == processes and len(exits) >= processes
+    if stats.process_overruns == 0 and stats.file_overflows == 0:
+        # short-lived execs take their executable from FAN_OPEN_EXEC (lost only with a fanotify overflow)
         known = sum(1 for e in execs if e.data.exe == "/usr/bin/true")  # type: ignore[attr-defined]
         assert known >= processes * 0.99, f"only {known} of {processes} execs have their executable"
+    print(f"burst: {writes} of {files} writes, {len(execs)} of {processes} execs; kernel overruns: "
+          f"processes {stats.process_overruns}, files {stats.file_overflows}")
     assert writes + len(execs) > 0
     # memory: nothing of the burst's processes stays tracked
     assert len(activity.scope) <= 3

@@ -100,6 +100,10 @@ def test_the_lines_of_the_design_examples() -> None:
         ("process.exit", "process.exit code=0 1250ms normal pid=4242 python3"),
         ("file.open", "file.open /home/dev/agent/main.py write,truncate pid=4242 python3"),
         ("file.write", "file.write /home/dev/agent/main.py 2048B source_code pid=4242 python3"),
+        ("process.fork", "process.fork child=4243 pid=4242 python3"),
+        ("file.read", "file.read /home/dev/.ssh/id_ed25519 pid=4242 python3"),
+        ("file.delete", "file.delete /home/dev/agent/old.py pid=4242 python3"),
+        ("file.rename", "file.rename /home/dev/agent/a.py -> /home/dev/agent/b.py pid=4242 python3"),
     ],
 )
 def test_each_event_family_has_a_compact_summary(event_type: str, expected: str) -> None:
@@ -110,6 +114,7 @@ def test_every_sample_type_is_summarized() -> None:
     assert set(samples.ALL) == {
         "ai.request", "ai.response", "ai.streaming_chunk", "ai.embedding", "agent.tool_call", "agent.tool_result",
         "network.connect", "network.dns", "process.exec", "process.exit", "file.open", "file.write",
+        "process.fork", "file.read", "file.delete", "file.rename",
     }
 
 
@@ -302,8 +307,9 @@ def test_a_process_piped_into_a_reader_that_quits_exits_cleanly() -> None:
     assert proc.returncode == 0, errors
     assert errors.splitlines() == [
         "BrokenPipeError [Errno 32] sinks.stdout: the reader of the output went away (broken pipe); "
-        "12 event(s) not written",
-        "BrokenPipeError [Errno 32] sinks.stdout: the reader of the output went away earlier; 12 event(s) not written",
+        f"{len(samples.ALL)} event(s) not written",
+        "BrokenPipeError [Errno 32] sinks.stdout: the reader of the output went away earlier; "
+        f"{len(samples.ALL)} event(s) not written",
     ]
 
 

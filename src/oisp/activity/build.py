@@ -68,7 +68,8 @@ class Clock:
 class ProcessFacts:
     """What is known about one observed process (kept while it lives, for its exit and its files' events)."""
 
-    __slots__ = ("agent", "args", "cwd", "exe", "gid", "missing", "name", "pid", "ppid", "start_ns", "uid")
+    __slots__ = ("_actor", "_info", "agent", "args", "cwd", "exe", "gid", "missing", "name", "pid", "ppid",
+                 "start_ns", "uid")
 
     def __init__(self, pid: int, *, ppid: int | None = None, exe: str | None = None, args: list[str] | None = None,
                  cwd: str | None = None, uid: int | None = None, gid: int | None = None, name: str | None = None,
@@ -84,9 +85,21 @@ class ProcessFacts:
         self.start_ns = start_ns
         self.agent = agent
         self.missing = missing
+        self._info: ProcessInfo | None = None
+        self._actor: Actor | None = None
+
+    def changed(self) -> None:
+        """Say that a field changed (the envelope blocks are made again)."""
+        self._info = None
+        self._actor = None
 
     def process_info(self) -> ProcessInfo:
-        """The envelope's ``process`` block."""
+        """The envelope's ``process`` block (one immutable record, shared by the process's events)."""
+        if self._info is None:
+            self._info = self._make_info()
+        return self._info
+
+    def _make_info(self) -> ProcessInfo:
         args = self.args
         cmdline = " ".join(args) if args else None
         parent = ParentProcess(pid=self.ppid) if self.ppid else None
@@ -97,7 +110,9 @@ class ProcessFacts:
         """The envelope's ``actor`` block (the process's real user)."""
         if self.uid is None:
             return None
-        return Actor(uid=self.uid, gid=self.gid, user=user_name(self.uid))
+        if self._actor is None:
+            self._actor = Actor(uid=self.uid, gid=self.gid, user=user_name(self.uid))
+        return self._actor
 
     def attrs(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``attrs``: which agent tree the process is in (``oisp.agent_pid``) and what could not be read."""

@@ -41,7 +41,8 @@ An effect that happens while its turn's response has not yet been fed (a streami
 before the stream ended) is held until the response and its tool calls are fed, at most ``max_hold_ns`` too.
 Kernel events are taken in the order of their kernel times once the watermark (or ``max_hold_ns``) passed them.
 File events are stamped when read, so up to ``late_stamp_ns`` after the write: one stamped that soon after its
-turn began that no call of the turn explains is linked to the call of the turn before whose arguments match it.
+turn began that no call of the turn explains is linked to the call of the turn before whose arguments match it,
+and a tool result waits until the watermark is ``late_stamp_ns`` past its request.
 Everything else passes at once. Held events are released in the order they were fed; when ``max_pending`` events
 are held, the oldest is released at once (decided on what is known, counted in :attr:`LinkerStats.forced`).
 
@@ -723,7 +724,8 @@ class Linker:
     # --- holding ---------------------------------------------------------------------------------
     def _ready(self, held: _Held, now: int, force: bool) -> bool:
         if held.call is not None:
-            done = held.until is not None and self._watermark >= held.until
+            # File events are stamped when read, up to late_stamp_ns after the write: wait for those too.
+            done = held.until is not None and self._watermark >= held.until + self.late_stamp_ns
         else:
             done = held.turn is None or held.turn.complete()
         if done:

@@ -43,8 +43,8 @@ Deliver = Callable[[Any, list[Event], int], bool]
 IDLE_WAKE = 0.02
 #: shortest time between two passes of the reader (seconds): what events may wait to be read together
 MIN_PASS = 0.005
-#: longest an exec whose executable /proc no longer showed waits for the file source's FAN_OPEN_EXEC (ns)
-HOLD_NS = 200_000_000
+#: most records held for execs waiting for their executable (past it the oldest goes out without it)
+MAX_HELD = 32768
 #: records of processes out of scope kept for an agent learned late (its AI call reported after its first effects)
 RECENT = 8192
 #: how far back an agent learned late is replayed when the AI event does not say when the call was made (ns)
@@ -121,6 +121,8 @@ class LinuxSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
+        #: the watermark so far (monotonic ns)
+        self._mark = time.monotonic_ns()
         #: (agent pid, since) of agents learned since the last pass (appended from the event loop)
         self._replays: deque[tuple[int, int]] = deque()
 
@@ -137,9 +139,11 @@ class LinuxSource:
             if files is not None:
                 files.replay(agent, tree, since, out, exec_opens=True)
             if processes is not None:
-                processes.replay(agent, tree, since, out)
+                processes.replay(agent, tree, since, out, exits=False)
             if files is not None:
                 files.replay(agent, tree, since, out, exec_opens=False)
+            if processes is not None:
+                processes.replay(agent, tree, since, out, exits=True)
 
     def start(self) -> None:
         """Start the reader thread."""
@@ -176,13 +180,18 @@ class LinuxSource:
                     files.decode(raw, events)
                 if self._replays:
                     self._replay(events)
+                files_drained = files is not None and files.drained
                 if processes is not None:
-                    processes.finish(events, files_read=files is not None)
+                    processes.finish(events, files_drained=files_drained, files_read=files is not None)
                     floor = processes.floor()
                     if floor is not None:
                         mark = min(mark, floor)
+                if (processes is not None and not processes.drained) or (files is not None and not files_drained):
+                    mark = self._mark  # a queue still holds events from before the pass: no further than before
             except Exception:
                 log.exception("activity: reading kernel events failed")
+                mark = self._mark
+            self._mark = max(self._mark, mark)
             if not self._deliver(self, events, mark):
                 break
 
@@ -204,8 +213,8 @@ class ProcessReader:
 
     A process that is gone before its exec is read leaves no ``/proc/<pid>/exe``; the file reader reports the
     files it opened for exec (``FAN_OPEN_EXEC``, queued before the exec record), so such an exec is held until
-    the file reader's next pass (at most :data:`HOLD_NS`) and takes its executable from there. Its later
-    records wait with it.
+    the file reader's next pass and takes its executable from there. Its later
+    records wait with it (one pass: 5 to 25 ms).
     """
 
     def __init__(self, scope: AgentScope, table: ProcessTable, settings: ActivitySettings, stats: ActivityStats,
@@ -226,6 +235,9 @@ class ProcessReader:
         self._held: deque[tuple[cn_proc.ProcEvent, Any, int]] = deque()
         self._held_pids: dict[int, int] = {}
         self._files_read = False
+        self._files_drained_pass = -1
+        #: whether the last drain emptied the connector's queue
+        self.drained = True
         #: recent records of processes out of scope, for an agent learned late (:meth:`replay`)
         self._recent: deque[cn_proc.ProcEvent] = deque(maxlen=RECENT)
 
@@ -241,6 +253,7 @@ class ProcessReader:
     def drain(self, out: list[Event], *, limit: int = 64) -> None:
         """Read what is queued (at most ``limit`` rounds of 256 datagrams); exits wait for :meth:`finish`."""
         records = self._records
+        more = False
         for _ in range(limit):
             records.clear()
             more = self._connector.read(records, limit=256)
@@ -252,11 +265,15 @@ class ProcessReader:
                     log.exception("activity: process record %r", record)
             if not more:
                 break
+        self.drained = not more
         self._stats.process_overruns = self._connector.overruns
         self._stats.malformed = self._connector.malformed
 
-    def finish(self, out: list[Event], *, files_read: bool) -> None:
-        """End of a pass: apply the exits read in it, and build the held execs whose wait is over."""
+    def finish(self, out: list[Event], *, files_drained: bool, files_read: bool) -> None:
+        """End of a pass: apply the exits read in it, and build the held execs whose wait is over (the file
+        reader drained its queue in a later pass than the one that held them)."""
+        if files_drained:
+            self._files_drained_pass = self._pass
         exits, self._exits = self._exits, []
         for record in exits:
             try:
@@ -322,13 +339,15 @@ class ProcessReader:
                 tree.add(record.child)
         return tree
 
-    def replay(self, agent: int, tree: set[int], since: int, out: list[Event]) -> None:
+    def replay(self, agent: int, tree: set[int], since: int, out: list[Event], *, exits: bool) -> None:
         """Emit what the processes of ``tree`` did since ``since`` while they were not known to be in scope
-        (the AI call that made ``agent`` an agent was reported after its first effects were read)."""
+        (the AI call that made ``agent`` an agent was reported after its first effects were read): forks and
+        execs, or (``exits``, after their file effects) exits."""
         kept: deque[cn_proc.ProcEvent] = deque(maxlen=RECENT)
         scope = self._scope
         for record in self._recent:
-            if record.timestamp_ns < since or not _of_tree(record, tree):
+            if record.timestamp_ns < since or not _of_tree(record, tree) \
+                    or isinstance(record, cn_proc.ExitEvent) is not exits:
                 kept.append(record)
                 continue
             try:
@@ -358,11 +377,11 @@ class ProcessReader:
         held = self._held
         if not held:
             return
-        now = time.monotonic_ns()
         while held:
             record, state, since = held[0]
-            if isinstance(record, cn_proc.ExecEvent) and since >= self._pass \
-                    and not self._table.has_exec_paths(record.pid) and now - record.timestamp_ns < HOLD_NS:
+            # the exec's FAN_OPEN_EXEC was queued before its record: the file reader's next pass has read it
+            if isinstance(record, cn_proc.ExecEvent) and since >= self._files_drained_pass \
+                    and not self._table.has_exec_paths(record.pid) and len(held) <= MAX_HELD:
                 return
             held.popleft()
             pid = record.parent if isinstance(record, cn_proc.ForkEvent) else record.pid
@@ -424,6 +443,7 @@ class ProcessReader:
             facts.agent = agent
             if record.parent and not facts.ppid:
                 facts.ppid = record.parent
+                facts.changed()
             out.append(build.process_exit_event(facts, record.timestamp_ns, clock, status=record.status))
 
     def close(self) -> None:
@@ -491,6 +511,8 @@ class FileReader:
         self._created: OrderedDict[str, None] = OrderedDict()
         self._self = os.getpid()
         self._records: list[fanotify.FanEvent] = []
+        #: whether the last read_raw emptied the queue
+        self.drained = True
         #: recent effects of processes out of scope (read time, record), for an agent learned late
         self._recent: deque[tuple[int, fanotify.FanEvent]] = deque(maxlen=RECENT)
 
@@ -506,8 +528,10 @@ class FileReader:
         return pid != self._self and self._scope.in_scope(pid)
 
     def read_raw(self, *, limit: int = 64) -> list[bytes]:
-        """What is queued, undecoded (at most ``limit`` reads of 64 KiB)."""
-        return self._group.read_raw(limit)
+        """What is queued, undecoded (at most ``limit`` reads of 64 KiB; :attr:`drained` says if that was all)."""
+        raw = self._group.read_raw(limit)
+        self.drained = len(raw) < limit
+        return raw
 
     def decode(self, raw: list[bytes], out: list[Event]) -> None:
         """Decode ``raw`` and append the events of processes in scope."""

@@ -30,6 +30,9 @@ __all__ = ["Activity", "ActivitySource"]
 
 log = logging.getLogger(__name__)
 
+#: how long before an AI event's time an agent's effects count as its effects when it is learned from the event
+LEARN_MARGIN_NS = 1_000_000_000
+
 
 class ActivitySource(Protocol):
     """A running source of activity events (a kernel reader thread or a poller)."""
@@ -123,7 +126,10 @@ class Activity:
         if process is not None and process.pid:
             if kind == "network.connect" and (event.attrs or {}).get("oisp.provider") is None:
                 return  # a connection to something that is not an AI endpoint
-            self.add_agent(process.pid, exe=process.exe, since_ns=event.ts_mono)
+            # the event is made once the call is decoded (batched, in the decoder process): its effects may be
+            # older than the event; LEARN_MARGIN covers that (a new agent's last second before its call too)
+            since = event.ts_mono - LEARN_MARGIN_NS if event.ts_mono is not None else None
+            self.add_agent(process.pid, exe=process.exe, since_ns=since)
 
     # lifecycle -----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:

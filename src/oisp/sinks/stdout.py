@@ -32,13 +32,17 @@ from oisp.events import (
     AiResponse,
     AiStreamingChunk,
     Event,
+    FileDelete,
     FileOpen,
+    FileRead,
+    FileRename,
     FileWrite,
     ModelInfo,
     NetworkConnect,
     NetworkDns,
     ProcessExec,
     ProcessExit,
+    ProcessFork,
     Record,
 )
 from oisp.events.spec_gaps import provider_name
@@ -332,6 +336,30 @@ def _file_write(event: Event) -> _Parts:
             "created" if data.created else None, data.detected_type, *_process(event)]
 
 
+def _process_fork(event: Event) -> _Parts:
+    data = event.data
+    assert isinstance(data, ProcessFork)
+    return [f"child={data.child_pid}", *_process(event)]
+
+
+def _file_read(event: Event) -> _Parts:
+    data = event.data
+    assert isinstance(data, FileRead)
+    return [data.path, f"{data.bytes_read}B" if data.bytes_read is not None else None, *_process(event)]
+
+
+def _file_delete(event: Event) -> _Parts:
+    data = event.data
+    assert isinstance(data, FileDelete)
+    return [data.path, *_process(event)]
+
+
+def _file_rename(event: Event) -> _Parts:
+    data = event.data
+    assert isinstance(data, FileRename)
+    return [f"{data.old_path} -> {data.new_path}", *_process(event)]
+
+
 _SUMMARIES: Mapping[type[Record], Callable[[Event], _Parts]] = {
     AiRequest: _ai_request,
     AiResponse: _ai_response,
@@ -345,4 +373,8 @@ _SUMMARIES: Mapping[type[Record], Callable[[Event], _Parts]] = {
     ProcessExit: _process_exit,
     FileOpen: _file_open,
     FileWrite: _file_write,
+    ProcessFork: _process_fork,
+    FileRead: _file_read,
+    FileDelete: _file_delete,
+    FileRename: _file_rename,
 }
