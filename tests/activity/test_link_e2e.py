@@ -22,8 +22,8 @@ from tests.upstream import Request, Response, Upstream, server_context
 
 from oisp.activity.link_stage import LinkingStage, link_activity
 from oisp.attribution import Attributor
-from oisp.event_decoder import EventDecoder
 from oisp.endpoints import EndpointTable
+from oisp.event_decoder import EventDecoder
 from oisp.events import Event, ProcessInfo
 from oisp.pipeline import Pipeline
 from oisp.plugins import create_plugin_manager
