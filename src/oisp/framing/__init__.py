@@ -25,7 +25,7 @@ from oisp.framing._contract import (
     StreamDecoder,
 )
 from oisp.framing.eventstream import EventStreamDecoder, EventStreamMessage, HeaderValue, encode_message
-from oisp.framing.grpc import GrpcFrameDecoder, GrpcMessage
+from oisp.framing.grpc import GrpcFrameDecoder, GrpcMessage, parse_trailer_block
 from oisp.framing.jsonarray import JsonArrayDecoder, JsonArrayElement
 from oisp.framing.ndjson import NdjsonDecoder, NdjsonValue
 from oisp.framing.sse import SseComment, SseDecoder, SseEvent
@@ -49,4 +49,5 @@ __all__ = [
     "SseEvent",
     "StreamDecoder",
     "encode_message",
+    "parse_trailer_block",
 ]

@@ -34,8 +34,14 @@ from typing import Any, Final, Literal
 import attrs
 
 from oisp.events import AiRequest, AiResponse, Confidence, Event, RelatedEvent, ResponseError
-from oisp.framing import DEFAULT_MAX_ITEM_SIZE, FramingError, FramingErrorKind, GrpcFrameDecoder, GrpcMessage
-from oisp.framing.grpc import parse_trailer_block
+from oisp.framing import (
+    DEFAULT_MAX_ITEM_SIZE,
+    FramingError,
+    FramingErrorKind,
+    GrpcFrameDecoder,
+    GrpcMessage,
+    parse_trailer_block,
+)
 from oisp.hookspecs import ExchangeDecoder, hookimpl
 from oisp.http.exchange import Headers, HttpExchange
 from oisp.provider_kit import exchange_attrs, provider_for, request_id_for
