@@ -112,31 +112,31 @@ class RoutingPolicy:
 
 
 # events (what happened) ------------------------------------------------------------------------------------
-@attrs.frozen
+@attrs.define
 class ClientData:
     """Bytes arrived from the client."""
 
     data: bytes
 
 
-@attrs.frozen
+@attrs.define
 class ClientSilent:
     """The client sent no complete ClientHello within the handshake timeout."""
 
 
-@attrs.frozen
+@attrs.define
 class ClientGone:
     """The client closed (or the connection broke) before its first bytes were classified."""
 
 
-@attrs.frozen
+@attrs.define
 class Attributed:
     """The process behind the connection is known (None: not found, or not in time)."""
 
     who: Attribution | None
 
 
-@attrs.frozen
+@attrs.define
 class UpstreamReady:
     """The upstream connection is up (for :class:`OpenTls`: verified, with its TLS facts)."""
 
@@ -149,7 +149,7 @@ class UpstreamReady:
     certificate: UpstreamCertificate | None = None
 
 
-@attrs.frozen
+@attrs.define
 class UpstreamFailed:
     """No upstream connection: the decision this makes and why. ``address``/``connect_ms`` are set when TCP
     connected and the TLS handshake failed; ``logged`` when the failure was logged already."""
@@ -161,7 +161,7 @@ class UpstreamFailed:
     logged: bool = False
 
 
-@attrs.frozen
+@attrs.define
 class ClientHandshakeDone:
     """The client accepted oisp's leaf; what was negotiated with it."""
 
@@ -169,7 +169,7 @@ class ClientHandshakeDone:
     tls_version: str | None
 
 
-@attrs.frozen
+@attrs.define
 class ClientHandshakeFailed:
     """The client's handshake failed; ``tls_alert`` when it was a TLS error (which may be pinning evidence)."""
 
@@ -177,7 +177,7 @@ class ClientHandshakeFailed:
     tls_alert: bool
 
 
-@attrs.frozen
+@attrs.define
 class RelayEnded:
     """The relay commanded by :class:`Relay` ended."""
 
@@ -192,18 +192,18 @@ Event = (ClientData | ClientSilent | ClientGone | Attributed | UpstreamReady | U
 
 
 # commands (what to do) -------------------------------------------------------------------------------------
-@attrs.frozen
+@attrs.define
 class ReadClient:
     """Read more from the client (within the handshake timeout): answer :class:`ClientData`,
     :class:`ClientSilent` or :class:`ClientGone`."""
 
 
-@attrs.frozen
+@attrs.define
 class AwaitAttribution:
     """Wait (boundedly) for the process behind the connection: answer :class:`Attributed`."""
 
 
-@attrs.frozen
+@attrs.define
 class ConnectTcp:
     """Connect to ``host:port`` over TCP: answer :class:`UpstreamReady` or :class:`UpstreamFailed`."""
 
@@ -211,7 +211,7 @@ class ConnectTcp:
     port: int
 
 
-@attrs.frozen
+@attrs.define
 class OpenTls:
     """Get a verified TLS upstream (a spare one, or a new one) offering the client's ALPN list: answer
     :class:`UpstreamReady` or :class:`UpstreamFailed`."""
@@ -222,7 +222,7 @@ class OpenTls:
     alpn_offer: tuple[str, ...]
 
 
-@attrs.frozen
+@attrs.define
 class HandshakeClient:
     """Finish the client's TLS handshake with a leaf for ``name`` that selects exactly ``alpn`` (None: no
     ALPN), ``client_hello`` being the bytes read already: answer :class:`ClientHandshakeDone` or
@@ -233,21 +233,21 @@ class HandshakeClient:
     client_hello: bytes
 
 
-@attrs.frozen
+@attrs.define
 class SendClient:
     """Send ``data`` to the client, ignoring a client that left."""
 
     data: bytes
 
 
-@attrs.frozen
+@attrs.define
 class Report:
     """Report the connection (count its decision, tell the observer)."""
 
     report: ConnectionReport
 
 
-@attrs.frozen
+@attrs.define
 class Pinned:
     """A (host, process) pair was just pinned: note it in the proxy's statistics."""
 
@@ -265,7 +265,7 @@ class RelayKind(enum.Enum):
     INTERCEPTED = "intercepted"
 
 
-@attrs.frozen
+@attrs.define
 class Relay:
     """Relay both ways until the connection ends: answer :class:`RelayEnded`. ``silent``: the connection ends
     if neither side says anything within the silent lifetime (counted from the first read)."""
@@ -277,13 +277,20 @@ class Relay:
     silent: bool = False
 
 
-@attrs.frozen
+@attrs.define
 class Close:
     """The connection is done: close it."""
 
 
 Command = (ReadClient | AwaitAttribution | ConnectTcp | OpenTls | HandshakeClient | SendClient | Report | Pinned
            | Relay | Close)
+
+
+# The commands without fields are made once (events and commands are plain attrs classes, not frozen ones, whose
+# construction costs three times as much; treat them as immutable).
+_READ_CLIENT = ReadClient()
+_AWAIT_ATTRIBUTION = AwaitAttribution()
+_CLOSE = Close()
 
 
 class _State(enum.Enum):
@@ -329,7 +336,7 @@ class ConnectionCore:
     def start(self) -> list[Command]:
         """The first commands."""
         if not self.buffer:
-            return [ReadClient()]
+            return [_READ_CLIENT]
         return self._classify()
 
     def handle(self, event: Event) -> list[Command]:
@@ -384,7 +391,7 @@ class ConnectionCore:
                 break
             if self.hello is not None or len(self.buffer) > MAX_CLIENT_HELLO:
                 break
-            return [ReadClient()]
+            return [_READ_CLIENT]
         return self._route()
 
     def _route(self) -> list[Command]:
@@ -436,7 +443,7 @@ class ConnectionCore:
     # attribution ------------------------------------------------------------------------------------------
     def _await_attribution(self, then: _State) -> list[Command]:
         self.state = then
-        return [AwaitAttribution()]
+        return [_AWAIT_ATTRIBUTION]
 
     def _attributed(self, who: Attribution | None) -> list[Command]:
         state = self.state
@@ -555,4 +562,4 @@ class ConnectionCore:
 
     def _close(self) -> list[Command]:
         self.state = _State.DONE
-        return [Close()]
+        return [_CLOSE]
