@@ -248,7 +248,7 @@ class GrpcExchangeDecoder:
 
     def on_end(self, exchange: HttpExchange) -> Iterable[Event]:
         events = self._feed_request(exchange, final=True)
-        now = time.monotonic_ns()
+        now = exchange.timings.response_end or time.monotonic_ns()
         if self.server.framer is not None:
             events += self._take(exchange, "server", self.server.framer.close(), now)
         response = exchange.response
