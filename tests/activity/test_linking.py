@@ -437,3 +437,19 @@ def test_a_file_event_stamped_late_links_to_the_call_of_the_turn_before() -> Non
     sh = t2.exec(AGENT, 1, 31, ["sh", "-c", "echo hi > out.txt"])
     assert t2.feed(sh, 31) == []
     assert caused_by(t2.poll(31 + 250)[0]) == []
+
+
+def test_a_late_stamped_file_event_of_a_child_counts_as_a_side_effect_of_its_call() -> None:
+    t = Transcript()
+    _, (shell, _write) = turn_with_calls(t, [SHELL, WRITE])
+    t.feed(t.fork(AGENT, 4001, 17), 17)
+    t.feed(t.exec(4001, AGENT, 17.2, ["sh", "-c", "echo hi > out.txt"]), 17.2)
+    t.feed(t.request(30), 30)
+    result = t.result(shell, 30)
+    t.feed(result, 30)
+    late = t.write(4001, 45, "/work/proj/out.txt")  # written before the request, read 15 ms after it
+    emitted = t.feed(late, 46, watermark_ms=131)
+    by_id = {e.event_id: e for e in emitted}
+    assert caused_by(by_id[late.event_id]) == [shell.event_id]
+    assert {"type": "file_created", "target": "/work/proj/out.txt", "event_id": late.event_id} in \
+        by_id[result.event_id].data.side_effects  # type: ignore[attr-defined]

@@ -704,6 +704,10 @@ class Linker:
         pid = _pid(event)
         if event.event_type == "process.exec" and pid is not None:
             self._remember(self._process_call, pid, call, cap=self.max_processes)
+        turn_end = call.turn.end if call.turn is not None else None
+        if event.event_type.startswith("file.") and turn_end is not None \
+                and turn_end <= ts < turn_end + self.late_stamp_ns:
+            ts = turn_end - 1  # stamped when read, just after the next request: a late stamp of the call's turn
         effect = _side_effect(event)
         if effect is not None:
             if call.reported:
