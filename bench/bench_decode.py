@@ -63,6 +63,7 @@ from oisp.http.exchange import ConnectionInfo, Headers, HttpExchange, HttpReques
 from oisp.http.passive import make_decoder
 from oisp.pipeline import SINK_HANDOFF_WAIT, Pipeline
 from oisp.plugins import create_plugin_manager
+from oisp.provider_kit import DecoderContext
 from oisp.providers import openai
 from oisp.sinks.jsonl import JsonlSink
 
@@ -71,7 +72,7 @@ try:
 except ImportError:  # the Bedrock provider is optional for this benchmark
     bedrock = None  # type: ignore[assignment]
 
-MakeDecoder = Callable[[HttpExchange, DecoderSettings], ExchangeDecoder | None]
+MakeDecoder = Callable[[HttpExchange, DecoderSettings, DecoderContext], ExchangeDecoder | None]
 
 
 # --- streams ---------------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def _exchange(provider: str, host: str, target: str, body: dict[str, Any], conte
 def run_events(make: MakeDecoder, new_exchange: Callable[[], HttpExchange], body: bytes, chunk: int,
                settings: DecoderSettings) -> int:
     exchange = new_exchange()
-    decoder = make(exchange, settings)
+    decoder = make(exchange, settings, DecoderContext())  # a run of its own per measured exchange
     assert decoder is not None, "no decoder claimed the benchmark exchange"
     count = len(list(decoder.on_request(exchange)))
     chunks = exchange.timings.response_chunks
