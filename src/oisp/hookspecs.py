@@ -12,7 +12,8 @@ isolation: an exception in one plugin is logged with the plugin's name and the o
 Provider plugins
     ``oisp_endpoints`` says which hosts are AI endpoints (so the proxy intercepts them);
     ``oisp_exchange_decoder`` claims one HTTP exchange and returns an :class:`ExchangeDecoder` that turns it,
-    incrementally, into OISP events, honouring the runner's :class:`DecoderSettings`.
+    incrementally, into OISP events, honouring the runner's :class:`DecoderSettings`;
+    ``oisp_apps`` adds apps (programs) to recognise from processes and request headers (:mod:`oisp.apps`).
 
 Sink plugins
     ``oisp_sink_types`` names the sink kinds a plugin offers and the factory that builds one from its
@@ -145,6 +146,13 @@ class ProviderSpec:
         what the runner wants decoded (an implementation may leave the argument out of its signature, as pluggy
         allows).
         """
+        raise NotImplementedError
+
+    @hookspec
+    def oisp_apps(self) -> Iterable[Mapping[str, Any]]:
+        """Apps to recognise (named in events' ``app``), as entries of ``oisp/data/apps.json``: ``{"app_id",
+        "name", "vendor", "category", "type", "is_ai_host", "match": {...}}`` (or
+        :class:`oisp.apps.AppSignature` objects). A plugin's entries are tried before the built-in ones."""
         raise NotImplementedError
 
 

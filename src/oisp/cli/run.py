@@ -14,6 +14,7 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
+from oisp.apps import AppTable
 from oisp.attribution import Attributor
 from oisp.config import Config
 from oisp.decoder_process import DecoderProcess
@@ -126,7 +127,8 @@ async def run(
 
     async def serve(observer: Any, pipeline: Pipeline | None, decoder_process: DecoderProcess | None) -> MitmProxy:
         nonlocal interceptor
-        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer, attributor=Attributor(),
+        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer,
+                          attributor=Attributor(apps=AppTable.from_plugins(plugins)),
                           before_upstream_connect=before_connect)
         async with anyio.create_task_group() as tg:
             if handle_signals:  # before anything can be announced, so an early Ctrl+C stops gracefully too
