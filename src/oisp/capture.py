@@ -97,7 +97,7 @@ def capture_ai(*, confdir: str | Path | None = None, resolve: Sequence[str] = ()
     import anyio.from_thread
 
     from oisp.apps import AppTable
-from oisp.attribution import Attributor
+    from oisp.attribution import Attributor
     from oisp.decoder import EventDecoder
     from oisp.endpoints import EndpointTable
     from oisp.pipeline import Pipeline

@@ -7,7 +7,8 @@ stream, whose first ``endpoint`` event names the URL the client then POSTs to (a
 arrives on that GET stream. The decoder therefore reads each exchange's messages into a per-session state
 (:class:`McpSessions`) shared across exchanges, and:
 
-* ``initialize``: an ``agent.session`` event (``action = "start"``) with the client (``agent``), the server's name
+* ``initialize`` (``server/discover`` from protocol 2026-07-28 on, whose requests each carry the client's name and
+  version in ``_meta`` and whose answers carry the server's): an ``agent.session`` event (``action = "start"``) with the client (``agent``), the server's name
   and version and the protocol version; the server's name becomes ``tool.server`` of the session's tools;
 * ``tools/list``: the tool definitions are remembered (their descriptions go into later tool calls);
 * ``tools/call``: ``agent.tool_call`` (``tool.provider = "mcp"``, ``tool.server``, arguments) when the request is
@@ -247,8 +248,9 @@ class McpDecoder:
         self.problems: list[str] = []
         self._sse: SseDecoder | None = None
         self._is_stream = False
-        #: JSON-RPC ids of the requests this exchange carried (answered here over Streamable HTTP).
-        self._sent: list[str] = []
+        #: The requests this exchange carried, by JSON-RPC id: answered here over Streamable HTTP (where stateless
+        #: clients of one server all count ids from 1), on the GET stream over HTTP+SSE.
+        self._sent: dict[str, PendingRequest] = {}
 
     # --- ExchangeDecoder ---------------------------------------------------------------------------
     def on_request(self, exchange: HttpExchange) -> Iterable[Event]:
@@ -310,9 +312,10 @@ class McpDecoder:
         # Requests of this exchange left without an answer: the server refused them (HTTP error) or the exchange
         # ended first. Over HTTP+SSE a 202 means the answer comes on the GET stream: they stay pending.
         if status != 202 and self.session is not None:
-            for request_id in self._sent:
-                pending = self.session.pending.pop(request_id, None)
-                if pending is None or pending.call_event_id is None:
+            for request_id, pending in self._sent.items():
+                if self.session.pending.get(request_id) is pending:
+                    del self.session.pending[request_id]
+                if pending.call_event_id is None:
                     continue
                 reason = f"HTTP {status}" if status is not None and status >= 300 else \
                     "; ".join(exchange.partial_reasons) or "the exchange ended before the tool's result"
@@ -366,6 +369,14 @@ class McpDecoder:
         pending = PendingRequest(method=method, started_ns=_now(exchange))
         events: list[Event] = []
         assert isinstance(params, Mapping)
+        meta = params.get("_meta")
+        if isinstance(meta, Mapping):  # protocol 2026-07-28 and later: every request says who and which version
+            client = meta.get("io.modelcontextprotocol/clientInfo")
+            if isinstance(client, Mapping) and isinstance(client.get("name"), str):
+                session.client_name = client["name"]
+                session.client_version = _str(client.get("version"))
+            session.protocol_version = _str(meta.get("io.modelcontextprotocol/protocolVersion")) \
+                or session.protocol_version
         if method == "initialize":
             client = params.get("clientInfo")
             if isinstance(client, Mapping):
@@ -391,7 +402,7 @@ class McpDecoder:
         elif method == "resources/read":
             pending.uri = _str(params.get("uri"))
         session.remember(request_id, pending)
-        self._sent.append(request_id)
+        self._sent[request_id] = pending
         return events
 
     def _server_message(self, exchange: HttpExchange, message: Mapping[str, Any]) -> list[Event]:
@@ -402,21 +413,33 @@ class McpDecoder:
             session.count(method)
             return []
         request_id = _id_text(message.get("id"))
-        pending = session.pending.pop(request_id, None) if request_id is not None else None
-        if pending is None or request_id is None:
+        if request_id is None:
+            return []
+        pending = self._sent.pop(request_id, None)
+        if pending is not None:
+            if session.pending.get(request_id) is pending:
+                del session.pending[request_id]
+        else:
+            pending = session.pending.pop(request_id, None)
+        if pending is None:
             return []
         result = message.get("result")
         error = message.get("error")
-        if pending.method == "initialize" and isinstance(result, Mapping):
-            server = result.get("serverInfo")
-            if isinstance(server, Mapping):
-                session.server_name = _str(server.get("name"))
-                session.server_version = _str(server.get("version"))
-            session.protocol_version = _str(result.get("protocolVersion")) or session.protocol_version
+        if isinstance(result, Mapping):
+            meta = result.get("_meta")
+            server = result.get("serverInfo") or (meta.get("io.modelcontextprotocol/serverInfo")
+                                                  if isinstance(meta, Mapping) else None)
+            if isinstance(server, Mapping) and isinstance(server.get("name"), str) and server["name"]:
+                session.server_name = server["name"]
+                session.server_version = _str(server.get("version")) or None
+        if pending.method in ("initialize", "server/discover") and isinstance(result, Mapping):
+            versions = result.get("supportedVersions")
+            session.protocol_version = _str(result.get("protocolVersion")) or session.protocol_version or (
+                versions[0] if isinstance(versions, list) and versions and isinstance(versions[0], str) else None)
             header_id = exchange.response.headers.get("mcp-session-id") if exchange.response else None
             if header_id and header_id != session.session_id:
                 session = self.session = self.registry.adopt(self.host, header_id, session)
-            return [self._session_event(exchange, "start", session, request_id, result)]
+            return [self._session_event(exchange, "start", session, request_id, result, pending.method)]
         if pending.method == "tools/list" and isinstance(result, Mapping):
             tools = result.get("tools")
             for tool in tools if isinstance(tools, list) else []:
@@ -517,7 +540,8 @@ class McpDecoder:
         )
 
     def _session_event(self, exchange: HttpExchange, action: str, session: McpSession,
-                       request_id: str | None = None, result: Mapping[str, Any] | None = None) -> Event:
+                       request_id: str | None = None, result: Mapping[str, Any] | None = None,
+                       method: str = "initialize") -> Event:
         data: dict[str, Any] = {"action": action}
         if session.session_id:
             data["session_id"] = session.session_id
@@ -535,7 +559,7 @@ class McpDecoder:
         if action == "end" and session.methods:
             data["stats"] = {"tool_calls": session.methods.get("tools/call", 0)}
             data["mcp_methods"] = dict(session.methods)
-        method = "initialize" if action == "start" else "session/delete"
+        method = method if action == "start" else "session/delete"
         return Event.create(UnknownPayload(extra=data), event_type="agent.session",
                             confidence=self._confidence(exchange, ["mcp_session_observed"]),
                             attrs=self._attrs(exchange, method, request_id))
