@@ -8,8 +8,9 @@ arrives on that GET stream. The decoder therefore reads each exchange's messages
 (:class:`McpSessions`) shared across exchanges, and:
 
 * ``initialize`` (``server/discover`` from protocol 2026-07-28 on, whose requests each carry the client's name and
-  version in ``_meta`` and whose answers carry the server's): an ``agent.session`` event (``action = "start"``) with the client (``agent``), the server's name
-  and version and the protocol version; the server's name becomes ``tool.server`` of the session's tools;
+  version in ``_meta`` and whose answers carry the server's): an ``agent.session`` event (``action = "start"``)
+  with the client (``agent``), the server's name and version and the protocol version; the server's name becomes
+  ``tool.server`` of the session's tools;
 * ``tools/list``: the tool definitions are remembered (their descriptions go into later tool calls);
 * ``tools/call``: ``agent.tool_call`` (``tool.provider = "mcp"``, ``tool.server``, arguments) when the request is
   seen, ``agent.tool_result`` (success or error, size, the content) when its answer is, linked to the call by
@@ -438,7 +439,11 @@ class McpDecoder:
                 versions[0] if isinstance(versions, list) and versions and isinstance(versions[0], str) else None)
             header_id = exchange.response.headers.get("mcp-session-id") if exchange.response else None
             if header_id and header_id != session.session_id:
-                session = self.session = self.registry.adopt(self.host, header_id, session)
+                source = session
+                session = self.session = self.registry.adopt(self.host, header_id, source)
+                if source.methods.get(pending.method, 0) > 0:  # the handshake belongs to the session it opened
+                    source.methods[pending.method] -= 1
+                    session.count(pending.method)
             return [self._session_event(exchange, "start", session, request_id, result, pending.method)]
         if pending.method == "tools/list" and isinstance(result, Mapping):
             tools = result.get("tools")

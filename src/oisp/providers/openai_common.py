@@ -18,8 +18,8 @@ import attrs
 from oisp.events import RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import SseDecoder
 from oisp.http.exchange import HttpExchange
-from oisp.providers.compatible import COMPATIBLE_PROVIDERS
 from oisp.providers.base import ApiDecoder, ResponseState, StreamFraming, content_facts
+from oisp.providers.compatible import COMPATIBLE_PROVIDERS
 from oisp.redaction import sha256_text
 
 __all__ = [
