@@ -32,7 +32,8 @@ UPSTREAM_HOSTS = (
     "bedrock-runtime.us-east-1.amazonaws.com", "api.cohere.com", "api.cohere.ai", "api.mistral.ai", "api.groq.com",
     "api.together.xyz", "api.fireworks.ai", "api.perplexity.ai", "openrouter.ai", "api.deepseek.com", "api.x.ai",
     "router.huggingface.co", "api-inference.huggingface.co", "api.replicate.com", "api.acme-llm.example",
-    "localhost", "127.0.0.1",
+    "api.githubcopilot.com", "api.business.githubcopilot.com", "chatgpt.com", "cloudcode-pa.googleapis.com",
+    "api.cerebras.ai", "localhost", "127.0.0.1",
 )
 
 
