@@ -185,20 +185,22 @@ class AppTable:
         chain: list[tuple[str | None, str | None, str | None, str | None]] = [
             (process.name, process.exe, process.cmdline, process.bundle_id)]
         chain += [(a.name, a.exe, a.cmdline, None) for a in ancestors]
+        agent: tuple[AppSignature, str | None] | None = None
         host: tuple[AppSignature, str | None] | None = None
         for name, exe, cmdline, bundle_id in chain:
-            for signature in self.signatures:
-                if signature.matches_process(name, exe, cmdline, bundle_id):
-                    if not signature.is_ai_host:
-                        app = signature.app(bundle_id=bundle_id, source="process")
-                        if host is not None:
-                            app = attrs.evolve(app, extra={**app.extra, "host_app": host[0].app_id})
-                        return app
-                    host = (signature, bundle_id)  # keep looking outwards, an agent may sit above
-                    break
-        if host is None:
-            return None
-        return host[0].app(bundle_id=host[1], source="process")
+            signature = next((s for s in self.signatures if s.matches_process(name, exe, cmdline, bundle_id)), None)
+            if signature is None:
+                continue
+            if not signature.is_ai_host:
+                agent = agent or (signature, bundle_id)  # the innermost app
+            else:
+                host = (signature, bundle_id)  # the outermost host
+        if agent is not None:
+            app = agent[0].app(bundle_id=agent[1], source="process")
+            if host is not None:
+                app = attrs.evolve(app, extra={**app.extra, "host_app": host[0].app_id})
+            return app
+        return host[0].app(bundle_id=host[1], source="process") if host is not None else None
 
     def for_request(self, headers: Mapping[str, str] | Any) -> App | None:
         """The app a request's headers name (``headers`` with a case-insensitive ``get``), or None."""
