@@ -273,3 +273,23 @@ def test_the_endpoint_table_knows_the_coding_agents_and_the_bundles_providers() 
         assert spec is not None and spec.provider == provider, host
     for host in ("opencode.ai", "nano-gpt.com", "mcp.unknown-vendor.example", "github.com"):
         assert table.match(host, 443) is None, host
+
+
+def test_copilot_inline_completions_on_the_proxy_host() -> None:
+    from tests.providers.exchange_harness import run_exchange
+
+    body = {"prompt": "def fib(n):\n    ", "suffix": "\n", "max_tokens": 500, "temperature": 0, "top_p": 1, "n": 1,
+            "stop": ["\ndef "], "stream": True, "extra": {"language": "python"}}
+    chunks = [b'data: {"id":"cmpl-1","model":"gpt-41-copilot","choices":[{"index":0,"text":"return n if n < 2 ",'
+              b'"finish_reason":null}]}\n\n',
+              b'data: {"id":"cmpl-1","model":"gpt-41-copilot","choices":[{"index":0,"text":"else fib(n-1)+fib(n-2)",'
+              b'"finish_reason":"stop"}]}\n\n', b"data: [DONE]\n\n"]
+    events = run_exchange(
+        "POST", "https://proxy.individual.githubcopilot.com/v1/engines/gpt-41-copilot/completions", body,
+        provider="github_copilot", response=chunks, content_type="text/event-stream",
+        request_headers=[("authorization", f"Bearer {COPILOT_TOKEN}"), *COPILOT_HEADERS.items()],
+        expect_plugin="oisp.providers.openai")
+    response = next(e for e in events if e.event_type == "ai.response")
+    assert response.data.choices[0].message.content == "return n if n < 2 else fib(n-1)+fib(n-2)"
+    assert response.data.model.id == "gpt-41-copilot" and response.data.finish_reason == "stop"
+    assert response.attrs["oisp.provider"] == "github_copilot"

@@ -203,3 +203,26 @@ def test_which_exchanges_are_mcp() -> None:
                     headers=(("accept", "text/event-stream"),))
     assert not exchange("https://api.openai.com/v1/mcp", method="GET", provider="openai")
     assert "mcp.linear.app" in {spec.host for spec in WELL_KNOWN_SERVERS}
+
+
+@needs_spec
+def test_metadata_only_redaction_leaves_no_tool_content() -> None:
+    from oisp.events.spec_gaps import conform
+    from oisp.redaction import Redactor
+
+    server = host()
+    events = post(server, rpc(1, "tools/call", name="read_file", arguments={"path": "/etc/hosts"}),
+                  answer(1, {"content": [{"type": "text", "text": "127.0.0.1 localhost"}], "isError": True,
+                             "structuredContent": {"lines": ["127.0.0.1 localhost"]}}))
+    events += post(server, rpc(2, "resources/read", uri="file:///srv/secret-plans.md"),
+                   answer(2, {"contents": [{"uri": "file:///srv/secret-plans.md", "text": "world domination"}]}))
+    redactor = Redactor(profile="metadata-only")
+    redacted = [conform(redactor(event)) for event in events]  # as the pipeline does
+    validator = SchemaValidator()
+    for event in redacted:
+        validator.assert_valid(event.to_dict())
+    text = "\n".join(event.to_json() for event in redacted)
+    for content in ("/etc/hosts", "127.0.0.1 localhost", "secret-plans", "world domination"):
+        assert content not in text
+    result = one(events, "agent.tool_result").data
+    assert result.success is False and result.error is not None and result.error.type == "tool_error"

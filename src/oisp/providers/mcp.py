@@ -506,7 +506,7 @@ class McpDecoder:
                 extra["content_types"] = kinds
             text = _canonical(result)
             if is_error and error is None:
-                error = ToolError(type="tool_error", message=value[:500] if isinstance(value, str) else None)
+                error = ToolError(type="tool_error")  # what the tool said is the result (content, redacted as such)
         duration = (_now(exchange) - pending.started_ns) // 1_000_000 if pending.started_ns else None
         return Event.create(
             AgentToolResult(
