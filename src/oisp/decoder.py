@@ -217,9 +217,10 @@ class EventDecoder:
         self.plugins = plugins
         #: Names the app of an exchange from its request headers (built-in apps plus the plugins' ``oisp_apps``).
         self.apps = apps if apps is not None else AppTable.from_plugins(plugins)
-        self._request_apps: dict[tuple[str | None, ...], App | None] = {}
-        self._app_headers = ("user-agent", *sorted({name for signature in self.apps.signatures
-                                                    for name, _ in signature.headers}))
+        self._request_apps: dict[tuple[tuple[str, str], ...], App | None] = {}
+        #: The headers the app table reads: the cache key of a request's app is their values.
+        self._app_headers = frozenset({"user-agent", *(name for signature in self.apps.signatures
+                                                        for name, _ in signature.headers)})
         self._emit = emit
         self.connect_events = connect_events
         #: Handed to every ``oisp_exchange_decoder`` call (``streaming_chunks`` and the like).
@@ -250,7 +251,8 @@ class EventDecoder:
         """The app of an exchange: what its request headers name, merged with the connection's process app
         (:func:`oisp.apps.merge`). Cached by the values of the headers the app table reads."""
         headers = exchange.request.headers
-        key = tuple(headers.get(name) for name in self._app_headers)
+        names = self._app_headers
+        key = tuple(field for field in headers.fields if field[0].lower() in names)  # one pass over the headers
         if key in self._request_apps:
             request_app = self._request_apps[key]
         else:

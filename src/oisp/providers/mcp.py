@@ -203,11 +203,12 @@ def is_mcp_exchange(exchange: HttpExchange) -> bool:
     """Whether an exchange is MCP: any exchange with an ``mcp`` endpoint, else a JSON-RPC 2.0 POST (or an event
     stream GET) to a path with an ``mcp`` segment on an intercepted host."""
     request = exchange.request
-    if request.asks_websocket:
-        return False
     if exchange.connection.provider == MCP_PROVIDER:
-        return True
-    if not _has_mcp_segment(request.path):
+        return not request.asks_websocket
+    target = request.target.lower()
+    if "mcp" not in target and "sse" not in target:  # most exchanges: no MCP path, nothing else to look at
+        return False
+    if not _has_mcp_segment(request.path) or request.asks_websocket:
         return False
     if request.method == "POST":
         head = bytes(request.body[:4096])
