@@ -19,6 +19,7 @@ from tests.upstream import Handler, Upstream, json_ok, server_context
 from oisp.endpoints import EndpointTable
 from oisp.event_decoder import EventDecoder
 from oisp.events import Event
+from oisp.hookspecs import EndpointSpec
 from oisp.pipeline import Pipeline
 from oisp.plugins import create_plugin_manager
 from oisp.proxy import MitmProxy, ProxyConfig, UpstreamOverride
@@ -31,7 +32,8 @@ UPSTREAM_HOSTS = (
     "bedrock-runtime.us-east-1.amazonaws.com", "api.cohere.com", "api.cohere.ai", "api.mistral.ai", "api.groq.com",
     "api.together.xyz", "api.fireworks.ai", "api.perplexity.ai", "openrouter.ai", "api.deepseek.com", "api.x.ai",
     "router.huggingface.co", "api-inference.huggingface.co", "api.replicate.com", "api.acme-llm.example",
-    "localhost", "127.0.0.1",
+    "api.githubcopilot.com", "api.business.githubcopilot.com", "chatgpt.com", "cloudcode-pa.googleapis.com",
+    "api.cerebras.ai", "localhost", "127.0.0.1",
 )
 
 
@@ -100,7 +102,11 @@ class Stack:
 def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = json_ok,
                   config: dict[str, Any] | None = None, upstream_alpn: tuple[str, ...] = ("h2", "http/1.1"),
                   upstream_cert_hosts: tuple[str, ...] = UPSTREAM_HOSTS,
-                  attributor: Any = None, original_destinations: Any = None) -> Iterator[Stack]:
+                  attributor: Any = None, original_destinations: Any = None,
+                  endpoints: tuple[EndpointSpec, ...] = (),
+                  extra_overrides: tuple[UpstreamOverride, ...] = ()) -> Iterator[Stack]:
+    """``endpoints`` are added to the plugins' endpoint table (as ``[endpoints] add`` does); ``extra_overrides``
+    send more hosts to servers of the test's own (an MCP server under uvicorn)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     upstream_ca_file = tmp_path / "upstream-ca.pem"
     test_ca.cert_pem.write_to_path(str(upstream_ca_file))
@@ -112,14 +118,18 @@ def running_stack(tmp_path: Path, test_ca: trustme.CA, *, handler: Handler = jso
         plain_upstream = Upstream(None, handler, strict=True)  # an origin server: rejects absolute-form targets
         plain_future, plain_port = portal.start_task(plain_upstream.serve)
         overrides = tuple(UpstreamOverride(h, 443, "127.0.0.1", port) for h in UPSTREAM_HOSTS) + tuple(
-            UpstreamOverride(h, p, "127.0.0.1", plain_port) for h in UPSTREAM_HOSTS for p in (80, 1234, 11434))
+            UpstreamOverride(h, p, "127.0.0.1", plain_port) for h in UPSTREAM_HOSTS for p in (80, 1234, 11434)) \
+            + extra_overrides
         options = {"listen_port": 0, "upstream_ca": upstream_ca_file, "overrides": overrides, **(config or {})}
         plugins = create_plugin_manager()
         pipeline = Pipeline({"memory": sink})
         stop = portal.call(anyio.Event)
         pipeline_future, _ = portal.start_task(_run_pipeline, pipeline, stop)
+        table = EndpointTable(plugins.endpoints())
+        for spec in endpoints:
+            table.add(spec)
         proxy = MitmProxy(ProxyConfig(**options), ca=ca, observer=EventDecoder(plugins, pipeline.emit),
-                          endpoints=EndpointTable(plugins.endpoints()),
+                          endpoints=table,
                           attributor=attributor, original_destinations=original_destinations)
         proxy_future, address = portal.start_task(proxy.serve)
         try:

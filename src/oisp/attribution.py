@@ -1,5 +1,5 @@
 """Which process is behind a connection: pid, executable, command line, user, start time, parent chain, and
-the app (IDE, agent, CLI) at the top of that chain.
+the app (agent, IDE, CLI) the chain belongs to (:mod:`oisp.apps`).
 
 The pid is found, in this order (:class:`PidSource` names each way, and the attribution says which one found it):
 
@@ -34,6 +34,7 @@ import attrs
 import psutil
 
 from oisp import netns
+from oisp.apps import AppTable
 from oisp.events import Actor, App, ParentProcess, ProcessInfo, format_ts
 from oisp.sockdiag import NamespaceSockDiag
 from oisp.sockdiag import diag_inode as _diag_inode
@@ -42,7 +43,8 @@ __all__ = ["KNOWN_APPS", "Attribution", "Attributor", "ClientSocket", "PidSource
 
 logger = logging.getLogger(__name__)
 
-#: Executable names (lower case, without .exe) of apps known to make AI calls, with how to describe them.
+#: Executable names (lower case, without .exe) of apps known to make AI calls, with how to describe them. Kept for
+#: code that reads it; apps are recognised with :class:`oisp.apps.AppTable` (``oisp/data/apps.json``).
 KNOWN_APPS: dict[str, dict[str, Any]] = {
     "cursor": {"app_id": "cursor", "name": "Cursor", "vendor": "Anysphere", "category": "dev_tools", "type": "native"},
     "code": {"app_id": "vscode", "name": "Visual Studio Code", "vendor": "Microsoft", "category": "dev_tools",
@@ -123,10 +125,13 @@ class Attributor:
     """Names the process behind connections; callable as the proxy's ``attributor``.
 
     ``connections`` returns the socket table (injectable for tests); by default ``psutil.net_connections``.
+    ``apps`` recognises the app of a process (:class:`~oisp.apps.AppTable`).
     """
 
     def __init__(self, *, cache_size: int = 4096,
-                 connections: Callable[[], list[Any]] | None = None) -> None:
+                 connections: Callable[[], list[Any]] | None = None, apps: AppTable | None = None) -> None:
+        #: Recognises the app of a process (the built-in table unless given one with plugins' apps).
+        self.apps = apps if apps is not None else AppTable()
         self._cache: OrderedDict[tuple[int, float], _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -351,7 +356,7 @@ class Attributor:
         actor = Actor(uid=getattr(uids, "real", None), gid=getattr(gids, "real", None),
                       user=info.get("username") or None, terminal=info.get("terminal") or None,
                       is_elevated=getattr(uids, "effective", None) == 0 if uids is not None else None)
-        return Attribution(process, actor, _app_for(process, ancestors))
+        return Attribution(process, actor, self.apps.for_process(process, ancestors))
 
 
 _PROC_NET = Path("/proc/net")
@@ -494,26 +499,3 @@ def _safe(getter: Callable[[], str]) -> str | None:
         return getter() or None
     except psutil.Error:
         return None
-
-
-def _app_key(name: str | None, exe: str | None) -> str | None:
-    for candidate in (name, os.path.basename(exe) if exe else None):
-        if not candidate:
-            continue
-        key = candidate.lower().removesuffix(".exe")
-        if key in KNOWN_APPS:
-            return key
-    return None
-
-
-def _app_for(process: ProcessInfo, ancestors: list[ParentProcess]) -> App | None:
-    """The outermost known app in the chain (an IDE that started an agent that made the call), else the process."""
-    found: str | None = None
-    chain: list[ProcessInfo | ParentProcess] = [process, *ancestors]
-    for item in chain:
-        key = _app_key(item.name, item.exe)
-        if key is not None:
-            found = key
-    if found is None:
-        return None
-    return App(**KNOWN_APPS[found], tier="identified", is_ai_app=True)

@@ -96,6 +96,7 @@ def capture_ai(*, confdir: str | Path | None = None, resolve: Sequence[str] = ()
     import anyio
     import anyio.from_thread
 
+    from oisp.apps import AppTable
     from oisp.attribution import Attributor
     from oisp.endpoints import EndpointTable
     from oisp.event_decoder import EventDecoder
@@ -118,7 +119,8 @@ def capture_ai(*, confdir: str | Path | None = None, resolve: Sequence[str] = ()
         config = ProxyConfig(listen_port=0, upstream_ca=Path(upstream_ca) if upstream_ca else None,
                              overrides=tuple(UpstreamOverride.parse(item) for item in resolve))
         proxy = MitmProxy(config, ca=ca, endpoints=EndpointTable(plugins.endpoints()),
-                          observer=EventDecoder(plugins, pipeline.emit), attributor=Attributor())
+                          observer=EventDecoder(plugins, pipeline.emit),
+                          attributor=Attributor(apps=AppTable.from_plugins(plugins)))
 
         async def run_pipeline(stop: anyio.Event, *, task_status: Any) -> None:
             async with pipeline:

@@ -24,8 +24,10 @@ from urllib.parse import urlsplit
 import attrs
 
 from oisp._version import __version__
+from oisp.apps import AppTable, merge
 from oisp.endpoints import EndpointTable
 from oisp.events import (
+    App,
     CertificateInfo,
     Confidence,
     Endpoint,
@@ -158,6 +160,8 @@ class _Active:
     plugin: str
     #: From the request's ``traceparent`` header, for every event of the exchange.
     trace: TraceContext | None = None
+    #: The app of the exchange: the connection's (from the process), refined by the request's headers.
+    app: App | None = None
 
 
 class _ConnectionListener:
@@ -171,7 +175,8 @@ class _ConnectionListener:
     def request(self, exchange: HttpExchange) -> None:
         plugin, decoder = self.owner.decoder_for(exchange)
         self.active[exchange.exchange_id] = _Active(decoder, plugin,
-                                                    trace_context_of(exchange.request.headers.get("traceparent")))
+                                                    trace_context_of(exchange.request.headers.get("traceparent")),
+                                                    self.owner.app_for(self.connection, exchange))
         self._run(exchange, "on_request")
 
     def response_start(self, exchange: HttpExchange) -> None:
@@ -201,11 +206,11 @@ class _ConnectionListener:
                          active.plugin, method, exchange.request.method, exchange.request.path, exc, exc_info=True)
             events = self._fall_back(exchange, active, method)
         for event in events:
-            self.owner.emit_for(self.connection, event, active.trace)
+            self.owner.emit_for(self.connection, event, active.trace, active.app)
 
     def _fall_back(self, exchange: HttpExchange, active: _Active, method: str) -> list[Event]:
         fallback = MetadataDecoder()
-        self.active[exchange.exchange_id] = _Active(fallback, "oisp.providers.metadata", active.trace)
+        self.active[exchange.exchange_id] = _Active(fallback, "oisp.providers.metadata", active.trace, active.app)
         if method == "on_request":
             return list(fallback.on_request(exchange))
         if method == "on_end":
@@ -217,8 +222,15 @@ class EventDecoder:
     """The proxy's observer: exchanges → provider plugins → events; connections → ``network.connect``."""
 
     def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True,
-                 settings: DecoderSettings | None = None, context: DecoderContext | None = None) -> None:
+                 settings: DecoderSettings | None = None, context: DecoderContext | None = None,
+                 apps: AppTable | None = None) -> None:
         self.plugins = plugins
+        #: Names the app of an exchange from its request headers (built-in apps plus the plugins' ``oisp_apps``).
+        self.apps = apps if apps is not None else AppTable.from_plugins(plugins)
+        self._request_apps: dict[tuple[tuple[str, str], ...], App | None] = {}
+        #: The headers the app table reads: the cache key of a request's app is their values.
+        self._app_headers = frozenset({"user-agent", *(name for signature in self.apps.signatures
+                                                        for name, _ in signature.headers)})
         self._emit = emit
         self.connect_events = connect_events
         #: Handed to every ``oisp_exchange_decoder`` call (``streaming_chunks`` and the like).
@@ -248,8 +260,24 @@ class EventDecoder:
             logger.error("plugin %s returned %r from oisp_exchange_decoder, not an ExchangeDecoder", name, decoder)
         return "oisp.providers.metadata", MetadataDecoder()
 
-    def emit_for(self, connection: ConnectionInfo, event: Event, trace: TraceContext | None = None) -> None:
-        """Add the connection's context (and the exchange's trace context) to a provider's event and emit it."""
+    def app_for(self, connection: ConnectionInfo, exchange: HttpExchange) -> App | None:
+        """The app of an exchange: what its request headers name, merged with the connection's process app
+        (:func:`oisp.apps.merge`). Cached by the values of the headers the app table reads."""
+        headers = exchange.request.headers
+        names = self._app_headers
+        key = tuple(field for field in headers.fields if field[0].lower() in names)  # one pass over the headers
+        if key in self._request_apps:
+            request_app = self._request_apps[key]
+        else:
+            request_app = self.apps.for_request(headers)
+            if len(self._request_apps) >= 1024:
+                self._request_apps.clear()
+            self._request_apps[key] = request_app
+        return merge(connection.app, request_app)
+
+    def emit_for(self, connection: ConnectionInfo, event: Event, trace: TraceContext | None = None,
+                 app: App | None = None) -> None:
+        """Add the connection's context (the exchange's trace context and app) to a provider's event and emit it."""
         fields: dict[str, Any] = {}
         if trace is not None and event.trace_context is None:
             fields["trace_context"] = trace
@@ -257,8 +285,9 @@ class EventDecoder:
             fields["process"] = connection.process
         if event.actor is None and connection.actor is not None:
             fields["actor"] = connection.actor
-        if event.app is None and connection.app is not None:
-            fields["app"] = connection.app
+        app = app if app is not None else connection.app
+        if event.app is None and app is not None:
+            fields["app"] = app
         if event.source.capture_point is None:
             fields["source"] = _source("tls_terminate" if connection.tls else "plain_http")
         if fields:

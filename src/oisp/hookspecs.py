@@ -14,7 +14,8 @@ Provider plugins
     ``oisp_exchange_decoder`` claims one HTTP exchange and returns an :class:`ExchangeDecoder` that turns it,
     incrementally, into OISP events, honouring the runner's :class:`DecoderSettings` and keeping what outlives
     the exchange in the run's :class:`~oisp.provider_kit.DecoderContext`. :mod:`oisp.provider_kit` has the
-    building blocks oisp's own providers use.
+    building blocks oisp's own providers use;
+    ``oisp_apps`` adds apps (programs) to recognise from processes and request headers (:mod:`oisp.apps`).
 
 Sink plugins
     ``oisp_sink_types`` names the sink kinds a plugin offers and the factory that builds one from its
@@ -172,6 +173,13 @@ class ProviderSpec:
         by no other run (the tool calls seen, a provider's own tables: ``context.state(key, factory)``). An
         implementation may leave either argument out of its signature, as pluggy allows.
         """
+        raise NotImplementedError
+
+    @hookspec
+    def oisp_apps(self) -> Iterable[Mapping[str, Any]]:
+        """Apps to recognise (named in events' ``app``), as entries of ``oisp/data/apps.json``: ``{"app_id",
+        "name", "vendor", "category", "type", "is_ai_host", "match": {...}}`` (or
+        :class:`oisp.apps.AppSignature` objects). A plugin's entries are tried before the built-in ones."""
         raise NotImplementedError
 
 

@@ -36,6 +36,9 @@ ENTRY_POINT_GROUPS = ("oisp.providers", "oisp.sinks")
 
 #: Modules of oisp's own plugins; registered exactly as entry-point plugins are.
 BUILTIN_PLUGINS: tuple[str, ...] = (
+    "oisp.providers.mcp",
+    "oisp.providers.compatible",
+    "oisp.providers.coding_agents",
     "oisp.providers.openai",
     "oisp.providers.ollama",
     "oisp.providers.replicate",

@@ -354,6 +354,9 @@ _CONTENT_PATHS: tuple[tuple[str, ...], ...] = (
     ("data", "thinking"),
     ("data", "system_prompt"),
     ("data", "content_preview"),
+    ("data", "structured_content"),  # an MCP tool's structured result
+    ("data", "query"),  # what an agent retrieved (agent.rag_retrieve: an MCP resource's URI)
+    ("data", "results", "*", "source"),
 )
 
 

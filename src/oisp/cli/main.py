@@ -62,7 +62,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                           "in the proxy's event loop")
     run.add_argument("--pricing", type=Path, help="OISP spec bundle with model pricing, for costs in USD")
     run.add_argument("--add-endpoint", action="append", metavar="PROVIDER=HOST[:PORT]",
-                     help="also intercept HOST as PROVIDER")
+                     help="also intercept HOST as PROVIDER (mcp=HOST for an MCP server; PROVIDER=http://HOST:PORT "
+                          "for a plain-HTTP one)")
     run.add_argument("--remove-endpoint", action="append", metavar="HOST", help="do not intercept HOST")
     run.add_argument("--interface", action="append", metavar="NAME",
                      help="transparent mode: divert on this interface (repeatable; default: the real interfaces)")
@@ -159,9 +160,15 @@ def _endpoint_flag(text: str) -> EndpointSpec:
     provider, sep, target = text.partition("=")
     if not sep or not provider or not target:
         raise ConfigurationError(f"--add-endpoint: {text!r} is not PROVIDER=HOST[:PORT]")
+    scheme, has_scheme, rest = target.partition("://")  # http://HOST:PORT: a plain-HTTP server (a local MCP server)
+    tls = not has_scheme or scheme.lower() != "http"
+    if has_scheme:
+        if scheme.lower() not in ("http", "https"):
+            raise ConfigurationError(f"--add-endpoint: {text!r}: only http:// or https:// may precede HOST")
+        target = rest.rstrip("/")
     host, _, port = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
     try:
-        return EndpointSpec(provider, host or target, int(port) if port else 443)
+        return EndpointSpec(provider, host or target, int(port) if port else 443 if tls else 80, tls)
     except ValueError:
         raise ConfigurationError(f"--add-endpoint: {text!r} has an invalid port") from None
 

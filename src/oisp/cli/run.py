@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 
 from oisp.activity.link_stage import link_activity
 from oisp.activity.runner import activity_for
+from oisp.apps import AppTable
 from oisp.attribution import Attributor
 from oisp.config import Config
 from oisp.decode_setup import build_event_decoder, build_pipeline, build_sinks
@@ -128,7 +129,8 @@ async def run(
 
     async def serve(observer: Any, pipeline: Pipeline | None, decoder_process: DecoderProcess | None) -> MitmProxy:
         nonlocal interceptor
-        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer, attributor=Attributor(),
+        proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer,
+                          attributor=Attributor(apps=AppTable.from_plugins(plugins)),
                           before_upstream_connect=before_connect)
         async with anyio.create_task_group() as tg:
             if handle_signals:  # before anything can be announced, so an early Ctrl+C stops gracefully too

@@ -153,6 +153,9 @@ def _agent(m: _Mapper, data: dict[str, Any]) -> None:
     if isinstance(tool, dict):
         m.enum(tool, "type", AGENT_TOOL_TYPES, "data.tool.type")
     m.marker_to_text(data, "result", "data.result")
+    m.marker_to_text(data, "query", "data.query")  # agent.rag_retrieve: a string in the schema
+    for i, result in _each(data, "results"):
+        m.marker_to_text(result, "source", f"data.results[{i}].source")
 
 
 def _network(m: _Mapper, data: dict[str, Any]) -> None:

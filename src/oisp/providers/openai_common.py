@@ -19,6 +19,7 @@ from oisp.events import RequestParameters, ResponseError, ToolDefinition
 from oisp.framing import SseDecoder
 from oisp.http.exchange import HttpExchange
 from oisp.provider_kit import ApiDecoder, ResponseState, StreamFraming, content_facts
+from oisp.providers.compatible import COMPATIBLE_PROVIDERS
 from oisp.redaction import sha256_text
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 #: Providers (endpoint-table names) whose APIs speak the OpenAI dialect.
 OPENAI_DIALECT = frozenset({
     "openai", "azure_openai", "mistral", "groq", "together", "fireworks", "perplexity", "openrouter", "deepseek",
-    "xai", "huggingface", "lmstudio", "ollama",
+    "xai", "huggingface", "lmstudio", "ollama", "github_copilot", *COMPATIBLE_PROVIDERS,
 })
 
 #: Operation (last path segments) -> API.
