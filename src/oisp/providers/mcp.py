@@ -50,8 +50,8 @@ from oisp.events import (
     RelatedEvent,
     ToolError,
     ToolInfo,
+    UnknownPayload,
 )
-from oisp.events.envelope import UnknownPayload
 from oisp.framing import FramingError, SseDecoder
 from oisp.hookspecs import EndpointSpec, ExchangeDecoder, hookimpl
 from oisp.http.exchange import HttpExchange
