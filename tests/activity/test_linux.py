@@ -299,3 +299,21 @@ async def test_an_agent_learned_late_gets_its_effects_since_the_call(
     assert len([e for e in seen.of("process.exit") if e.process and e.process.ppid == agent.pid]) == 1
     assert all((e.attrs or {}).get("oisp.agent_pid") == agent.pid for e in seen.events)
     _validate_all(seen.events, oisp_schema)
+
+
+def test_in_a_network_namespace_processes_are_polled_and_files_still_watched(tmp_path: Path) -> None:
+    # the kernel's process connector answers only in the initial network namespace (oisp run can be started in
+    # another one, as the transparent-mode tests do): processes fall back to polling, and the reason is given
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    code = ("import anyio\nfrom oisp.activity import Activity\n"
+            "async def main():\n    async with Activity(emit=lambda e: None) as a:\n"
+            "        print(sorted(a.running.items())); print(a.stats.limitations)\nanyio.run(main)")
+    out = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    running, limitations = out.stdout.splitlines()
+    assert "('processes', 'psutil polling')" in running and "('files', 'fanotify" in running
+    assert "only in the initial network namespace" in limitations

@@ -8,6 +8,7 @@ missing and why, and the monitor runs on with what it has.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import threading
@@ -170,7 +171,11 @@ class Activity:
                 try:
                     processes = ProcessReader(self.scope, table, self.config, self.stats, self._clock, self._admit)
                 except OSError as exc:
-                    self.stats.limitations.append(f"process events (netlink CN_PROC) are not available: {exc}")
+                    why = exc.strerror or str(exc)
+                    if exc.errno == errno.ECONNREFUSED:
+                        why += " (the kernel's process connector answers only in the initial network namespace)"
+                    self.stats.limitations.append(f"process events (netlink CN_PROC) are not available: {why}; "
+                                                  "processes are polled instead")
                 else:
                     self.stats.sources["processes"] = "cn_proc"
             if self.config.files:
@@ -182,6 +187,11 @@ class Activity:
                     self.stats.sources["files"] = f"fanotify {files.mode} on {', '.join(files.marked)}"
             if processes is not None or files is not None:
                 self._add(LinuxSource(processes, files, self._deliver), "")
+            if processes is None and self.config.processes:
+                from oisp.activity.polling import PollingProcessSource
+
+                self._add(PollingProcessSource(self.scope, self.config, self.stats, self._clock, self._deliver,
+                                               self._admit), "psutil polling")
             for limitation in self.stats.limitations:
                 log.warning("activity: %s", limitation)
 
