@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from oisp.activity.linking import Linker
 from oisp.events import Event
 
-__all__ = ["FedWatermark", "LinkingStage", "link_activity"]
+__all__ = ["FedWatermark", "LinkingStage", "RemoteWatermark", "link_activity"]
 
 
 class _Observer(Protocol):
@@ -68,6 +68,23 @@ class LinkingStage:
         return f"LinkingStage(pending={self.linker.pending}, stats={self.linker.stats})"
 
 
+
+
+class RemoteWatermark:
+    """The watermark of an :class:`~oisp.activity.Activity` that runs in another process and sends its events
+    and then its watermark over an ordered channel (the decoder process's, from the proxy's process): the value
+    last received, 0 (nothing is known yet, so held events wait up to their bound) before the first."""
+
+    def __init__(self) -> None:
+        self._mark = 0
+
+    def advance(self, mark_ns: int) -> None:
+        """The sender's watermark moved to ``mark_ns`` (monotonic); it never goes back."""
+        if mark_ns > self._mark:
+            self._mark = mark_ns
+
+    def watermark_ns(self) -> int:
+        return self._mark
 
 
 class FedWatermark:

@@ -15,7 +15,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 from oisp.activity.link_stage import link_activity
-from oisp.activity.runner import activity_for
+from oisp.activity.runner import activity_beside, activity_for
 from oisp.apps import AppTable
 from oisp.attribution import Attributor
 from oisp.config import Config
@@ -152,10 +152,12 @@ async def run(
         return proxy
 
     if config.decoder == "process" and not extra_sinks:
-        async with DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event,
-                                  on_status=getattr(on_event, "set_status", None),
-                                  on_losses=getattr(on_event, "set_losses", None),
-                                  cpu=config.decoder_cpu, protected_paths=(ca.key_path,)) as decoder_process:
+        decoder_process = DecoderProcess(config, buffer_limit=config.decoder_buffer, on_event=on_event,
+                                         on_status=getattr(on_event, "set_status", None),
+                                         on_losses=getattr(on_event, "set_losses", None),
+                                         cpu=config.decoder_cpu, protected_paths=(ca.key_path,))
+        # activity is observed here, with the privileges the decoder process gives up, and ends before it
+        async with decoder_process, activity_beside(config, decoder_process):
             proxy = await serve(decoder_process, None, decoder_process)
         pipeline_summary = decoder_process.pipeline_summary or {}
         summary = {"pipeline": pipeline_summary, "proxy": attrs.asdict(proxy.stats),

@@ -64,6 +64,8 @@ class DecoderProcessStats:
     restarts: int = 0
     #: Why decoding was given up for good (no decoder process could be kept running), None while it is on.
     gave_up: str | None = None
+    #: Activity events that could not be handed to a decoder process (none was running).
+    lost_activity_events: int = 0
     #: The last decoder process's exit code, once it has ended.
     exit_code: int | None = None
     #: Events the decoder process's pipeline dropped so far (as it last said; the summary has the final count).
@@ -217,6 +219,9 @@ class DecoderProcess:
         #: Told ``(events dropped, connections not decoded to the end)`` whenever either grows (the live view).
         self.on_losses = on_losses
         self.stats = DecoderProcessStats()
+        #: Called in this process with each connection's report before it is forwarded (the activity monitor
+        #: learns agent processes from them); an exception is logged, never raised to the proxy.
+        self.connection_listeners: list[Callable[[ConnectionReport], None]] = []
         #: The decoder process's pipeline summary, once it has finished.
         self.pipeline_summary: dict[str, Any] | None = None
         self._channels = itertools.count(1)
@@ -257,9 +262,30 @@ class DecoderProcess:
     # ProxyObserver ------------------------------------------------------------------------------
     def connection(self, report: ConnectionReport) -> None:
         """Forward a connection's report (its ``network.connect`` event is made in the decoder process)."""
+        for listener in self.connection_listeners:
+            try:
+                listener(report)
+            except Exception:
+                logger.exception("a connection listener failed")
         worker = self._worker
         if worker is not None and worker.ready.is_set():
             worker.channel.send(Kind.REPORT, 0, dump_object(report), force=True)
+
+    # activity observed in this process -------------------------------------------------------------
+    def activity_event(self, event: Event) -> None:
+        """Hand an activity event observed in this process (:class:`~oisp.activity.Activity` needs the
+        privileges the decoder process gives up) to the decoder process's pipeline; counted when none runs."""
+        worker = self._worker
+        if worker is None or not worker.ready.is_set() \
+                or not worker.channel.send(Kind.ACTIVITY, 0, event.to_json().encode(), force=True):
+            self.stats.lost_activity_events += 1
+
+    def activity_watermark(self, mark_ns: int) -> None:
+        """Tell the decoder process's linking stage that every activity event before ``mark_ns`` (monotonic)
+        has been handed over (:meth:`activity_event` calls made before this one)."""
+        worker = self._worker
+        if worker is not None and worker.ready.is_set():
+            worker.channel.send(Kind.WATERMARK, 0, max(0, mark_ns).to_bytes(8, "big"), force=True)
 
     def exchange_listener(self, connection: ConnectionInfo) -> None:
         """Exchanges are decoded in the decoder process (see :meth:`open_feed`), never here."""

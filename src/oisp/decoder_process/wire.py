@@ -45,6 +45,12 @@ class Kind(enum.IntEnum):
     REPORT = 7
     #: The first frame: the pickled :class:`~oisp.decoder_process.worker.WorkerSettings`.
     SETTINGS = 8
+    #: An activity event as JSON: observed in the proxy's process, which keeps the privileges the kernel's
+    #: sources need, and processed (linked, redacted, written) by the decoder process's pipeline.
+    ACTIVITY = 9
+    #: The activity watermark (monotonic nanoseconds, 8 bytes big-endian): every activity event before it has
+    #: been sent.
+    WATERMARK = 10
     # decoder process → proxy
     #: Set up and listening; the payload is empty.
     READY = 16

@@ -97,8 +97,7 @@ def _configure_logging(settings: WorkerSettings) -> None:
 
 
 async def _serve(sock: socket.socket) -> None:
-    from oisp.activity.link_stage import link_activity
-    from oisp.activity.runner import activity_for
+    from oisp.activity.link_stage import RemoteWatermark, link_activity
     from oisp.decode_setup import build_event_decoder, build_pipeline
     from oisp.http.passive import make_decoder
     from oisp.plugins import create_plugin_manager
@@ -135,7 +134,10 @@ async def _serve(sock: socket.socket) -> None:
 
             pipeline.add_listener(forward)
         connections: dict[int, CopyDispatcher] = {}
-        async with pipeline, activity_for(settings.config, pipeline) as activity:
+        # Activity is observed in the proxy's process (the kernel's sources need the privileges this process
+        # gave up); its events and watermark arrive as ACTIVITY and WATERMARK frames, in the order they were sent.
+        activity = RemoteWatermark() if settings.config.activity_enabled else None
+        async with pipeline:
             link_activity(pipeline, activity, hold_ms=settings.config.activity_link_hold_ms)
             decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
             channel.send(Kind.READY, 0, force=True)
@@ -187,6 +189,14 @@ async def _serve(sock: socket.socket) -> None:
                         ended = connections.pop(number, None)
                         if ended is not None:
                             ended.close(payload.decode("utf-8", "replace") or None)
+                    elif kind is Kind.ACTIVITY:
+                        try:
+                            pipeline.emit(Event.from_json(payload))
+                        except Exception:  # one bad event must not end the decoder process
+                            logger.exception("could not take an activity event")
+                    elif kind is Kind.WATERMARK:
+                        if activity is not None:
+                            activity.advance(int.from_bytes(payload, "big"))
                     elif kind is Kind.REPORT:
                         try:
                             decoder.connection(load_object(payload))
