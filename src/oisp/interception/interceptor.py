@@ -472,6 +472,7 @@ class Interceptor:
         dropped, or a SYN that changes the filter)."""
         translator = self._translator
         outbound = translator.outbound
+        quic = self._quic
         for _ in range(4):  # then the event and DNS handles get their turn
             count = batch.receive(handle)
             if not count:
@@ -484,6 +485,12 @@ class Interceptor:
                 flags_at = at + _ADDRESS_FLAGS
                 address_flags = addresses[flags_at]
                 valid = bool(address_flags & _TCP_CHECKSUM)
+                if quic is not None and quic.is_udp(view[offsets[i]:offsets[i] + 10]):
+                    # QUIC to an AI endpoint: dropped (quic.py), as on the one-packet path
+                    if quic.should_drop(view[offsets[i]:offsets[i + 1]]):
+                        batch.send(handle, unsent, i)
+                        unsent = i + 1
+                    continue
                 verdict, entry = outbound(view[offsets[i]:offsets[i + 1]], bool(address_flags & _LOOPBACK),
                                           int.from_bytes(addresses[at + _ADDRESS_IFINDEX:at + _ADDRESS_IFINDEX + 4],
                                                          "little"), now, checksum_valid=valid)
