@@ -1,5 +1,6 @@
 """The short fuzzing tier: every network parser fed a few hundred mutated and arbitrary inputs (Hypothesis), and
-every input kept in ``tests/fuzz/corpus/<target>/`` (what once crashed or hung) replayed. The long tier, coverage
+every input kept in ``tests/fuzz/corpus/<target>/`` replayed (what once crashed or hung, and a few inputs of
+the coverage-guided runs that reached deep paths of each parser). The long tier, coverage
 guided, is ``nox -s fuzz`` (``tests/fuzz/run.py``)."""
 
 from __future__ import annotations
