@@ -115,6 +115,9 @@ async def _serve(sock: socket.socket) -> None:
             plugins = create_plugin_manager()
             # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline)
             pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT)
+            # the decoder too (it reads the app table, package data, as the pipeline read the prices): the files
+            # of an installation under a private directory (/root, a 0700 checkout) are unreadable after the drop
+            decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
             # the sinks' files and connections are open: from now on, nothing privileged is needed
             if account is not None:
                 preload()
@@ -139,7 +142,6 @@ async def _serve(sock: socket.socket) -> None:
         activity = RemoteWatermark() if settings.config.activity_enabled else None
         async with pipeline:
             link_activity(pipeline, activity, hold_ms=settings.config.activity_link_hold_ms)
-            decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
             channel.send(Kind.READY, 0, force=True)
             gc.freeze()  # what start-up made lives as long as the process: keep collections short
             yield_after = settings.config.decoder_yield_ms / 1000
