@@ -43,7 +43,7 @@ from oisp import netns
 from oisp.errors import ConfigurationError, InterceptionError, ProtocolError
 from oisp.interception._backend import Backend, PacketBatch, Poller, current_backend
 from oisp.interception._filter import DivertFilter, build_filter
-from oisp.interception._nat import FlowKey, NatTable, Translator, Verdict
+from oisp.interception._nat import FlowKey, NatEntry, NatTable, Translator, Verdict
 from oisp.interception.dns import parse_dns_response
 from oisp.interception.protocol import Address, OriginalDestination
 from oisp.interception.quic import QUIC_PORTS, QuicAttempt, QuicGuard
@@ -508,20 +508,11 @@ class Interceptor:
                 flags = translator.last_flags
                 if entry is None or not flags & (_SYN | _ACK) or (entry.attributed and not flags & _SYN):
                     continue
-                if not entry.attributed and translator.last_from_client and not flags & _SYN:
-                    # The client's handshake ACK: its socket is established, so the FLOW event is already queued.
-                    self._drain_events()
-                    entry.attributed = True
-                if flags & _SYN and not flags & _ACK and self._filter is not None \
-                        and not self._filter.covers(*entry.original):
-                    # Diverted through the SYN catch: the rest of the connection needs the address in the filter.
-                    if self._swapping:
-                        self._rebuild_wanted = True
-                    else:
-                        batch.send(handle, unsent, i)  # what came before goes out through the old handle
-                        unsent = i
-                        self._open_network()
-                        handle = self._network  # this SYN, and the rest, through the handle that now diverts
+                if self._handshake_step(entry, flags):
+                    batch.send(handle, unsent, i)  # what came before goes out through the old handle
+                    unsent = i
+                    self._open_network()
+                    handle = self._network  # this SYN, and the rest, through the handle that now diverts
             batch.send(handle, unsent, count)
             if handle is not self._network:
                 return
@@ -541,25 +532,30 @@ class Interceptor:
             return
         if verdict is Verdict.DROP:
             return
-        flags = translator.last_flags
-        if entry is not None:
-            if not entry.attributed and translator.last_from_client and not flags & _SYN:
-                # The client's handshake ACK: its socket is established, so the FLOW event is already queued.
-                self._drain_events()
-                entry.attributed = True
-            if flags & _SYN and not flags & _ACK and self._filter is not None \
-                    and not self._filter.covers(*entry.original):
-                # Diverted through the SYN catch: the rest of the connection needs the address in the filter.
-                if self._swapping:
-                    self._rebuild_wanted = True
-                else:
-                    self._open_network()
-                    handle = self._network  # the SYN goes out through the handle that now diverts its flow
+        if entry is not None and self._handshake_step(entry, translator.last_flags):
+            self._open_network()
+            handle = self._network  # the SYN goes out through the handle that now diverts its flow
         addr.IPChecksum = 0
         addr.TCPChecksum = 0
         if verdict is Verdict.INBOUND:
             addr.Outbound = 0
         handle.send(packet, recalculate_checksum=False)
+
+    def _handshake_step(self, entry: NatEntry, flags: int) -> bool:
+        """What a translated handshake packet of ``entry`` asks of the packet loop (both paths): the client's
+        handshake ACK makes its FLOW event due (read it now); a SYN diverted through the SYN catch needs its
+        address in the filter. True when the NETWORK handle must be reopened before this packet is sent."""
+        if not entry.attributed and self._translator.last_from_client and not flags & _SYN:
+            # The client's handshake ACK: its socket is established, so the FLOW event is already queued.
+            self._drain_events()
+            entry.attributed = True
+        if flags & _SYN and not flags & _ACK and self._filter is not None \
+                and not self._filter.covers(*entry.original):
+            # Diverted through the SYN catch: the rest of the connection needs the address in the filter.
+            if not self._swapping:
+                return True
+            self._rebuild_wanted = True
+        return False
 
     def _drain_events(self) -> None:
         poller = self._poller
