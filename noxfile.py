@@ -32,14 +32,17 @@ def lint(session: nox.Session) -> None:
 TYPECHECK_PLATFORMS = {
     "linux": ["src/oisp"],
     "win32": ["src/oisp"],
-    "darwin": ["src/oisp/tls/trust.py", "src/oisp/tls/_trust_macos.py"],
+    "darwin": ["src/oisp/tls/trust.py", "src/oisp/tls/_trust_macos.py", "src/oisp/activity/monitor.py",
+               "src/oisp/activity/polling.py", "src/oisp/activity/connections.py", "src/oisp/activity/flow.py",
+               "src/oisp/activity/sockpoll.py", "src/oisp/activity/watcher.py"],
 }
 
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the library, for Linux, Windows (--platform win32) and the macOS trust store."""
-    session.install("-e", ".[demo,validate,otlp,kafka]", "certifi", "pytest>=8", "mypy>=1.11")  # pytest: oisp.testing
+    # pytest: oisp.testing; watch: the directory watcher's watchdog
+    session.install("-e", ".[demo,validate,otlp,kafka,watch]", "certifi", "pytest>=8", "mypy>=1.11")
     for platform, paths in TYPECHECK_PLATFORMS.items():
         # One cache per platform: the platform is part of mypy's cache key, so a shared one is rebuilt every pass.
         session.run("mypy", "--strict", "--platform", platform, "--cache-dir", f".mypy_cache/{platform}", *paths)

@@ -88,5 +88,8 @@ path = "{events_file}"
     assert str(bystander) not in writes
     assert all((e.attrs or {}).get("oisp.agent_pid") == agent_pid for e in events
                if e.event_type.startswith(("process.", "file.")))
+    # The agent's only connection is to the proxy, which reports it itself (intercepted): not reported again.
+    assert [(e.attrs or {}).get("oisp.interception") for e in events if e.event_type == "network.connect"
+            and e.process is not None and e.process.pid == agent_pid] == ["intercepted"]
     for event in events:
         oisp_schema.assert_valid(event.to_dict())

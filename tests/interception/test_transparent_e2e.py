@@ -346,3 +346,43 @@ def test_quic_to_an_ai_endpoint_is_dropped_and_reported_then_tcp_is_intercepted(
     curl = ws.run("curl", "-sS", "--cacert", str(ws.oisp_ca), "https://api.openai.com/v1/models")
     assert curl.returncode == 0, curl.stderr
     ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "the TCP call's ai.response")
+
+
+#: An agent: an AI call (intercepted), then a plain connection of its own to a host that is not an AI endpoint,
+#: held open until its ``network.connect`` is in the events file (the polled source sees open connections only).
+AGENT_WITH_OTHER_CONNECTION = """
+import json, os, socket, sys, time
+import openai
+events, host = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(api_key="sk-proj-" + "e" * 40, max_retries=0)
+client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}])
+with socket.create_connection((host, 443)) as conn:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(events) as f:
+            if any('"not_intercepted"' in line and f'"process":{{"pid":{os.getpid()},' in line for line in f):
+                break
+        time.sleep(0.05)  # polls the events file (a condition with a deadline)
+    print(json.dumps({"pid": os.getpid(), "port": conn.getsockname()[1]}))
+"""
+
+
+@pytest.mark.parametrize("cgroup2", [True, False], ids=["flow_layer", "polled"])
+def test_an_agents_other_connection_is_reported_once_and_its_ai_calls_are_not_reported_again(
+        tmp_path: Path, cgroup2: bool) -> None:
+    with _workstation(tmp_path, cgroup2=cgroup2) as ws:
+        out = ws.run(sys.executable, "-c", AGENT_WITH_OTHER_CONNECTION, str(ws.events_file), ws.other_ip,
+                     env={"SSL_CERT_FILE": str(ws.oisp_ca)})
+        assert out.returncode == 0, out.stderr[-3000:] + ws.log.read_text()[-3000:]
+        agent = json.loads(out.stdout)
+        events = ws.wait_events(lambda ev: any(e.event_type == "ai.response" for e in ev), "ai.response")
+    log = ws.log.read_text()
+    assert ("connections of agent processes are polled" in log) == (not cgroup2), log[-3000:]
+    mine = [e for e in events if e.event_type == "network.connect" and e.process is not None
+            and e.process.pid == agent["pid"]]
+    by_kind = sorted((e.attrs or {}).get("oisp.interception", "") for e in mine)
+    assert by_kind == ["intercepted", "not_intercepted"], [e.to_dict() for e in mine]
+    (other,) = [e for e in mine if (e.attrs or {})["oisp.interception"] == "not_intercepted"]
+    assert (other.data.dest.ip, other.data.dest.port, other.data.src.port) == (  # type: ignore[attr-defined]
+        ws.other_ip, 443, agent["port"])
+    assert (other.attrs or {})["oisp.agent_pid"] == agent["pid"]

@@ -2,8 +2,11 @@
 
 Linux (root): the kernel's process-events connector and fanotify (:mod:`oisp.activity.linux`). Elsewhere, or
 without the privileges: processes by polling the process list with psutil (:mod:`oisp.activity.polling`;
-``confidence.completeness`` says "sampled") and no file events; :attr:`ActivityStats.limitations` says what is
-missing and why, and the monitor runs on with what it has.
+``confidence.completeness`` says "sampled") and file changes from watching the agents' working directories
+(:mod:`oisp.activity.watcher`, with watchdog installed; attributed by directory, ``confidence.level`` "low").
+Outbound connections the proxy does not intercept: pydivert's FLOW layer where it opens
+(:mod:`oisp.activity.flow`), else the agents' socket tables polled (:mod:`oisp.activity.sockpoll`).
+:attr:`ActivityStats.limitations` says what is missing and why, and the monitor runs on with what it has.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from oisp.activity.build import Clock
+from oisp.activity.connections import ConnectionFilter, Proxied
 from oisp.activity.scope import AgentScope
 from oisp.activity.settings import ActivitySettings, ActivityStats
 from oisp.events import Event
@@ -96,6 +100,8 @@ class Activity:
         self._closing = False
         self._limit = _RateLimit(self.config.rate_limit) if self.config.scope == "all" else None
         self._table: Any = None
+        #: which connections are left to the proxy's own network.connect (see :meth:`add_proxied`)
+        self.connection_filter = ConnectionFilter(self.scope)
 
     # scope ---------------------------------------------------------------------------------------
     def add_agent(self, pid: int, *, exe: str | None = None, since_ns: int | None = None) -> None:
@@ -112,6 +118,12 @@ class Activity:
             replay = getattr(source, "replay", None)
             if replay is not None:
                 replay(pid, since_ns if since_ns is not None else time.monotonic_ns() - 2_000_000_000)
+
+    def add_proxied(self, predicate: Proxied) -> None:
+        """Tell the connection sources about connections the proxy intercepts (``predicate(local, remote)``,
+        addresses as (ip, port)), which the proxy reports itself: they are not reported again. Connections to a
+        port this process listens on (the proxy's listener in explicit mode) are recognised without it."""
+        self.connection_filter.proxied.append(predicate)
 
     def watch_pipeline(self, pipeline: Any) -> None:
         """Learn agents from a :class:`~oisp.Pipeline`'s processed events: any ``ai.*`` or ``network.connect``
@@ -154,6 +166,46 @@ class Activity:
             self._start_linux()
         if not self._sources and self.config.processes:
             self._start_polling()
+        if self.config.connections:
+            self._start_connections()
+        watch = self.config.watch_directories
+        if watch or (watch is None and self.config.files and "files" not in self.stats.sources):
+            self._start_watcher()
+
+    def _start_connections(self) -> None:
+        from oisp.activity import flow
+
+        why = flow.available()
+        if why is None:
+            from oisp.errors import InterceptionError
+
+            try:
+                source: ActivitySource = flow.FlowConnectionSource(self.connection_filter, self.stats, self._clock,
+                                                                   self._deliver, self._admit)
+            except (InterceptionError, OSError, ImportError) as exc:
+                why = f"pydivert's FLOW layer could not be opened ({exc})"
+            else:
+                self._add(source, "pydivert FLOW/SOCKET layers (sniffed)")
+                return
+        from oisp.activity.sockpoll import PolledConnectionSource
+
+        self.stats.limitations.append(f"{why}: the connections of agent processes are polled instead (a connection "
+                                      f"opened and closed between two polls is not seen)")
+        log.warning("activity: %s", self.stats.limitations[-1])
+        self._add(PolledConnectionSource(self.scope, self.connection_filter, self.config, self.stats, self._clock,
+                                         self._deliver, self._admit), "socket tables of agent processes polled")
+
+    def _start_watcher(self) -> None:
+        from oisp.activity import watcher
+
+        why = watcher.available()
+        if why is not None:
+            self.stats.limitations.append(why)
+            log.warning("activity: %s", why)
+            return
+        self._add(watcher.DirectoryWatchSource(self.scope, self.stats, self._clock, self._deliver,
+                                               poll_interval=self.config.poll_interval),
+                  "the working directories of agents watched (attributed by directory)")
 
     def _start_linux(self) -> None:
         if sys.platform == "linux":  # (mypy: checked for Linux only)
@@ -201,7 +253,8 @@ class Activity:
         self._add(PollingProcessSource(self.scope, self.config, self.stats, self._clock, self._deliver,
                                        self._admit), "psutil polling")
         if self.config.files:
-            self.stats.limitations.append(f"file events are not observed on {sys.platform} without root/fanotify")
+            self.stats.limitations.append(f"file events with the writer's pid are not observed on {sys.platform} "
+                                          "without root/fanotify")
 
     def _add(self, source: ActivitySource, how: str) -> None:
         self._marks[source.name] = time.monotonic_ns()

@@ -104,6 +104,10 @@ class AgentScope:
         """The root agent pid whose tree ``pid`` is in, or None when ``pid`` is not an agent process."""
         return self._agent_of.get(pid)
 
+    def members(self) -> list[int]:
+        """The pids tracked as agent processes now (a copy)."""
+        return list(self._agent_of)
+
     def in_scope(self, pid: int) -> bool:
         """Whether events of ``pid`` are to be observed (an agent process, or any process unless excluded with all)."""
         if self.all_processes:

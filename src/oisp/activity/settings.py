@@ -74,7 +74,10 @@ class ActivitySettings:
     base name) that are always agents / never observed. ``sensitive_paths``: glob patterns whose opening is
     reported. ``hash_files``: add the SHA-256 of files written (read after the writer closed them; files over
     ``hash_limit`` bytes are not hashed). ``processes``/``files``: which sources run. ``fork_events``: emit
-    ``process.fork`` for forks of observed processes (lineage of children that never exec).
+    ``process.fork`` for forks of observed processes (lineage of children that never exec). ``connections``:
+    report the outbound TCP connections of processes in scope that the proxy does not intercept
+    (``network.connect``). ``watch_directories``: watch the working directories of agent processes for file
+    changes (None: only where the kernel's file events are not available).
     """
 
     scope: str = attrs.field(default="agents", validator=attrs.validators.in_(("agents", "all")))
@@ -87,6 +90,8 @@ class ActivitySettings:
     processes: bool = True
     files: bool = True
     fork_events: bool = True
+    connections: bool = True
+    watch_directories: bool | None = None
     max_tracked: int = 65536
     #: seconds between two polls of the process list where the platform has no kernel events (psutil)
     poll_interval: float = 0.25
@@ -102,6 +107,10 @@ class ActivityStats:
     process_records: int = 0
     #: kernel file events read (before the scope filter)
     file_records: int = 0
+    #: outbound connections observed (before the scope filter for flow events; of agent processes when polled)
+    connection_records: int = 0
+    #: file changes reported by the directory watcher (before attribution)
+    watch_records: int = 0
     #: times the kernel said process events were lost (netlink ENOBUFS: its queue overflowed)
     process_overruns: int = 0
     #: times the kernel said file events were lost (FAN_Q_OVERFLOW)

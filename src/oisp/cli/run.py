@@ -127,7 +127,8 @@ async def run(
     ca = load_ca(config, endpoints)  # after every check that could refuse the configuration
     stop = stop or anyio.Event()
 
-    async def serve(observer: Any, pipeline: Pipeline | None, decoder_process: DecoderProcess | None) -> MitmProxy:
+    async def serve(observer: Any, pipeline: Pipeline | None, decoder_process: DecoderProcess | None,
+                    activity: Any = None) -> MitmProxy:
         nonlocal interceptor
         proxy = MitmProxy(proxy_config, ca=ca, endpoints=endpoints, observer=observer,
                           attributor=Attributor(apps=AppTable.from_plugins(plugins)),
@@ -138,6 +139,10 @@ async def run(
             address = await tg.start(_serve, proxy, tg.cancel_scope)
             if transparent:  # the interceptor needs the port to divert to: it joins once the proxy listens
                 interceptor, quic = await _start_interceptor(config, endpoints, address[1], proxy)
+                if activity is not None:  # its diverted connections are reported by the proxy, not again
+                    from oisp.activity.connections import intercepted_by
+
+                    activity.add_proxied(intercepted_by(interceptor))
                 if quic is not None:
                     tg.start_soon(_report_quic, quic, proxy)
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
@@ -157,8 +162,8 @@ async def run(
                                          on_losses=getattr(on_event, "set_losses", None),
                                          cpu=config.decoder_cpu, protected_paths=(ca.key_path,))
         # activity is observed here, with the privileges the decoder process gives up, and ends before it
-        async with decoder_process, activity_beside(config, decoder_process):
-            proxy = await serve(decoder_process, None, decoder_process)
+        async with decoder_process, activity_beside(config, decoder_process) as activity:
+            proxy = await serve(decoder_process, None, decoder_process, activity)
         pipeline_summary = decoder_process.pipeline_summary or {}
         summary = {"pipeline": pipeline_summary, "proxy": attrs.asdict(proxy.stats),
                    "decoder_process": decoder_process.summary()}
@@ -168,7 +173,7 @@ async def run(
             pipeline.add_listener(on_event)
         async with pipeline, activity_for(config, pipeline) as activity:
             link_activity(pipeline, activity, hold_ms=config.activity_link_hold_ms)
-            proxy = await serve(build_event_decoder(plugins, config, pipeline.emit), pipeline, None)
+            proxy = await serve(build_event_decoder(plugins, config, pipeline.emit), pipeline, None, activity)
         summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
     logger.info("oisp stopped: %d connections, %d events emitted, %d dropped", proxy.stats.connections,
                 summary["pipeline"].get("emitted", 0), summary["pipeline"].get("dropped_total", 0))
