@@ -137,6 +137,10 @@ class Config:
     activity_sensitive_paths: tuple[str, ...] | None = None
     activity_hash_files: bool = False
     activity_rate_limit: int = 2000
+    #: report the outbound connections of agent processes that the proxy does not intercept
+    activity_connections: bool = True
+    #: watch the agents' working directories for file changes (None: where the kernel gives no file events)
+    activity_watch_directories: bool | None = None
     #: Milliseconds an event may wait for what links it (a tool result for the kernel events before its request,
     #: a kernel event for the other sources and the tool calls of its turn) when activity is on.
     activity_link_hold_ms: float = 250.0
@@ -296,6 +300,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["activity_hash_files"] = activity.boolean("hash_files")
         values["activity_rate_limit"] = activity.number("rate_limit", integer=True)
         values["activity_link_hold_ms"] = activity.number("link_hold_ms", zero=True)
+        values["activity_connections"] = activity.boolean("connections")
+        values["activity_watch_directories"] = activity.boolean("watch_directories")
         activity.finish()
     pricing = root.table("pricing")
     if pricing is not None:

@@ -72,3 +72,18 @@ def test_the_event_says_not_intercepted_and_validates(oisp_schema: SchemaValidat
     oisp_schema.assert_valid(polled.to_dict())
     assert polled.confidence.completeness == "sampled"
     assert polled.confidence.process_attribution == "socket_inode"
+
+
+def test_connections_and_watch_directories_are_read_from_the_activity_table() -> None:
+    import pytest
+
+    from oisp.activity.runner import settings_from
+    from oisp.config import parse_config
+    from oisp.errors import ConfigurationError
+
+    settings = settings_from(parse_config({"activity": {"connections": False, "watch_directories": True}}))
+    assert (settings.connections, settings.watch_directories) == (False, True)
+    default = settings_from(parse_config({}))
+    assert (default.connections, default.watch_directories) == (True, None)
+    with pytest.raises(ConfigurationError, match="activity.connections"):
+        parse_config({"activity": {"connections": "yes"}})

@@ -8,7 +8,8 @@ would count every AI call as a tool's network request). :func:`connect_event` ma
 
 The v0.1 ``network.connect`` payload has no field saying a connection was not intercepted: like the proxy's own
 events (``attrs["oisp.interception"]`` ``intercepted``, ``passthrough``, ...), these say
-``attrs["oisp.interception"] = "not_intercepted"`` (:data:`NOT_INTERCEPTED`; listed in docs/spec-gaps.md).
+``attrs["oisp.interception"] = "not_intercepted"`` (:data:`oisp.events.spec_gaps.NOT_INTERCEPTED`, the one place
+spec gaps are mapped; listed in docs/spec-gaps.md).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from oisp.activity.build import Clock, ProcessFacts, _source
 from oisp.activity.procfs import read_process
 from oisp.activity.scope import AgentScope
 from oisp.events import Confidence, Endpoint, Event, NetworkConnect
+from oisp.events.spec_gaps import INTERCEPTION_KEY, NOT_INTERCEPTED
 
 __all__ = ["NOT_INTERCEPTED", "ConnectFacts", "ConnectionFilter", "Proxied", "connect_event", "intercepted_by",
            "own_listeners", "process_facts"]
 
 log = logging.getLogger(__name__)
 
-#: ``attrs["oisp.interception"]`` of a connection oisp observed but did not intercept
-NOT_INTERCEPTED = "not_intercepted"
 
 Address = tuple[str, int]
 #: Says whether a connection (local address, remote address) is one the proxy intercepts (it reports it itself).
@@ -210,4 +210,4 @@ def connect_event(facts: ConnectFacts, process: ProcessFacts, clock: Clock, *, p
         missing=missing or None, limitations=limitations, process_attribution=pid_source, content_source="none")
     return Event.create(data, ts=clock.wall(facts.ts_ns), ts_mono=facts.ts_ns, process=process.process_info(),
                         actor=process.actor(), source=_source(point, method), confidence=confidence,
-                        attrs=process.attrs({"oisp.interception": NOT_INTERCEPTED}))
+                        attrs=process.attrs({INTERCEPTION_KEY: NOT_INTERCEPTED}))

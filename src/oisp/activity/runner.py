@@ -37,6 +37,7 @@ def settings_from(config: Config) -> ActivitySettings:
         sensitive_paths=config.activity_sensitive_paths if config.activity_sensitive_paths is not None
         else defaults.sensitive_paths,
         hash_files=config.activity_hash_files, rate_limit=config.activity_rate_limit,
+        connections=config.activity_connections, watch_directories=config.activity_watch_directories,
     )
 
 

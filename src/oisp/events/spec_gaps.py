@@ -17,12 +17,19 @@ from typing import Any
 
 from oisp.events.envelope import Event
 
-__all__ = ["ORIGINAL_KEY", "PROVIDER_KEY", "conform", "map_values", "provider_name"]
+__all__ = ["INTERCEPTION_KEY", "NOT_INTERCEPTED", "ORIGINAL_KEY", "PROVIDER_KEY", "conform", "map_values",
+           "provider_name"]
 
 ORIGINAL_KEY = "oisp.original"
 #: ``attrs`` key with the provider's own name when the schema's enum has no place for it (``data.provider.name``
 #: is then ``"other"``): a plugin's ``example-llm``, ``deepseek``, ``openrouter``.
 PROVIDER_KEY = "oisp.provider"
+#: ``attrs`` key saying what the proxy did with a connection (``network.connect`` has no field for it):
+#: ``intercepted``, ``passthrough``, ... for the proxy's own events (:class:`oisp.proxy.report.Decision`), and
+#: :data:`NOT_INTERCEPTED` for a connection oisp observed without intercepting it (an agent process's other
+#: connections, :mod:`oisp.activity.connections`).
+INTERCEPTION_KEY = "oisp.interception"
+NOT_INTERCEPTED = "not_intercepted"
 
 PROVIDER_NAMES = frozenset({
     "openai", "anthropic", "google", "azure_openai", "aws_bedrock", "cohere", "mistral", "groq", "together",
