@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from oisp.activity import connections
-from oisp.activity.build import Clock
+from oisp.activity.build import Clock, ProcessFacts
 from oisp.activity.connections import ConnectFacts, ConnectionFilter
 from oisp.activity.settings import ActivityStats
 from oisp.events import Event
@@ -41,7 +42,12 @@ _EV_FLOW_ESTABLISHED, _EV_SOCKET_CONNECT = 1, 4
 #: endpoints whose CONNECT was seen, kept until their flow is established (a connect that never is: evicted)
 _CONNECTS = 16384
 _DRAIN = 4096
-LIMITATION = "connections_from_flow_events"
+_EVENT_BUFFER = 256
+#: processes whose facts are kept for their next connections, and for how long
+_PROCESSES = 1024
+_PROCESS_TTL_NS = 1_000_000_000
+#: how far the watermark stays behind a pass that read nothing (events in libebpfdivert's hand-over)
+IDLE_LAG_NS = 20_000_000
 
 
 def available() -> str | None:
@@ -85,6 +91,7 @@ class FlowConnectionSource:
         self._admit = admit
         self._backend = backend or current_backend()
         self._connects: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._processes: collections.OrderedDict[int, tuple[int, ProcessFacts]] = collections.OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -130,12 +137,17 @@ class FlowConnectionSource:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._poller.wait(0.02)
-            mark = time.monotonic_ns()  # every event queued before this is read in this pass
+            mark = time.monotonic_ns() - IDLE_LAG_NS
             events: list[Event] = []
             try:
-                self.read(events)
+                newest = self.read(events)
             except Exception:
                 log.exception("activity: reading flow events failed")
+                newest = None
+            if newest is not None and sys.platform == "linux":
+                # libebpfdivert hands events over from its own thread: under load some queued before this pass
+                # may not be receivable yet. They come in order, so everything up to the newest read is read.
+                mark = min(mark, newest)
             with self._lock:
                 if self._replayed:
                     events, self._replayed = self._replayed + events, []
@@ -144,17 +156,32 @@ class FlowConnectionSource:
 
     def _drain(self, handle: Any) -> list[Any]:
         out = []
+        if sys.platform == "win32":  # the Windows poller's reader threads receive; they queue what they got
+            for _ in range(_DRAIN):
+                packet = self._poller.recv_nowait(handle)
+                if packet is None:
+                    break
+                out.append(packet)
+            return out
         for _ in range(_DRAIN):
-            packet = self._poller.recv_nowait(handle)
-            if packet is None:
+            try:  # FLOW and SOCKET events have no payload: a small buffer (the default is 64 KiB per call)
+                packet = handle.recv(bufsize=_EVENT_BUFFER, timeout=0)
+            except TimeoutError:
                 break
+            except OSError as exc:
+                if exc.errno == errno.EBADF:  # shut down and drained
+                    break
+                raise
             out.append(packet)
         return out
 
-    def read(self, out: list[Event]) -> None:
-        """One pass: the flow events queued now, then the connect events (queued before their flows')."""
+    def read(self, out: list[Event]) -> int | None:
+        """One pass: the flow events queued now, then the connect events (queued before their flows'); returns
+        the newest kernel time of the events read (None: none were)."""
         flows = self._drain(self._flow)
-        for packet in self._drain(self._socket):
+        connects = self._drain(self._socket)
+        newest = max((int(p.wd_addr.Timestamp) for p in (*flows, *connects)), default=None)
+        for packet in connects:
             addr = packet.wd_addr
             if int(addr.Event) == _EV_SOCKET_CONNECT:
                 data = addr.u.Socket
@@ -169,6 +196,7 @@ class FlowConnectionSource:
             if agent is None or not self._admit(agent or None):
                 continue
             out.append(self._event(facts, agent))
+        return newest
 
     def decode(self, packet: Any) -> ConnectFacts | None:
         """The facts of an outbound flow's ESTABLISHED event (None for others: accepted, deleted, unknown)."""
@@ -191,5 +219,14 @@ class FlowConnectionSource:
                             (_address(data.RemoteAddr, ipv6), int(data.RemotePort)), ts)
 
     def _event(self, facts: ConnectFacts, agent: int) -> Event:
-        process = connections.process_facts(facts.pid, agent)
-        return connections.connect_event(facts, process, self._clock, point="flow_established")
+        now = time.monotonic_ns()
+        cached = self._processes.get(facts.pid)
+        if cached is None or now - cached[0] > _PROCESS_TTL_NS or cached[1].agent != (agent or None):
+            # a process's connections in a burst share what /proc says of it (read again after a second: an
+            # exec may have changed it)
+            cached = (now, connections.process_facts(facts.pid, agent))
+            self._processes[facts.pid] = cached
+            self._processes.move_to_end(facts.pid)
+            if len(self._processes) > _PROCESSES:
+                self._processes.popitem(last=False)
+        return connections.connect_event(facts, cached[1], self._clock, point="flow_established")
