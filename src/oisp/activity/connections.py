@@ -18,6 +18,7 @@ import collections
 import ipaddress
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -95,6 +96,7 @@ class ConnectionFilter:
         self._ports: set[int] = set()
         self._ports_at = float("-inf")
         self._recent: collections.deque[ConnectFacts] = collections.deque(maxlen=recent)
+        self._recent_lock = threading.Lock()  # a source's thread keeps them, the event loop's replays them
         self._own_pid = os.getpid()
         #: connections left out because the proxy intercepts them / because their process is not in scope
         self.intercepted = 0
@@ -125,7 +127,8 @@ class ConnectionFilter:
             return None
         if not self.scope.in_scope(facts.pid):
             self.out_of_scope += 1
-            self._recent.append(facts)
+            with self._recent_lock:
+                self._recent.append(facts)
             return None
         if self.is_proxied(facts.local, facts.remote):
             self.intercepted += 1
@@ -137,13 +140,14 @@ class ConnectionFilter:
         """The kept connections, since ``since_ns``, of processes now in ``agent``'s tree (it was just learned:
         what it did before it was known is reported too); they are taken out of the ring."""
         found: list[ConnectFacts] = []
-        kept: collections.deque[ConnectFacts] = collections.deque(maxlen=self._recent.maxlen)
-        for facts in self._recent:
-            if facts.ts_ns >= since_ns and self.scope.agent_of(facts.pid) == agent:
-                found.append(facts)
-            else:
-                kept.append(facts)
-        self._recent = kept
+        with self._recent_lock:
+            kept: collections.deque[ConnectFacts] = collections.deque(maxlen=self._recent.maxlen)
+            for facts in self._recent:
+                if facts.ts_ns >= since_ns and self.scope.agent_of(facts.pid) == agent:
+                    found.append(facts)
+                else:
+                    kept.append(facts)
+            self._recent = kept
         return [f for f in found if not self.is_proxied(f.local, f.remote)]
 
 
