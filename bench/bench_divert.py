@@ -82,17 +82,21 @@ def _cpu_seconds(pid: int) -> float:
 def _measure(ns: Namespace, args: argparse.Namespace, agent: subprocess.Popen[str] | None,
              dev: str, agent_pid: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    stats_before = _agent_stats(agent) if agent else {}
-    out["rtt"] = _client(ns, "pingpong", "api.openai.com", "443", str(args.rtts), "64")
-    if agent:  # the packet thread's wake-up: capture of a batch's first packet to its receipt, mean per batch
+    for group, argv, n in (("rtt", ("pingpong", "api.openai.com", "443", str(args.rtts), "64"), args.rtts),
+                           ("connect", ("connect", "api.openai.com", "443", str(args.conns)), args.conns)):
+        stats_before = _agent_stats(agent) if agent else {}
+        out[group] = _client(ns, *argv)
+        if not agent:
+            continue
+        # The packet thread per batch: wake-up (capture of its first packet to its receipt) and busy time
+        # (receipt to re-injection done); batches per round trip or connection.
         stats_after = _agent_stats(agent)
         batches = stats_after.get("batches", 0) - stats_before.get("batches", 0)
-        delay = stats_after.get("capture_delay_us", 0) - stats_before.get("capture_delay_us", 0)
-        out["rtt"]["wake_us"] = delay / batches if batches else None
-        out["rtt"]["batches_per_rtt"] = batches / args.rtts
-    else:
-        out["rtt"]["wake_us"] = out["rtt"]["batches_per_rtt"] = None
-    out["connect"] = _client(ns, "connect", "api.openai.com", "443", str(args.conns))
+        for key, counter in (("wake_us", "capture_delay_us"), ("busy_us", "batch_busy_us")):
+            total = stats_after.get(counter, 0) - stats_before.get(counter, 0)
+            out[group][key] = total / batches if batches and counter in stats_after else None
+        out[group]["batches_per"] = batches / n if "batches" in stats_after else None
+        out[group]["swaps"] = stats_after.get("filter_swaps", 0) - stats_before.get("filter_swaps", 0)
     for label, segs in (("gso", None), ("mtu", "1")):
         if segs is not None:
             subprocess.run(["ip", "netns", "exec", ns.name, "ip", "link", "set", "dev", dev, "gso_max_segs", segs],
@@ -177,10 +181,15 @@ def main() -> None:
     rows = [
         ("RTT 64 B, median (us)", "rtt", "median_us"),
         ("RTT 64 B, p99 (us)", "rtt", "p99_us"),
-        ("RTT: batches received per round trip", "rtt", "batches_per_rtt"),
+        ("RTT: batches received per round trip", "rtt", "batches_per"),
         ("RTT: capture to receipt, mean per batch (us)", "rtt", "wake_us"),
+        ("RTT: receipt to re-injected, mean per batch (us)", "rtt", "busy_us"),
         ("connect+first byte, median (us)", "connect", "median_us"),
         ("connect+first byte, p99 (us)", "connect", "p99_us"),
+        ("setup: batches received per connection", "connect", "batches_per"),
+        ("setup: NETWORK handle reopened (filter swaps)", "connect", "swaps"),
+        ("setup: capture to receipt, mean per batch (us)", "connect", "wake_us"),
+        ("setup: receipt to re-injected, mean per batch (us)", "connect", "busy_us"),
         ("echo throughput, GSO on (MB/s)", "bulk_gso", "mb_s"),
         ("echo throughput, 1500 B packets (MB/s)", "bulk_mtu", "mb_s"),
         ("translated packets/s, GSO on", "bulk_gso", "pps"),

@@ -292,3 +292,18 @@ def test_fast_key_refuses_what_it_cannot_rewrite_blindly(raw: bytearray) -> None
     fragment = tcp_packet(CLIENT, 1, SERVER, 2)
     fragment[7] = 1
     assert fast_key(fragment) is None
+
+
+def test_packet_offsets_walks_back_to_back_packets_by_their_ip_headers() -> None:
+    from oisp.interception._backend import packet_offsets
+
+    packets = [tcp_packet(CLIENT, 1, SERVER, 2, ACK, b"a" * 100), tcp_packet(CLIENT6, 1, SERVER6, 2, ACK, b"bb"),
+               tcp_packet(CLIENT, 3, SERVER, 4)]
+    buffer = bytearray(b"".join(packets)) + bytearray(64)  # the rest of the receive buffer
+    received = sum(map(len, packets))
+    assert packet_offsets(buffer, 3, received) == [0, 140, 140 + 62, received]
+    assert packet_offsets(buffer, 0, 0) == [0]
+    with pytest.raises(OSError, match="3 packets"):
+        packet_offsets(buffer, 3, received + 1)  # the lengths do not add up to what was received
+    with pytest.raises(OSError):
+        packet_offsets(buffer, 4, received)  # fewer packets than reported

@@ -201,6 +201,8 @@ class Interceptor:
         #: packet (its address's timestamp, CLOCK_MONOTONIC) to its receipt here: the packet thread's wake-up.
         self.batches = 0
         self._capture_delay_ns = 0
+        #: Summed time from receiving each batch to having re-injected it (translation and injection).
+        self._batch_busy_ns = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -310,7 +312,7 @@ class Interceptor:
         """Counters: connections diverted, packets translated/passed/dropped (and translated through the fast
         path), filter swaps, DNS answers; batches received on the batch path and the summed delay from the
         capture of each batch's first packet to its receipt (``capture_delay_us``: the packet thread's wake-up
-        latency, divided by ``batches``)."""
+        latency, divided by ``batches``), and the summed time from receipt to re-injection (``batch_busy_us``)."""
         s = self._translator.stats
         return {
             "diverted_connections": s.diverted_connections,
@@ -330,6 +332,7 @@ class Interceptor:
             "fast_path_packets": s.fast_path,
             "batches": self.batches,
             "capture_delay_us": self._capture_delay_ns // 1000,
+            "batch_busy_us": self._batch_busy_ns // 1000,
         }
 
     @property
@@ -490,7 +493,8 @@ class Interceptor:
             now = self._clock()
             view, addresses, offsets = batch.view, batch.addresses, batch.offsets
             self.batches += 1
-            self._capture_delay_ns += time.monotonic_ns() - int.from_bytes(addresses[0:8], "little", signed=True)
+            received_ns = time.monotonic_ns()
+            self._capture_delay_ns += received_ns - int.from_bytes(addresses[0:8], "little", signed=True)
             unsent = 0  # the first packet not re-injected yet
             fast_count = 0
             for i in range(count):
@@ -542,6 +546,7 @@ class Interceptor:
                 translator.stats.translated += fast_count
                 translator.stats.fast_path += fast_count
             batch.send(handle, unsent, count)
+            self._batch_busy_ns += time.monotonic_ns() - received_ns
             if handle is not self._network:
                 return
 
