@@ -99,15 +99,15 @@ class _Filled:
         self.count = count
         return count
 
-    def send(self, handle: Any, first: int, stop: int) -> None:
-        """Re-inject packets ``first`` to ``stop - 1`` with ``WinDivertSendEx`` (one call)."""
+    def send(self, handle: Any, first: int, stop: int, offsets: list[int]) -> None:
+        """Re-inject packets ``first`` to ``stop - 1`` (laid out by ``offsets``) with ``WinDivertSendEx``."""
         from pydivert import windivert_dll
 
-        start = self.offsets[first]
+        start = offsets[first]
         sent = ctypes.c_uint(0)
         try:
             windivert_dll.WinDivertSendEx(_raw(handle), ctypes.addressof(self.buffer_c) + start,
-                                          self.offsets[stop] - start, ctypes.byref(sent), 0,
+                                          offsets[stop] - start, ctypes.byref(sent), 0,
                                           ctypes.addressof(self.addresses_c) + first * ADDRESS_SIZE,
                                           (stop - first) * ADDRESS_SIZE, None)
         except OSError as exc:  # the packets are lost, as a failed send of one is: TCP sends them again
@@ -138,9 +138,10 @@ class WinDivertPacketBatch:
         return filled.count
 
     def send(self, handle: Any, first: int, stop: int) -> None:
-        """Re-inject packets ``first`` to ``stop - 1`` of the batch taken last."""
+        """Re-inject packets ``first`` to ``stop - 1`` of the batch taken last (as :attr:`offsets` lay them out
+        now: the interceptor may have merged packets and moved the rest down)."""
         if self._current is not None and first < stop:
-            self._current.send(handle, first, stop)
+            self._current.send(handle, first, stop, self.offsets)
 
     def _release(self) -> None:
         if self._current is not None:
