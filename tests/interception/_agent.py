@@ -6,7 +6,13 @@ where each was going, connects there with a marked upstream socket and relays by
 stdout: one JSON object per line (``ready``, ``conn``, ``proxy-stopped``, ``stats``, ``bye``).
 stdin: commands, one per line: ``stop-proxy``, ``stats``, ``quit``. EOF also quits.
 
-usage: _agent.py PROXY_PORT CONFIG_JSON   (CONFIG_JSON: {"targets": [...], "options": {...}})
+With ``"relay": "process"`` in CONFIG_JSON, the bytes are relayed by a child process (``_agent.py relay``) that
+receives each accepted connection and its upstream socket over a Unix socket (SCM_RIGHTS): this process then
+runs only the interceptor and the proxy's accept/lookup/connect, so a benchmark measures the diverter without
+relay threads competing with it for the GIL. The default relays in threads of this process.
+
+usage: _agent.py PROXY_PORT CONFIG_JSON   (CONFIG_JSON: {"targets": [...], "options": {...}, "relay": ...})
+       _agent.py relay FD                 (the relay child: FD is its end of the Unix socket)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
 from typing import Any
@@ -50,11 +57,58 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         pass
 
 
+def _relay(conn: socket.socket, upstream: socket.socket) -> None:
+    threads = [threading.Thread(target=_pipe, args=(conn, upstream), daemon=True),
+               threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conn.close()
+    upstream.close()
+
+
+def relay_child(fd: int) -> None:
+    """The relay process: each message on the Unix socket ``fd`` carries a client and an upstream socket."""
+    channel = socket.socket(fileno=fd)
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(channel, 1, 2)
+        except OSError:
+            return
+        if len(fds) != 2:
+            return  # the agent closed the channel
+        pair = [socket.socket(fileno=f) for f in fds]
+        threading.Thread(target=_relay, args=(pair[0], pair[1]), daemon=True).start()
+
+
+class RelayProcess:
+    """Hands connection pairs to a child process that relays them (see the module's doc)."""
+
+    def __init__(self) -> None:
+        self._channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lock = threading.Lock()
+        self.process = subprocess.Popen([sys.executable, __file__, "relay", str(child_end.fileno())],
+                                        pass_fds=[child_end.fileno()])
+        child_end.close()
+
+    def hand_over(self, conn: socket.socket, upstream: socket.socket) -> None:
+        with self._lock:
+            socket.send_fds(self._channel, [b"c"], [conn.fileno(), upstream.fileno()])
+        conn.close()
+        upstream.close()
+
+    def stop(self) -> None:
+        self._channel.close()
+        self.process.wait(timeout=10)
+
+
 class TestProxy:
     """A transparent relay that only knows the original-destination protocol and mark_upstream_socket."""
 
-    def __init__(self, port: int, source: OriginalDestinationSource) -> None:
+    def __init__(self, port: int, source: OriginalDestinationSource, relay: RelayProcess | None = None) -> None:
         self.source = source
+        self.relay = relay
         self.listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -93,14 +147,10 @@ class TestProxy:
         emit(event="conn", peer=list(peer[:2]), local=list(local[:2]), ip=dest.ip, port=dest.port,
              pid=dest.pid, interface=dest.interface, client=list(dest.client) if dest.client else None,
              loopback=dest.loopback, upstream_local=list(upstream.getsockname()[:2]))
-        threads = [threading.Thread(target=_pipe, args=(conn, upstream), daemon=True),
-                   threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        conn.close()
-        upstream.close()
+        if self.relay is not None:
+            self.relay.hand_over(conn, upstream)
+        else:
+            _relay(conn, upstream)
 
     def stop(self) -> None:
         # shutdown() wakes the blocked accept(); close() alone would not on Linux.
@@ -119,32 +169,50 @@ def _report_quic(reporter: QuicReporter) -> None:
              process=report.process.name if report.process is not None else None)
 
 
+def _handle_stats(interceptor: Interceptor) -> dict[str, int]:
+    """The NETWORK handle's own counters (pydivert's ``stats()``: diverted, queue_full, ringbuf_full, ...)."""
+    handle = getattr(interceptor, "_network", None)
+    stats = getattr(handle, "stats", None)
+    try:
+        return {k: int(v) for k, v in stats().items()} if stats is not None else {}
+    except (OSError, TypeError, ValueError):
+        return {}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if sys.argv[1] == "relay":
+        relay_child(int(sys.argv[2]))
+        return
     port = int(sys.argv[1])
     cfg = json.loads(sys.argv[2])
+    relay = RelayProcess() if cfg.get("relay") == "process" else None
     reporter = QuicReporter(Attributor())
     interceptor = Interceptor(InterceptorConfig(proxy_port=port, **cfg.get("options", {})), cfg["targets"],
                               on_quic=reporter.submit)
     threading.Thread(target=_report_quic, args=(reporter,), daemon=True).start()
-    proxy = TestProxy(port, interceptor)
+    proxy = TestProxy(port, interceptor, relay)
     proxy.thread.start()
     interceptor.start()
     if not interceptor.wait_diverting(10):
         emit(event="error", error="interceptor did not start diverting")
         return
-    emit(event="ready", filter=interceptor.filter, pid=os.getpid())
+    emit(event="ready", filter=interceptor.filter, pid=os.getpid(),
+         relay_pid=relay.process.pid if relay is not None else None)
     for line in sys.stdin:
         command = line.strip()
         if command == "stop-proxy":
             proxy.stop()
             emit(event="proxy-stopped")
         elif command == "stats":
-            emit(event="stats", diverting=interceptor.diverting, filter=interceptor.filter, **interceptor.stats())
+            emit(event="stats", diverting=interceptor.diverting, filter=interceptor.filter, **interceptor.stats(),
+                 network_handle=_handle_stats(interceptor))
         elif command == "quit":
             break
     interceptor.stop()
+    if relay is not None:
+        relay.stop()
     emit(event="bye")
 
 

@@ -39,9 +39,10 @@ class Topology:
     wildcard_ip: str  # the address the upstream DNS server gives for every name (*.openai.azure.com)
     logs: list[Path] = field(default_factory=list)
 
-    def start_agent(self, targets: list[str], **options: Any) -> Agent:
-        """Start the interceptor and its test proxy in the client namespace; returns once it diverts."""
-        config = json.dumps({"targets": targets, "options": options})
+    def start_agent(self, targets: list[str], *, relay: str = "thread", **options: Any) -> Agent:
+        """Start the interceptor and its test proxy in the client namespace; returns once it diverts.
+        ``relay="process"``: the test proxy relays in a child process (see _agent.py)."""
+        config = json.dumps({"targets": targets, "options": options, "relay": relay})
         log = tempfile.NamedTemporaryFile("w+", prefix="oisp-agent-", suffix=".log", delete=False)  # noqa: SIM115
         self.logs.append(Path(log.name))
         proc = self.client.popen(self.client.python(str(HERE / "_agent.py"), str(PROXY_PORT), config),

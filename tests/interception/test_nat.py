@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 from tests.interception.packets import ACK, FIN, PSH, RST, SYN, fields, tcp_packet
 
-from oisp.interception._nat import NatTable, Translator, Verdict, parse_tcp
+from oisp.interception._nat import NatTable, Translator, Verdict, fast_key, parse_tcp
 
 PROXY = 15001
 CLIENT, SERVER = "198.18.1.1", "198.18.1.2"
@@ -208,3 +208,102 @@ def test_without_a_complete_checksum_the_field_is_left_for_the_injector() -> Non
     packet[36:38] = b"\x12\x34"  # a partial (offload) sum: not ours to touch
     t.outbound(packet, False, 1, now=0)
     assert bytes(packet[36:38]) == b"\x12\x34" and t.stats.checksums_updated == 0
+
+
+def _fast_translate(t: Translator, packet: bytearray) -> Verdict | None:
+    """Translate ``packet`` as the interceptor's batch loop does through the fast path (None: it cannot)."""
+    found = fast_key(packet)
+    rewrite = t.table.fast.get(found[0]) if found is not None else None
+    if rewrite is None or found is None:
+        return None
+    packet[found[1]:found[2]] = rewrite[0]
+    return rewrite[2]
+
+
+def _established(t: Translator, client: str, server: str, port: int = 443) -> None:
+    syn = tcp_packet(client, 40000, server, port, SYN)
+    verdict, entry = t.outbound(syn, client.startswith("127."), 7, now=0)
+    assert entry is not None and verdict is not Verdict.PASS
+    t.outbound(tcp_packet(client, PROXY, server if not client.startswith("127.") else client, 40000, SYN | ACK),
+               client.startswith("127."), 7, now=0)
+    t.outbound(tcp_packet(client, 40000, server, port, ACK), client.startswith("127."), 7, now=0)
+    entry.attributed = True  # the interceptor's handshake step, after the client's ACK
+
+
+@pytest.mark.parametrize(("client", "server", "port"), [(CLIENT, SERVER, 443), (CLIENT6, SERVER6, 443),
+                                                         ("127.0.0.1", "127.0.0.1", 11434)])
+def test_the_fast_path_rewrites_established_segments_exactly_as_the_full_path(client: str, server: str,
+                                                                               port: int) -> None:
+    t = make({(server, port)})
+    _established(t, client, server, port)
+    peer = server if not client.startswith("127.") else client
+    for make_packet in (lambda: tcp_packet(client, 40000, server, port, PSH | ACK, b"upload"),
+                        lambda: tcp_packet(client, PROXY, peer, 40000, ACK, b"download")):
+        full, fast = make_packet(), make_packet()
+        assert _fast_translate(t, fast) is None  # not learned yet: the first one takes the full path
+        verdict, _ = t.outbound(full, client.startswith("127."), 7, now=1)
+        again = make_packet()
+        assert _fast_translate(t, again) is verdict  # learned from it
+        assert again == full
+    assert len(t.table.fast) == 2
+
+
+def test_the_fast_path_is_not_learned_before_the_handshake_nor_for_syn_fin_rst_or_complete_checksums() -> None:
+    t = make({(SERVER, 443)})
+    syn = tcp_packet(CLIENT, 40000, SERVER, 443, SYN)
+    t.outbound(syn, False, 7, now=0)
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK), False, 7, now=0)  # not attributed yet
+    assert not t.table.fast
+    entry = next(iter(t.table.by_client.values()))
+    entry.attributed = True
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK), False, 7, now=0, checksum_valid=True)
+    assert not t.table.fast  # a complete checksum needs the incremental update of the full path
+    for flags in (SYN | ACK, FIN | ACK, RST):
+        assert fast_key(tcp_packet(CLIENT, 40000, SERVER, 443, flags)) is None
+    assert fast_key(tcp_packet(CLIENT, 40000, SERVER, 443, ACK)) is not None
+
+
+def test_closing_or_removing_a_connection_forgets_its_fast_path() -> None:
+    t = make({(SERVER, 443)})
+    _established(t, CLIENT, SERVER)
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK, b"x"), False, 7, now=1)
+    assert len(t.table.fast) == 1
+    entry = next(iter(t.table.by_client.values()))
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, RST), False, 7, now=2)
+    assert entry.closed_at is not None and not t.table.fast and not entry.fast_keys
+    # a closed entry learns nothing more; a table emptied forgets everything
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK, b"y"), False, 7, now=2)
+    assert not t.table.fast
+    _established(t, CLIENT, SERVER)  # the 4-tuple reused: a fresh entry
+    t.outbound(tcp_packet(CLIENT, 40000, SERVER, 443, ACK, b"z"), False, 7, now=3)
+    assert len(t.table.fast) == 1
+    t.table.clear()
+    assert not t.table.fast and not t.table.by_client
+
+
+@pytest.mark.parametrize("raw", [bytearray(), bytearray(b"\x45" + bytes(30)), bytearray(b"\x46" + bytes(60)),
+                                 bytearray(b"\x60" + bytes(50)),
+                                 tcp_packet(CLIENT, 1, SERVER, 2)[:39]])
+def test_fast_key_refuses_what_it_cannot_rewrite_blindly(raw: bytearray) -> None:
+    assert fast_key(raw) is None
+    udp = tcp_packet(CLIENT, 1, SERVER, 2)
+    udp[9] = 17
+    assert fast_key(udp) is None
+    fragment = tcp_packet(CLIENT, 1, SERVER, 2)
+    fragment[7] = 1
+    assert fast_key(fragment) is None
+
+
+def test_packet_offsets_walks_back_to_back_packets_by_their_ip_headers() -> None:
+    from oisp.interception._backend import packet_offsets
+
+    packets = [tcp_packet(CLIENT, 1, SERVER, 2, ACK, b"a" * 100), tcp_packet(CLIENT6, 1, SERVER6, 2, ACK, b"bb"),
+               tcp_packet(CLIENT, 3, SERVER, 4)]
+    buffer = bytearray(b"".join(packets)) + bytearray(64)  # the rest of the receive buffer
+    received = sum(map(len, packets))
+    assert packet_offsets(buffer, 3, received) == [0, 140, 140 + 62, received]
+    assert packet_offsets(buffer, 0, 0) == [0]
+    with pytest.raises(OSError, match="3 packets"):
+        packet_offsets(buffer, 3, received + 1)  # the lengths do not add up to what was received
+    with pytest.raises(OSError):
+        packet_offsets(buffer, 4, received)  # fewer packets than reported

@@ -14,7 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-__all__ = ["Backend", "PacketBatch", "Poller", "current_backend"]
+__all__ = ["ADDRESS_SIZE", "Backend", "PacketBatch", "Poller", "current_backend", "packet_offsets"]
+
+#: Bytes of one WINDIVERT_ADDRESS (the same layout on both backends).
+ADDRESS_SIZE = 80
 
 
 class Poller(Protocol):
@@ -52,6 +55,25 @@ class PacketBatch(Protocol):
 
     def send(self, handle: Any, first: int, stop: int) -> None:
         """Re-inject packets ``first`` to ``stop - 1``."""
+
+
+def packet_offsets(buffer: bytearray, count: int, received: int) -> list[int]:
+    """Where each of ``count`` IP packets lying back to back in ``buffer`` starts (and, last, where the final one
+    ends), from the lengths in their headers; raises OSError (EPROTO) when they do not add up to ``received``."""
+    offsets, offset = [0], 0
+    for _ in range(count):
+        if offset + 6 > received:
+            break
+        if buffer[offset] >> 4 == 4:
+            offset += buffer[offset + 2] << 8 | buffer[offset + 3]
+        else:
+            offset += 40 + (buffer[offset + 4] << 8 | buffer[offset + 5])
+        offsets.append(offset)
+    if offset != received or len(offsets) != count + 1:
+        import errno
+
+        raise OSError(errno.EPROTO, f"{count} packets of {offset} bytes by their headers, {received} received")
+    return offsets
 
 
 class Backend(Protocol):

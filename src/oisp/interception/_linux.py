@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from oisp.errors import InterceptionError
+from oisp.interception._backend import ADDRESS_SIZE, packet_offsets
 from oisp.sockdiag import tcp_listening
 
 # Imported only on Linux (see _backend.py). A top-level platform assert also makes mypy skip the rest of this
@@ -187,17 +188,11 @@ class EbpfPacketBatch:
                 self.count = 0
                 return 0
             raise OSError(-ret, f"ebpfdivert_recv_ex: {os.strerror(-ret)}")
-        count, buffer = self._count_c.value, self.buffer
-        offsets, offset = [0], 0
-        for _ in range(count):  # each packet's length is in its IP header (libebpfdivert's send_ex reads it too)
-            if buffer[offset] >> 4 == 4:
-                offset += buffer[offset + 2] << 8 | buffer[offset + 3]
-            else:
-                offset += 40 + (buffer[offset + 4] << 8 | buffer[offset + 5])
-            offsets.append(offset)
-        if offset != self._received.value:
-            raise OSError(errno.EPROTO, f"ebpfdivert_recv_ex: {count} packets of {offset} bytes by their headers, "
-                                        f"{self._received.value} received")
+        count = self._count_c.value
+        try:  # each packet's length is in its IP header (libebpfdivert's send_ex reads it too)
+            offsets = packet_offsets(self.buffer, count, self._received.value)
+        except OSError as exc:
+            raise OSError(exc.errno, f"ebpfdivert_recv_ex: {exc.strerror}") from None
         self.offsets, self.count = offsets, count
         return count
 
@@ -214,9 +209,6 @@ class EbpfPacketBatch:
         if ret < 0:  # the packets are lost, as a failed send of one is: TCP sends them again
             logger.debug("re-injecting %d packets failed: %s", stop - first, os.strerror(-ret))
 
-
-#: Bytes of one WINDIVERT_ADDRESS.
-ADDRESS_SIZE = 80
 
 
 class LinuxBackend:

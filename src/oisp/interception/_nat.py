@@ -12,6 +12,15 @@ Two shapes of diversion, both reversible per packet:
 The table is keyed by full 4-tuples on both sides, bounded, and entries expire when the connection closes
 (FIN both ways or RST seen here, or a FLOW-layer DELETED event) plus a linger time, or after an idle timeout.
 Nothing here touches a socket or a clock of its own: bytes and times come in, verdicts go out.
+
+**The fast path.** Once a connection is established (handshake seen, attribution looked for), its packets
+without SYN, FIN or RST need nothing but the same rewrite each time: the addresses and ports, which in an IPv4
+packet without options (bytes 12 to 24) and in an IPv6 packet without extension headers (bytes 8 to 44) lie
+back to back. :meth:`Translator.outbound` records, for each such connection and direction, those header bytes
+as captured and as rewritten in :attr:`NatTable.fast`, so a batch loop can translate such a packet with one
+dictionary lookup and one slice assignment (:func:`fast_key`) instead of parsing it. An entry's fast keys go
+when it is removed or marked closed; packets with SYN, FIN or RST, and packets whose TCP checksum is complete
+(it would need the incremental update), always take :meth:`Translator.outbound`.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from collections.abc import Callable
 
 import attrs
 
-__all__ = ["FlowKey", "NatEntry", "NatTable", "Translator", "Verdict", "adjust_checksum", "parse_tcp"]
+__all__ = ["FAST_FLAGS", "FastRewrite", "FlowKey", "NatEntry", "NatTable", "Translator", "Verdict", "adjust_checksum",
+           "fast_key", "parse_tcp"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,8 @@ class NatEntry:
     fin_client: bool = False
     fin_proxy: bool = False
     closed_at: float | None = None
+    #: This entry's keys in :attr:`NatTable.fast` (at most one per direction).
+    fast_keys: list[bytes] = attrs.field(factory=list)
 
     @property
     def original(self) -> tuple[bytes, int]:
@@ -84,6 +96,28 @@ def parse_tcp(buf: bytearray | bytes | memoryview) -> tuple[int, int, int] | Non
         if len(buf) < 60 or buf[6] != _PROTO_TCP:
             return None
         return 16, 40, buf[53]
+    return None
+
+
+#: TCP flags that always take the full path (they change the connection's state).
+FAST_FLAGS = _SYN | _FIN | _RST
+
+
+def fast_key(buf: bytearray | bytes | memoryview, start: int = 0,
+             end: int | None = None) -> tuple[bytes, int, int] | None:
+    """The fast-path key of the packet at ``buf[start:end]`` (its addresses and ports as bytes), where in ``buf``
+    that key lies (first byte, end), or None when the packet cannot take the fast path (not TCP, IPv4 with
+    options or fragmented, IPv6 with extension headers, too short, or SYN/FIN/RST set)."""
+    size = (len(buf) if end is None else end) - start
+    first = buf[start] if size > 0 else 0
+    if first == 0x45 and size >= 40:  # IPv4 with a 20-byte header, and room for a TCP header (flags: byte 33)
+        if buf[start + 9] != _PROTO_TCP or buf[start + 6] & 0x3F or buf[start + 7] or buf[start + 33] & FAST_FLAGS:
+            return None
+        return bytes(buf[start + 12:start + 24]), start + 12, start + 24
+    if first >> 4 == 6 and size >= 60:  # IPv6, TCP right after the fixed header (flags: byte 53)
+        if buf[start + 6] != _PROTO_TCP or buf[start + 53] & FAST_FLAGS:
+            return None
+        return bytes(buf[start + 8:start + 44]), start + 8, start + 44
     return None
 
 
@@ -122,6 +156,8 @@ class NatTable:
         self.close_linger = close_linger
         self.by_client: dict[FlowKey, NatEntry] = {}
         self.by_proxy: dict[FlowKey, NatEntry] = {}
+        #: The fast path: a packet's header bytes as captured (see :func:`fast_key`) → how to rewrite it.
+        self.fast: dict[bytes, FastRewrite] = {}
 
     def __len__(self) -> int:
         return len(self.by_client)
@@ -148,11 +184,35 @@ class NatTable:
             del self.by_client[entry.client_key]
         if self.by_proxy.get(entry.proxy_key) is entry:
             del self.by_proxy[entry.proxy_key]
+        self.forget_fast(entry)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self.by_client.clear()
+        self.by_proxy.clear()
+        self.fast.clear()
+
+    def forget_fast(self, entry: NatEntry) -> None:
+        """Send ``entry``'s packets through the full path again."""
+        fast = self.fast
+        for key in entry.fast_keys:
+            known = fast.get(key)
+            if known is not None and known[1] is entry:
+                del fast[key]
+        entry.fast_keys.clear()
+
+    def remember_fast(self, entry: NatEntry, key: bytes, rewritten: bytes, verdict: Verdict) -> None:
+        """Translate packets whose header bytes are ``key`` by writing ``rewritten`` over them (the fast path)."""
+        if entry.closed_at is not None or key in self.fast:
+            return
+        self.fast[key] = (rewritten, entry, verdict)
+        entry.fast_keys.append(key)
 
     def mark_closed(self, entry: NatEntry, now: float) -> None:
         """The connection is over; the entry stays ``close_linger`` seconds for its last packets."""
         if entry.closed_at is None:
             entry.closed_at = now
+        self.forget_fast(entry)
 
     def expire(self, now: float) -> int:
         """Drop closed entries past their linger time and idle ones; returns how many went."""
@@ -168,6 +228,10 @@ class NatTable:
         return {e.original for e in self.by_client.values()}
 
 
+#: How the fast path rewrites a packet: the header bytes to write, the connection, the verdict.
+FastRewrite = tuple[bytes, NatEntry, Verdict]
+
+
 @attrs.define
 class TranslatorStats:
     """Packet counters of a :class:`Translator`."""
@@ -181,6 +245,8 @@ class TranslatorStats:
     own_flows: int = 0
     #: Translated packets whose TCP checksum was updated incrementally (the others are left to the injector).
     checksums_updated: int = 0
+    #: Of ``translated``, the packets a caller translated through :attr:`NatTable.fast` (it counts them here).
+    fast_path: int = 0
 
 
 class Translator:
@@ -225,6 +291,13 @@ class Translator:
         self.last_flags = flags
         self.last_from_client = sport != self.proxy_port
 
+        # The fast path may learn this packet's rewrite: an established connection, a plain segment, a checksum
+        # left to the injector, no IP options or extension headers (addresses and ports back to back).
+        fast_from, captured = -1, b""
+        if not flags & FAST_FLAGS and not checksum_valid and (toff == 20 or alen == 16):
+            fast_from = 12 if alen == 4 else 8
+            captured = bytes(buf[fast_from:toff + 4])
+
         if sport == self.proxy_port:
             entry = table.by_proxy.get((dst, dport, src, sport))
             if entry is None:
@@ -237,10 +310,12 @@ class Translator:
                 adjust_checksum(buf, toff + 16, sport, orig_port)
                 self.stats.checksums_updated += 1
             self.stats.translated += 1
-            if entry.loopback:
-                return Verdict.FORWARD, entry
-            _set_addrs(buf, alen, dst, src)
-            return Verdict.INBOUND, entry
+            verdict = Verdict.FORWARD if entry.loopback else Verdict.INBOUND
+            if verdict is Verdict.INBOUND:
+                _set_addrs(buf, alen, dst, src)
+            if fast_from >= 0 and entry.attributed:
+                table.remember_fast(entry, captured, bytes(buf[fast_from:toff + 4]), verdict)
+            return verdict, entry
 
         key: FlowKey = (src, sport, dst, dport)
         entry = table.by_client.get(key)
@@ -276,10 +351,12 @@ class Translator:
             adjust_checksum(buf, toff + 16, dport, self.proxy_port)
             self.stats.checksums_updated += 1
         self.stats.translated += 1
-        if entry.loopback:
-            return Verdict.FORWARD, entry
-        _set_addrs(buf, alen, dst, src)
-        return Verdict.INBOUND, entry
+        verdict = Verdict.FORWARD if entry.loopback else Verdict.INBOUND
+        if verdict is Verdict.INBOUND:
+            _set_addrs(buf, alen, dst, src)
+        if fast_from >= 0 and entry.attributed:
+            table.remember_fast(entry, captured, bytes(buf[fast_from:toff + 4]), verdict)
+        return verdict, entry
 
     def _orphan_reply(self, dst: bytes, loopback: bool) -> tuple[Verdict, NatEntry | None]:
         # A reply from the proxy port with no entry, heading for a remote AI endpoint's address: it belongs to a

@@ -43,7 +43,7 @@ from oisp import netns
 from oisp.errors import ConfigurationError, InterceptionError, ProtocolError
 from oisp.interception._backend import Backend, PacketBatch, Poller, current_backend
 from oisp.interception._filter import DivertFilter, build_filter
-from oisp.interception._nat import FlowKey, NatEntry, NatTable, Translator, Verdict
+from oisp.interception._nat import FlowKey, NatEntry, NatTable, Translator, Verdict, fast_key
 from oisp.interception.dns import parse_dns_response
 from oisp.interception.protocol import Address, OriginalDestination
 from oisp.interception.quic import QUIC_PORTS, QuicAttempt, QuicGuard
@@ -197,6 +197,12 @@ class Interceptor:
         self._previous_handlers: dict[int, Any] = {}
         self.swaps = 0
         self.dns_answers = 0
+        #: Batches received on the batch path, and the summed delay from the capture of each batch's first
+        #: packet (its address's timestamp, CLOCK_MONOTONIC) to its receipt here: the packet thread's wake-up.
+        self.batches = 0
+        self._capture_delay_ns = 0
+        #: Summed time from receiving each batch to having re-injected it (translation and injection).
+        self._batch_busy_ns = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -303,7 +309,10 @@ class Interceptor:
     # -- statistics -----------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """Counters: connections diverted, packets translated/passed/dropped, filter swaps, DNS answers."""
+        """Counters: connections diverted, packets translated/passed/dropped (and translated through the fast
+        path), filter swaps, DNS answers; batches received on the batch path and the summed delay from the
+        capture of each batch's first packet to its receipt (``capture_delay_us``: the packet thread's wake-up
+        latency, divided by ``batches``), and the summed time from receipt to re-injection (``batch_busy_us``)."""
         s = self._translator.stats
         return {
             "diverted_connections": s.diverted_connections,
@@ -320,6 +329,10 @@ class Interceptor:
             "target_addresses": len(self.targets.addresses()),
             "quic_dropped_packets": self._quic.dropped if self._quic is not None else 0,
             "quic_flows": self._quic.flows if self._quic is not None else 0,
+            "fast_path_packets": s.fast_path,
+            "batches": self.batches,
+            "capture_delay_us": self._capture_delay_ns // 1000,
+            "batch_busy_us": self._batch_busy_ns // 1000,
         }
 
     @property
@@ -404,8 +417,7 @@ class Interceptor:
                 self._poller.remove(handle)
             with contextlib.suppress(Exception):
                 handle.close()
-        self.table.by_client.clear()
-        self.table.by_proxy.clear()
+        self.table.clear()
 
     def _close_all(self) -> None:
         with self._lock:
@@ -472,6 +484,7 @@ class Interceptor:
         dropped, or a SYN that changes the filter)."""
         translator = self._translator
         outbound = translator.outbound
+        fast = self.table.fast
         quic = self._quic
         for _ in range(4):  # then the event and DNS handles get their turn
             count = batch.receive(handle)
@@ -479,12 +492,28 @@ class Interceptor:
                 return
             now = self._clock()
             view, addresses, offsets = batch.view, batch.addresses, batch.offsets
+            self.batches += 1
+            received_ns = time.monotonic_ns()
+            self._capture_delay_ns += received_ns - int.from_bytes(addresses[0:8], "little", signed=True)
             unsent = 0  # the first packet not re-injected yet
+            fast_count = 0
             for i in range(count):
                 at = i * _ADDRESS_SIZE
                 flags_at = at + _ADDRESS_FLAGS
                 address_flags = addresses[flags_at]
                 valid = bool(address_flags & _TCP_CHECKSUM)
+                if not valid:  # the fast path: an established connection's plain segment (see _nat.py)
+                    found = fast_key(view, offsets[i], offsets[i + 1])
+                    rewrite = fast.get(found[0]) if found is not None else None
+                    if rewrite is not None and found is not None:
+                        view[found[1]:found[2]] = rewrite[0]
+                        rewrite[1].last_seen = now
+                        address_flags &= ~(_IP_CHECKSUM | _TCP_CHECKSUM)  # computed by the injector
+                        if rewrite[2] is Verdict.INBOUND:
+                            address_flags &= ~_OUTBOUND
+                        addresses[flags_at] = address_flags
+                        fast_count += 1
+                        continue
                 if quic is not None and quic.is_udp(view[offsets[i]:offsets[i] + 10]):
                     # QUIC to an AI endpoint: dropped (quic.py), as on the one-packet path
                     if quic.should_drop(view[offsets[i]:offsets[i + 1]]):
@@ -513,7 +542,11 @@ class Interceptor:
                     unsent = i
                     self._open_network()
                     handle = self._network  # this SYN, and the rest, through the handle that now diverts
+            if fast_count:
+                translator.stats.translated += fast_count
+                translator.stats.fast_path += fast_count
             batch.send(handle, unsent, count)
+            self._batch_busy_ns += time.monotonic_ns() - received_ns
             if handle is not self._network:
                 return
 
