@@ -373,12 +373,14 @@ class ProxyServices:
         would start, which would also compete with it for the CPU (on a sequence of new connections, each one
         arriving while the spare prompted by the one before is still being made, that second handshake in
         series was most of what a cold request cost). A spare still waiting for the connection that prompted it
-        to end is not: that connection may last long, and the caller opens its own."""
+        to end is not: that connection may last long, and the caller opens its own. Nor is one that another
+        caller waits for already: in a burst of new connections, one of them gets it, the others open their own
+        at once."""
         spare = self.spares.get(target)
         if spare is None or spare.closing:
             return None
         if spare.stream is None:
-            if not spare.opening:
+            if not spare.opening or spare.waiting:
                 return None
             spare.waiting += 1
             self._spares_changed()
