@@ -466,7 +466,8 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
 
     for round_ in range(0 if args.bulk else rounds):
         for target in stack.targets:
-            progress(f"round {round_ + 1}/{rounds}: keep-alive, cold and SSE latency via {target.name}")
+            what = "cold requests" if args.cold_only else "keep-alive, cold and SSE latency"
+            progress(f"round {round_ + 1}/{rounds}: {what} via {target.name}")
             for alpn, name in () if args.cold_only else (("http/1.1", "h1"), ("h2", "h2")):
                 count = args.requests // rounds // (1 if alpn == "http/1.1" else 2) // q
                 out = client(stack, target, kind="latency", alpn=alpn, warmup=100, requests=count)
