@@ -225,3 +225,24 @@ def test_a_spare_that_fails_while_a_connection_waits_for_it_lets_that_connection
         assert second.result(timeout=10).startswith(b"HTTP/1.1 200")
     assert not upstream.connections[1].received and upstream.connections[2].requests[0].target == "/v1/models"
     assert [c.attrs.get("oisp.preconnected") for c in _connects(stack, 2)] == [None, None]
+
+
+def test_only_one_connection_waits_for_a_spare_being_made(run: Any) -> None:
+    """In a burst, one connection waits for the spare under way; another one opens its own at once and is served
+    while the spare's handshake is still held."""
+    stack: Stack = run()
+    upstream = _upstream(stack)
+    hold = stack.portal.call(anyio.Event)
+    upstream.hold_at = {1: hold}
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    upstream.wait(lambda: len(upstream.connections) == 2)
+    with ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(_request, stack)
+        _until(stack, lambda p: any(s.waiting for s in p._spares.values()))
+        other = pool.submit(_request, stack)
+        assert other.result(timeout=10).startswith(b"HTTP/1.1 200")  # served with the spare's handshake held
+        assert not hold.is_set() and not waiting.done()
+        stack.portal.call(hold.set)
+        assert waiting.result(timeout=10).startswith(b"HTTP/1.1 200")
+    assert upstream.connections[1].requests[0].target == "/v1/models"  # the waiting client got the spare
+    assert sorted(c.attrs.get("oisp.preconnected") is True for c in _connects(stack, 3)) == [False, False, True]
