@@ -23,6 +23,9 @@ Run ``.venv/bin/python bench/bench_proxy.py`` (about three minutes on 2 cores; `
   proxy, or go straight to the upstream for the direct column;
 * with ``--relay-only``, one more column: oisp's proxy configured like ``oisp run`` but with nothing decoded
   (``_oisp_relay_only.py``), which separates the cost of interception from the cost of decoding and events;
+  with ``--baseline`` as well, the relay-only proxy of that checkout gets a column too;
+* ``--cold-only`` measures only the cold requests (a new connection per request), alternating the targets over
+  ``--rounds`` rounds, and prints each round's median and the CPU time each cold connection cost the proxy;
 * ``--profile`` samples oisp (relay and decoder process, ``py-spy record --subprocesses``) under load
   afterwards and prints where its CPU time goes.
 
@@ -70,6 +73,8 @@ MITMPROXY_VERSION = "11.0.2"
 DEFAULT_MITM_VENV = Path.home() / ".cache" / "oisp-bench" / f"mitmproxy-{MITMPROXY_VERSION}"
 MIB = 1 << 20
 RELAY_ONLY = "oisp-relay"
+#: ``--relay-only`` with ``--baseline DIR``: the relay-only proxy from the other checkout too.
+RELAY_ONLY_BASELINE = "oisp-relay-baseline"
 INLINE = "oisp-inline"
 #: ``--variant``: the same ``oisp run`` with other ``[capture]`` settings, measured in the same run.
 VARIANT = "oisp-variant"
@@ -269,15 +274,20 @@ def running_stack(mitm_venv: Path | None, relay_only: bool, inline: bool,
                 targets.append(Target(name, ("127.0.0.1", oisp_port), oisp_proc.pid))
                 oisp_runs.append(OispRun(name, oisp_proc, oisp_log, events))
 
-            if relay_only:
-                relay_port, relay_log = free_port(), tmp / "relay-only.log"
+            relays = [(RELAY_ONLY, None)] if relay_only else []
+            if relay_only and baseline is not None:  # the relay-only proxy of the other checkout, same script
+                relays.append((RELAY_ONLY_BASELINE, baseline))
+                TITLES[RELAY_ONLY_BASELINE] = f"relay only {baseline.name} (baseline)"
+            for name, checkout in relays:
+                relay_port, relay_log = free_port(), tmp / f"{name}.log"
                 relay = subprocess.Popen(
                     [sys.executable, str(HERE / "_oisp_relay_only.py"), str(relay_port), str(upstream_port),
                      str(confdir), str(tmp / "upstream-ca.pem")], stdout=subprocess.DEVNULL,
-                    stderr=logs.enter_context(relay_log.open("wb")))
+                    stderr=logs.enter_context(relay_log.open("wb")),
+                    env=None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout / "src")})
                 processes.append(relay)
-                wait_listening(relay_port, relay, relay_log, "oisp relay only")
-                targets.append(Target(RELAY_ONLY, ("127.0.0.1", relay_port), relay.pid))
+                wait_listening(relay_port, relay, relay_log, TITLES[name])
+                targets.append(Target(name, ("127.0.0.1", relay_port), relay.pid))
 
             missing = "skipped (--no-mitmproxy)"
             if mitm_venv is not None:
@@ -439,6 +449,10 @@ class Results:
     #: CPU seconds the proxy (or, for direct, the upstream) used per transfer, per (kind, target).
     transfer_cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     leaf_ms: dict[str, float] = field(default_factory=dict)
+    #: Per target, each round's median cold request (ns), and CPU seconds per cold connection (the proxy's
+    #: processes; for direct, the upstream's; "NAME/relay": oisp's relay process alone).
+    cold_runs: dict[str, list[float]] = field(default_factory=dict)
+    cold_cpu: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -452,17 +466,29 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
 
     for round_ in range(0 if args.bulk else rounds):
         for target in stack.targets:
-            progress(f"round {round_ + 1}/{rounds}: keep-alive, cold and SSE latency via {target.name}")
-            for alpn, name in (("http/1.1", "h1"), ("h2", "h2")):
+            what = "cold requests" if args.cold_only else "keep-alive, cold and SSE latency"
+            progress(f"round {round_ + 1}/{rounds}: {what} via {target.name}")
+            for alpn, name in () if args.cold_only else (("http/1.1", "h1"), ("h2", "h2")):
                 count = args.requests // rounds // (1 if alpn == "http/1.1" else 2) // q
                 out = client(stack, target, kind="latency", alpn=alpn, warmup=100, requests=count)
                 pooled((name, target.name), out["samples"])
-            out = client(stack, target, kind="cold", warmup=5, requests=args.cold // rounds // q, pause=0.002)
+            cold_requests = args.cold // rounds // q
+            watched = family(target.pid)
+            cpu_before, relay_before = cpu_seconds(watched), cpu_seconds(watched[:1])
+            out = client(stack, target, kind="cold", warmup=5, requests=cold_requests, pause=0.002)
             pooled(("cold", target.name), out["samples"])
+            results.cold_runs.setdefault(target.name, []).append(statistics.median(out["samples"]))
+            connections = cold_requests + 5  # the warm-up ones too
+            results.cold_cpu.setdefault(target.name, []).append((cpu_seconds(watched) - cpu_before) / connections)
+            if target.proxy and len(watched) > 1:  # oisp: the relay's own share
+                results.cold_cpu.setdefault(target.name + "/relay", []).append(
+                    (cpu_seconds(watched[:1]) - relay_before) / connections)
+            if args.cold_only:
+                continue
             out = client(stack, target, kind="sse", chunks=args.sse_chunks // rounds // q, interval_us=2000)
             pooled(("sse", target.name), out["samples"])
 
-    for round_ in range(0 if args.bulk else rounds):
+    for round_ in range(0 if args.bulk or args.cold_only else rounds):
         for target in stack.targets:
             progress(f"round {round_ + 1}/{rounds}: requests/s via {target.name}")
             settle([target.pid, stack.upstream_pid])
@@ -483,7 +509,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
                 shares.setdefault("upstream", []).append(sampler.family_share(upstream, *window))
 
     size = args.mib * MIB
-    for round_ in range(rounds):
+    for round_ in range(0 if args.cold_only else rounds):
         for kind in ("upload", "download"):
             for target in stack.targets:
                 progress(f"round {round_ + 1}/{rounds}: {args.mib} MiB {kind} via {target.name}")
@@ -511,7 +537,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> Results:
                 entry["base"] = min(entry["base"], base)
                 entry["added"] = max(entry["added"], added)
 
-    if args.bulk:
+    if args.bulk or args.cold_only:
         return results
     progress("leaf issuance")
     with tempfile.TemporaryDirectory(prefix="oisp-bench-ca-") as tmp:
@@ -739,6 +765,7 @@ def table(results: Results, stack: Stack, args: argparse.Namespace) -> list[tupl
     names = columns(stack)
     measured = {t.name for t in stack.targets}
     rows: list[tuple[str, ...]] = []
+    oisp_limit = "oisp" if "oisp" in measured else next(n for n in names[1:] if n in measured)
 
     def added_rows(key: str, label: str, limits: dict[str, float]) -> None:
         direct = results.latency[(key, "direct")]
@@ -751,11 +778,14 @@ def table(results: Results, stack: Stack, args: argparse.Namespace) -> list[tupl
                 cells.append(f"{added[name]:+.3f} ms" if name in added else "n/a")
             limit = limits.get(stat)
             rows.append((f"{label}, {stat}", *cells, f"<= +{limit:g} ms" if limit is not None else "",
-                         verdict(None if limit is None else added["oisp"] <= limit)))
+                         verdict(None if limit is None else added[oisp_limit] <= limit)))
 
+    if args.cold_only:
+        added_rows("cold", "cold request (new conn.), added", {"median": 1.5})
+        return rows
     added_rows("h1", "keep-alive request h1, added", {"median": 0.3})
     added_rows("h2", "keep-alive request h2, added", {"median": 0.3})
-    added_rows("cold", "cold request (new conn.), added", {"median": 2.0})
+    added_rows("cold", "cold request (new conn.), added", {"median": 1.5})
 
     rps = {name: statistics.mean(values) for name, values in results.rps.items()}
     ratio = rps["oisp"] / rps["mitmproxy"] if "mitmproxy" in rps else None
@@ -802,14 +832,36 @@ def print_report(results: Results, stack: Stack, args: argparse.Namespace, start
               f"(oisp: relay and decoder process), for direct the upstream's. MB/s of every run:")
         for (kind, name), runs in results.transfer_runs.items():
             print(f"  {kind:8} {TITLES.get(name, name):18} " + " ".join(f"{v:,.0f}" for v in runs))
-    else:
+    elif not args.cold_only:
         print_latency_counts(results, args)
+    if not args.bulk:
+        print_cold(results, stack)
     for line in stopped:
         print(line)
     if not any(t.name == "mitmproxy" for t in stack.targets):
         print(f"mitmproxy column missing: {stack.mitm_missing}")
     for note in results.notes:
         print(note)
+
+
+def print_cold(results: Results, stack: Stack) -> None:
+    """Each round's median cold request, and the CPU each cold connection cost (median of the rounds)."""
+    print(f"cold requests: {len(results.latency[('cold', 'direct')])} per target, one new connection each "
+          f"(CONNECT, TLS, one HTTP/1.1 request), 2 ms apart; each round's median, ms:")
+    for target in stack.targets:
+        runs = results.cold_runs.get(target.name, [])
+        print(f"  {TITLES.get(target.name, target.name):28} " + " ".join(f"{ms(v):.2f}" for v in runs))
+    parts = []
+    for target in stack.targets:
+        cpu = results.cold_cpu.get(target.name)
+        if not cpu:
+            continue
+        part = f"{TITLES.get(target.name, target.name)} {statistics.median(cpu) * 1e3:.2f} ms"
+        if results.cold_cpu.get(target.name + "/relay"):
+            part += f" (relay {statistics.median(results.cold_cpu[target.name + '/relay']) * 1e3:.2f})"
+        parts.append(part)
+    print("CPU per cold connection (the proxy's processes; direct: the upstream's), median of rounds: "
+          + ", ".join(parts))
 
 
 def print_latency_counts(results: Results, args: argparse.Namespace) -> None:
@@ -856,6 +908,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="add a column for the same oisp run from another checkout of oisp (its src/ put first "
                              "on PYTHONPATH), e.g. the main branch, to compare before and after in one run")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="only the cold requests (a new connection per request), with their CPU per connection")
     parser.add_argument("--bulk", action="store_true",
                         help="only the uploads and downloads (best and median MB/s of --rounds rounds per target)")
     parser.add_argument("--profile", action="store_true",

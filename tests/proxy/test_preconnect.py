@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +25,30 @@ from oisp.proxy.tls_stream import TlsStream
 
 
 class _Tracking(Upstream):
-    """The test upstream, also recording which connections (by index) have ended, and closing the connections
-    listed in ``close_at`` right after their TLS handshake."""
+    """The test upstream, also recording which connections (by index) have ended, closing the connections
+    listed in ``close_at`` right after their TLS handshake (or, when also held, without one), and holding the
+    connections in ``hold_at`` before their handshake until their event is set."""
 
     def __init__(self, context: Any, handler: Handler = json_ok, *, strict: bool = False) -> None:
         super().__init__(context, handler, strict=strict)
         self.closed: set[int] = set()
         self.close_at: set[int] = set()
+        self.hold_at: dict[int, anyio.Event] = {}
         self.changed = threading.Condition()
 
     async def _connection(self, client: SocketStream) -> None:
         index = len(self.connections)
         try:
+            if index in self.hold_at:
+                placeholder = Recording()
+                self.connections.append(placeholder)
+                with self.changed:
+                    self.changed.notify_all()
+                await self.hold_at[index].wait()
+                if index in self.close_at:
+                    await client.aclose()
+                    return
+                self.connections.remove(placeholder)  # served below, as any other
             if index in self.close_at and self.context is not None:
                 self.connections.append(Recording())
                 async with client:
@@ -173,3 +186,63 @@ def test_preconnect_idle_is_validated() -> None:
 
     with pytest.raises(ConfigurationError, match="preconnect_idle"):
         ProxyConfig(preconnect_idle=-1)
+
+
+def test_a_connection_arriving_while_the_spare_is_being_made_waits_for_it(run: Any) -> None:
+    """A client connection that comes while the spare's handshake is under way takes that spare when it is ready,
+    instead of making a second upstream connection in parallel."""
+    stack: Stack = run()
+    upstream = _upstream(stack)
+    hold = stack.portal.call(anyio.Event)
+    upstream.hold_at = {1: hold}  # the spare's TLS handshake waits until the test lets it go
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    upstream.wait(lambda: len(upstream.connections) == 2)  # the spare is connecting, its handshake held
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(_request, stack)
+        _until(stack, lambda p: any(s.waiting for s in p._spares.values()))  # the client waits for the spare
+        stack.portal.call(hold.set)
+        assert second.result(timeout=10).startswith(b"HTTP/1.1 200")
+    assert upstream.connections[1].requests[0].target == "/v1/models"  # client 2 went over the spare
+    assert all(c is upstream.connections[1] or c is upstream.connections[0] or not c.received
+               for c in upstream.connections)  # no other upstream connection carried anything
+    connects = _connects(stack, 2)
+    assert [c.attrs.get("oisp.preconnected") for c in connects] == [None, True]
+    assert connects[1].data.tls.certificate == connects[0].data.tls.certificate is not None
+
+
+def test_a_spare_that_fails_while_a_connection_waits_for_it_lets_that_connection_open_its_own(run: Any) -> None:
+    stack: Stack = run()
+    upstream = _upstream(stack)
+    hold = stack.portal.call(anyio.Event)
+    upstream.hold_at = {1: hold}
+    upstream.close_at = {1}  # once let go, the spare's connection is closed without a handshake
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    upstream.wait(lambda: len(upstream.connections) == 2)
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(_request, stack)
+        _until(stack, lambda p: any(s.waiting for s in p._spares.values()))
+        stack.portal.call(hold.set)
+        assert second.result(timeout=10).startswith(b"HTTP/1.1 200")
+    assert not upstream.connections[1].received and upstream.connections[2].requests[0].target == "/v1/models"
+    assert [c.attrs.get("oisp.preconnected") for c in _connects(stack, 2)] == [None, None]
+
+
+def test_only_one_connection_waits_for_a_spare_being_made(run: Any) -> None:
+    """In a burst, one connection waits for the spare under way; another one opens its own at once and is served
+    while the spare's handshake is still held."""
+    stack: Stack = run()
+    upstream = _upstream(stack)
+    hold = stack.portal.call(anyio.Event)
+    upstream.hold_at = {1: hold}
+    assert _request(stack).startswith(b"HTTP/1.1 200")
+    upstream.wait(lambda: len(upstream.connections) == 2)
+    with ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(_request, stack)
+        _until(stack, lambda p: any(s.waiting for s in p._spares.values()))
+        other = pool.submit(_request, stack)
+        assert other.result(timeout=10).startswith(b"HTTP/1.1 200")  # served with the spare's handshake held
+        assert not hold.is_set() and not waiting.done()
+        stack.portal.call(hold.set)
+        assert waiting.result(timeout=10).startswith(b"HTTP/1.1 200")
+    assert upstream.connections[1].requests[0].target == "/v1/models"  # the waiting client got the spare
+    assert sorted(c.attrs.get("oisp.preconnected") is True for c in _connects(stack, 3)) == [False, False, True]

@@ -220,6 +220,8 @@ def test_alpn_names_are_decoded_losslessly() -> None:
         (build_hello(session_id=bytes(33)), "legacy_session_id is longer than 32"),
         (build_hello(b"", trailing=b"\x00"), "trailing"),
         (build_hello(b"\x00\x00\x00\x10"), "extension 0 needs 16 bytes"),
+        (build_hello(alpn(b"h2") + b"\x00"), "extension type needs 2 bytes but only 1 are left"),
+        (build_hello(alpn(b"h2") + b"\x00\x2b\x00"), "length of extension 43 needs 2 bytes but only 1 are left"),
         (records(b"\x01\x00\x00\x02\x03\x03", []), "random needs 32 bytes"),
     ],
 )

@@ -334,6 +334,7 @@ class ProxyServices:
                     await prompted_by.wait()
                 if self.draining:
                     return
+                spare.opening = True
                 opened = await self.open_tls(target, "preconnect", ("", 0))
                 if isinstance(opened, UpstreamFailure):
                     logger.info("preconnect to %s failed: %s", target.server_hostname, opened.error)
@@ -345,6 +346,7 @@ class ProxyServices:
                                                 target_port=target.port, decision=Decision.INTERCEPTED, success=True,
                                                 upstream_addr=opened.address, connect_ms=opened.connect_ms)
                 spare.scope.deadline = anyio.current_time() + self.config.preconnect_idle
+                spare.settled.set()
                 self._spares_changed()
                 while len(spare.buffered) <= MAX_SPARE_BUFFER:
                     spare.buffered += await stream.receive()
@@ -360,14 +362,34 @@ class ProxyServices:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
             spare.released.set()
+            spare.settled.set()
             self._spares_changed()
 
     async def _take_spare(self, target: UpstreamTarget) -> Spare | None:
-        """The ready spare connection for ``target``, if there is one and it is still alive (the server has not
-        closed it); it is then this caller's to use and close."""
+        """The spare connection for ``target``, if there is one and it is still alive (the server has not
+        closed it); it is then this caller's to use and close.
+
+        A spare whose handshake is under way is waited for: it is further along than a connection this caller
+        would start, which would also compete with it for the CPU (on a sequence of new connections, each one
+        arriving while the spare prompted by the one before is still being made, that second handshake in
+        series was most of what a cold request cost). A spare still waiting for the connection that prompted it
+        to end is not: that connection may last long, and the caller opens its own. Nor is one that another
+        caller waits for already: in a burst of new connections, one of them gets it, the others open their own
+        at once."""
         spare = self.spares.get(target)
-        if spare is None or spare.stream is None or spare.closing:
+        if spare is None or spare.closing:
             return None
+        if spare.stream is None:
+            if not spare.opening or spare.waiting:
+                return None
+            spare.waiting += 1
+            self._spares_changed()
+            try:
+                await spare.settled.wait()
+            finally:
+                spare.waiting -= 1
+            if spare.stream is None or spare.closing or self.spares.get(target) is not spare:
+                return None  # it failed (the caller's own attempt reports why), or another caller took it
         del self.spares[target]
         spare.taken = True
         spare.scope.cancel()

@@ -102,6 +102,12 @@ class Spare:
     """A spare upstream connection (preconnect), being made, held, or handed over."""
 
     scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    #: Its connect and handshake are under way (it no longer waits for the connection that prompted it).
+    opening: bool = False
+    #: Set once it is ready (``stream``) or will never be (the keeper ended).
+    settled: anyio.Event = attrs.field(factory=anyio.Event)
+    #: Client connections waiting for it to be ready.
+    waiting: int = 0
     stream: TlsStream | None = None
     #: The connect's upstream address and time.
     report: ConnectionReport | None = None

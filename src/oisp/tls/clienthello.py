@@ -10,6 +10,8 @@ an ``IndexError`` or a huge allocation.
 
 from __future__ import annotations
 
+import struct
+
 import attrs
 
 from oisp.errors import ProtocolError
@@ -155,7 +157,10 @@ def _describe(header: bytes) -> str:
 
 
 class _Reader:
-    """Reads big-endian integers and length-prefixed vectors, raising ProtocolError instead of overrunning."""
+    """Reads big-endian integers and length-prefixed vectors, raising ProtocolError instead of overrunning.
+
+    A ClientHello is parsed on every new connection: the field names for error messages are put together only
+    when there is an error."""
 
     __slots__ = ("_data", "_pos", "_what")
 
@@ -168,20 +173,32 @@ class _Reader:
     def remaining(self) -> int:
         return len(self._data) - self._pos
 
+    def _short(self, size: int, field: str, number: int | None = None) -> ProtocolError:
+        name = field if number is None else f"{field} {number}"
+        return ProtocolError(f"malformed {self._what}: {name} needs {size} bytes but only {self.remaining} are left")
+
     def take(self, size: int, field: str) -> bytes:
-        if size > self.remaining:
-            raise ProtocolError(
-                f"malformed {self._what}: {field} needs {size} bytes but only {self.remaining} are left"
-            )
-        chunk = self._data[self._pos : self._pos + size]
-        self._pos += size
-        return chunk
+        pos = self._pos
+        if size > len(self._data) - pos:
+            raise self._short(size, field)
+        self._pos = pos + size
+        return self._data[pos : pos + size]
 
     def uint(self, size: int, field: str) -> int:
         return int.from_bytes(self.take(size, field), "big")
 
-    def vector(self, length_size: int, field: str) -> bytes:
-        return self.take(self.uint(length_size, f"length of {field}"), field)
+    def vector(self, length_size: int, field: str, number: int | None = None) -> bytes:
+        """A vector whose length takes ``length_size`` bytes; ``number`` goes after ``field`` in an error."""
+        data, pos = self._data, self._pos
+        if length_size > len(data) - pos:
+            raise self._short(length_size, "length of " + field, number)
+        end = pos + length_size
+        size = int.from_bytes(data[pos:end], "big")
+        if size > len(data) - end:
+            self._pos = end
+            raise self._short(size, field, number)
+        self._pos = end + size
+        return data[end : end + size]
 
     def expect_end(self) -> None:
         if self.remaining:
@@ -207,9 +224,19 @@ def _parse_body(body: bytes, *, record_bytes: int) -> ClientHello:
         extensions = _Reader(reader.vector(2, "extensions"), "ClientHello extensions")
         reader.expect_end()
         seen: set[int] = set()
-        while extensions.remaining:
-            ext_type = extensions.uint(2, "extension type")
-            ext_data = extensions.vector(2, f"extension {ext_type}")
+        data, pos, end = extensions._data, 0, len(extensions._data)
+        while pos < end:
+            # The common case read in place (a dozen or more extensions on every new connection); a truncated
+            # one goes through the reader, which says what is missing.
+            if end - pos >= 4 and end - pos - 4 >= (size := (data[pos + 2] << 8) | data[pos + 3]):
+                ext_type = (data[pos] << 8) | data[pos + 1]
+                ext_data = data[pos + 4 : pos + 4 + size]
+                pos += 4 + size
+            else:
+                extensions._pos = pos
+                ext_type = extensions.uint(2, "extension type")
+                extensions.vector(2, "extension", ext_type)
+                raise AssertionError("unreachable: the reader raises for a truncated extension")
             if ext_type in seen:
                 raise ProtocolError(f"malformed ClientHello: extension {ext_type} appears twice")
             seen.add(ext_type)
@@ -224,7 +251,7 @@ def _parse_body(body: bytes, *, record_bytes: int) -> ClientHello:
         alpn_protocols=alpn,
         legacy_version=legacy_version,
         supported_versions=versions,
-        cipher_suites=tuple(int.from_bytes(suites[i : i + 2], "big") for i in range(0, len(suites), 2)),
+        cipher_suites=struct.unpack(f">{len(suites) // 2}H", suites),
         record_bytes=record_bytes,
     )
 
@@ -273,4 +300,4 @@ def _parse_supported_versions(data: bytes) -> tuple[int, ...]:
     outer.expect_end()
     if not raw or len(raw) % 2:
         raise ProtocolError(f"malformed supported_versions extension: {len(raw)} bytes, need an even >0")
-    return tuple(int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2))
+    return struct.unpack(f">{len(raw) // 2}H", raw)
