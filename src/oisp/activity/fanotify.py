@@ -62,6 +62,7 @@ FAN_RENAME = 0x10000000
 FAN_ONDIR = 0x40000000
 
 FAN_MARK_ADD = 0x1
+FAN_MARK_REMOVE = 0x2
 FAN_MARK_FILESYSTEM = 0x100
 AT_FDCWD = -100
 
@@ -232,6 +233,15 @@ class Fanotify:
         if key not in self._mounts:
             self._mounts[key] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
+    def unmark_filesystem(self, path: str, mask: int) -> None:
+        """Stop watching ``mask`` on the filesystem that ``path`` is on (events already queued stay queued; the
+        filesystem's handles still resolve: :meth:`directory_path`)."""
+        if self.mode != "dfid_name_target":
+            mask &= ~FAN_RENAME
+        if _lib().fanotify_mark(self.fd, FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM, mask, AT_FDCWD,
+                                os.fsencode(path)) < 0:
+            raise _error(f"fanotify_mark({path}, remove)")
+
     def fileno(self) -> int:
         """The group's descriptor (to wait on it)."""
         return self.fd
@@ -282,9 +292,19 @@ class Fanotify:
             os.close(fd)
         return path
 
-    def path_of(self, file_id: FileId) -> str | None:
-        """The path of the entry a record names (directory path + name)."""
-        directory = self.directory_path(file_id)
+    def path_of(self, file_id: FileId, cache: dict[tuple[int, bytes], str | None] | None = None) -> str | None:
+        """The path of the entry a record names (directory path + name). ``cache`` (the caller's, kept for as
+        long as directory paths may be taken as unchanged: one pass of reads) saves resolving a directory again."""
+        if cache is None:
+            directory = self.directory_path(file_id)
+        else:
+            key = (file_id.fsid, file_id.handle)
+            if key in cache:
+                directory = cache[key]
+            else:
+                directory = cache[key] = self.directory_path(file_id)
+                if len(cache) > 1024:
+                    cache.pop(next(iter(cache)))
         if directory is None:
             return None
         if directory.endswith(" (deleted)"):
