@@ -43,12 +43,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 WORKLOAD = r"""
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
 processes, files, folder, report = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 sys.stdin.readline()
 closed = {}
 per = max(1, files // max(1, processes))
 n = 0
+cpu = sum(os.times()[:4])
 started = time.perf_counter()
 for p in range(processes):
     subprocess.run(["/bin/true"])
@@ -67,8 +68,9 @@ while n < files:
     closed[path] = time.monotonic_ns()
     n += 1
 elapsed = time.perf_counter() - started
+cpu = sum(os.times()[:4]) - cpu
 with open(report, "w") as f:
-    json.dump({"elapsed": elapsed, "closed": closed}, f)
+    json.dump({"elapsed": elapsed, "cpu": cpu, "closed": closed}, f)
 print("done", flush=True)
 """
 
@@ -151,8 +153,10 @@ class Monitor:
         self.proc.wait(timeout=30)
 
 
-def run_workload(processes: int, files: int, monitor: Monitor | None, as_agent: bool) -> tuple[float, dict]:
-    """One run of the workload; (its wall time, what the monitor saw: {} without one)."""
+def run_workload(processes: int, files: int, monitor: Monitor | None,
+                 as_agent: bool) -> tuple[float, float, dict]:
+    """One run of the workload; (its wall time, its CPU time with its children's, what the monitor saw: {}
+    without one)."""
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
         report, seen = Path(folder) / "report.json", Path(folder) / "seen.json"
         work = Path(folder) / "w"
@@ -175,14 +179,14 @@ def run_workload(processes: int, files: int, monitor: Monitor | None, as_agent: 
             arrivals = observed.pop("files")
             observed["file_latency"] = [arrivals[p] - t for p, t in data["closed"].items() if p in arrivals]
             observed["files_seen"] = sum(1 for p in data["closed"] if p in arrivals)
-        return float(data["elapsed"]), observed
+        return float(data["elapsed"]), float(data["cpu"]), observed
 
 
 def _percentiles(values_ns: list[int]) -> str:
     if not values_ns:
         return "-"
     ms = sorted(v / 1e6 for v in values_ns)
-    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else ms * 99
+    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
     return f"p50 {q[49]:.1f}  p90 {q[89]:.1f}  p99 {q[98]:.1f}  max {ms[-1]:.1f} ms"
 
 
@@ -211,6 +215,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in ways}
+    work_cpu: dict[str, list[float]] = {name: [] for name, _, _ in ways}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     per_event: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     latency: dict[str, tuple[list[int], list[int]]] = {name: ([], []) for name, _, _ in ways}
     counts: dict[str, list[tuple[int, int, int]]] = {name: [] for name, _, _ in ways}
@@ -218,18 +224,21 @@ def main() -> None:
     for r in range(args.rounds):
         order = ways[r % len(ways):] + ways[:r % len(ways)]
         this: dict[str, float] = {}
+        this_cpu: dict[str, float] = {}
         for name, checkout, as_agent in order:
             monitor = None
             if as_agent is not None:
                 monitor = Monitor(checkout if checkout is not None else None)
                 modules[name] = monitor.module
             try:
-                elapsed, observed = run_workload(args.processes, args.files, monitor, bool(as_agent))
+                elapsed, used, observed = run_workload(args.processes, args.files, monitor, bool(as_agent))
             finally:
                 if monitor is not None:
                     monitor.close()
             this[name] = elapsed
+            this_cpu[name] = used
             times[name].append(elapsed)
+            work_cpu[name].append(used)
             if observed:
                 cpu[name].append(observed["cpu"])
                 if observed["events"]:
@@ -239,11 +248,13 @@ def main() -> None:
                 counts[name].append((observed["events"], observed["files_seen"], observed["lost"]))
         for name in this:
             ratios[name].append(this[name] / this["off"])
+            cpu_ratios[name].append(this_cpu[name] / this_cpu["off"])
         print(f"round {r + 1}: " + ", ".join(f"{n} {t:.3f}" for n, t in this.items()), file=sys.stderr, flush=True)
     print(f"workload: {args.processes} processes + {args.files} files; {args.rounds} rounds, the ways interleaved "
           f"(order rotated each round); monitor in its own process")
     print(f"{'activity':<24} {'median s':>8} {'added':>8} {'min s':>7} {'max s':>7} {'IQR s':>6}   "
-          f"{'monitor CPU s':>13} {'CPU/event us':>12} {'events':>7} {'writes seen':>11}")
+          f"{'workload CPU s':>14} {'added':>7}   {'monitor CPU s':>13} {'CPU/event us':>12} {'events':>7} "
+          f"{'writes seen':>11}")
     for name, _, as_agent in ways:
         values = times[name]
         added = "" if name == "off" else f"{(statistics.median(ratios[name]) - 1) * 100:+.1f}%"
@@ -251,10 +262,13 @@ def main() -> None:
         each = f"{statistics.median(per_event[name]) * 1e6:.0f}" if per_event[name] and as_agent else "-"
         events = f"{statistics.median(c[0] for c in counts[name]):.0f}" if counts[name] else "-"
         seen = f"{statistics.median(c[1] for c in counts[name]):.0f}" if counts[name] and as_agent else "-"
+        added_cpu = "" if name == "off" else f"{(statistics.median(cpu_ratios[name]) - 1) * 100:+.1f}%"
         print(f"{name:<24} {statistics.median(values):>8.3f} {added:>8} {min(values):>7.3f} {max(values):>7.3f} "
-              f"{_iqr(values):>6.3f}   {monitor_cpu:>13} {each:>12} {events:>7} {seen:>11}")
-    print("(added: median over rounds of the way's wall time / the same round's 'off'; monitor CPU: the monitor "
-          "process from its start until it had emitted everything)")
+              f"{_iqr(values):>6.3f}   {statistics.median(work_cpu[name]):>14.3f} {added_cpu:>7}   "
+              f"{monitor_cpu:>13} {each:>12} {events:>7} {seen:>11}")
+    print("(added: median over rounds of the way's time / the same round's 'off'; workload CPU: user+system of the "
+          "workload and its children, where the kernel's cost of queueing events is charged; monitor CPU: the "
+          "monitor process from its start until it had emitted everything)")
     for name, _, as_agent in ways:
         if as_agent:
             lost = sum(c[2] for c in counts[name])

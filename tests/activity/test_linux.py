@@ -375,3 +375,17 @@ def test_in_a_network_namespace_processes_are_polled_and_files_still_watched(tmp
     running, limitations = out.stdout.splitlines()
     assert "('processes', 'psutil polling')" in running and "('files', 'fanotify" in running
     assert "only in the initial network namespace" in limitations
+
+
+async def test_include_exe_takes_a_process_in_scope_when_it_execs(tmp_path: Path) -> None:
+    # out-of-scope execs are decided from the executable's link alone; a configured executable becomes an agent
+    seen = Collector()
+    sleep = os.path.realpath("/bin/sleep")
+    async with Activity(emit=seen, config=ActivitySettings(include_exe=(os.path.basename(sleep),))) as activity:
+        proc = await anyio.run_process(["sh", "-c", "sleep 0.3; true"])
+        assert proc.returncode == 0
+        await caught_up(activity, time.monotonic_ns())
+    execs = seen.of("process.exec")
+    assert [e.data.exe for e in execs] == [sleep]  # type: ignore[attr-defined]  # not the shell, not true
+    assert execs[0].process is not None and (execs[0].attrs or {}).get("oisp.agent_pid") == execs[0].process.pid
+    assert execs[0].data.args == ["sleep", "0.3"]  # type: ignore[attr-defined]

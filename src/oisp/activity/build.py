@@ -126,8 +126,37 @@ class ProcessFacts:
         return out
 
 
+_SOURCES: dict[tuple[str, str], Source] = {}
+
+
 def _source(point: str, method: str = "other") -> Source:
-    return Source(collector="oisp", collector_version=__version__, capture_method=method, capture_point=point)
+    """The ``source`` block (immutable: one per capture point, shared by its events)."""
+    source = _SOURCES.get((point, method))
+    if source is None:
+        source = _SOURCES[point, method] = Source(collector="oisp", collector_version=__version__,
+                                                  capture_method=method, capture_point=point)
+    return source
+
+
+class _MtimeText:
+    """``2026-12-08T02:00:00.123456Z`` of a file's mtime; the text of the whole second is kept from the last
+    call (files written together share it), which spares most of the date formatting."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, mtime_ns: int) -> str:
+        second, ns = divmod(mtime_ns, 1_000_000_000)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._text}.{ns // 1000:06d}Z"
+
+
+_mtime_text = _MtimeText()
 
 
 def _confidence(missing: tuple[str, ...] | list[str], *, reasons: list[str], completeness: str = "full",
@@ -245,7 +274,7 @@ def _file_info(path: str, stat: os.stat_result | None) -> FileInfo:
         return FileInfo(path=path, name=name or None, extension=ext)
     return FileInfo(path=path, name=name or None, extension=ext, size=stat.st_size, inode=stat.st_ino,
                     mode=f"{stat.st_mode & 0o7777:04o}", uid=stat.st_uid, gid=stat.st_gid,
-                    mtime=datetime.fromtimestamp(stat.st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+                    mtime=_mtime_text(stat.st_mtime_ns))
 
 
 def _file_event(data: Any, facts: ProcessFacts, ts_ns: int, clock: Clock, missing: list[str], point: str,

@@ -33,6 +33,7 @@ __all__ = [
     "FanEvent",
     "Fanotify",
     "FileId",
+    "decoded",
     "fsid_key",
     "local_mounts",
     "parse_events",
@@ -94,7 +95,9 @@ class FileId(NamedTuple):
 
 
 class FanEvent(NamedTuple):
-    """One event: what happened (``mask``), who did it (``pid``), and the identifiers reported with it."""
+    """One event: what happened (``mask``), who did it (``pid``), and the identifiers reported with it.
+
+    ``raw``: an event kept undecoded (its bytes; the identifiers are None until :func:`decoded` reads them)."""
 
     mask: int
     pid: int
@@ -102,6 +105,16 @@ class FanEvent(NamedTuple):
     dfid_name: FileId | None
     old: FileId | None
     new: FileId | None
+    raw: bytes | None = None
+
+
+def decoded(event: FanEvent) -> FanEvent:
+    """``event`` with its identifiers read (an event kept undecoded by :func:`parse_events`), else as it is."""
+    if event.raw is None:
+        return event
+    out: list[FanEvent] = []
+    parse_events(event.raw, out)
+    return out[0] if out else event._replace(raw=None)
 
 
 def _file_id(buf: bytes, start: int, end: int, with_name: bool) -> FileId | None:
@@ -126,8 +139,8 @@ def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None, al
     """Append the events of one ``read`` of the fanotify descriptor to ``out``; returns how many were malformed.
 
     ``want_pid``, when given, is a callable ``pid -> bool``: events of other pids are skipped before their
-    identifiers are decoded (their descriptors, in descriptor mode, are still closed by the caller's ``fds``
-    list: see :meth:`Fanotify.read`), unless their mask has a bit of ``also``. Never raises on bad input.
+    identifiers are decoded, unless their mask has a bit of ``also``: those are appended undecoded (their bytes
+    in ``raw``, for :func:`decoded` when they turn out to matter). Never raises on bad input.
     """
     offset = 0
     size = len(buf)
@@ -138,7 +151,9 @@ def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None, al
         if event_len < _METADATA.size or offset + event_len > size or vers != METADATA_VERSION:
             return bad + 1
         end = offset + event_len
-        if keep is not None and not (mask & (FAN_Q_OVERFLOW | also)) and not keep(pid):
+        if keep is not None and not mask & FAN_Q_OVERFLOW and not keep(pid):
+            if mask & also:
+                out.append(FanEvent(mask, pid, fd, None, None, None, bytes(buf[offset:end])))
             offset = end
             continue
         dfid = old = new = None

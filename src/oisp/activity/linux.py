@@ -25,7 +25,7 @@ from typing import Any
 
 from oisp.activity import build, cn_proc, fanotify
 from oisp.activity.build import Clock, ProcessFacts
-from oisp.activity.procfs import read_process
+from oisp.activity.procfs import read_exe, read_process
 from oisp.activity.scope import AgentScope
 from oisp.activity.settings import ActivitySettings, ActivityStats, SensitivePaths
 from oisp.events import Event
@@ -304,9 +304,14 @@ class ProcessReader:
             self._then(record, agent, out, record.parent)
         elif isinstance(record, cn_proc.ExecEvent):
             pid = record.pid
-            if not scope.in_scope(pid) and not self._settings.include_exe:
-                self._recent.append(record)
-                return
+            if not scope.in_scope(pid):
+                # out of scope: no /proc read, except the executable's link when include_exe may take it in
+                exe = read_exe(pid) if self._settings.include_exe else None
+                if exe is not None:
+                    scope.on_exec(pid, exe)
+                if not scope.in_scope(pid):
+                    self._recent.append(record)
+                    return
             snap = read_process(pid)
             if snap.exe:
                 scope.on_exec(pid, snap.exe)
@@ -631,6 +636,7 @@ class FileReader:
                 kept.append((read_at, record))
                 continue
             try:
+                record = fanotify.decoded(record)
                 if exec_opens:
                     if record.dfid_name is not None:
                         path = self._group.path_of(record.dfid_name, self._dirs)
