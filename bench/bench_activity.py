@@ -1,7 +1,7 @@
 """Overhead of agent-activity observation on an agent-like workload, and the latency of its events.
 
 Run (Linux, as root): ``.nox/tests/bin/python bench/bench_activity.py [--rounds 8] [--processes 500]
-[--files 5000] [--baseline CHECKOUT]``
+[--files 5000] [--no-sensitive] [--baseline CHECKOUT]``
 
 The workload is a separate Python process, like an agent's tool runner: it starts ``--processes`` short processes
 (``/bin/true``, through ``subprocess.run``) and writes ``--files`` small files, interleaved (one process, then
@@ -16,7 +16,8 @@ them):
   agent exists) but the workload made no AI call, so nothing is reported: what everyone else on the machine pays;
 - ``on, agent``: the workload is an agent: every process and file becomes an event, delivered to a callback.
 
-With ``--baseline CHECKOUT`` (a checkout of another version of oisp, e.g. main before a change), the two ``on``
+With ``--no-sensitive``, one more way: ``on, agent`` with no sensitive paths, so no open is watched (what
+watching the opens costs). With ``--baseline CHECKOUT`` (a checkout of another version of oisp, e.g. main before a change), the two ``on``
 ways run a second time with that checkout's monitor (its ``src`` first on ``PYTHONPATH``): old and new in the
 same run, interleaved.
 
@@ -81,9 +82,10 @@ MONITOR = r"""
 import json, os, sys, time
 import anyio, anyio.to_thread
 import oisp
-from oisp.activity import Activity
+from oisp.activity import Activity, ActivitySettings
 
 files, execs, counted = {}, [], [0]
+config = ActivitySettings(sensitive_paths=()) if sys.argv[1:] == ["no-sensitive"] else None
 
 def arrived(event):
     now = time.monotonic_ns()
@@ -98,7 +100,7 @@ def cpu():
     return t.user + t.system
 
 async def main():
-    async with Activity(emit=arrived) as activity:
+    async with Activity(emit=arrived, config=config) as activity:
         started = cpu()
         print("ready", oisp.__file__, flush=True)
         while True:
@@ -123,12 +125,12 @@ anyio.run(main)
 class Monitor:
     """A monitor process (this checkout's oisp, or the one under ``src`` of ``checkout``)."""
 
-    def __init__(self, checkout: Path | None) -> None:
+    def __init__(self, checkout: Path | None, *, sensitive: bool = True) -> None:
         env = dict(os.environ)
         if checkout is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(checkout / "src"), env.get("PYTHONPATH", "")])
-        self.proc = subprocess.Popen([sys.executable, "-c", MONITOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", MONITOR] + ([] if sensitive else ["no-sensitive"]),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self._line()
         if not line.startswith("ready"):
             raise RuntimeError(f"the monitor did not start: {line!r}")
@@ -202,6 +204,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--processes", type=int, default=500)
     parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--no-sensitive", action="store_true",
+                        help="also an 'on, agent' way with no sensitive paths (no opens watched: what they cost)")
     parser.add_argument("--baseline", metavar="CHECKOUT", type=Path,
                         help="also run the 'on' ways with the monitor of this checkout of oisp (its src/)")
     args = parser.parse_args()
@@ -209,6 +213,8 @@ def main() -> None:
         sys.exit("bench_activity needs Linux and root (kernel process events and fanotify)")
     ways: list[tuple[str, Path | None, bool | None]] = [
         ("off", None, None), ("on, not an agent", None, False), ("on, agent", None, True)]
+    if args.no_sensitive:
+        ways.append(("on, agent, no opens", None, True))
     if args.baseline is not None:
         base = args.baseline.resolve()
         ways += [("baseline, not an agent", base, False), ("baseline, agent", base, True)]
@@ -228,7 +234,7 @@ def main() -> None:
         for name, checkout, as_agent in order:
             monitor = None
             if as_agent is not None:
-                monitor = Monitor(checkout if checkout is not None else None)
+                monitor = Monitor(checkout, sensitive=not name.endswith("no opens"))
                 modules[name] = monitor.module
             try:
                 elapsed, used, observed = run_workload(args.processes, args.files, monitor, bool(as_agent))
