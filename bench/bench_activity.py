@@ -17,9 +17,9 @@ them):
 - ``on, agent``: the workload is an agent: every process and file becomes an event, delivered to a callback.
 
 With ``--no-sensitive``, one more way: ``on, agent`` with no sensitive paths, so no open is watched (what
-watching the opens costs). With ``--baseline CHECKOUT`` (a checkout of another version of oisp, e.g. main before a change), the two ``on``
-ways run a second time with that checkout's monitor (its ``src`` first on ``PYTHONPATH``): old and new in the
-same run, interleaved.
+watching the opens costs). With ``--baseline CHECKOUT`` (a checkout of another version of oisp, e.g. main
+before a change), the two ``on`` ways run a second time with that checkout's monitor (its ``src`` first on
+``PYTHONPATH``): old and new in the same run, interleaved.
 
 The table gives, per way, the median wall time, the spread (min, max, and the interquartile range), and what it
 adds to ``off``: the median of the per-round ratios to that round's ``off`` (each ratio compares runs made

@@ -159,13 +159,26 @@ class _MtimeText:
 _mtime_text = _MtimeText()
 
 
+_CONFIDENCES: dict[tuple[Any, ...], Confidence] = {}
+
+
 def _confidence(missing: tuple[str, ...] | list[str], *, reasons: list[str], completeness: str = "full",
                 limitations: list[str] | None = None) -> Confidence:
+    """The ``confidence`` block: a few combinations are all there is, so each is made once and shared by the
+    events that have it (like ``source``: never changed after it is made)."""
     if missing and completeness != "sampled":
         completeness = "partial"
-    return Confidence(level="medium" if completeness == "sampled" else "high", completeness=completeness,
-                      reasons=reasons, missing=list(missing) or None, limitations=limitations,
-                      process_attribution="direct", content_source="none")
+    key = (tuple(missing), tuple(reasons), completeness, tuple(limitations) if limitations is not None else None)
+    confidence = _CONFIDENCES.get(key)
+    if confidence is None:
+        if len(_CONFIDENCES) > 256:
+            _CONFIDENCES.clear()
+        confidence = _CONFIDENCES[key] = Confidence(
+            level="medium" if completeness == "sampled" else "high", completeness=completeness,
+            reasons=list(reasons), missing=list(missing) or None,
+            limitations=list(limitations) if limitations is not None else None,
+            process_attribution="direct", content_source="none")
+    return confidence
 
 
 def _shell_and_script(exe: str, args: list[str] | None) -> tuple[bool, str | None, str | None]:

@@ -490,7 +490,12 @@ _EFFECTS = fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE 
 
 
 class FileReader:
-    """``file.write``/``delete``/``rename``, and ``file.open`` of sensitive paths, from fanotify."""
+    """``file.write``/``delete``/``rename``, and ``file.open`` of sensitive paths, from fanotify.
+
+    The filesystems are marked only while there is something to observe (an agent process in scope, or scope
+    ``all``): :meth:`arm` when an agent appears, :meth:`sync_marks` after each pass, which removes the marks
+    ``DISARM_AFTER`` seconds after the last agent process is gone. Without marks the kernel queues no file event
+    at all, so a machine without agents pays for the process connector only."""
 
     def __init__(self, scope: AgentScope, table: ProcessTable, settings: ActivitySettings, stats: ActivityStats,
                  clock: Clock, admit: Callable[[int | None], bool]) -> None:
