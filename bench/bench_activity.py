@@ -44,13 +44,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 WORKLOAD = r"""
-import json, os, subprocess, sys, time
+import json, os, resource, subprocess, sys, time
 processes, files, folder, report = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 sys.stdin.readline()
 closed = {}
 per = max(1, files // max(1, processes))
 n = 0
+def switches():
+    return sum(resource.getrusage(who).ru_nivcsw for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 cpu = sum(os.times()[:4])
+preempted = switches()
 started = time.perf_counter()
 for p in range(processes):
     subprocess.run(["/bin/true"])
@@ -70,8 +73,9 @@ while n < files:
     n += 1
 elapsed = time.perf_counter() - started
 cpu = sum(os.times()[:4]) - cpu
+preempted = switches() - preempted
 with open(report, "w") as f:
-    json.dump({"elapsed": elapsed, "cpu": cpu, "closed": closed}, f)
+    json.dump({"elapsed": elapsed, "cpu": cpu, "preempted": preempted, "closed": closed}, f)
 print("done", flush=True)
 """
 
@@ -181,6 +185,7 @@ def run_workload(processes: int, files: int, monitor: Monitor | None,
             arrivals = observed.pop("files")
             observed["file_latency"] = [arrivals[p] - t for p, t in data["closed"].items() if p in arrivals]
             observed["files_seen"] = sum(1 for p in data["closed"] if p in arrivals)
+        observed["preempted"] = data["preempted"]
         return float(data["elapsed"]), float(data["cpu"]), observed
 
 
@@ -222,6 +227,7 @@ def main() -> None:
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     work_cpu: dict[str, list[float]] = {name: [] for name, _, _ in ways}
+    preempted: dict[str, list[int]] = {name: [] for name, _, _ in ways}
     cpu_ratios: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     per_event: dict[str, list[float]] = {name: [] for name, _, _ in ways}
     latency: dict[str, tuple[list[int], list[int]]] = {name: ([], []) for name, _, _ in ways}
@@ -245,6 +251,7 @@ def main() -> None:
             this_cpu[name] = used
             times[name].append(elapsed)
             work_cpu[name].append(used)
+            preempted[name].append(observed.pop("preempted"))
             if observed:
                 cpu[name].append(observed["cpu"])
                 if observed["events"]:
@@ -259,8 +266,8 @@ def main() -> None:
     print(f"workload: {args.processes} processes + {args.files} files; {args.rounds} rounds, the ways interleaved "
           f"(order rotated each round); monitor in its own process")
     print(f"{'activity':<24} {'median s':>8} {'added':>8} {'min s':>7} {'max s':>7} {'IQR s':>6}   "
-          f"{'workload CPU s':>14} {'added':>7}   {'monitor CPU s':>13} {'CPU/event us':>12} {'events':>7} "
-          f"{'writes seen':>11}")
+          f"{'workload CPU s':>14} {'added':>7} {'preempted':>9}   {'monitor CPU s':>13} {'CPU/event us':>12} "
+          f"{'events':>7} {'writes seen':>11}")
     for name, _, as_agent in ways:
         values = times[name]
         added = "" if name == "off" else f"{(statistics.median(ratios[name]) - 1) * 100:+.1f}%"
@@ -270,11 +277,13 @@ def main() -> None:
         seen = f"{statistics.median(c[1] for c in counts[name]):.0f}" if counts[name] and as_agent else "-"
         added_cpu = "" if name == "off" else f"{(statistics.median(cpu_ratios[name]) - 1) * 100:+.1f}%"
         print(f"{name:<24} {statistics.median(values):>8.3f} {added:>8} {min(values):>7.3f} {max(values):>7.3f} "
-              f"{_iqr(values):>6.3f}   {statistics.median(work_cpu[name]):>14.3f} {added_cpu:>7}   "
+              f"{_iqr(values):>6.3f}   {statistics.median(work_cpu[name]):>14.3f} {added_cpu:>7} "
+              f"{statistics.median(preempted[name]):>9.0f}   "
               f"{monitor_cpu:>13} {each:>12} {events:>7} {seen:>11}")
     print("(added: median over rounds of the way's time / the same round's 'off'; workload CPU: user+system of the "
-          "workload and its children, where the kernel's cost of queueing events is charged; monitor CPU: the "
-          "monitor process from its start until it had emitted everything)")
+          "workload and its children, where the kernel's cost of queueing events is charged; preempted: the "
+          "workload's involuntary context switches; monitor CPU: the monitor process from its start until it had "
+          "emitted everything)")
     for name, _, as_agent in ways:
         if as_agent:
             lost = sum(c[2] for c in counts[name])
