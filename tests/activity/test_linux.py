@@ -176,7 +176,9 @@ async def test_the_scope_learns_agents_from_the_pipelines_ai_events(
     async with pipeline:
         activity = Activity(emit=pipeline.emit)
         activity.watch_pipeline(pipeline)
+        other = AgentProcess(tmp_path)  # another agent (idle): the files are watched (only while agents exist)
         async with activity:
+            activity.add_agent(other.pid)
             before = await agent.run(f"open('{tmp_path}/before.txt', 'w').write('1')")
             await caught_up(activity, before)
             pipeline.emit(Event.create(AiRequest(request_id="r1"), confidence=Confidence(level="high",
@@ -187,8 +189,9 @@ async def test_the_scope_learns_agents_from_the_pipelines_ai_events(
             await caught_up(activity, done)
             await processed.wait_for(lambda events: any(
                 e.event_type == "file.write" and getattr(e.data, "path", "").endswith("after.txt") for e in events))
+        other.close()
     # the AI event is made after the call was decoded: effects up to LEARN_MARGIN_NS before it count as the
-    # agent's (here a write just before the call)
+    # agent's (here a write just before the call, while the files were watched for the other agent)
     assert processed.of("file.write", data__path=f"{tmp_path}/before.txt")
     touch = [e for e in processed.of("process.exec") if e.process and e.process.ppid == agent.pid]
     assert len(touch) == 1 and touch[0].host is not None  # it went through the pipeline's stages
@@ -278,8 +281,23 @@ async def test_an_agent_learned_late_gets_its_effects_since_the_call(
         observed: tuple[Activity, Collector], agent: AgentProcess, tmp_path: Path,
         oisp_schema: SchemaValidator) -> None:
     # the AI event that makes a process an agent can be processed after the kernel's records of what the agent
-    # did with the answer were read: those records are kept a while and replayed from the call's time on
+    # did with the answer were read: those records are kept a while and replayed from the call's time on. The
+    # files are watched only while some agent exists: here another agent runs meanwhile (with no agent at all,
+    # the process records are replayed and file effects are seen from the moment the agent is learned)
     activity, seen = observed
+    other = AgentProcess(tmp_path)
+    activity.add_agent(other.pid)
+    try:
+        await _learned_late(activity, seen, agent, tmp_path, oisp_schema, other.pid)
+    finally:
+        other.close()
+
+
+async def _learned_late(activity: Activity, seen: Collector, agent: AgentProcess, tmp_path: Path,
+                        oisp_schema: SchemaValidator, other: int) -> None:
+    def ours() -> list[Event]:  # the other agent's own exec may be reported
+        return [e for e in seen.events if (e.attrs or {}).get("oisp.agent_pid") != other]
+
     earlier = await agent.run(f"open('{tmp_path}/before-the-call.txt', 'w').write('0')")
     await caught_up(activity, earlier)
     call = time.monotonic_ns()
@@ -287,7 +305,7 @@ async def test_an_agent_learned_late_gets_its_effects_since_the_call(
         f"import subprocess; subprocess.run(['sh', '-c', 'echo x > {tmp_path}/late-shell.txt'])\n"
         f"open('{tmp_path}/late.txt', 'w').write('1')")
     await caught_up(activity, done)
-    assert seen.events == []  # not an agent yet
+    assert ours() == []  # not an agent yet
     activity.add_agent(agent.pid, since_ns=call)
     await seen.wait_for(lambda events: len([e for e in events if e.event_type == "file.write"]) == 2)
     await caught_up(activity, time.monotonic_ns())
@@ -297,8 +315,50 @@ async def test_an_agent_learned_late_gets_its_effects_since_the_call(
     assert len(shell) == 1 and shell[0].data.exe == os.path.realpath("/bin/sh")  # type: ignore[attr-defined]
     assert shell[0].ts_mono is not None and call < shell[0].ts_mono < done
     assert len([e for e in seen.of("process.exit") if e.process and e.process.ppid == agent.pid]) == 1
-    assert all((e.attrs or {}).get("oisp.agent_pid") == agent.pid for e in seen.events)
-    _validate_all(seen.events, oisp_schema)
+    assert all((e.attrs or {}).get("oisp.agent_pid") == agent.pid for e in ours())
+    _validate_all(ours(), oisp_schema)
+
+
+def _filesystem_marks(fd: int) -> int:
+    """How many filesystem marks the kernel holds for the fanotify group ``fd`` of this process."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return sum(1 for line in f if line.startswith("fanotify sdev:"))
+
+
+async def test_files_are_watched_only_while_an_agent_exists(
+        observed: tuple[Activity, Collector], agent: AgentProcess, tmp_path: Path) -> None:
+    # a machine without agents pays only for the process connector: no filesystem is marked, so the kernel
+    # queues no file event at all; the first agent arms the marks at once, and they go when no agent is left
+    activity, seen = observed
+    [source] = [s for s in activity._sources if getattr(s, "files", None) is not None]
+    files = source.files  # type: ignore[attr-defined]
+    assert _filesystem_marks(files.fileno()) == 0 and not files.armed
+    await caught_up(activity, time.monotonic_ns())  # (what was queued while the filesystems were tried at start)
+    records = activity.stats.file_records
+    bystander = await agent.run(f"open('{tmp_path}/nobody.txt', 'w').write('0')")
+    await caught_up(activity, bystander)
+    assert activity.stats.file_records == records  # nothing was queued: nothing marked
+
+    agent_process = AgentProcess(tmp_path)
+    try:
+        activity.add_agent(agent_process.pid)
+        assert _filesystem_marks(files.fileno()) >= 1 and files.armed
+        done = await agent_process.run(f"open('{tmp_path}/mine.txt', 'w').write('yes')")
+        await caught_up(activity, done)
+        [write] = seen.of("file.write", data__path=f"{tmp_path}/mine.txt")
+        assert write.process is not None and write.process.pid == agent_process.pid
+    finally:
+        agent_process.close()
+    # the agent exited: the scope is empty, and the marks are removed (after DISARM_AFTER)
+    with anyio.fail_after(10):
+        while _filesystem_marks(files.fileno()) != 0:
+            await anyio.sleep(0.05)  # polls the kernel's state (a condition), not a stand-in for one
+    assert len(activity.scope) == 0 and not files.armed
+    records = activity.stats.file_records
+    later = await agent.run(f"open('{tmp_path}/nobody-again.txt', 'w').write('0')")
+    await caught_up(activity, later)
+    assert not seen.of("file.write", data__path=f"{tmp_path}/nobody-again.txt")
+    assert activity.stats.file_records == records
 
 
 def test_in_a_network_namespace_processes_are_polled_and_files_still_watched(tmp_path: Path) -> None:
@@ -317,3 +377,17 @@ def test_in_a_network_namespace_processes_are_polled_and_files_still_watched(tmp
     running, limitations = out.stdout.splitlines()
     assert "('processes', 'psutil polling')" in running and "('files', 'fanotify" in running
     assert "only in the initial network namespace" in limitations
+
+
+async def test_include_exe_takes_a_process_in_scope_when_it_execs(tmp_path: Path) -> None:
+    # out-of-scope execs are decided from the executable's link alone; a configured executable becomes an agent
+    seen = Collector()
+    sleep = os.path.realpath("/bin/sleep")
+    async with Activity(emit=seen, config=ActivitySettings(include_exe=(os.path.basename(sleep),))) as activity:
+        proc = await anyio.run_process(["sh", "-c", "sleep 0.3; true"])
+        assert proc.returncode == 0
+        await caught_up(activity, time.monotonic_ns())
+    execs = seen.of("process.exec")
+    assert [e.data.exe for e in execs] == [sleep]  # type: ignore[attr-defined]  # not the shell, not true
+    assert execs[0].process is not None and (execs[0].attrs or {}).get("oisp.agent_pid") == execs[0].process.pid
+    assert execs[0].data.args == ["sleep", "0.3"]  # type: ignore[attr-defined]

@@ -91,6 +91,23 @@ def test_fanotify_parser_reads_names_and_filters_by_pid_first() -> None:
 
 
 @linux_only
+def test_fanotify_parser_keeps_effects_of_other_pids_undecoded_until_asked() -> None:
+    # records of processes out of scope are kept for an agent learned late, but their identifiers are read only
+    # if that happens (most never matter)
+    from oisp.activity.fanotify import FAN_CLOSE_WRITE, FAN_OPEN, FanEvent, decoded, parse_events
+
+    buf = (_fan_event(FAN_CLOSE_WRITE, 7, _fid_record(2, b"H" * 8, "theirs.txt"))
+           + _fan_event(FAN_OPEN, 7, _fid_record(2, b"H" * 8, "opened.txt")))
+    out: list[FanEvent] = []
+    assert parse_events(buf, out, want_pid=lambda pid: pid == 42, also=FAN_CLOSE_WRITE) == 0
+    [kept] = out  # the open is not an effect: skipped
+    assert (kept.mask, kept.pid, kept.dfid_name) == (FAN_CLOSE_WRITE, 7, None) and kept.raw is not None
+    full = decoded(kept)
+    assert full.raw is None and full.dfid_name is not None and full.dfid_name.name == "theirs.txt"
+    assert decoded(full) is full
+
+
+@linux_only
 def test_fanotify_parser_stops_at_bad_input() -> None:
     from oisp.activity.fanotify import FAN_CLOSE_WRITE, FanEvent, parse_events
 
@@ -161,6 +178,21 @@ def test_sensitive_paths(path: str, sensitive: bool) -> None:
 
 def test_no_sensitive_paths_means_none() -> None:
     assert not SensitivePaths(())("/root/.ssh/id_rsa")
+    assert not SensitivePaths(()).may_match_name("id_rsa")
+
+
+def test_a_name_that_cannot_be_sensitive_needs_no_directory() -> None:
+    # the reader resolves an open's directory only when the name alone cannot rule the path out
+    names_only = SensitivePaths((".env", "*.pem", "~/.aws/credentials"))
+    assert names_only.may_match_name(".env") and names_only.may_match_name("ca.pem")
+    assert names_only.may_match_name("credentials")
+    assert not names_only.may_match_name("libc.so.6") and not names_only.may_match_name("env")
+    # a wildcard in a pattern's last part can end in any name: every name may match
+    assert SensitivePaths(DEFAULT_SENSITIVE_PATHS).may_match_name("libc.so.6")
+    for path, sensitive in [("/srv/.env", True), ("/srv/a/ca.pem", True), ("/home/x/.aws/credentials", True),
+                            ("/etc/credentials", False)]:
+        name = path.rsplit("/", 1)[1]
+        assert names_only(path) is sensitive and (not sensitive or names_only.may_match_name(name))
 
 
 def test_the_activity_table_of_the_config_file() -> None:

@@ -126,17 +126,59 @@ class ProcessFacts:
         return out
 
 
+_SOURCES: dict[tuple[str, str], Source] = {}
+
+
 def _source(point: str, method: str = "other") -> Source:
-    return Source(collector="oisp", collector_version=__version__, capture_method=method, capture_point=point)
+    """The ``source`` block (immutable: one per capture point, shared by its events)."""
+    source = _SOURCES.get((point, method))
+    if source is None:
+        source = _SOURCES[point, method] = Source(collector="oisp", collector_version=__version__,
+                                                  capture_method=method, capture_point=point)
+    return source
+
+
+class _MtimeText:
+    """``2026-12-08T02:00:00.123456Z`` of a file's mtime; the text of the whole second is kept from the last
+    call (files written together share it), which spares most of the date formatting."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, mtime_ns: int) -> str:
+        second, ns = divmod(mtime_ns, 1_000_000_000)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._text}.{ns // 1000:06d}Z"
+
+
+_mtime_text = _MtimeText()
+
+
+_CONFIDENCES: dict[tuple[Any, ...], Confidence] = {}
 
 
 def _confidence(missing: tuple[str, ...] | list[str], *, reasons: list[str], completeness: str = "full",
                 limitations: list[str] | None = None) -> Confidence:
+    """The ``confidence`` block: a few combinations are all there is, so each is made once and shared by the
+    events that have it (like ``source``: never changed after it is made)."""
     if missing and completeness != "sampled":
         completeness = "partial"
-    return Confidence(level="medium" if completeness == "sampled" else "high", completeness=completeness,
-                      reasons=reasons, missing=list(missing) or None, limitations=limitations,
-                      process_attribution="direct", content_source="none")
+    key = (tuple(missing), tuple(reasons), completeness, tuple(limitations) if limitations is not None else None)
+    confidence = _CONFIDENCES.get(key)
+    if confidence is None:
+        if len(_CONFIDENCES) > 256:
+            _CONFIDENCES.clear()
+        confidence = _CONFIDENCES[key] = Confidence(
+            level="medium" if completeness == "sampled" else "high", completeness=completeness,
+            reasons=list(reasons), missing=list(missing) or None,
+            limitations=list(limitations) if limitations is not None else None,
+            process_attribution="direct", content_source="none")
+    return confidence
 
 
 def _shell_and_script(exe: str, args: list[str] | None) -> tuple[bool, str | None, str | None]:
@@ -245,7 +287,7 @@ def _file_info(path: str, stat: os.stat_result | None) -> FileInfo:
         return FileInfo(path=path, name=name or None, extension=ext)
     return FileInfo(path=path, name=name or None, extension=ext, size=stat.st_size, inode=stat.st_ino,
                     mode=f"{stat.st_mode & 0o7777:04o}", uid=stat.st_uid, gid=stat.st_gid,
-                    mtime=datetime.fromtimestamp(stat.st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+                    mtime=_mtime_text(stat.st_mtime_ns))
 
 
 def _file_event(data: Any, facts: ProcessFacts, ts_ns: int, clock: Clock, missing: list[str], point: str,

@@ -33,6 +33,7 @@ __all__ = [
     "FanEvent",
     "Fanotify",
     "FileId",
+    "decoded",
     "fsid_key",
     "local_mounts",
     "parse_events",
@@ -62,6 +63,7 @@ FAN_RENAME = 0x10000000
 FAN_ONDIR = 0x40000000
 
 FAN_MARK_ADD = 0x1
+FAN_MARK_REMOVE = 0x2
 FAN_MARK_FILESYSTEM = 0x100
 AT_FDCWD = -100
 
@@ -93,7 +95,9 @@ class FileId(NamedTuple):
 
 
 class FanEvent(NamedTuple):
-    """One event: what happened (``mask``), who did it (``pid``), and the identifiers reported with it."""
+    """One event: what happened (``mask``), who did it (``pid``), and the identifiers reported with it.
+
+    ``raw``: an event kept undecoded (its bytes; the identifiers are None until :func:`decoded` reads them)."""
 
     mask: int
     pid: int
@@ -101,6 +105,16 @@ class FanEvent(NamedTuple):
     dfid_name: FileId | None
     old: FileId | None
     new: FileId | None
+    raw: bytes | None = None
+
+
+def decoded(event: FanEvent) -> FanEvent:
+    """``event`` with its identifiers read (an event kept undecoded by :func:`parse_events`), else as it is."""
+    if event.raw is None:
+        return event
+    out: list[FanEvent] = []
+    parse_events(event.raw, out)
+    return out[0] if out else event._replace(raw=None)
 
 
 def _file_id(buf: bytes, start: int, end: int, with_name: bool) -> FileId | None:
@@ -125,8 +139,8 @@ def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None, al
     """Append the events of one ``read`` of the fanotify descriptor to ``out``; returns how many were malformed.
 
     ``want_pid``, when given, is a callable ``pid -> bool``: events of other pids are skipped before their
-    identifiers are decoded (their descriptors, in descriptor mode, are still closed by the caller's ``fds``
-    list: see :meth:`Fanotify.read`), unless their mask has a bit of ``also``. Never raises on bad input.
+    identifiers are decoded, unless their mask has a bit of ``also``: those are appended undecoded (their bytes
+    in ``raw``, for :func:`decoded` when they turn out to matter). Never raises on bad input.
     """
     offset = 0
     size = len(buf)
@@ -137,7 +151,9 @@ def parse_events(buf: bytes, out: list[FanEvent], *, want_pid: object = None, al
         if event_len < _METADATA.size or offset + event_len > size or vers != METADATA_VERSION:
             return bad + 1
         end = offset + event_len
-        if keep is not None and not (mask & (FAN_Q_OVERFLOW | also)) and not keep(pid):
+        if keep is not None and not mask & FAN_Q_OVERFLOW and not keep(pid):
+            if mask & also:
+                out.append(FanEvent(mask, pid, fd, None, None, None, bytes(buf[offset:end])))
             offset = end
             continue
         dfid = old = new = None
@@ -232,6 +248,15 @@ class Fanotify:
         if key not in self._mounts:
             self._mounts[key] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
+    def unmark_filesystem(self, path: str, mask: int) -> None:
+        """Stop watching ``mask`` on the filesystem that ``path`` is on (events already queued stay queued; the
+        filesystem's handles still resolve: :meth:`directory_path`)."""
+        if self.mode != "dfid_name_target":
+            mask &= ~FAN_RENAME
+        if _lib().fanotify_mark(self.fd, FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM, mask, AT_FDCWD,
+                                os.fsencode(path)) < 0:
+            raise _error(f"fanotify_mark({path}, remove)")
+
     def fileno(self) -> int:
         """The group's descriptor (to wait on it)."""
         return self.fd
@@ -282,9 +307,19 @@ class Fanotify:
             os.close(fd)
         return path
 
-    def path_of(self, file_id: FileId) -> str | None:
-        """The path of the entry a record names (directory path + name)."""
-        directory = self.directory_path(file_id)
+    def path_of(self, file_id: FileId, cache: dict[tuple[int, bytes], str | None] | None = None) -> str | None:
+        """The path of the entry a record names (directory path + name). ``cache`` (the caller's, kept for as
+        long as directory paths may be taken as unchanged: one pass of reads) saves resolving a directory again."""
+        if cache is None:
+            directory = self.directory_path(file_id)
+        else:
+            key = (file_id.fsid, file_id.handle)
+            if key in cache:
+                directory = cache[key]
+            else:
+                directory = cache[key] = self.directory_path(file_id)
+                if len(cache) > 1024:
+                    cache.pop(next(iter(cache)))
         if directory is None:
             return None
         if directory.endswith(" (deleted)"):

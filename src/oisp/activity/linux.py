@@ -25,7 +25,7 @@ from typing import Any
 
 from oisp.activity import build, cn_proc, fanotify
 from oisp.activity.build import Clock, ProcessFacts
-from oisp.activity.procfs import read_process
+from oisp.activity.procfs import read_exe, read_process
 from oisp.activity.scope import AgentScope
 from oisp.activity.settings import ActivitySettings, ActivityStats, SensitivePaths
 from oisp.events import Event
@@ -49,6 +49,8 @@ MAX_HELD = 32768
 RECENT = 8192
 #: how far back an agent learned late is replayed when the AI event does not say when the call was made (ns)
 REPLAY_NS = 2_000_000_000
+#: seconds without any agent process after which the file marks are removed (they come back with an agent)
+DISARM_AFTER = 1.0
 
 
 class ProcessTable:
@@ -128,7 +130,9 @@ class LinuxSource:
 
     def replay(self, agent: int, since: int) -> None:
         """``agent`` was just learned: at the next pass, emit what it and the processes it started did since
-        ``since`` (monotonic ns) before this was known (thread-safe)."""
+        ``since`` (monotonic ns) before this was known (thread-safe). The file marks are armed at once."""
+        if self.files is not None:
+            self.files.arm()
         self._replays.append((agent, since))
 
     def _replay(self, out: list[Event]) -> None:
@@ -151,6 +155,7 @@ class LinuxSource:
         self._thread.start()
 
     def _run(self) -> None:
+        _batch_priority()
         poller = select.poll()
         for reader in (self.processes, self.files):
             if reader is not None:
@@ -188,6 +193,8 @@ class LinuxSource:
                         mark = min(mark, floor)
                 if (processes is not None and not processes.drained) or (files is not None and not files_drained):
                     mark = self._mark  # a queue still holds events from before the pass: no further than before
+                if files is not None:
+                    files.sync_marks(last)
             except Exception:
                 log.exception("activity: reading kernel events failed")
                 mark = self._mark
@@ -206,6 +213,16 @@ class LinuxSource:
         for reader in (self.processes, self.files):
             if reader is not None:
                 reader.close()
+
+
+def _batch_priority() -> None:
+    """Make the calling thread ``SCHED_BATCH``: it gets its fair share of the CPU, but its wake-ups do not preempt
+    the thread running on that core (the kernel wakes the reader on the core of the process whose event woke it:
+    the agent's); events wait in the kernel's queues meanwhile, a little longer."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: this thread, on Linux
+    except (OSError, AttributeError) as exc:
+        log.debug("activity: the reader thread keeps its scheduling policy: %s", exc)
 
 
 class ProcessReader:
@@ -298,9 +315,14 @@ class ProcessReader:
             self._then(record, agent, out, record.parent)
         elif isinstance(record, cn_proc.ExecEvent):
             pid = record.pid
-            if not scope.in_scope(pid) and not self._settings.include_exe:
-                self._recent.append(record)
-                return
+            if not scope.in_scope(pid):
+                # out of scope: no /proc read, except the executable's link when include_exe may take it in
+                exe = read_exe(pid) if self._settings.include_exe else None
+                if exe is not None:
+                    scope.on_exec(pid, exe)
+                if not scope.in_scope(pid):
+                    self._recent.append(record)
+                    return
             snap = read_process(pid)
             if snap.exe:
                 scope.on_exec(pid, snap.exe)
@@ -479,7 +501,12 @@ _EFFECTS = fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE 
 
 
 class FileReader:
-    """``file.write``/``delete``/``rename``, and ``file.open`` of sensitive paths, from fanotify."""
+    """``file.write``/``delete``/``rename``, and ``file.open`` of sensitive paths, from fanotify.
+
+    The filesystems are marked only while there is something to observe (an agent process in scope, or scope
+    ``all``): :meth:`arm` when an agent appears, :meth:`sync_marks` after each pass, which removes the marks
+    ``DISARM_AFTER`` seconds after the last agent process is gone. Without marks the kernel queues no file event
+    at all, so a machine without agents pays for the process connector only."""
 
     def __init__(self, scope: AgentScope, table: ProcessTable, settings: ActivitySettings, stats: ActivityStats,
                  clock: Clock, admit: Callable[[int | None], bool]) -> None:
@@ -491,7 +518,7 @@ class FileReader:
         self._clock = clock
         self._admit = admit
         self._sensitive = SensitivePaths(settings.sensitive_paths)
-        mask = _WRITE_MASK | (fanotify.FAN_OPEN if settings.sensitive_paths else 0)
+        self._mask = mask = _WRITE_MASK | (fanotify.FAN_OPEN if settings.sensitive_paths else 0)
         marked = []
         for point, fstype in fanotify.local_mounts():
             if point.startswith(("/proc", "/sys")) or not os.access(point, os.W_OK):
@@ -504,13 +531,22 @@ class FileReader:
         if not marked:
             self._group.close()
             raise OSError("fanotify could not watch any local filesystem")
+        #: the filesystems watched while the marks are armed (all of them were marked once, to know)
         self.marked = marked
+        self._arming = threading.Lock()
+        #: whether the filesystems are marked now; :meth:`sync_marks` removes the marks while no agent exists
+        self.armed = True
+        #: monotonic seconds since which the scope has been empty (None: it is not)
+        self._empty_since: float | None = None
+        self._disarm()  # no agent yet: nothing marked until one appears
         if not self._group.reports_rename:
             stats.limitations.append("renames are not reported (FAN_RENAME needs Linux 5.17)")
         #: paths created (FAN_CREATE) by a process in scope and not closed yet: "created" on their file.write
         self._created: OrderedDict[str, None] = OrderedDict()
         self._self = os.getpid()
         self._records: list[fanotify.FanEvent] = []
+        #: directory handle -> its path, for one pass
+        self._dirs: dict[tuple[int, bytes], str | None] = {}
         #: whether the last read_raw emptied the queue
         self.drained = True
         #: recent effects of processes out of scope (read time, record), for an agent learned late
@@ -520,6 +556,54 @@ class FileReader:
     def mode(self) -> str:
         """Which fanotify reporting mode the kernel granted."""
         return self._group.mode
+
+    # arming: the filesystem-wide marks exist only while there is something to observe ---------------
+    def _needed(self) -> bool:
+        return self._scope.all_processes or len(self._scope) > 0
+
+    def arm(self) -> None:
+        """Mark the filesystems (an agent appeared; idempotent, thread-safe: called from :meth:`Activity.add_agent`
+        in the event loop, and by the reader thread when the scope grew by itself, e.g. ``include_exe``)."""
+        with self._arming:
+            self._empty_since = None
+            if self.armed:
+                return
+            for point in self.marked:
+                try:
+                    self._group.mark_filesystem(point, self._mask)
+                except OSError as exc:
+                    log.warning("activity: files on %s are not observed: %s", point, exc.strerror or exc)
+            self.armed = True
+
+    def sync_marks(self, now: float) -> None:
+        """Arm or disarm after a pass of the reader: with no agent process in scope for ``DISARM_AFTER`` seconds
+        (and scope ``agents``) the marks are removed, so that the machine pays no file event while there is no
+        agent; they come back with the next agent (:meth:`arm`)."""
+        if self._needed():
+            self._empty_since = None
+            if not self.armed:
+                self.arm()
+            return
+        if not self.armed:
+            return
+        if self._empty_since is None:
+            self._empty_since = now
+            return
+        if now - self._empty_since < DISARM_AFTER:
+            return
+        self._disarm()
+
+    def _disarm(self) -> None:
+        with self._arming:
+            if not self.armed or self._needed():
+                return
+            for point in self.marked:
+                try:
+                    self._group.unmark_filesystem(point, self._mask)
+                except OSError as exc:
+                    log.debug("activity: unmarking %s: %s", point, exc)
+            self.armed = False
+            self._empty_since = None
 
     def fileno(self) -> int:
         return self._group.fileno()
@@ -535,6 +619,7 @@ class FileReader:
 
     def decode(self, raw: list[bytes], out: list[Event]) -> None:
         """Decode ``raw`` and append the events of processes in scope."""
+        self._dirs.clear()  # directory paths are resolved once a pass (what they are now, as before the cache)
         records = self._records
         before = self._group.overflows
         now = time.monotonic_ns()
@@ -567,9 +652,10 @@ class FileReader:
                 kept.append((read_at, record))
                 continue
             try:
+                record = fanotify.decoded(record)
                 if exec_opens:
                     if record.dfid_name is not None:
-                        path = self._group.path_of(record.dfid_name)
+                        path = self._group.path_of(record.dfid_name, self._dirs)
                         if path is not None:
                             self._table.note_exec_open(record.pid, path)
                     kept.append((read_at, record._replace(mask=record.mask & ~fanotify.FAN_OPEN_EXEC)))
@@ -580,43 +666,58 @@ class FileReader:
         self._recent = kept
 
     def _handle(self, record: fanotify.FanEvent, now: int, out: list[Event], *, agent: int | None = None) -> None:
+        # what the record can produce is decided from its mask and name first: a path is resolved, /proc read
+        # and an event built only for a record that makes an event (most opens of an agent's processes do not)
         mask = record.mask
-        if agent is None:
-            agent = self._scope.agent_of(record.pid)
-            if not self._admit(agent):
-                return
         group = self._group
         clock = self._clock
+        dirs = self._dirs
         if mask & fanotify.FAN_RENAME:
             if record.old is None or record.new is None:
                 return
-            old = group.path_of(record.old) or f"[unresolved]/{record.old.name}"
-            new = group.path_of(record.new) or f"[unresolved]/{record.new.name}"
+            if agent is None:
+                agent = self._scope.agent_of(record.pid)
+                if not self._admit(agent):
+                    return
+            old = group.path_of(record.old, dirs) or f"[unresolved]/{record.old.name}"
+            new = group.path_of(record.new, dirs) or f"[unresolved]/{record.new.name}"
             facts = self._table.get(record.pid, agent)
             out.append(build.file_rename_event(facts, old, new, now, clock))
             self._created.pop(old, None)
             return
-        if record.dfid_name is None or mask & fanotify.FAN_ONDIR:
+        file_id = record.dfid_name
+        if file_id is None or mask & fanotify.FAN_ONDIR:
             return
-        path = group.path_of(record.dfid_name)
+        effects = mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE)
+        plain_open = mask & fanotify.FAN_OPEN and not mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE
+                                                              | fanotify.FAN_OPEN_EXEC)
+        if not effects and not mask & fanotify.FAN_OPEN_EXEC \
+                and not (plain_open and self._sensitive.may_match_name(file_id.name or "")):
+            return
+        path = group.path_of(file_id, dirs)
         unresolved = path is None
         if path is None:
-            path = f"[unresolved]/{record.dfid_name.name}"
+            path = f"[unresolved]/{file_id.name}"
         if mask & fanotify.FAN_OPEN_EXEC:
             self._table.note_exec_open(record.pid, path)
-            if not mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE | fanotify.FAN_DELETE):
+            if not effects:
                 return
-        facts = self._table.get(record.pid, agent)
-        extra = {"oisp.path_unresolved": True} if unresolved else None
-        if mask & fanotify.FAN_OPEN and not mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_CREATE
-                                                   | fanotify.FAN_OPEN_EXEC) \
-                and self._sensitive(path):
-            out.append(build.file_open_event(facts, path, now, clock, stat=_stat(path),
-                                             extra={"oisp.sensitive": True}))
+        sensitive = bool(plain_open) and self._sensitive(path)
         if mask & fanotify.FAN_CREATE:
             self._created[path] = None
             while len(self._created) > 4096:
                 self._created.popitem(last=False)
+        if not (sensitive or mask & (fanotify.FAN_CLOSE_WRITE | fanotify.FAN_DELETE)):
+            return
+        if agent is None:
+            agent = self._scope.agent_of(record.pid)
+            if not self._admit(agent):
+                return
+        facts = self._table.get(record.pid, agent)
+        extra = {"oisp.path_unresolved": True} if unresolved else None
+        if sensitive:
+            out.append(build.file_open_event(facts, path, now, clock, stat=_stat(path),
+                                             extra={"oisp.sensitive": True}))
         if mask & fanotify.FAN_CLOSE_WRITE:
             created = path in self._created
             self._created.pop(path, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-__all__ = ["ProcSnapshot", "read_process"]
+__all__ = ["ProcSnapshot", "read_exe", "read_process"]
 
 #: longest command line kept (the rest is cut; arguments can be whole scripts)
 ARGS_LIMIT = 4096
@@ -36,6 +36,11 @@ def _readlink(path: str) -> str | None:
     except OSError:
         return None
     return target.removesuffix(" (deleted)") or None
+
+
+def read_exe(pid: int, *, proc: str = "/proc") -> str | None:
+    """Only ``pid``'s executable (one readlink: what deciding whether a process is in scope needs)."""
+    return _readlink(f"{proc}/{pid}/exe")
 
 
 def read_process(pid: int, *, proc: str = "/proc") -> ProcSnapshot:

@@ -56,6 +56,25 @@ class SensitivePaths:
             # fnmatch's * crosses '/', which is what "~/.ssh/*" should do (keys in subfolders too)
             parts.append((_HOME if pattern.startswith("~") else "") + body)
         self._regex = re.compile("(?:" + "|".join(f"(?:{p})" for p in parts) + r")\Z", re.S) if parts else None
+        # what a path's last name must be for the path to possibly match: a pattern's last part when it has no
+        # wildcard (fnmatch's * and ? cross '/': a wildcard in the last part can end in any name)
+        names: list[str] = []
+        self._any_name = False
+        for pattern in self.patterns:
+            last = pattern.rsplit("/", 1)[-1]
+            if "/" not in pattern:
+                names.append(fnmatch.translate(last).removeprefix("(?s:").removesuffix(r")\Z"))
+            elif any(c in last for c in "*?["):
+                self._any_name = True
+            else:
+                names.append(re.escape(last))
+        self._names = re.compile("(?:" + "|".join(names) + r")\Z", re.S) if names else None
+
+    def may_match_name(self, name: str) -> bool:
+        """Whether a path whose last name is ``name`` can be sensitive (False: no need to know its directory)."""
+        if self._any_name:
+            return True
+        return self._names is not None and self._names.match(name) is not None
 
     def __call__(self, path: str) -> bool:
         """Whether ``path`` (absolute) is sensitive."""
