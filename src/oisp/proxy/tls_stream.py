@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 from anyio.abc import ByteStream
@@ -173,7 +173,7 @@ class TlsStream(ByteStream):
         try:
             while size < max_bytes and pending.pending:
                 try:
-                    more = read(max_bytes - size, view[size:max_bytes])
+                    more = cast(int, read(max_bytes - size, view[size:max_bytes]))  # with a buffer: the count
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLError as exc:
