@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -388,3 +389,41 @@ async def test_websocket_messages_are_decoded_in_the_decoder_process(tmp_path: P
         oisp_schema.validate(event.to_dict())
     assert events[1].data.choices[0].message.content == "Hello!"  # type: ignore[attr-defined]
     assert events[1].data.usage.total_tokens == 5  # type: ignore[attr-defined]
+
+
+async def test_body_bytes_past_the_cap_are_not_sent_and_the_events_are_the_same(tmp_path: Path) -> None:
+    from oisp.proxy.body_skip import skipping
+
+    prompt = "y" * (4 * 1024 * 1024)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}).encode()
+    upload = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n" % len(body) + body)
+    out = tmp_path / "events.jsonl"
+    async with DecoderProcess(_config(out)) as decoder:
+        sent = []
+        for number, skip in ((1, False), (2, True)):
+            feed = decoder.open_feed(_info(number), "http/1.1", body_cap=1 << 20)
+            assert feed is not None
+            wrapped = skipping(feed, "http/1.1", 1 << 20) if skip else feed
+            assert wrapped is not None
+            before = decoder.channel.bytes_sent
+            for at in range(0, len(upload), 256 * 1024):  # as the relay reads it
+                wrapped.push("client", upload[at:at + 256 * 1024], _now())
+                await anyio.sleep(0)
+            wrapped.push("server", RESPONSE, _now())
+            sent.append(decoder.channel.bytes_sent - before)
+            wrapped.finish()
+    assert sent[1] < (1 << 20) + 300 * 1024 < 4 * (1 << 20) < sent[0]  # only the capped part was sent
+    events = _events(out)
+    requests = [e for e in events if e.event_type == "ai.request"]
+    assert len(requests) == 2
+
+    def comparable(event: Event) -> str:  # without what differs between any two events (ids, times, ports)
+        raw = event.to_dict()
+        for key in ("event_id", "ts", "ts_mono", "related_events", "trace_context"):
+            raw.pop(key, None)
+        text = json.dumps(raw, sort_keys=True, default=str)
+        return re.sub(r"c-test\.\d(_\d+)?", "c-test", text).replace("40002", "40001")
+
+    assert comparable(requests[0]) == comparable(requests[1])
+    assert "request body truncated at cap" in " ".join(requests[1].confidence.limitations or [])

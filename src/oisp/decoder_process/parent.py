@@ -44,6 +44,7 @@ DEFAULT_BUFFER = 32 * 1024 * 1024
 DEFAULT_CONNECTION_BUFFER = 8 * 1024 * 1024
 _DATA = {"client": Kind.CLIENT_DATA, "server": Kind.SERVER_DATA}
 _EOF = {"client": Kind.CLIENT_EOF, "server": Kind.SERVER_EOF}
+_SKIP = {"client": Kind.CLIENT_SKIP, "server": Kind.SERVER_SKIP}
 
 
 @attrs.define
@@ -103,6 +104,14 @@ class RemoteFeed:
                 self._waiting.append((channel.bytes_sent, len(data)))
                 self._waiting_bytes += len(data)
         if not sent:
+            self._fail(f"{channel.limit} bytes behind the relay")
+
+    def skip(self, direction: Direction, count: int, now_ns: int) -> None:
+        """Tell the decoder that ``count`` body bytes went by uncopied (see :mod:`oisp.proxy.body_skip`)."""
+        if self.failure is not None or self._ended:
+            return
+        channel = self._worker.channel
+        if not channel.send(_SKIP[direction], self._channel, count.to_bytes(8, "big"), now_ns):
             self._fail(f"{channel.limit} bytes behind the relay")
 
     def _behind(self, channel: FrameChannel) -> int:

@@ -51,6 +51,10 @@ class Kind(enum.IntEnum):
     #: The activity watermark (monotonic nanoseconds, 8 bytes big-endian): every activity event before it has
     #: been sent.
     WATERMARK = 10
+    #: Body bytes the client sent that were not copied (past the body cap): the count, 8 bytes big-endian.
+    CLIENT_SKIP = 11
+    #: Body bytes the server sent that were not copied, as :attr:`CLIENT_SKIP`.
+    SERVER_SKIP = 12
     # decoder process → proxy
     #: Set up and listening; the payload is empty.
     READY = 16

@@ -174,6 +174,11 @@ async def _serve(sock: socket.socket) -> None:
                             if start and pipeline.backlog >= pause_at:
                                 await pipeline.wait_for_room()
                             dispatcher.dispatch(side, payload[start:start + _SLICE], timestamp)
+                    elif kind is Kind.CLIENT_SKIP or kind is Kind.SERVER_SKIP:
+                        dispatcher = connections.get(number)
+                        if dispatcher is not None:
+                            dispatcher.skip("client" if kind is Kind.CLIENT_SKIP else "server",
+                                            int.from_bytes(payload, "big"), timestamp)
                     elif kind is Kind.CLIENT_EOF or kind is Kind.SERVER_EOF:
                         dispatcher = connections.get(number)
                         if dispatcher is not None:

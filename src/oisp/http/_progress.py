@@ -127,6 +127,15 @@ class BodyCapture:
             self._note_stop()
         return out
 
+    @property
+    def truncated(self) -> bool:
+        """Whether the body reached the cap: nothing more of it is stored."""
+        return self._message.truncated
+
+    def skip(self, count: int) -> None:
+        """``count`` more body bytes went by past the cap, not seen (counted in ``wire_size`` only)."""
+        self._message.wire_size += count
+
     def finish(self) -> None:
         """The body ended on the wire; records a content coding that ended early."""
         self._decoder.finish()
@@ -167,6 +176,22 @@ class ExchangeProgress:
         """A piece of the request body."""
         if not self.request_complete:
             self._request_body.feed(data)
+
+    def request_skipped(self, count: int) -> bool:
+        """``count`` request body bytes past the cap went by uncopied; False (nothing counted) unless the request
+        body is still coming and already truncated (only then can the decoder's result not depend on them)."""
+        if self.request_complete or not self._request_body.truncated:
+            return False
+        self._request_body.skip(count)
+        return True
+
+    def response_skipped(self, count: int) -> bool:
+        """As :meth:`request_skipped`, for the response body."""
+        body = self._response_body
+        if body is None or self.response_complete or not body.truncated:
+            return False
+        body.skip(count)
+        return True
 
     def request_done(self, trailers: Headers | None, now: int) -> None:
         """The request ended normally (after its body and trailers)."""

@@ -34,7 +34,7 @@ import collections
 import logging
 import re
 import time
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import attrs
@@ -83,6 +83,11 @@ try:  # h11's own grammar, so the direct way accepts exactly what h11 would (it 
     from h11._abnf import status_line as _STATUS_LINE
 except ImportError:  # pragma: no cover - a future h11 moved it: no direct way, h11 decodes everything
     _HEADER_FIELD = _REQUEST_LINE = _STATUS_LINE = "(?!)"  # matches nothing
+try:  # h11's body readers, to skip body bytes past the cap (see ``_skip_body``; not public API either)
+    from h11._readers import ChunkedReader as _CHUNKED_READER
+    from h11._readers import ContentLengthReader as _LENGTH_READER
+except ImportError:  # pragma: no cover - a future h11 moved them: skips end decoding, marked partial
+    _CHUNKED_READER = _LENGTH_READER = None  # type: ignore[assignment,misc]
 _HEADER_FIELD_RE: Final = re.compile(_HEADER_FIELD.encode("ascii"))
 _REQUEST_LINE_RE: Final = re.compile(_REQUEST_LINE.encode("ascii"))
 _STATUS_LINE_RE: Final = re.compile(_STATUS_LINE.encode("ascii"))
@@ -197,6 +202,26 @@ class Http1Decoder:
                 self._fail("server sent data without a request to answer")
             return
         self._drive(now)
+
+    def skip_client(self, count: int, now_ns: int | None = None) -> None:
+        """``count`` bytes of the current request's body went by without being copied (past the body cap; see
+        :mod:`oisp.proxy.body_skip`): counted in its size, never read. Where the body cannot have been
+        truncated, or h11 is not inside it, decoding stops (the exchange is marked partial)."""
+        if self._stopped:
+            return
+        reading = self._reading
+        if not (self._websocket is None and self._client == "reading" and reading is not None
+                and _skip_body(self._requests, count) and reading.request_skipped(count)):
+            self._fail("request body bytes left out where they were needed")
+
+    def skip_server(self, count: int, now_ns: int | None = None) -> None:
+        """``count`` bytes of the current response's body went by without being copied (as :meth:`skip_client`)."""
+        if self._stopped:
+            return
+        current = self._pending[0].progress if self._pending and self._response_parser_primed else None
+        if not (self._websocket is None and current is not None and _skip_body(self._responses, count)
+                and current.response_skipped(count)):
+            self._fail("response body bytes left out where they were needed")
 
     def client_closed(self, now_ns: int | None = None) -> None:
         """The client finished sending; a request still incomplete is cut, its response may still come."""
@@ -585,6 +610,27 @@ def _simple_message(data: bytes, *, request: bool) -> tuple[bytes, list[tuple[by
     if len(data) - start < length:
         return None
     return lines[0], fields, start, length
+
+
+def _skip_body(parser: h11.Connection, count: int) -> bool:
+    """Advance h11's reader of a ``content-length`` body or a chunk's data by ``count`` bytes it will not see;
+    False (nothing changed) unless it is inside such a body with more than ``count`` bytes left to read and
+    nothing buffered. h11 has no public way to do this: its reader's state is used, checked for its type."""
+    if parser.their_state is not h11.SEND_BODY or _LENGTH_READER is None or _CHUNKED_READER is None:
+        return False
+    reader: Any = getattr(parser, "_reader", None)
+    buffered: Any = getattr(parser, "_receive_buffer", None)
+    if buffered is None or len(buffered):
+        return False
+    if type(reader) is _LENGTH_READER:
+        if reader._remaining > count:
+            reader._remaining -= count
+            return True
+    elif (type(reader) is _CHUNKED_READER and not reader._reading_trailer and not reader._bytes_to_discard
+            and reader._bytes_in_chunk > count):
+        reader._bytes_in_chunk -= count
+        return True
+    return False
 
 
 def _simple_request_head(head: h11.Request | _SimpleHead) -> bool:

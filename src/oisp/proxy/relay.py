@@ -21,7 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from oisp.errors import ProtocolError
 from oisp.proxy.net import describe
 
-__all__ = ["CopyDispatcher", "CopyFeed", "DecodeFeed", "PassiveDecoderLike", "RelayResult", "relay"]
+__all__ = ["CopyDispatcher", "CopyFeed", "DecodeFeed", "PassiveDecoderLike", "RelayResult", "SkipFeed", "relay"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class PassiveDecoderLike(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
-_Item = tuple[Direction, bytes | None, int]
+#: (direction, a copy | None at that direction's end | a count of body bytes skipped, when it was read)
+_Item = tuple[Direction, bytes | int | None, int]
 
 
 class CopyFeed(Protocol):
@@ -59,6 +60,13 @@ class CopyFeed(Protocol):
     def finish(self, reason: str | None = None) -> None: ...
 
     async def run(self) -> None: ...
+
+
+class SkipFeed(CopyFeed, Protocol):
+    """A feed that can also pass on "``count`` body bytes went by here, not copied" (see
+    :mod:`oisp.proxy.body_skip`); ``skip`` must never block either."""
+
+    def skip(self, direction: Direction, count: int, now_ns: int) -> None: ...
 
 
 class CopyDispatcher:
@@ -86,6 +94,20 @@ class CopyDispatcher:
             self.failure = self.failure or "decoder error"
             logger.exception("connection %s: decoder failed; decoding stopped", self.connection_id)
 
+    def skip(self, direction: Direction, count: int, now_ns: int) -> None:
+        """``count`` body bytes went by that were not copied (the decoder counts them without seeing them)."""
+        if self._broken:
+            return
+        skip = getattr(self.decoder, "skip_client" if direction == "client" else "skip_server", None)
+        try:
+            if skip is None:
+                raise TypeError(f"{type(self.decoder).__name__} cannot skip body bytes")
+            skip(count, now_ns)
+        except Exception:
+            self._broken = True
+            self.failure = self.failure or "decoder error"
+            logger.exception("connection %s: decoder failed; decoding stopped", self.connection_id)
+
     def close(self, reason: str | None = None) -> None:
         """No more copies: end whatever is still open (nothing, after a clean close); ``reason`` (else the
         decoder's own failure) says why it was cut short."""
@@ -108,16 +130,23 @@ class DecodeFeed:
 
     def push(self, direction: Direction, data: bytes | None, now_ns: int) -> None:
         """Queue a copy (``None`` data means that direction ended); never blocks."""
+        self._put((direction, data, now_ns))
+
+    def _put(self, item: _Item) -> None:
         if self.failure is not None:
             return
         try:
-            self._send.send_nowait((direction, data, now_ns))
+            self._send.send_nowait(item)
         except anyio.WouldBlock:
             self.failure = "decoder fell behind the relay; decoding of this connection stopped"
             logger.warning("connection %s: %s", self.connection_id, self.failure)
             self._send.close()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass
+
+    def skip(self, direction: Direction, count: int, now_ns: int) -> None:
+        """Queue a count of body bytes that went by uncopied (see :mod:`oisp.proxy.body_skip`); never blocks."""
+        self._put((direction, count, now_ns))
 
     def finish(self, reason: str | None = None) -> None:
         """No more copies; ``reason`` marks an abnormal end (reset, error)."""
@@ -130,7 +159,10 @@ class DecodeFeed:
         dispatcher = CopyDispatcher(self.decoder, self.connection_id)
         async with self._receive:
             async for direction, data, now_ns in self._receive:
-                dispatcher.dispatch(direction, data, now_ns)
+                if isinstance(data, int):
+                    dispatcher.skip(direction, data, now_ns)
+                else:
+                    dispatcher.dispatch(direction, data, now_ns)
                 if dispatcher.failure is not None and self.failure is None:
                     self.failure = dispatcher.failure
         dispatcher.close(self.failure)

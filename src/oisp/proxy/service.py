@@ -23,6 +23,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketStream
 
 from oisp.contracts import DecoderFactory, FeedOpener, NetworkBackend, ProxyObserver, feed_opener_of
 from oisp.http.exchange import ConnectionInfo
+from oisp.proxy.body_skip import skipping
 from oisp.proxy.config import ProxyConfig
 from oisp.proxy.loop import SelfAddresses
 from oisp.proxy.net import SocketHook, connect_tcp, describe
@@ -180,7 +181,8 @@ class ProxyServices:
             return None
         try:
             if self._feed_opener is not None:  # the observer decodes elsewhere (a decoder process)
-                return self._feed_opener.open_feed(info, alpn, body_cap=self.config.body_cap)
+                return skipping(self._feed_opener.open_feed(info, alpn, body_cap=self.config.body_cap), alpn,
+                                self.config.body_cap)
             listener = self._observer.exchange_listener(info)
             if listener is None:
                 return None
@@ -189,7 +191,7 @@ class ProxyServices:
         except Exception:
             logger.exception("connection %s: could not set up decoding; relaying without it", info.connection_id)
             return None
-        return DecodeFeed(decoder, self.config.decode_queue, info.connection_id)
+        return skipping(DecodeFeed(decoder, self.config.decode_queue, info.connection_id), alpn, self.config.body_cap)
 
     async def relay_decoded(self, client: ByteStream, upstream: ByteStream, client_prefix: bytes,
                             info: ConnectionInfo, alpn: str | None,

@@ -9,8 +9,9 @@ negotiated parameters the events need.
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 from anyio.abc import ByteStream
@@ -23,6 +24,9 @@ _MAX_READ = 256 * 1024
 #: The largest plaintext a TLS record carries. Only a full record (bulk data) is merged with the records queued
 #: behind it: smaller ones (a streamed event, a request) go on alone, so interactive traffic is chunked as before.
 _FULL_RECORD = 16 * 1024
+#: Per thread, the buffer records are decrypted into before they are copied out (filled and emptied without
+#: yielding, so every stream of an event loop can share it).
+_SCRATCH = threading.local()
 
 
 class TlsStream(ByteStream):
@@ -140,7 +144,8 @@ class TlsStream(ByteStream):
             if self._deferred is not None:
                 error, self._deferred = self._deferred, None
                 raise error
-            data = await self._retry(self.ssl_object.read, max_bytes)
+            # one record at most (SSL_read never returns more): asking for more would allocate max_bytes each time
+            data = await self._retry(self.ssl_object.read, min(max_bytes, _FULL_RECORD))
             if len(data) >= _FULL_RECORD and len(data) < max_bytes and self._incoming.pending:
                 data = self._read_buffered(data, max_bytes)
                 await self._flush()
@@ -153,21 +158,33 @@ class TlsStream(ByteStream):
         return data
 
     def _read_buffered(self, first: bytes, max_bytes: int) -> bytes:
-        """``first`` plus whatever the records already in the incoming buffer decrypt to, never waiting."""
-        parts, size = [first], len(first)
-        while size < max_bytes and self._incoming.pending:
-            try:
-                more = self.ssl_object.read(max_bytes - size)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLError as exc:
-                self._deferred = exc  # the next receive() reports it, after the bytes that came before it
-                break
-            if not more:
-                break
-            parts.append(more)
-            size += len(more)
-        return b"".join(parts)
+        """``first`` plus whatever the records already in the incoming buffer decrypt to, never waiting.
+
+        The records are decrypted into one reused buffer (a record at a time: that is what OpenSSL returns), and
+        copied out once, instead of allocating and joining a ``bytes`` per record."""
+        scratch: bytearray | None = getattr(_SCRATCH, "buffer", None)
+        if scratch is None or len(scratch) < max_bytes:
+            scratch = _SCRATCH.buffer = bytearray(max(max_bytes, _MAX_READ))
+        view = memoryview(scratch)
+        size = len(first)
+        view[:size] = first
+        read = self.ssl_object.read
+        pending = self._incoming
+        try:
+            while size < max_bytes and pending.pending:
+                try:
+                    more = cast(int, read(max_bytes - size, view[size:max_bytes]))  # with a buffer: the count
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLError as exc:
+                    self._deferred = exc  # the next receive() reports it, after the bytes that came before it
+                    break
+                if not more:
+                    break
+                size += more
+            return bytes(view[:size])
+        finally:
+            view.release()
 
     async def send(self, item: bytes) -> None:
         """Encrypt and send ``item`` (waits until the transport took it: backpressure)."""
