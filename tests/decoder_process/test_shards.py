@@ -265,3 +265,33 @@ async def test_an_effect_is_linked_to_the_tool_call_another_shard_decoded(tmp_pa
     (written,) = [e for e in _events(out) if e.event_id == effect.event_id]
     caused = [r.event_id for r in written.related_events or [] if r.relationship == "caused_by"]
     assert caused == [calls["call_write"].event_id], written.to_json()
+
+
+async def test_the_live_view_and_the_exit_summary_count_losses_per_shard(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from oisp.cli.live import LiveView
+    from oisp.cli.main import _print_summary
+
+    out = tmp_path / "events.jsonl"
+    live = LiveView()
+    async with DecoderProcess(_config(out, decoder_processes=2), connection_limit=64 * 1024,
+                              on_losses=live.set_losses) as decoder:
+        flood = decoder.open_feed(_info(_ids_on(decoder, 1, 1, "c-flood")[0]), "http/1.1", body_cap=1 << 20)
+        bystander_id = _ids_on(decoder, 1, 1, "c-bystander")[0]  # on the flood's shard
+        bystander = decoder.open_feed(_info(bystander_id), "http/1.1", body_cap=1 << 20)
+        assert flood is not None and bystander is not None
+        for _ in range(40):  # 40 copies of 16 KiB before the event loop runs: past the 64 KiB budget
+            flood.push("client", _request("flood") * 40, time.monotonic_ns())
+        bystander.push("client", _request(f"{bystander_id} message 0"), time.monotonic_ns())
+        bystander.push("server", RESPONSE, time.monotonic_ns())
+        flood.finish()
+        bystander.finish()
+    assert flood.failure is not None and bystander.failure is None
+    assert live.shard_losses == [(0, 0), (0, 1)] and (live.dropped_events, live.undecoded_connections) == (0, 1)
+    assert "per decoder process: 0: 0/0, 1: 0/1" in str(live.render().renderables[-1])
+    assert _texts(_events(out), bystander_id) == [f"{bystander_id} message 0"]
+    summary = {"pipeline": decoder.pipeline_summary, "proxy": {"connections": 2, "decisions": {}},
+               "decoder_process": decoder.summary()}
+    _print_summary(summary)
+    assert "per decoder process (events dropped / connections not decoded to the end): 0: 0/0, 1: 0/1" \
+        in capsys.readouterr().err

@@ -148,7 +148,9 @@ async def run(
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
             logger.info("oisp %s proxy listening on %s:%d (CA: %s; decoding %s)", config.mode, address[0],
                         address[1], ca.cert_path,
-                        "inline" if decoder_process is None else f"in process {decoder_process.pid}")
+                        "inline" if decoder_process is None else
+                        f"in process{'es' if decoder_process.processes > 1 else ''} "
+                        f"{', '.join(str(pid) for pid in decoder_process.pids)}")
             # Everything made so far (modules, plugins, the CA, caches) lives as long as the process: out of the
             # garbage collector's way, so that its collections stay short pauses of the relay (a full collection
             # walked all of it: several milliseconds on a request's path).
