@@ -285,7 +285,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["decoder_batch_ms"] = capture.number("decoder_batch_ms", zero=True)
         values["decoder_yield_ms"] = capture.number("decoder_yield_ms", zero=True)
         values["decoder_user"] = capture.string("decoder_user")
-        values["decoder_processes"] = _decoder_processes(capture)
+        values["decoder_processes"] = _decoder_processes(capture, capture._get("decoder_processes"))
         values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)
         capture.finish()
     ca = root.table("ca")
@@ -339,9 +339,8 @@ def load_config(path: Path | None = None, *, required: bool = False) -> Config:
     return parse_config(data, source=str(target))
 
 
-def _decoder_processes(capture: _Table) -> int | None:
+def _decoder_processes(capture: _Table, value: Any) -> int | None:
     """``decoder_processes``: ``"auto"`` (None) or a count from 1 to :data:`MAX_DECODER_PROCESSES`."""
-    value = capture._get("decoder_processes")
     if value is None or value == "auto":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DECODER_PROCESSES:

@@ -295,3 +295,17 @@ async def test_the_live_view_and_the_exit_summary_count_losses_per_shard(tmp_pat
     _print_summary(summary)
     assert "per decoder process (events dropped / connections not decoded to the end): 0: 0/0, 1: 0/1" \
         in capsys.readouterr().err
+
+
+def test_decoder_processes_is_auto_or_a_count(tmp_path: Path) -> None:
+    from oisp.config import load_config
+    from oisp.errors import ConfigurationError
+
+    path = tmp_path / "oisp.toml"
+    for text, expected in (("", None), ('decoder_processes = "auto"', None), ("decoder_processes = 3", 3)):
+        path.write_text(f"[capture]\n{text}\n")
+        assert load_config(path).decoder_processes == expected
+    for bad in ("0", "65", '"many"', "true", "1.5"):
+        path.write_text(f"[capture]\ndecoder_processes = {bad}\n")
+        with pytest.raises(ConfigurationError, match="decoder_processes"):
+            load_config(path)
