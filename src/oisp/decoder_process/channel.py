@@ -158,7 +158,8 @@ class FrameChannel:
         """Wait until at most ``limit`` bytes wait in the buffer (or the channel broke): a sender that can wait
         (a decoder process forwarding its events) keeps its buffer bounded this way."""
         while self.buffered > limit and self.broken is None:
-            self._flushed = anyio.Event()
+            if self._flushed.is_set():  # one event for every waiter: a new one would strand those waiting already
+                self._flushed = anyio.Event()
             await self._flushed.wait()
 
     async def close_sending(self) -> None:
