@@ -574,6 +574,9 @@ class DecoderProcess:
                         worker.ready.set()
                     elif kind is Kind.SUMMARY:
                         worker.summary = load_object(payload)
+                        if shard.index and isinstance(worker.summary, dict):  # its final count (DROPS may lag)
+                            shard.dropped_now = int(worker.summary.get("dropped_total", 0))
+                            shard.count_drops()
                     elif kind is Kind.DROPS:
                         shard.dropped_now = int(load_object(payload))
                         shard.count_drops()
