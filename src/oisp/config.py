@@ -31,6 +31,7 @@ is allowed. Command-line flags override the file. Example::
     decoder_batch_ms = 20          # copies wait at most this long to go to the decoder process together
     decoder_yield_ms = 0           # the decoder process yields the CPU after this much work in one go (0: never)
     decoder_user = "nobody"        # started as root, the decoder process becomes this user (default: sudo's user)
+    decoder_processes = "auto"     # decoder processes sharing the connections (auto: one per CPU beyond the relay)
 
     [pricing]
     enabled = true                 # costs in USD, from the prices oisp ships
@@ -67,6 +68,8 @@ MODES = ("explicit", "reverse", "transparent")
 PROFILES = ("default", "metadata-only")
 DECODERS = ("process", "inline")
 DECODER_CPUS = ("last", "any")
+#: The most decoder processes oisp starts (each is a Python interpreter with its own pipeline).
+MAX_DECODER_PROCESSES = 64
 ACTIVITY_SCOPES = ("agents", "all")
 
 
@@ -118,6 +121,9 @@ class Config:
     #: The unprivileged user a decoder process started as root becomes once its sinks are open (a name or uid);
     #: None: the user who ran ``sudo``, else ``nobody``; ``"root"``: keep root's privileges (not recommended).
     decoder_user: str | None = None
+    #: How many decoder processes share the connections (each connection is decoded by one of them, chosen by a
+    #: stable hash of its id); None (``"auto"``): one per CPU beyond the relay's, at least one.
+    decoder_processes: int | None = None
     #: Price AI calls (``usage.*_cost_usd``): with ``pricing_bundle``, else with the prices oisp ships.
     pricing: bool = True
     #: Bytes of HPACK dynamic table mirrored per direction of an HTTP/2 connection (a sender using more stops the
@@ -283,6 +289,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["decoder_batch_ms"] = capture.number("decoder_batch_ms", zero=True)
         values["decoder_yield_ms"] = capture.number("decoder_yield_ms", zero=True)
         values["decoder_user"] = capture.string("decoder_user")
+        values["decoder_processes"] = _decoder_processes(capture, capture._get("decoder_processes"))
         values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)
         capture.finish()
     ca = root.table("ca")
@@ -336,3 +343,13 @@ def load_config(path: Path | None = None, *, required: bool = False) -> Config:
     except OSError as exc:
         raise ConfigurationError(f"config: cannot read {target}: {exc.strerror or exc}") from None
     return parse_config(data, source=str(target))
+
+
+def _decoder_processes(capture: _Table, value: Any) -> int | None:
+    """``decoder_processes``: ``"auto"`` (None) or a count from 1 to :data:`MAX_DECODER_PROCESSES`."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DECODER_PROCESSES:
+        raise ConfigurationError(f"{capture.key('decoder_processes')}: {value!r} must be \"auto\" or an integer "
+                                 f"from 1 to {MAX_DECODER_PROCESSES}")
+    return value

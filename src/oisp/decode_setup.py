@@ -31,19 +31,27 @@ def build_sinks(plugins: OispPluginManager, config: Config) -> dict[str, Sink]:
 
 
 def build_pipeline(plugins: OispPluginManager, config: Config, extra_sinks: dict[str, Sink] | None = None, *,
-                   sink_handoff_wait: float = 0.0) -> Pipeline:
+                   sink_handoff_wait: float = 0.0, sinks: bool = True,
+                   connection_budget: int | None = None) -> Pipeline:
     """The pipeline of ``config``: its sinks (plus ``extra_sinks``), pricing (unless turned off), its redaction.
-    ``sink_handoff_wait``: see :class:`~oisp.pipeline.Pipeline` (only for a loop that does nothing else)."""
-    sinks = {**build_sinks(plugins, config), **(extra_sinks or {})}
+    ``sink_handoff_wait`` and ``connection_budget``: see :class:`~oisp.pipeline.Pipeline`
+    (``sink_handoff_wait`` only for a loop that does nothing else). ``sinks=False``: none of the configured sinks
+    (a decoder process that forwards its processed events to the one that writes them)."""
+    configured = build_sinks(plugins, config) if sinks else {}
+    all_sinks = {**configured, **(extra_sinks or {})}
     enrichers: list[Enricher] = []
     if config.pricing:
         from oisp.pricing import PricingEnricher
 
         enrichers.append(PricingEnricher.load(config.pricing_bundle))  # None: the prices oisp ships
-    return Pipeline(sinks, enrichers=enrichers, sink_handoff_wait=sink_handoff_wait,
+    return Pipeline(all_sinks, enrichers=enrichers, sink_handoff_wait=sink_handoff_wait,
+                    connection_budget=connection_budget,
                     redactor=Redactor(profile=config.redaction_profile, extra_patterns=config.redaction_patterns))
 
 
-def build_event_decoder(plugins: OispPluginManager, config: Config, emit: Callable[[Event], None]) -> EventDecoder:
-    """The event decoder of ``config``, emitting to ``emit`` (a pipeline's ``emit``)."""
-    return EventDecoder(plugins, emit, settings=DecoderSettings(streaming_chunks=config.streaming_chunks))
+def build_event_decoder(plugins: OispPluginManager, config: Config, emit: Callable[[Event], None], *,
+                        emit_for: Callable[[str, Event], None] | None = None) -> EventDecoder:
+    """The event decoder of ``config``, emitting to ``emit`` (a pipeline's ``emit``; a connection's events to
+    ``emit_for``, a pipeline's ``emit_for``, when given)."""
+    return EventDecoder(plugins, emit, settings=DecoderSettings(streaming_chunks=config.streaming_chunks),
+                        emit_for=emit_for)

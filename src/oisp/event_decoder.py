@@ -223,8 +223,11 @@ class EventDecoder:
 
     def __init__(self, plugins: OispPluginManager, emit: Emit, *, connect_events: bool = True,
                  settings: DecoderSettings | None = None, context: DecoderContext | None = None,
-                 apps: AppTable | None = None) -> None:
+                 apps: AppTable | None = None,
+                 emit_for: Callable[[str, Event], None] | None = None) -> None:
         self.plugins = plugins
+        #: Emits a connection's events with its id (``Pipeline.emit_for``: within the connection's budget), when set.
+        self._emit_for = emit_for
         #: Names the app of an exchange from its request headers (built-in apps plus the plugins' ``oisp_apps``).
         self.apps = apps if apps is not None else AppTable.from_plugins(plugins)
         self._request_apps: dict[tuple[tuple[str, str], ...], App | None] = {}
@@ -292,7 +295,10 @@ class EventDecoder:
             fields["source"] = _source("tls_terminate" if connection.tls else "plain_http")
         if fields:
             event = event.with_context(**fields)
-        self._emit(event)
+        if self._emit_for is not None:
+            self._emit_for(connection.connection_id, event)
+        else:
+            self._emit(event)
 
     def emit_all(self, connection: ConnectionInfo, events: Iterable[Event]) -> None:
         """:meth:`emit_for` each event."""

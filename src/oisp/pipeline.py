@@ -21,6 +21,7 @@ that decodes inline must not stall its relay on a sink.
 
 from __future__ import annotations
 
+import collections
 import logging
 import platform
 import socket
@@ -138,12 +139,15 @@ class PipelineStats:
     dropped_ingress: int = 0
     #: Events dropped because a processing step (an enricher, redaction) failed on them.
     failed_processing: int = 0
+    #: Events dropped at ingress because their connection was over its budget while the queues were more than half
+    #: full (:meth:`Pipeline.emit_for`): one connection's burst, so that its neighbours' events find room.
+    dropped_budget: int = 0
     sinks: dict[str, SinkStats] = attrs.field(factory=dict)
 
     @property
     def dropped(self) -> int:
-        """Every drop, at ingress and at each sink."""
-        return self.dropped_ingress + sum(s.dropped for s in self.sinks.values())
+        """Every drop, at ingress (a full queue, a connection over its budget) and at each sink."""
+        return self.dropped_ingress + self.dropped_budget + sum(s.dropped for s in self.sinks.values())
 
 
 class _SinkThread:
@@ -233,6 +237,14 @@ class Pipeline:
     ``sink_handoff_wait`` how long the event loop may block handing a batch to a sink's thread (see above);
     ``stages`` (:class:`Stage`) run in order on enriched events, before redaction, the listeners and the sinks
     (none by default, and then they cost nothing).
+
+    ``connection_budget``: the most events of one connection (:meth:`emit_for`) that may wait at ingress once the
+    queues are more than half full; beyond it, that connection's events are dropped (counted in
+    ``dropped_budget``), so one connection's burst cannot fill the queue its neighbours need. None: no budget.
+
+    An event that already carries its JSON text (:attr:`Event.remembered_json`: another pipeline processed it,
+    a decoder process that forwards its events) is not enriched, redacted or encoded again: it runs through the
+    stages and goes to the listeners and sinks as it is (a stage that changes it makes a copy, processed anew).
     """
 
     def __init__(
@@ -247,7 +259,15 @@ class Pipeline:
         flush_interval: float = 0.05,
         sink_handoff_wait: float = 0.0,
         stages: Sequence[Stage] = (),
+        connection_budget: int | None = None,
     ) -> None:
+        if connection_budget is not None and connection_budget <= 0:
+            raise OispError(f"connection_budget ({connection_budget}) must be positive")
+        self._connection_budget = connection_budget
+        #: With a budget: the connection (or None) of each event waiting at ingress, in queue order, and how many
+        #: wait per connection.
+        self._ingress_keys: collections.deque[str | None] = collections.deque()
+        self._waiting: dict[str, int] = {}
         if not 0 <= sink_handoff_wait <= 1:
             raise OispError(f"sink_handoff_wait ({sink_handoff_wait}) must be between 0 and 1 second")
         self._sink_handoff_wait = sink_handoff_wait
@@ -292,6 +312,44 @@ class Pipeline:
         except anyio.WouldBlock:
             self.stats.dropped_ingress += 1
             self._log_drop("ingress")
+            return
+        if self._connection_budget is not None:
+            self._ingress_keys.append(None)
+
+    def emit_for(self, connection_id: str, event: Event) -> None:
+        """:meth:`emit` an event of one connection, within its budget (``connection_budget``): over it, while the
+        queues are more than half full, the event is dropped (counted in ``dropped_budget``). Without a budget,
+        the same as :meth:`emit`."""
+        budget = self._connection_budget
+        if budget is None:
+            self.emit(event)
+            return
+        if self._closed:
+            raise OispError("the pipeline is closed; events can no longer be emitted")
+        self.stats.emitted += 1
+        waiting = self._waiting.get(connection_id, 0)
+        if waiting >= budget and not self._has_room():
+            self.stats.dropped_budget += 1
+            self._log_drop(f"ingress (a connection over its budget of {budget} events)")
+            return
+        try:
+            self._ingress_send.send_nowait(event)
+        except anyio.WouldBlock:
+            self.stats.dropped_ingress += 1
+            self._log_drop("ingress")
+            return
+        self._ingress_keys.append(connection_id)
+        self._waiting[connection_id] = waiting + 1
+
+    def _taken(self) -> None:
+        """An event left the ingress queue (with a budget: its connection has one fewer waiting)."""
+        key = self._ingress_keys.popleft()
+        if key is not None:
+            left = self._waiting[key] - 1
+            if left:
+                self._waiting[key] = left
+            else:
+                del self._waiting[key]
 
     def emit_many(self, events: Iterable[Event]) -> None:
         """:meth:`emit` each event."""
@@ -419,7 +477,10 @@ class Pipeline:
                     event = await (receive.receive() if not self._stages else self._receive_or_poll(receive))
                 except anyio.EndOfStream:
                     break
+                budgeted = self._connection_budget is not None
                 if event is not None:
+                    if budgeted:
+                        self._taken()
                     self._handle(event)
                 # What queued up meanwhile is taken without a trip through the event loop for each event
                 # (at most a batch of it, then the loop gets its turn again).
@@ -428,6 +489,8 @@ class Pipeline:
                         event = receive.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                    if budgeted:
+                        self._taken()
                     self._handle(event)
                 self._maybe_room()
                 for lane in self._lanes:
@@ -465,6 +528,9 @@ class Pipeline:
         for stage in self._stages[first + 1:]:
             events = [out for event in events for out in self._stage_call(stage, "feed", event)]
         for event in events:
+            if event.remembered_json is not None:  # processed by the pipeline of a decoder process that forwards
+                self._dispatch(event)
+                continue
             try:
                 processed = self._redact_and_encode(self._add_host(event))
             except Exception as exc:
@@ -477,6 +543,13 @@ class Pipeline:
     def _handle(self, event: Event) -> None:
         """Process one event (with stages: enrich, run the stages, then the rest) and hand it to the listeners and
         every sink's queue."""
+        if event.remembered_json is not None:  # processed already (see the class's docstring): as it is
+            self.stats.processed += 1
+            if self._stages:
+                self._run_stages(0, self._stage_call(self._stages[0], "feed", event))
+            else:
+                self._dispatch(event)
+            return
         try:
             if self._stages:
                 for enrich in self._enrichers:

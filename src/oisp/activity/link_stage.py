@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from oisp.activity.linking import Linker
 from oisp.events import Event
 
-__all__ = ["FedWatermark", "LinkingStage", "RemoteWatermark", "link_activity"]
+__all__ = ["FedWatermark", "LinkingStage", "RemoteWatermark", "ShardedWatermark", "link_activity"]
 
 
 class _Observer(Protocol):
@@ -82,6 +82,30 @@ class RemoteWatermark:
         """The sender's watermark moved to ``mark_ns`` (monotonic); it never goes back."""
         if mark_ns > self._mark:
             self._mark = mark_ns
+
+    def watermark_ns(self) -> int:
+        return self._mark
+
+
+class ShardedWatermark:
+    """The watermark of events that reach the linking stage on several ordered channels: the activity's
+    (:class:`RemoteWatermark`'s, part 0) and one per decoder process that forwards the events it decoded (parts 1
+    and on, see :mod:`oisp.decoder_process`). Each part says up to when (monotonic ns) every event it carries has
+    arrived; the watermark is the lowest of them, so an activity event is not taken before the tool call of another
+    shard's connection that came before it."""
+
+    def __init__(self, parts: int = 1) -> None:
+        if parts < 1:
+            raise ValueError("parts must be at least 1")
+        self._marks = [0] * parts
+        self._mark = 0
+
+    def advance(self, mark_ns: int, part: int = 0) -> None:
+        """Part ``part`` moved to ``mark_ns``; a part never goes back."""
+        marks = self._marks
+        if 0 <= part < len(marks) and mark_ns > marks[part]:
+            marks[part] = mark_ns
+            self._mark = min(marks)
 
     def watermark_ns(self) -> int:
         return self._mark

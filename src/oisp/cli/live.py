@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -74,6 +75,8 @@ class LiveView:
         #: far behind, or gone): never silent.
         self.dropped_events = 0
         self.undecoded_connections = 0
+        #: (events dropped, connections not decoded to the end) of each decoder process, when there are several.
+        self.shard_losses: list[tuple[int, int]] = []
         self._live: Live | None = None
 
     def __enter__(self) -> LiveView:
@@ -93,10 +96,13 @@ class LiveView:
         if self._live is not None:
             self._live.update(self.render())
 
-    def set_losses(self, dropped_events: int, undecoded_connections: int) -> None:
-        """Show what was lost so far: events dropped, connections not decoded to the end."""
+    def set_losses(self, dropped_events: int, undecoded_connections: int, *,
+                   shards: Sequence[tuple[int, int]] = ()) -> None:
+        """Show what was lost so far: events dropped, connections not decoded to the end (and, with several
+        decoder processes, ``shards``: each one's)."""
         self.dropped_events = dropped_events
         self.undecoded_connections = undecoded_connections
+        self.shard_losses = list(shards)
         if self._live is not None:
             self._live.update(self.render())
 
@@ -182,8 +188,12 @@ class LiveView:
             parts.append(Text("pinned, passed through UNINSPECTED: " + ", ".join(
                 f"{key} ({count})" for key, count in sorted(self.pinned.items())), style="bold yellow"))
         if self.dropped_events or self.undecoded_connections:
+            per_shard = ""
+            if len(self.shard_losses) > 1:
+                per_shard = "; per decoder process: " + ", ".join(
+                    f"{index}: {dropped}/{undecoded}" for index, (dropped, undecoded) in enumerate(self.shard_losses))
             parts.append(Text(f"LOST: {self.dropped_events} events dropped, {self.undecoded_connections} connections "
-                              "not decoded to the end (see the log)", style="bold red"))
+                              f"not decoded to the end{per_shard} (see the log)", style="bold red"))
         if self.status:
             parts.insert(0, Text(self.status, style="bold red"))
         return Group(*parts)

@@ -194,9 +194,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict[str, Any]) -> None:
     pipeline, proxy = summary["pipeline"], summary["proxy"]
     decisions = ", ".join(f"{k} {v}" for k, v in sorted(proxy["decisions"].items())) or "none"
-    line = (f"oisp: {proxy['connections']} connections ({decisions}); {pipeline.get('processed', 0)} events; "
-            f"{pipeline.get('dropped_total', 0)} dropped")
     decoder = summary.get("decoder_process")
+    shards = (decoder or {}).get("shards") or []
+    # the first decoder process's pipeline has the final count of its own drops; the others' are theirs (and their
+    # events that could not reach the first)
+    dropped = pipeline.get("dropped_total", 0) + sum(shard["dropped_events"] for shard in shards[1:])
+    line = (f"oisp: {proxy['connections']} connections ({decisions}); {pipeline.get('processed', 0)} events; "
+            f"{dropped} dropped")
+    if len(shards) > 1:
+        line += "; per decoder process (events dropped / connections not decoded to the end): " + ", ".join(
+            f"{index}: {pipeline.get('dropped_total', 0) if index == 0 else shard['dropped_events']}"
+            f"/{shard['overflowed_connections'] + shard['lost_connections']}" for index, shard in enumerate(shards))
     if decoder is not None:
         if decoder["overflowed_connections"] or decoder["lost_connections"]:
             line += (f"; decoding stopped early on {decoder['overflowed_connections']} connection(s) (the decoder "

@@ -34,6 +34,11 @@ __all__ = ["Running", "build_sinks", "parse_listen", "run"]
 
 logger = logging.getLogger(__name__)
 
+#: With ``decoder = "inline"``: the most events of one connection that may wait in the pipeline's queue (of 10,000)
+#: once it is more than half full; a connection's burst beyond it is cut short (counted), its neighbours' events
+#: are not.
+INLINE_CONNECTION_BUDGET = 1000
+
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[::1]:PORT`` or ``PORT`` (on 127.0.0.1)."""
@@ -148,7 +153,9 @@ async def run(
             tg.start_soon(_shutdown_when, stop, proxy, config.drain_timeout, interceptor)
             logger.info("oisp %s proxy listening on %s:%d (CA: %s; decoding %s)", config.mode, address[0],
                         address[1], ca.cert_path,
-                        "inline" if decoder_process is None else f"in process {decoder_process.pid}")
+                        "inline" if decoder_process is None else
+                        f"in process{'es' if decoder_process.processes > 1 else ''} "
+                        f"{', '.join(str(pid) for pid in decoder_process.pids)}")
             # Everything made so far (modules, plugins, the CA, caches) lives as long as the process: out of the
             # garbage collector's way, so that its collections stay short pauses of the relay (a full collection
             # walked all of it: several milliseconds on a request's path).
@@ -168,12 +175,14 @@ async def run(
         summary = {"pipeline": pipeline_summary, "proxy": attrs.asdict(proxy.stats),
                    "decoder_process": decoder_process.summary()}
     else:
-        pipeline = build_pipeline(plugins, config, extra_sinks)
+        # the relay emits as it reads: a burst on one connection must not fill the queue its neighbours need
+        pipeline = build_pipeline(plugins, config, extra_sinks, connection_budget=INLINE_CONNECTION_BUDGET)
         if on_event is not None:
             pipeline.add_listener(on_event)
         async with pipeline, activity_for(config, pipeline) as activity:
             link_activity(pipeline, activity, hold_ms=config.activity_link_hold_ms)
-            proxy = await serve(build_event_decoder(plugins, config, pipeline.emit), pipeline, None, activity)
+            proxy = await serve(build_event_decoder(plugins, config, pipeline.emit, emit_for=pipeline.emit_for),
+                                pipeline, None, activity)
         summary = {"pipeline": pipeline.summary(), "proxy": attrs.asdict(proxy.stats)}
     logger.info("oisp stopped: %d connections, %d events emitted, %d dropped", proxy.stats.connections,
                 summary["pipeline"].get("emitted", 0), summary["pipeline"].get("dropped_total", 0))

@@ -67,6 +67,7 @@ class FrameChannel:
         self._drained = anyio.Event()
         self.coalesce = coalesce
         self._urgent = anyio.Event()
+        self._flushed = anyio.Event()
 
     # sending ------------------------------------------------------------------------------------
     def send(self, kind: Kind, channel: int, payload: bytes = b"", timestamp: int = 0, *, force: bool = False) -> bool:
@@ -105,6 +106,7 @@ class FrameChannel:
         self._pending.clear()
         self.buffered = 0
         self._wake.set()
+        self._flushed.set()
 
     async def run_writer(self) -> None:
         """Send what is queued whenever the event loop gets to it (and, when the socket is full, once it can take
@@ -142,6 +144,7 @@ class FrameChannel:
                 return
             self.buffered -= sent
             self.bytes_flushed += sent
+            self._flushed.set()
             while sent:
                 first = pending[0]
                 if sent >= len(first):
@@ -150,6 +153,14 @@ class FrameChannel:
                 else:
                     pending[0] = memoryview(first)[sent:]
                     sent = 0
+
+    async def wait_buffered_below(self, limit: int) -> None:
+        """Wait until at most ``limit`` bytes wait in the buffer (or the channel broke): a sender that can wait
+        (a decoder process forwarding its events) keeps its buffer bounded this way."""
+        while self.buffered > limit and self.broken is None:
+            if self._flushed.is_set():  # one event for every waiter: a new one would strand those waiting already
+                self._flushed = anyio.Event()
+            await self._flushed.wait()
 
     async def close_sending(self) -> None:
         """Send what is buffered, then signal the end of the stream (the other end reads EOF)."""

@@ -16,7 +16,7 @@ import sys
 
 import psutil
 
-__all__ = ["CPU_CHOICES", "place_decoder_process"]
+__all__ = ["CPU_CHOICES", "decoder_process_count", "place_decoder_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 CPU_CHOICES = ("last", "any")
 
 
-def place_decoder_process(pid: int, choice: str = "last") -> str | None:
-    """Apply ``choice`` to the decoder process ``pid``; what was done (for the log), or None when nothing was.
+def place_decoder_process(pid: int, choice: str = "last", index: int = 0) -> str | None:
+    """Apply ``choice`` to the decoder process ``pid`` (the ``index``-th: ``last`` puts the first on the last CPU,
+    the next on the one before, and so on, leaving the first CPU to the relay); what was done (for the log), or
+    None when nothing was.
 
     Never raises: a placement that the platform refuses leaves the decoder process where it is (logged).
     """
@@ -38,7 +40,7 @@ def place_decoder_process(pid: int, choice: str = "last") -> str | None:
         allowed = sorted(psutil.Process().cpu_affinity() or [])
         if len(allowed) < 2:
             return None
-        cpu = allowed[-1]
+        cpu = allowed[-1 - index % (len(allowed) - 1)]
         process.cpu_affinity([cpu])
     except (AttributeError, psutil.Error, OSError, ValueError) as exc:  # no affinity on this platform (macOS)
         logger.debug("decoder process %d: CPU placement not applied (%s)", pid, exc)
@@ -51,3 +53,15 @@ def place_decoder_process(pid: int, choice: str = "last") -> str | None:
         except OSError as exc:
             logger.debug("decoder process %d: SCHED_BATCH not applied (%s)", pid, exc)
     return done
+
+
+def decoder_process_count(configured: int | None) -> int:
+    """How many decoder processes to start: ``configured``, or (None, ``"auto"``) one per CPU oisp may use beyond
+    the one the relay needs, at least one (on a 2-CPU machine: one, so the relay keeps a core of its own)."""
+    if configured is not None:
+        return max(1, configured)
+    try:
+        cpus = len(psutil.Process().cpu_affinity() or [])
+    except (AttributeError, psutil.Error, OSError):  # no affinity on this platform (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)

@@ -49,12 +49,17 @@ class Kind(enum.IntEnum):
     #: sources need, and processed (linked, redacted, written) by the decoder process's pipeline.
     ACTIVITY = 9
     #: The activity watermark (monotonic nanoseconds, 8 bytes big-endian): every activity event before it has
-    #: been sent.
+    #: been sent (and every copy the relay read before it).
     WATERMARK = 10
     #: Body bytes the client sent that were not copied (past the body cap): the count, 8 bytes big-endian.
     CLIENT_SKIP = 11
     #: Body bytes the server sent that were not copied, as :attr:`CLIENT_SKIP`.
     SERVER_SKIP = 12
+    #: To the first decoder process (the one with the sinks): an event another one processed (``channel``: its
+    #: shard), as it sent it (FORWARD).
+    FORWARDED = 13
+    #: To the first decoder process: the watermark shard ``channel`` reached (MARK), 8 bytes big-endian.
+    SHARD_MARK = 14
     # decoder process → proxy
     #: Set up and listening; the payload is empty.
     READY = 16
@@ -66,6 +71,11 @@ class Kind(enum.IntEnum):
     SUMMARY = 19
     #: Events the pipeline dropped so far (a pickled int), sent when it changes (at most once a second).
     DROPS = 20
+    #: From a decoder process without sinks (a shard after the first): a processed event as JSON, for the first.
+    FORWARD = 21
+    #: From a shard after the first: every event of the copies before the WATERMARK of this value (8 bytes
+    #: big-endian) has been sent (FORWARD).
+    MARK = 22
 
 
 def header(kind: Kind, channel: int, length: int, timestamp: int = 0) -> bytes:

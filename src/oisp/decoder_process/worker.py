@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 #: Copies larger than this are decoded in slices of this size, so that one copy cannot make more events at once
 #: than the pipeline's queue holds (a slice of tiny pipelined requests makes at most about a thousand).
 _SLICE = 16 * 1024
+#: A shard after the first pauses decoding while this many bytes of forwarded events wait to go to the proxy (the
+#: first decoder process is behind): the backlog then waits in the proxy's buffer, within each connection's budget.
+FORWARD_BACKLOG = 4 * 1024 * 1024
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [decoder process]: %(message)s"
 
 
@@ -65,6 +68,10 @@ class WorkerSettings:
     configure_logging: bool = True
     #: Files the decoder process must not be able to read once it has dropped its privileges (the CA key).
     protected_paths: tuple[str, ...] = ()
+    #: Which decoder process this is (0: the first, which runs the sinks and the linking stage and takes the events
+    #: the others forward) of how many.
+    shard: int = 0
+    shards: int = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +104,7 @@ def _configure_logging(settings: WorkerSettings) -> None:
 
 
 async def _serve(sock: socket.socket) -> None:
-    from oisp.activity.link_stage import RemoteWatermark, link_activity
+    from oisp.activity.link_stage import FedWatermark, RemoteWatermark, ShardedWatermark, link_activity
     from oisp.decode_setup import build_event_decoder, build_pipeline
     from oisp.http.passive import make_decoder
     from oisp.plugins import create_plugin_manager
@@ -113,8 +120,11 @@ async def _serve(sock: socket.socket) -> None:
             if account is not None:  # while this is the only thread: every thread started later inherits it
                 restrict_new_privileges()
             plugins = create_plugin_manager()
-            # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline)
-            pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT)
+            # this loop only decodes: it may wait for a sink's thread briefly (see oisp.pipeline); a shard after the
+            # first has no sinks: it forwards its processed events to the first, which writes them
+            forwards = settings.shard > 0
+            pipeline = build_pipeline(plugins, settings.config, sink_handoff_wait=SINK_HANDOFF_WAIT,
+                                      sinks=not forwards)
             # the decoder too (it reads the app table, package data, as the pipeline read the prices): the files
             # of an installation under a private directory (/root, a 0700 checkout) are unreadable after the drop
             decoder = build_event_decoder(plugins, settings.config, pipeline.emit)
@@ -131,15 +141,47 @@ async def _serve(sock: socket.socket) -> None:
             channel.send(Kind.FAILED, 0, _pickled_error(exc), force=True)
             await channel.close_sending()
             return
-        if settings.forward_events:
+        if forwards:
             def forward(event: Event) -> None:
-                channel.send(Kind.EVENT, 0, event.to_json().encode(), force=True)
+                channel.send(Kind.FORWARD, settings.shard, event.to_json().encode(), force=True)
 
             pipeline.add_listener(forward)
+        elif settings.forward_events:
+            def deliver(event: Event) -> None:
+                channel.send(Kind.EVENT, 0, event.to_json().encode(), force=True)
+
+            pipeline.add_listener(deliver)
         connections: dict[int, CopyDispatcher] = {}
         # Activity is observed in the proxy's process (the kernel's sources need the privileges this process
         # gave up); its events and watermark arrive as ACTIVITY and WATERMARK frames, in the order they were sent.
-        activity = RemoteWatermark() if settings.config.activity_enabled else None
+        # The first decoder process links them; its watermark is also that of every other shard (SHARD_MARK), so
+        # an effect waits for the tool call another shard decoded before it. A shard after the first tells the
+        # watermarks on (MARK) once its pipeline has forwarded every event made before them.
+        activity: ShardedWatermark | None = None
+        shard_mark: RemoteWatermark | None = None
+        fed_mark: FedWatermark | None = None
+        marked = 0
+        if settings.config.activity_enabled and not forwards:
+            activity = ShardedWatermark(max(1, settings.shards))
+        elif settings.config.activity_enabled:
+            shard_mark = RemoteWatermark()
+            fed_mark = FedWatermark(pipeline, shard_mark)
+
+        def tell_mark() -> None:
+            nonlocal marked
+            mark = fed_mark() if fed_mark is not None else None
+            if mark is not None and mark > marked:
+                marked = mark
+                channel.send(Kind.MARK, settings.shard, mark.to_bytes(8, "big"), force=True)
+
+        def busy() -> bool:
+            return pipeline.backlog >= pause_at or (forwards and channel.buffered > FORWARD_BACKLOG)
+
+        async def room() -> None:
+            await pipeline.wait_for_room()
+            if forwards:
+                await channel.wait_buffered_below(FORWARD_BACKLOG // 2)
+
         async with pipeline:
             link_activity(pipeline, activity, hold_ms=settings.config.activity_link_hold_ms)
             channel.send(Kind.READY, 0, force=True)
@@ -155,8 +197,8 @@ async def _serve(sock: socket.socket) -> None:
             async for batch in frames:
                 started = time.perf_counter()
                 for kind, number, timestamp, payload in batch:
-                    if pipeline.backlog >= pause_at:
-                        await pipeline.wait_for_room()
+                    if busy():
+                        await room()
                     if yield_after and time.perf_counter() - started > yield_after:
                         # a long batch: let a task waiting for this core (the relay, an app) run first
                         _yield_cpu()
@@ -171,8 +213,8 @@ async def _serve(sock: socket.socket) -> None:
                             continue
                         # a big copy may hold thousands of exchanges: in slices, with a pause between them
                         for start in range(0, len(payload), _SLICE):
-                            if start and pipeline.backlog >= pause_at:
-                                await pipeline.wait_for_room()
+                            if start and busy():
+                                await room()
                             dispatcher.dispatch(side, payload[start:start + _SLICE], timestamp)
                     elif kind is Kind.CLIENT_SKIP or kind is Kind.SERVER_SKIP:
                         dispatcher = connections.get(number)
@@ -204,12 +246,28 @@ async def _serve(sock: socket.socket) -> None:
                     elif kind is Kind.WATERMARK:
                         if activity is not None:
                             activity.advance(int.from_bytes(payload, "big"))
+                        elif shard_mark is not None:
+                            shard_mark.advance(int.from_bytes(payload, "big"))
+                            tell_mark()
+                    elif kind is Kind.FORWARDED:
+                        try:
+                            event = Event.from_json(payload)
+                            event.remember_json(payload.decode())  # processed by its shard: written as it is
+                        except Exception:  # one bad event must not end the decoder process
+                            logger.exception("could not take an event forwarded by decoder process %d", number)
+                        else:
+                            pipeline.emit(event)
+                    elif kind is Kind.SHARD_MARK:
+                        if activity is not None:
+                            activity.advance(int.from_bytes(payload, "big"), number)
                     elif kind is Kind.REPORT:
                         try:
                             decoder.connection(load_object(payload))
                         except Exception:  # one bad report must not end the decoder process
                             logger.exception("could not make the network.connect event of a connection")
-                await pipeline.wait_for_room()  # the proxy buffers meanwhile, and is the one to count
+                await room()  # the proxy buffers meanwhile, and is the one to count
+                if fed_mark is not None:
+                    tell_mark()
                 if pipeline.stats.dropped != drops_told and time.monotonic() - drops_told_at >= 1.0:
                     drops_told, drops_told_at = pipeline.stats.dropped, time.monotonic()
                     channel.send(Kind.DROPS, 0, dump_object(drops_told), force=True)  # for the live view

@@ -238,6 +238,12 @@ class Event(Record):
         separators = None if indent else (",", ":")
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent, separators=separators)
 
+    @property
+    def remembered_json(self) -> str | None:
+        """The JSON text :meth:`remember_json` kept (a pipeline's processed event), None for an event not processed
+        yet (or changed since: copies do not keep it)."""
+        return self._json
+
     def remember_json(self, text: str) -> None:
         """Keep ``text``, which must be ``self.to_json()`` (computed by the caller from ``self.to_dict()``), for
         later :meth:`to_json` calls: the pipeline encodes each event once, for every sink and listener."""
