@@ -21,6 +21,7 @@ from oisp.config import Config
 from oisp.decoder_process.channel import FrameChannel
 from oisp.decoder_process.launch import spawn_worker
 from oisp.decoder_process.placement import CPU_CHOICES, place_decoder_process
+from oisp.decoder_process.priority import restore_priority
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -407,6 +408,8 @@ class DecoderProcess:
                     elif kind is Kind.DROPS:
                         self.stats.dropped_events = self._dropped_before + int(load_object(payload))
                         self.tell_losses()
+                    elif kind is Kind.PRIORITY:
+                        restore_priority(worker.process.pid, int(load_object(payload)))
         except Exception:  # a corrupt stream: handled like a decoder process that died
             logger.exception("reading from the decoder process failed")
             worker.summary = None

@@ -62,6 +62,9 @@ class Kind(enum.IntEnum):
     SUMMARY = 19
     #: Events the pipeline dropped so far (a pickled int), sent when it changes (at most once a second).
     DROPS = 20
+    #: The decoder process fell behind while a ``SCHED_IDLE`` task: the proxy makes it a task of this scheduling
+    #: policy again (a pickled int), which its unprivileged user cannot do itself (:mod:`.priority`).
+    PRIORITY = 21
 
 
 def header(kind: Kind, channel: int, length: int, timestamp: int = 0) -> bytes:
