@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 BEHIND_BYTES = 192 * 1024
 #: A batch whose oldest copy was read by the relay this long ago: behind (the relay's batches are 20 ms apart).
 BEHIND_LAG_NS = 60_000_000
-#: One batch still being decoded after this long (wall clock): preempted too often, behind.
-BEHIND_SECONDS = 0.03
+#: One batch still being decoded after this long (wall clock): preempted again and again, behind (a batch is
+#: normally 5 to 20 ms of work; a collection of the oldest generation can add 20 more).
+BEHIND_SECONDS = 0.1
 #: Idle again only after this long without falling behind, with a small, fresh batch.
 HOLD_SECONDS = 1.0
 #: What counts as small and fresh.
