@@ -1,6 +1,6 @@
 """Throughput of provider decoding: streamed response bodies into OISP events, next to the raw framing cost.
 
-Run: ``.venv/bin/python bench/bench_decode.py [--mb 20] [--chunk 16384] [--repeat 3]``
+Run: ``.venv/bin/python bench/bench_decode.py [--mb 20] [--chunk 16384] [--repeat 3] [--baseline CHECKOUT]``
 
 For each stream the same body is measured three ways, fed in fixed-size chunks as the proxy sees it:
 
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import h2.config
 import h2.connection
 import h2.events
@@ -407,6 +408,82 @@ def exchange_table(count: int, repeat: int) -> None:
             print(f"{line} {best / count * 1e6:9.0f}")
 
 
+def bench_report(connection_id: str, alpn: str) -> Any:
+    """The :class:`~oisp.proxy.report.ConnectionReport` the proxy sends for an intercepted connection to
+    api.openai.com (the process, user and app of :func:`bench_connection`, the upstream's certificate)."""
+    from oisp.proxy.report import ConnectionReport, Decision, UpstreamCertificate
+
+    info = bench_connection()
+    certificate = UpstreamCertificate(
+        subject="CN=api.openai.com", issuer="CN=WE1,O=Google Trust Services,C=US",
+        fingerprint_sha256="9c" * 32, not_before="2025-03-01T00:00:00Z", not_after="2025-05-30T00:00:00Z",
+        san=("api.openai.com",))
+    return ConnectionReport(
+        connection_id=connection_id, mode="explicit", client_addr=("127.0.0.1", 51234), target_host="api.openai.com",
+        target_port=443, decision=Decision.INTERCEPTED, success=True, upstream_addr=("162.159.140.245", 443),
+        sni="api.openai.com", alpn=alpn, tls_version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384",
+        upstream_certificate=certificate, connect_ms=1.2, provider="openai", process=info.process, actor=info.actor,
+        app=info.app, pid_source="sock_diag", preconnected=True)
+
+
+def run_connections(alpn: str, count: int, exchanges: int, directory: Path) -> float:
+    """CPU seconds for ``count`` new connections of ``exchanges`` ordinary exchanges each, as the decoder process
+    takes them: the pickled (ConnectionInfo, ALPN, body cap) of the OPEN frame, the passive decoder and listener
+    set up, the exchanges, the end, and the pickled report made into a ``network.connect`` event; every event
+    processed and written to a JSONL file (as :func:`run_exchanges` does)."""
+    from oisp.decoder_process.wire import dump_object, load_object
+    from oisp.proxy.relay import CopyDispatcher
+
+    pipeline = Pipeline({}, host=_HOST)
+    sink = JsonlSink(directory / f"{alpn}-connections.jsonl", compress=False)
+    events: list[Event] = []
+    observer = EventDecoder(create_plugin_manager(entrypoints=False), events.append)
+    opens, reports = [], []
+    for number in range(count):
+        info = attrs.evolve(bench_connection(), connection_id=f"c-bench.{number}", client_addr=("127.0.0.1", number))
+        opens.append(dump_object((info, alpn, 16 * 1024 * 1024)))
+        reports.append(dump_object(bench_report(info.connection_id, alpn)))
+    traffic = exchange_traffic(alpn, exchanges)  # h2: the first pair carries the preface and settings
+    process = pipeline.process
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.process_time()
+        for number in range(count):
+            info, protocol, body_cap = load_object(opens[number])
+            decoder = make_decoder(protocol, info, observer.exchange_listener(info), body_cap=body_cap)
+            dispatcher = CopyDispatcher(decoder, info.connection_id)
+            for client, server in traffic:
+                dispatcher.dispatch("client", client, 0)
+                dispatcher.dispatch("server", server, 0)
+            dispatcher.dispatch("client", None, 0)
+            dispatcher.dispatch("server", None, 0)
+            dispatcher.close(None)
+            observer.connection(load_object(reports[number]))
+            if len(events) >= 128:
+                sink.write([process(event) for event in events])
+                events.clear()
+        sink.write([process(event) for event in events])
+        elapsed = time.process_time() - start
+    finally:
+        gc.enable()
+        sink.close()
+    return elapsed
+
+
+def connection_table(count: int, repeat: int) -> None:
+    """Print the CPU µs a new connection costs the decoder process beyond its exchanges, for HTTP/1.1 and HTTP/2."""
+    print(f"\na new connection in the decoder process ({count} connections, best of {repeat}): CPU µs per connection "
+          "with one exchange, with none (set-up, end and network.connect only), and the exchange's share")
+    print(f"{'protocol':10} {'1 exchange':>11} {'0 exchanges':>12} {'difference':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        for alpn in ("http/1.1", "h2"):
+            one = min(run_connections(alpn, count, 1, directory) for _ in range(repeat)) / count * 1e6
+            none = min(run_connections(alpn, count, 0, directory) for _ in range(repeat)) / count * 1e6
+            print(f"{alpn:10} {one:11.0f} {none:12.0f} {one - none:11.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=20.0, help="size of each stream in MB (default 20)")
@@ -415,10 +492,32 @@ def main() -> None:
     parser.add_argument("--chunks", action="store_true", help="also measure with ai.streaming_chunk events on")
     parser.add_argument("--exchanges", type=int, default=2000,
                         help="ordinary exchanges per connection in the per-exchange table (default 2000)")
-    parser.add_argument("--no-streams", action="store_true", help="only the per-exchange table")
+    parser.add_argument("--no-streams", action="store_true", help="only the per-exchange and per-connection tables")
+    parser.add_argument("--connections", type=int, default=500,
+                        help="new connections in the per-connection table (default 500; 0: no such table)")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="afterwards, the same tables for another checkout's src/ (old code, same run)")
     args = parser.parse_args()
+    if args.baseline is not None:
+        import os
+        import subprocess
+
+        argv, rest = [], iter(sys.argv[1:])
+        for arg in rest:
+            if arg == "--baseline":
+                next(rest, None)  # and its value
+            elif not arg.startswith("--baseline="):
+                argv.append(arg)
+        print(f"this tree ({Path(__file__).resolve().parent.parent})", flush=True)
+        subprocess.run([sys.executable, __file__, *argv], check=True)
+        print(f"\nbaseline ({args.baseline})", flush=True)
+        subprocess.run([sys.executable, __file__, *argv], check=True,
+                       env={**os.environ, "PYTHONPATH": str(args.baseline.resolve() / "src")})
+        return
     if args.no_streams:
         exchange_table(args.exchanges, args.repeat)
+        if args.connections:
+            connection_table(args.connections, args.repeat)
         return
     size = int(args.mb * 1_000_000)
 
@@ -466,6 +565,8 @@ def main() -> None:
             line += f" {mb / t_chunks:14.1f}"
         print(line)
     exchange_table(args.exchanges, args.repeat)
+    if args.connections:
+        connection_table(args.connections, args.repeat)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ is allowed. Command-line flags override the file. Example::
     decoder_cpu = "any"            # any (wherever the scheduler puts it) | last (a CPU of its own, as a batch task)
     decoder_batch_ms = 20          # copies wait at most this long to go to the decoder process together
     decoder_yield_ms = 0           # the decoder process yields the CPU after this much work in one go (0: never)
+    decoder_priority = "idle"      # idle (a SCHED_IDLE task while it keeps up; Linux) | normal
     decoder_user = "nobody"        # started as root, the decoder process becomes this user (default: sudo's user)
     decoder_processes = "auto"     # decoder processes sharing the connections (auto: one per CPU beyond the relay)
 
@@ -70,6 +71,7 @@ DECODERS = ("process", "inline")
 DECODER_CPUS = ("last", "any")
 #: The most decoder processes oisp starts (each is a Python interpreter with its own pipeline).
 MAX_DECODER_PROCESSES = 64
+DECODER_PRIORITIES = ("idle", "normal")
 ACTIVITY_SCOPES = ("agents", "all")
 
 
@@ -118,6 +120,10 @@ class Config:
     #: Milliseconds of work after which the decoder process yields the CPU to waiting tasks (0: never): a batch
     #: of copies is many milliseconds of work, which otherwise delays the relay or an app waiting for that core.
     decoder_yield_ms: float = 0.0
+    #: The decoder process's CPU priority: ``idle`` (Linux ``SCHED_IDLE``: any other task that wakes up on its CPU
+    #: runs first, so its batches never delay the relay or the apps; a normal task again while it falls behind:
+    #: :mod:`oisp.decoder_process.priority`) or ``normal``.
+    decoder_priority: str = "idle"
     #: The unprivileged user a decoder process started as root becomes once its sinks are open (a name or uid);
     #: None: the user who ran ``sudo``, else ``nobody``; ``"root"``: keep root's privileges (not recommended).
     decoder_user: str | None = None
@@ -288,6 +294,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "oisp.toml") -> Confi
         values["decoder_cpu"] = capture.string("decoder_cpu", choices=DECODER_CPUS)
         values["decoder_batch_ms"] = capture.number("decoder_batch_ms", zero=True)
         values["decoder_yield_ms"] = capture.number("decoder_yield_ms", zero=True)
+        values["decoder_priority"] = capture.string("decoder_priority", choices=DECODER_PRIORITIES)
         values["decoder_user"] = capture.string("decoder_user")
         values["decoder_processes"] = _decoder_processes(capture, capture._get("decoder_processes"))
         values["hpack_table_cap"] = capture.number("hpack_table_cap", integer=True)

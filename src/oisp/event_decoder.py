@@ -218,6 +218,37 @@ class _ConnectionListener:
         return []
 
 
+_INTERNED_MAX = 1024
+
+
+class _Interner:
+    """One instance of each distinct context record (process, actor, app) that connections arrive with.
+
+    The decoder process receives every connection's records pickled, twice (with the connection, and with its
+    report): equal values, new objects each time. The pipeline's encoder converts, scans and encodes a shared
+    record once per *object*; handing it the same object for equal values lets every connection of a process
+    reuse that work. Bounded (starts over when full); values are compared in full before one stands for another.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Any, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            key: Any = (type(value), hash(value))
+        except TypeError:  # a record with lists in it (a process's arguments and ancestors)
+            key = (type(value), getattr(value, "pid", None), getattr(value, "start_time", None))
+        known = self._known.get(key)
+        if known is value or (known is not None and known == value):
+            return known
+        if len(self._known) >= _INTERNED_MAX:
+            self._known.clear()
+        self._known[key] = value
+        return value
+
+
 class EventDecoder:
     """The proxy's observer: exchanges → provider plugins → events; connections → ``network.connect``."""
 
@@ -241,15 +272,24 @@ class EventDecoder:
         #: This run's state (tool calls seen, providers' tables), handed to every ``oisp_exchange_decoder`` call:
         #: each decoder has its own unless one is given, so two decoders in one process share nothing.
         self.context = context if context is not None else DecoderContext()
+        self._intern = _Interner()
 
     def connection(self, report: ConnectionReport) -> None:
         if not self.connect_events:
             return
         if report.decision is Decision.PASSTHROUGH and report.provider is None:
             return  # not an AI endpoint: not ours to report
+        intern = self._intern
+        process, actor, app = intern(report.process), intern(report.actor), intern(report.app)
+        if process is not report.process or actor is not report.actor or app is not report.app:
+            report = attrs.evolve(report, process=process, actor=actor, app=app)
         self._emit(network_connect_event(report))
 
     def exchange_listener(self, connection: ConnectionInfo) -> _ConnectionListener:
+        intern = self._intern
+        process, actor, app = intern(connection.process), intern(connection.actor), intern(connection.app)
+        if process is not connection.process or actor is not connection.actor or app is not connection.app:
+            connection = attrs.evolve(connection, process=process, actor=actor, app=app)
         return _ConnectionListener(self, connection)
 
     def decoder_for(self, exchange: HttpExchange) -> tuple[str, ExchangeDecoder]:

@@ -314,8 +314,25 @@ def redact_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+#: redact_url's answers for URLs without a query or userinfo (nothing secret in them): an exchange's events ask
+#: for the same few paths again and again. Bounded: cleared when full.
+_PLAIN_URLS: dict[str, str] = {}
+_PLAIN_URLS_MAX = 1024
+
+
 def redact_url(url: str) -> str:
     """A URL (or a path with a query) with key-like query parameter values and userinfo replaced."""
+    if "?" in url or "@" in url:
+        return _redact_url(url)
+    done = _PLAIN_URLS.get(url)
+    if done is None:
+        if len(_PLAIN_URLS) >= _PLAIN_URLS_MAX:
+            _PLAIN_URLS.clear()
+        done = _PLAIN_URLS[url] = _redact_url(url)
+    return done
+
+
+def _redact_url(url: str) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:

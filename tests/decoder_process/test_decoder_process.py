@@ -257,12 +257,14 @@ async def test_leaving_never_hangs_on_a_decoder_process_that_stopped_reading(tmp
                     reason="CPU placement needs Linux and at least two CPUs")
 async def test_the_decoder_process_runs_on_a_cpu_of_its_own_as_a_batch_task(tmp_path: Path) -> None:
     allowed = sorted(os.sched_getaffinity(0))
-    async with DecoderProcess(_config(tmp_path / "events.jsonl"), cpu="last") as decoder:
+    # decoder_priority "normal": the decoding thread stays the task it was placed as (idle: test_priority.py)
+    config = attrs.evolve(_config(tmp_path / "events.jsonl"), decoder_priority="normal")
+    async with DecoderProcess(config, cpu="last") as decoder:
         assert decoder.pid is not None
         assert os.sched_getaffinity(decoder.pid) == {allowed[-1]}
         assert os.sched_getscheduler(decoder.pid) == os.SCHED_BATCH
     assert os.sched_getaffinity(0) == set(allowed)  # the proxy itself is left where it was
-    async with DecoderProcess(_config(tmp_path / "events.jsonl")) as decoder:  # the default
+    async with DecoderProcess(config) as decoder:  # the default
         assert decoder.pid is not None
         assert os.sched_getaffinity(decoder.pid) == set(allowed)
         assert os.sched_getscheduler(decoder.pid) == os.SCHED_OTHER

@@ -22,6 +22,7 @@ from oisp.config import Config
 from oisp.decoder_process.channel import FrameChannel
 from oisp.decoder_process.launch import spawn_worker
 from oisp.decoder_process.placement import CPU_CHOICES, decoder_process_count, place_decoder_process
+from oisp.decoder_process.priority import restore_priority
 from oisp.decoder_process.wire import Kind, dump_object, load_object
 from oisp.errors import OispError
 from oisp.events import Event
@@ -590,6 +591,8 @@ class DecoderProcess:
                         shard.dropped_now = int(load_object(payload))
                         shard.count_drops()
                         self.tell_losses()
+                    elif kind is Kind.PRIORITY:
+                        restore_priority(worker.process.pid, int(load_object(payload)))
                 first = self._shards[0].worker
                 if shard.index and first is not None and first.channel.buffered > FORWARD_BACKLOG:
                     # the first decoder process is behind: stop reading this shard until it has caught up (the

@@ -76,6 +76,9 @@ class Kind(enum.IntEnum):
     #: From a shard after the first: every event of the copies before the WATERMARK of this value (8 bytes
     #: big-endian) has been sent (FORWARD).
     MARK = 22
+    #: The decoder process fell behind while a ``SCHED_IDLE`` task: the proxy makes it a task of this scheduling
+    #: policy again (a pickled int), which its unprivileged user cannot do itself (:mod:`.priority`).
+    PRIORITY = 23
 
 
 def header(kind: Kind, channel: int, length: int, timestamp: int = 0) -> bytes:

@@ -28,6 +28,7 @@ import attrs
 from oisp.config import Config
 from oisp.decoder_process.channel import Frame, FrameChannel
 from oisp.decoder_process.launch import socket_from_handle
+from oisp.decoder_process.priority import BEHIND_SECONDS, CpuPriority, can_leave_idle
 from oisp.decoder_process.privileges import (
     KEEP,
     check_sinks_after_drop,
@@ -117,6 +118,7 @@ async def _serve(sock: socket.socket) -> None:
             settings = await _settings(frames)  # nothing else is sent before READY
             _configure_logging(settings)
             account = target_account(settings.config.decoder_user)
+            proxy_can_restore = can_leave_idle()  # the proxy's process has the privileges this one starts with
             if account is not None:  # while this is the only thread: every thread started later inherits it
                 restrict_new_privileges()
             plugins = create_plugin_manager()
@@ -194,9 +196,24 @@ async def _serve(sock: socket.socket) -> None:
             # (partial, counted), never another one.
             pause_at = max(1, pipeline.queue_size // 4)
             drops_told, drops_told_at = 0, 0.0
+            # idle while it keeps up (the relay and the apps preempt it at once), normal while it falls behind
+            priority = CpuPriority(
+                settings.config.decoder_priority == "idle", self_return=can_leave_idle(),
+                ask=(lambda policy: channel.send(Kind.PRIORITY, 0, dump_object(policy), force=True))
+                if proxy_can_restore else None)
             async for batch in frames:
                 started = time.perf_counter()
+                watch = priority.enabled
+                if watch:
+                    batch = batch if isinstance(batch, list) else list(batch)
+                    if priority.batch(*_batch_facts(batch), time.monotonic()):
+                        await anyio.sleep(0)  # the writer sends the request now
+                    watch = priority.idle
                 for kind, number, timestamp, payload in batch:
+                    if watch and time.perf_counter() - started > BEHIND_SECONDS:
+                        watch = False
+                        if priority.slow(time.monotonic()):
+                            await anyio.sleep(0)
                     if busy():
                         await room()
                     if yield_after and time.perf_counter() - started > yield_after:
@@ -271,6 +288,7 @@ async def _serve(sock: socket.socket) -> None:
                 if pipeline.stats.dropped != drops_told and time.monotonic() - drops_told_at >= 1.0:
                     drops_told, drops_told_at = pipeline.stats.dropped, time.monotonic()
                     channel.send(Kind.DROPS, 0, dump_object(drops_told), force=True)  # for the live view
+            priority.stop()
             for dispatcher in connections.values():
                 dispatcher.close("the proxy stopped before the connection ended")
             connections.clear()
@@ -296,6 +314,17 @@ def _pickled_error(exc: BaseException) -> bytes:
         return dump_object(exc)
     except Exception:
         return dump_object(f"{type(exc).__name__}: {exc}")
+
+
+def _batch_facts(batch: Iterable[Frame]) -> tuple[int, int | None]:
+    """(bytes of copies, how long ago the relay read the oldest of them; None: no copies) of a batch."""
+    size, oldest = 0, 0
+    for kind, _number, timestamp, payload in batch:
+        if kind is Kind.CLIENT_DATA or kind is Kind.SERVER_DATA:
+            size += len(payload)
+            if timestamp and (not oldest or timestamp < oldest):
+                oldest = timestamp
+    return size, (time.monotonic_ns() - oldest if oldest else None)
 
 
 def _yield_cpu() -> None:

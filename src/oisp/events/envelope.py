@@ -117,6 +117,8 @@ def new_event_id() -> str:
 
 def format_ts(ts: datetime) -> str:
     """RFC 3339 in UTC with microseconds and ``Z``, as OISP asks: ``2025-12-22T14:30:16.345678Z``."""
+    if ts.tzinfo is UTC and ts.year >= 1000:  # every event's own timestamp: the same text, in half the time
+        return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
