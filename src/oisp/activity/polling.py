@@ -22,39 +22,30 @@ from oisp.activity.scope import AgentScope
 from oisp.activity.settings import ActivitySettings, ActivityStats
 from oisp.events import Event
 
-__all__ = ["PollingProcessSource"]
+__all__ = ["PolledSource", "PollingProcessSource"]
 
 log = logging.getLogger(__name__)
 
 LIMITATION = "processes_polled"
 
 
-class PollingProcessSource:
-    """A thread comparing the process list every ``poll_interval`` seconds."""
+class PolledSource:
+    """A thread that calls :meth:`poll` every ``poll_interval`` seconds and delivers what it found; the polled
+    sources (processes here, connections in :mod:`oisp.activity.sockpoll`) are made of it."""
 
-    name = "processes"
+    name = "polled"
+    #: what a failed poll is logged as
+    what = "polling"
 
-    def __init__(self, scope: AgentScope, settings: ActivitySettings, stats: ActivityStats, clock: Clock,
-                 deliver: Callable[[Any, list[Event], int], bool], admit: Callable[[int | None], bool]) -> None:
-        self._scope = scope
+    def __init__(self, settings: ActivitySettings, deliver: Callable[[Any, list[Event], int], bool]) -> None:
         self._settings = settings
-        self._stats = stats
-        self._clock = clock
         self._deliver = deliver
-        self._admit = admit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: pid -> (create time, facts when in scope)
-        self._known: dict[int, tuple[float, ProcessFacts | None]] = {}
-
-    def prime(self) -> None:
-        """Take the process list as it is: processes running now are not reported as new."""
-        self._known = {p.pid: (_created(p), None) for p in psutil.process_iter()}
 
     def start(self) -> None:
-        """Prime and start polling in a thread."""
-        self.prime()
-        self._thread = threading.Thread(target=self._run, name="oisp-activity-poll", daemon=True)
+        """Start polling in a thread."""
+        self._thread = threading.Thread(target=self._run, name=f"oisp-activity-poll-{self.name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -70,9 +61,40 @@ class PollingProcessSource:
             try:
                 self.poll(events)
             except Exception:
-                log.exception("activity: polling processes failed")
+                log.exception("activity: %s failed", self.what)
             if not self._deliver(self, events, mark):
                 break
+
+    def poll(self, out: list[Event]) -> None:
+        """One poll: append the events found."""
+        raise NotImplementedError
+
+
+class PollingProcessSource(PolledSource):
+    """A thread comparing the process list every ``poll_interval`` seconds."""
+
+    name = "processes"
+
+    def __init__(self, scope: AgentScope, settings: ActivitySettings, stats: ActivityStats, clock: Clock,
+                 deliver: Callable[[Any, list[Event], int], bool], admit: Callable[[int | None], bool]) -> None:
+        super().__init__(settings, deliver)
+        self._scope = scope
+        self._stats = stats
+        self._clock = clock
+        self._admit = admit
+        #: pid -> (create time, facts when in scope)
+        self._known: dict[int, tuple[float, ProcessFacts | None]] = {}
+
+    def prime(self) -> None:
+        """Take the process list as it is: processes running now are not reported as new."""
+        self._known = {p.pid: (_created(p), None) for p in psutil.process_iter()}
+
+    what = "polling processes"
+
+    def start(self) -> None:
+        """Prime and start polling in a thread."""
+        self.prime()
+        super().start()
 
     def poll(self, out: list[Event]) -> None:
         """Compare the process list with the last one; append the events of processes in scope."""

@@ -12,7 +12,6 @@ connections of processes in scope that are not agent processes (scope ``all``); 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ import psutil
 from oisp.activity import connections
 from oisp.activity.build import Clock
 from oisp.activity.connections import ConnectFacts, ConnectionFilter
+from oisp.activity.polling import PolledSource
 from oisp.activity.scope import AgentScope
 from oisp.activity.settings import ActivitySettings, ActivityStats
 from oisp.events import Event
@@ -42,50 +42,26 @@ def _connections(pid: int) -> list[Any]:
     return list(proc.connections(kind="tcp"))  # psutil < 6
 
 
-class PolledConnectionSource:
+class PolledConnectionSource(PolledSource):
     """A thread polling the TCP sockets of agent processes; each new outbound one becomes a ``network.connect``."""
 
     name = "connections"
+    what = "polling connections"
 
     def __init__(self, scope: AgentScope, filter: ConnectionFilter, settings: ActivitySettings,
                  stats: ActivityStats, clock: Clock, deliver: Callable[[Any, list[Event], int], bool],
                  admit: Callable[[int | None], bool], *,
                  list_connections: Callable[[int], list[Any]] = _connections) -> None:
+        super().__init__(settings, deliver)
         self._scope = scope
         self.filter = filter
-        self._settings = settings
         self._stats = stats
         self._clock = clock
-        self._deliver = deliver
         self._admit = admit
         self._list = list_connections
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         #: pid -> the (local, remote) pairs of its established connections at the last poll
         self._known: dict[int, set[tuple[tuple[str, int], tuple[str, int]]]] = {}
         self._turn = 0
-
-    def start(self) -> None:
-        """Start polling in a thread."""
-        self._thread = threading.Thread(target=self._run, name="oisp-activity-sockpoll", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop polling."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._settings.poll_interval):
-            mark = time.monotonic_ns()
-            events: list[Event] = []
-            try:
-                self.poll(events)
-            except Exception:
-                log.exception("activity: polling connections failed")
-            if not self._deliver(self, events, mark):
-                break
 
     def poll(self, out: list[Event]) -> None:
         """List the agent processes' connections; append the events of new outbound ones."""

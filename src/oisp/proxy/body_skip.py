@@ -28,7 +28,7 @@ from collections import deque
 from typing import Literal, cast
 
 from oisp.errors import ProtocolError
-from oisp.proxy.h1_framing import MAX_HEAD, Body, header_lines, request_body, response_body
+from oisp.proxy.h1_framing import MAX_HEAD, Body, chunk_size, header_lines, request_body, response_body
 from oisp.proxy.relay import CopyFeed, Direction, SkipFeed
 
 __all__ = ["MIN_SKIP", "BodySkipper", "Piece", "SkippingFeed", "skipping"]
@@ -197,12 +197,7 @@ class BodySkipper:
             return
         if not text:  # the CRLF that ends a chunk's data
             return
-        try:
-            size = int(text.split(b";", 1)[0], 16)
-        except ValueError:
-            raise ProtocolError("invalid chunk size line") from None
-        if size < 0:
-            raise ProtocolError("negative chunk size")
+        size = chunk_size(text)
         if size == 0:
             self._state = "trailers"
         else:

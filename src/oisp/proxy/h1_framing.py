@@ -23,6 +23,7 @@ __all__ = [
     "Framing",
     "MessageFramer",
     "ResponseTracker",
+    "chunk_size",
     "header_lines",
     "request_body",
     "response_body",
@@ -83,6 +84,17 @@ def _fields(lines: list[bytes]) -> tuple[int | None, bool, bool]:
     if transfer_encoding and transfer_encoding[-1] != b"chunked":
         raise ProtocolError("Transfer-Encoding whose last coding is not chunked")
     return length, bool(transfer_encoding), upgrade
+
+
+def chunk_size(line: bytes) -> int:
+    """The size a chunk-size line (stripped, not empty) announces; its extensions are ignored."""
+    try:
+        size = int(line.split(b";", 1)[0], 16)
+    except ValueError:
+        raise ProtocolError(f"invalid chunk size line {line[:40]!r}") from None
+    if size < 0:
+        raise ProtocolError("negative chunk size")
+    return size
 
 
 def request_body(method: bytes, lines: list[bytes]) -> Framing:
@@ -220,12 +232,7 @@ class MessageFramer:
             return
         if not text:  # the CRLF that ends a chunk's data
             return
-        try:
-            size = int(text.split(b";", 1)[0], 16)
-        except ValueError:
-            raise ProtocolError(f"invalid chunk size line {text[:40]!r}") from None
-        if size < 0:
-            raise ProtocolError("negative chunk size")
+        size = chunk_size(text)
         if size == 0:
             self._state = "trailers"
         else:
